@@ -1,0 +1,98 @@
+"""Lagoon: a sparse-MoE coding model engine, a context-engineered coding agent, hybrid routing
+and task-suite evaluation.
+
+The names below are the public API; anything else is internal. Torch-backed parts
+(`lagoon.moe`, `lagoon.engine`, `lagoon.quant`) are imported from their packages, so importing
+`lagoon` itself stays light.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from lagoon.config import LagoonConfig, load_config
+from lagoon.errors import (
+    AuthenticationError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    BadRequestError,
+    CheckpointError,
+    CircuitOpenError,
+    ConfigError,
+    ContextWindowExceededError,
+    FatalError,
+    IndexCorruptError,
+    LagoonError,
+    MalformedResponseError,
+    NoBackendAvailableError,
+    QuantizationError,
+    RateLimitError,
+    RetryableError,
+    SessionError,
+    TaskSpecError,
+    UnsupportedModelError,
+    WorkspaceError,
+)
+from lagoon.protocols import (
+    ChatMessage,
+    ChatModel,
+    ChatResponse,
+    Classification,
+    Classifier,
+    CommandResult,
+    Environment,
+    Retriever,
+    SessionStore,
+    TaskType,
+    ToolCall,
+    ToolSpec,
+    Usage,
+)
+from lagoon.telemetry import Telemetry
+
+try:
+    __version__ = version("lagoon-agent")
+except PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0.0.0"
+
+__all__ = [
+    "__version__",
+    # config
+    "LagoonConfig",
+    "load_config",
+    # protocols and values
+    "ChatMessage",
+    "ChatModel",
+    "ChatResponse",
+    "Classification",
+    "Classifier",
+    "CommandResult",
+    "Environment",
+    "Retriever",
+    "SessionStore",
+    "TaskType",
+    "ToolCall",
+    "ToolSpec",
+    "Usage",
+    # telemetry
+    "Telemetry",
+    # errors
+    "LagoonError",
+    "FatalError",
+    "RetryableError",
+    "ConfigError",
+    "CheckpointError",
+    "UnsupportedModelError",
+    "QuantizationError",
+    "IndexCorruptError",
+    "WorkspaceError",
+    "SessionError",
+    "TaskSpecError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ContextWindowExceededError",
+    "NoBackendAvailableError",
+    "RateLimitError",
+    "BackendUnavailableError",
+    "BackendTimeoutError",
+    "MalformedResponseError",
+    "CircuitOpenError",
+]

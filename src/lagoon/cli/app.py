@@ -1,0 +1,34 @@
+"""The `lagoon` command: one typer app with a sub-app or command per file in this package."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from lagoon.cli import config_cmd
+
+app = typer.Typer(
+    name="lagoon",
+    help="Lagoon: a sparse-MoE engine, a context-engineered coding agent, hybrid routing, evaluation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(config_cmd.app, name="config")
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def version() -> None:
+    """Print Lagoon's version."""
+    from lagoon import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()

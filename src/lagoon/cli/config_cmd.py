@@ -1,0 +1,48 @@
+"""`lagoon config validate FILE...` and `lagoon config show [-c ...]`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+
+from lagoon.cli.common import ConfigOpt, exits_cleanly, load
+
+app = typer.Typer(help="Validate and inspect Lagoon configuration.", no_args_is_help=True)
+
+
+@app.command()
+def validate(files: Annotated[list[str], typer.Argument(help="YAML config files to check.")]) -> None:
+    """Exit 0 when every file is a valid config; otherwise print each problem and exit 2."""
+    from lagoon.config import load_config
+    from lagoon.errors import ConfigError
+
+    failed = False
+    for f in files:
+        try:
+            load_config(f)
+        except ConfigError as exc:
+            failed = True
+            typer.echo(str(exc), err=True)
+        else:
+            typer.echo(f"{f}: ok")
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+@exits_cleanly
+def show(
+    config: ConfigOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+    camel: Annotated[bool, typer.Option(help="Print camelCase keys.")] = False,
+) -> None:
+    """Print the merged effective config (defaults, then each -c layer in order)."""
+    data = load(config).dump(camel=camel)
+    if fmt == "json":
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        Console().print(yaml.safe_dump(data, sort_keys=False), markup=False, highlight=False)

@@ -1,0 +1,208 @@
+"""The seams between Lagoon's parts, as `typing.Protocol`s, and the small value types they exchange.
+
+Implementations live in their packages (`routing.backends`, `agent.environment`, `context.retriever`,
+`agent.session`, `routing.classify`) and in `lagoon.testing` (deterministic doubles). Nothing here
+imports torch or any backend SDK.
+
+Messages follow the OpenAI chat shape (role, content, tool_calls, tool_call_id) because every
+backend Lagoon speaks can be mapped to and from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "ChatMessage",
+    "ToolCall",
+    "ToolSpec",
+    "Usage",
+    "ChatResponse",
+    "ChatModel",
+    "CommandResult",
+    "Environment",
+    "ChunkLike",
+    "Retriever",
+    "SessionStore",
+    "TaskType",
+    "Classification",
+    "Classifier",
+]
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call the model asked for; `arguments` is the parsed JSON object."""
+
+    id: str
+    name: str
+    arguments: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        """The message as an OpenAI chat-completions dict."""
+        import json
+
+        msg: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            msg["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": json.dumps(dict(c.arguments))},
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool offered to the model: name, description and a JSON-schema of its parameters."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": dict(self.parameters)},
+        }
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cost_usd + other.cost_usd,
+        )
+
+
+@dataclass(frozen=True)
+class ChatResponse:
+    """A model's reply. `backend` names who answered; `route` carries the router's account of why
+    (classification, retries, fallbacks) when a router produced it."""
+
+    message: ChatMessage
+    model: str
+    usage: Usage = field(default_factory=Usage)
+    finish_reason: str = "stop"
+    backend: str = ""
+    latency_s: float = 0.0
+    route: Mapping[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    """Anything that answers a chat: one backend, the in-process engine, or a router over several."""
+
+    name: str
+
+    def chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> ChatResponse: ...
+
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """Prompt tokens these messages take in this model's tokenizer (an estimate if it has none)."""
+        ...
+
+    @property
+    def context_window(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: str
+    exit_code: int
+    output: str
+    duration_s: float = 0.0
+    timed_out: bool = False
+    truncated: bool = False
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """Where the agent's commands run (a workspace directory, optionally inside a sandbox)."""
+
+    root: Any
+
+    def execute(self, command: str, *, timeout_s: float | None = None) -> CommandResult: ...
+
+
+@runtime_checkable
+class ChunkLike(Protocol):
+    path: str
+    start_line: int
+    end_line: int
+    symbol: str | None
+    text: str
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Answers "what code matters for this query?" within a token budget."""
+
+    def retrieve(self, query: str, *, k: int | None = None, budget_tokens: int | None = None) -> Sequence[ChunkLike]: ...
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    """Durable, append-only record of an agent session."""
+
+    def append(self, session_id: str, kind: str, payload: Mapping[str, Any]) -> int:
+        """Commit one event; returns its sequence number."""
+        ...
+
+    def events(self, session_id: str) -> Iterator[Mapping[str, Any]]: ...
+
+
+class TaskType(StrEnum):
+    RETRIEVAL_BOUND = "RETRIEVAL_BOUND"
+    REASONING_BOUND = "REASONING_BOUND"
+
+
+@dataclass(frozen=True)
+class Classification:
+    type: TaskType
+    confidence: float
+    required_capabilities: tuple[str, ...] = ()
+    decided_by: str = ""
+    """Which rule or model decided (e.g. 'lexical:keywords', 'lexical:context_size', 'learned:v1',
+    'safe_side')."""
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    def classify(self, prompt: str, context_size: int = 0) -> Classification: ...
