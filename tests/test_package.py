@@ -1,0 +1,82 @@
+"""The public API, the error tree and the CLI's foundation commands."""
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+import lagoon
+import lagoon.errors as errors
+from lagoon.cli.app import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_all_is_complete_and_importable():
+    exported = set(lagoon.__all__)
+    public = {n for n, v in vars(lagoon).items() if not n.startswith("_") and not inspect.ismodule(v)}
+    assert public <= exported | {"version", "PackageNotFoundError"}
+    for name in exported:
+        assert hasattr(lagoon, name), name
+    assert all(getattr(lagoon, e) is getattr(errors, e) for e in errors.__all__), "every error is exported"
+
+
+def test_import_lagoon_does_not_import_torch():
+    code = "import sys, lagoon, lagoon.cli.app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_error_tree_docstring_lists_every_error_and_split_is_right():
+    doc = errors.__doc__
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        assert name in doc, f"{name} missing from the tree in errors.py"
+        if cls not in (errors.LagoonError,):
+            assert issubclass(cls, errors.FatalError) != issubclass(cls, errors.RetryableError) or cls in (
+                errors.FatalError,
+                errors.RetryableError,
+            )
+    assert errors.RateLimitError("x", retry_after=2).retry_after == 2
+    assert errors.RateLimitError.retryable and not errors.ConfigError.retryable
+
+
+def test_cli_version_and_help():
+    assert runner.invoke(app, ["version"]).stdout.strip() == lagoon.__version__
+    result = runner.invoke(app, ["config", "--help"])
+    assert result.exit_code == 0 and "validate" in result.stdout
+
+
+def test_cli_validate_seed_files_ok():
+    files = [str(ROOT / "examples/configs/seed-000.yaml"), str(ROOT / "examples/configs/seed-001.yaml")]
+    result = runner.invoke(app, ["config", "validate", *files])
+    assert result.exit_code == 0, result.output
+
+
+def test_cli_validate_bad_file_exits_2_with_key_and_fix(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("context:\n  maxChunkSzie: 10\nmodel_deployment:\n  routing:\n    temperature: -1\n")
+    result = runner.invoke(app, ["config", "validate", str(bad)])
+    assert result.exit_code == 2
+    assert "context.maxChunkSzie" in result.output and "Did you mean 'maxChunkSize'" in result.output
+    assert "model_deployment.routing.temperature" in result.output and "Fix:" in result.output
+
+
+def test_cli_show_merges_layers_and_prints_no_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-secret-value")
+    result = runner.invoke(
+        app,
+        ["config", "show", "--format", "json", "-c", str(ROOT / "examples/configs/seed-001.yaml"), "-c", "context.maxChunkSize=77"],
+    )
+    assert result.exit_code == 0, result.output
+    assert '"max_chunk_size": 77' in result.stdout
+    assert "sk-ant-secret-value" not in result.stdout
+    assert '"api_key_env": "ANTHROPIC_API_KEY"' in result.stdout  # the name, never the value
+
+
+def test_cli_show_bad_override_exits_2():
+    result = runner.invoke(app, ["config", "show", "-c", "agent.step_limit=-3"])
+    assert result.exit_code == 2 and "agent.step_limit" in result.output
