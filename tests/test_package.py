@@ -69,7 +69,8 @@ def test_cli_show_merges_layers_and_prints_no_secrets(tmp_path, monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-secret-value")
     result = runner.invoke(
         app,
-        ["config", "show", "--format", "json", "-c", str(ROOT / "examples/configs/seed-001.yaml"), "-c", "context.maxChunkSize=77"],
+        ["config", "show", "--format", "json", "-c", str(ROOT / "examples/configs/seed-001.yaml"), "-c", "context.maxChunkSize=77",
+         "-c", "routing.reasoningBound.api_key_env=ANTHROPIC_API_KEY"],
     )
     assert result.exit_code == 0, result.output
     assert '"max_chunk_size": 77' in result.stdout
