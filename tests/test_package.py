@@ -81,3 +81,10 @@ def test_cli_show_merges_layers_and_prints_no_secrets(tmp_path, monkeypatch):
 def test_cli_show_bad_override_exits_2():
     result = runner.invoke(app, ["config", "show", "-c", "agent.step_limit=-3"])
     assert result.exit_code == 2 and "agent.step_limit" in result.output
+
+
+def test_cli_keys_lists_docstrings():
+    result = runner.invoke(app, ["config", "keys", "context"])
+    assert result.exit_code == 0
+    assert "context.max_chunk_size" in result.stdout and "Largest chunk" in result.stdout
+    assert "agent.step_limit" not in result.stdout

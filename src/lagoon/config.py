@@ -37,6 +37,7 @@ __all__ = [
     "load_config",
     "parse_override",
     "config_keys",
+    "describe_key",
 ]
 
 _CAMEL_RE = re.compile(r"(?<!^)(?=[A-Z])")
@@ -707,3 +708,16 @@ def config_keys(model: type[BaseModel] = LagoonConfig, prefix: str = "") -> list
         else:
             keys.append(dotted)
     return keys
+
+
+def describe_key(dotted: str) -> str:
+    """The docstring of a dotted key (snake or camel spelling), as one line."""
+    model: type[BaseModel] | None = LagoonConfig
+    info = None
+    for part in dotted.split("."):
+        name = _field_for(model, part) if model is not None else None
+        if model is None or name is None:
+            raise ConfigError(f"{dotted}: unknown key; `lagoon config keys` lists them all")
+        info = model.model_fields[name]
+        model = _submodel(info.annotation)
+    return " ".join((info.description or "").split()) if info is not None else ""

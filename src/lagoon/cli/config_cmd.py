@@ -46,3 +46,22 @@ def show(
         typer.echo(json.dumps(data, indent=2))
     else:
         Console().print(yaml.safe_dump(data, sort_keys=False), markup=False, highlight=False)
+
+
+@app.command()
+def keys(section: Annotated[str | None, typer.Argument(help="Only keys under this section, e.g. context.")] = None) -> None:
+    """List every config key with its default and its documentation."""
+    from rich.table import Table
+
+    from lagoon.config import LagoonConfig, config_keys, describe_key
+
+    defaults = LagoonConfig().dump()
+    table = Table("key", "default", "meaning", show_lines=False)
+    for key in config_keys():
+        if section and not key.startswith(section.rstrip(".") + "."):
+            continue
+        value: object = defaults
+        for part in key.split("."):
+            value = value[part]  # type: ignore[index]
+        table.add_row(key, json.dumps(value), describe_key(key))
+    Console(width=160).print(table)
