@@ -1,0 +1,141 @@
+"""Routed experts stored as stacked tensors, run on contiguous per-expert segments.
+
+Layout (transformers 5.23's, so a HF ``*Experts`` module's state dict loads 1:1):
+``gate_up_proj [E, 2I, H]`` (gate rows first, then up rows) and ``down_proj [E, H, I]``.
+Expert e computes ``down_proj[e] @ (act(gate) * up)`` with ``gate, up = gate_up_proj[e] @ x``.
+
+* `Experts` — the fast path: `plan_dispatch` sorts slots by expert, each expert runs its
+  contiguous segment (``impl``: ``loop`` = one ``F.linear`` pair per non-empty expert,
+  ``grouped_mm`` = ``torch.nn.functional.grouped_mm`` over the offsets, ``auto`` = the one
+  measured faster here, see ``benchmarks/bench_moe.py``), then outputs are weighted and summed back
+  per token with ``index_add_`` (combine).
+* `ReferenceExperts` — the oracle: gathers every slot's expert weights and applies them with
+  ``einsum``; slow and memory-hungry (T*k copies of the weights) but obviously right. Every fast,
+  quantized or offloaded expert path is tested against it.
+
+Both take ``forward(x [T, H], indices [T, k], weights [T, k], plan=None) -> [T, H]``; a plan with
+capacity drops zeroes the dropped slots in both.
+
+Not here: routing (`lagoon.moe.router`) or shared experts (`lagoon.moe.layer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lagoon.errors import ConfigError
+from lagoon.moe.dispatch import DispatchPlan, plan_dispatch
+
+__all__ = ["ACTIVATIONS", "EXPERT_IMPLS", "Experts", "ReferenceExperts", "StackedExperts", "activation"]
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}
+
+EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation called `name` (HF ``hidden_act`` spelling); ConfigError lists the valid ones."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ConfigError(f"unknown activation {name!r}; valid: {', '.join(sorted(ACTIVATIONS))}") from None
+
+
+class StackedExperts(nn.Module):
+    """Parameters and activation shared by the fast and the reference experts."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu") -> None:
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.act = act
+        self.act_fn = activation(act)
+        e, h, i = num_experts, hidden_size, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # [E, 2I, H]
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))  # [E, H, I]
+        nn.init.normal_(self.gate_up_proj, std=h**-0.5)
+        nn.init.normal_(self.down_proj, std=i**-0.5)
+
+    def share_weights(self, other: StackedExperts) -> StackedExperts:
+        """Point this module's parameters at `other`'s (no copy); returns self."""
+        self.gate_up_proj = other.gate_up_proj
+        self.down_proj = other.down_proj
+        return self
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, act={self.act}"
+
+
+class Experts(StackedExperts):
+    """Sort-by-expert dispatch, contiguous segments, weighted index-add combine."""
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu", impl: str = "auto"
+    ) -> None:
+        super().__init__(num_experts, hidden_size, intermediate_size, act)
+        if impl not in EXPERT_IMPLS:
+            raise ConfigError(f"unknown experts impl {impl!r}; valid: {', '.join(EXPERT_IMPLS)}")
+        self.impl = impl
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan | None = None
+    ) -> torch.Tensor:
+        # T = tokens, H = hidden, I = intermediate, S = kept slots
+        if plan is None:
+            plan = plan_dispatch(indices, self.num_experts)
+        xs = x[plan.tokens]  # [S, H] grouped by expert
+        ws = weights.reshape(-1)[plan.order]  # [S]
+        impl = self.impl
+        if impl == "auto":
+            impl = "loop"  # grouped_mm measured no faster on CPU (benchmarks/bench_moe.py)
+        ys = self._grouped(xs, plan) if impl == "grouped_mm" else self._loop(xs, plan)  # [S, H]
+        ys = ys * ws.unsqueeze(-1).to(ys.dtype)
+        out = torch.zeros_like(x)  # [T, H]
+        return out.index_add_(0, plan.tokens, ys.to(x.dtype))
+
+    def _loop(self, xs: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        outs = []
+        start = 0
+        for e, n in enumerate(plan.counts_kept.tolist()):
+            if n == 0:
+                continue
+            seg = xs[start : start + n]  # [n, H]
+            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+            outs.append(F.linear(self.act_fn(gate) * up, self.down_proj[e]))  # [n, H]
+            start += n
+        if not outs:
+            return xs.new_zeros(0, self.hidden_size)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _grouped(self, xs: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        offs = plan.offsets.to(xs.device)
+        h = F.grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs)  # [S, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        return F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)  # [S, H]
+
+
+class ReferenceExperts(StackedExperts):
+    """Oracle: per-slot weight gather + einsum. Slow; for tests and as the ground truth."""
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan | None = None
+    ) -> torch.Tensor:
+        # T = tokens, k = top_k, H = hidden, I = intermediate
+        if plan is not None:
+            weights = weights * plan.kept.view(indices.shape).to(weights.dtype)
+        w_gu = self.gate_up_proj[indices]  # [T, k, 2I, H]
+        w_d = self.down_proj[indices]  # [T, k, H, I]
+        h = torch.einsum("th,tkoh->tko", x, w_gu)  # [T, k, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.einsum("tki,tkhi->tkh", self.act_fn(gate) * up, w_d)  # [T, k, H]
+        return torch.einsum("tkh,tk->th", y, weights.to(y.dtype))  # [T, H]

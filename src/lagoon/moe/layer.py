@@ -1,0 +1,240 @@
+"""`SparseMoE`: one MoE feed-forward block — route, dispatch, experts, combine, plus shared experts.
+
+``forward(x)`` takes ``[T, H]`` or ``[B, S, H]`` and returns the same shape. After each call the
+block keeps ``last_routing`` (for the training losses in `lagoon.moe.losses`), ``last_counts``
+(routed slots per expert), ``last_dropped`` and the running ``dropped_total``.
+
+Parameter names follow transformers 5.23 so checkpoints map 1:1 (HF name → Lagoon name):
+
+=====================================================  ==========================================
+HF (``mlp.`` of a Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE/     Lagoon ``SparseMoE``
+DeepSeek-V3 decoder layer)
+=====================================================  ==========================================
+``gate.weight [E, H]``                                 ``router.weight [E, H]``
+``gate.e_score_correction_bias [E]`` (DeepSeek-V3)     ``router.e_score_correction_bias [E]``
+``experts.gate_up_proj [E, 2I, H]``                    ``experts.gate_up_proj``
+``experts.down_proj [E, H, I]``                        ``experts.down_proj``
+``shared_expert.{gate,up,down}_proj.weight`` (Qwen2)   ``shared_expert.{gate,up,down}_proj.weight``
+``shared_experts.{gate,up,down}_proj.weight`` (DSv3)   ``shared_expert.{gate,up,down}_proj.weight``
+``shared_expert_gate.weight [1, H]`` (Qwen2-MoE)       ``shared_expert_gate.weight [1, H]``
+=====================================================  ==========================================
+
+`load_state_dict` accepts either spelling (a pre-hook renames ``gate.`` and ``shared_experts.``),
+so a HF block's state dict — or a decoder layer's ``mlp.*`` tensors after transformers' own
+checkpoint conversion — loads directly. Checkpoint files on disk that still store per-expert
+tensors (``experts.0.w1.weight``…) are stacked by the engine's checkpoint loader, not here.
+
+Constructor defaults reproduce the checkpoint's own routing (no runtime balancing);
+`SparseMoE.from_config` / `apply_config` turn on what ``model_deployment.routing`` and ``moe``
+say. This module is *not* attention, norms or the residual: the decoder layer owns those.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lagoon.errors import CheckpointError, UnsupportedModelError
+from lagoon.moe.dispatch import plan_dispatch
+from lagoon.moe.experts import Experts, activation
+from lagoon.moe.router import Router, Routing
+
+__all__ = ["SparseMoE", "SharedExpert", "apply_config"]
+
+
+class SharedExpert(nn.Module):
+    """A dense gated MLP every token passes through (Qwen2-MoE ``shared_expert``, DeepSeek ``shared_experts``)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu") -> None:
+        super().__init__()
+        self.act_fn = activation(act)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """Route → dispatch → experts → combine, plus optional (gated) shared experts."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        scoring: Literal["softmax", "sigmoid"] = "softmax",
+        norm_topk_prob: bool = True,
+        n_group: int = 1,
+        topk_group: int = 1,
+        routed_scaling_factor: float = 1.0,
+        shared_intermediate_size: int | None = None,
+        shared_expert_gate: bool = False,
+        act: str = "silu",
+        capacity_factor: float | None = None,
+        temperature: float = 1.0,
+        load_balance_weight: float = 0.0,
+        balance_window: int = 1000,
+        bias_update_rate: float = 0.0,
+        recalibration_cv: float | None = None,
+        experts_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.capacity_factor = num_experts, capacity_factor
+        self.router = Router(
+            hidden_size,
+            num_experts,
+            top_k,
+            scoring=scoring,
+            norm_topk_prob=norm_topk_prob,
+            n_group=n_group,
+            topk_group=topk_group,
+            routed_scaling_factor=routed_scaling_factor,
+            temperature=temperature,
+            load_balance_weight=load_balance_weight,
+            balance_window=balance_window,
+            bias_update_rate=bias_update_rate,
+            recalibration_cv=recalibration_cv,
+        )
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, act, impl=experts_impl)
+        self.shared_expert = (
+            SharedExpert(hidden_size, shared_intermediate_size, act) if shared_intermediate_size else None
+        )
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
+        if shared_expert_gate and not shared_intermediate_size:
+            raise UnsupportedModelError("shared_expert_gate needs shared_intermediate_size (no shared expert to gate)")
+        self.last_routing: Routing | None = None
+        self.last_counts: torch.Tensor | None = None
+        self.last_dropped = 0
+        self.dropped_total = 0
+        self.register_load_state_dict_pre_hook(_rename_hf_keys)
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # T = tokens, H = hidden, k = top_k
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [T, H]
+        routing = self.router(x2)
+        plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
+        y = self.experts(x2, routing.indices, routing.weights, plan)  # [T, H]
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x2)  # [T, H]
+            if self.shared_expert_gate is not None:
+                shared = F.sigmoid(self.shared_expert_gate(x2)) * shared
+            y = y + shared
+        self.router.observe(plan.counts)
+        self.last_routing, self.last_counts, self.last_dropped = routing, plan.counts, plan.dropped
+        self.dropped_total += plan.dropped
+        return y.reshape(shape)
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_hf(cls, block: nn.Module, **overrides: Any) -> SparseMoE:
+        """A Lagoon block with the same weights and routing as a transformers 5.23 MoE block."""
+        gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+        if gate is None or experts is None or not hasattr(experts, "gate_up_proj"):
+            raise UnsupportedModelError(
+                f"{type(block).__name__} is not a supported MoE block; supported: MixtralSparseMoeBlock, "
+                "Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, DeepseekV3MoE "
+                "(stacked experts.gate_up_proj / down_proj)"
+            )
+        num_experts, hidden = gate.weight.shape
+        kw: dict[str, Any] = {
+            "act": getattr(getattr(experts, "config", None), "hidden_act", "silu"),
+            "norm_topk_prob": bool(getattr(gate, "norm_topk_prob", True)),
+        }
+        if hasattr(gate, "e_score_correction_bias"):  # DeepSeek-V3 style sigmoid router
+            kw.update(
+                scoring="sigmoid",
+                n_group=gate.num_group,
+                topk_group=gate.topk_group,
+                routed_scaling_factor=float(gate.routed_scaling_factor),
+            )
+        shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+        if shared is not None:
+            kw["shared_intermediate_size"] = shared.gate_proj.out_features
+            kw["shared_expert_gate"] = getattr(block, "shared_expert_gate", None) is not None
+        kw.update(overrides)
+        moe = cls(hidden, experts.down_proj.shape[-1], num_experts, gate.top_k, **kw)
+        moe.to(dtype=gate.weight.dtype, device=gate.weight.device)
+        moe.load_state_dict({k: v.detach().clone() for k, v in block.state_dict().items()})
+        return moe
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, hidden_size: int, intermediate_size: int, **kwargs: Any) -> SparseMoE:
+        """A block sized by ``model_deployment.routing`` with ``moe`` balancing/dispatch settings.
+
+        `cfg` is a `LagoonConfig` (or anything with ``.model_deployment.routing`` and ``.moe``);
+        `kwargs` are the model's own constructor arguments (scoring, shared experts, act …).
+        """
+        routing = cfg.model_deployment.routing
+        moe = cls(hidden_size, intermediate_size, routing.total_experts, routing.active_per_token, **kwargs)
+        return apply_config(moe, cfg)
+
+
+def apply_config(model: nn.Module, cfg: Any) -> nn.Module:
+    """Apply ``model_deployment.routing.*`` and ``moe.*`` to every `SparseMoE` in `model`.
+
+    ``total_experts`` must equal each block's expert count (CheckpointError otherwise);
+    ``active_per_token`` becomes k; temperature, load penalty, window, bias rate, recalibration
+    threshold and capacity factor are set on each block's router/dispatch. Returns `model`.
+    """
+    routing, moe_cfg = cfg.model_deployment.routing, cfg.moe
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    for i, block in enumerate(blocks):
+        if block.num_experts != routing.total_experts:
+            raise CheckpointError(
+                f"MoE block {i} has {block.num_experts} experts but model_deployment.routing.total_experts is "
+                f"{routing.total_experts}; set total_experts={block.num_experts} to match the checkpoint"
+            )
+        if routing.active_per_token > block.num_experts:
+            raise CheckpointError(
+                f"active_per_token={routing.active_per_token} exceeds the {block.num_experts} experts of block {i}"
+            )
+        r = block.router
+        r.top_k = routing.active_per_token
+        r.temperature = routing.temperature
+        r.load_balance_weight = routing.load_balance_weight
+        r.bias_update_rate = moe_cfg.bias_update_rate
+        r.recalibration_cv = moe_cfg.recalibration_cv
+        r.balance_window = moe_cfg.balance_window
+        block.capacity_factor = moe_cfg.capacity_factor
+    return model
+
+
+def _rename_hf_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Accept HF spellings: ``gate.*`` → ``router.*``, ``shared_experts.*`` → ``shared_expert.*``."""
+    for key in list(state_dict):
+        rest = key[len(prefix) :] if key.startswith(prefix) else None
+        if rest is None:
+            continue
+        if rest in ("gate.weight", "gate.e_score_correction_bias"):
+            state_dict[prefix + "router." + rest[len("gate.") :]] = state_dict.pop(key)
+        elif rest.startswith("shared_experts."):
+            state_dict[prefix + "shared_expert." + rest[len("shared_experts.") :]] = state_dict.pop(key)
+    # A softmax router's bias is runtime state, not checkpoint data.
+    bias_key = prefix + "router.e_score_correction_bias"
+    if bias_key in state_dict and isinstance(module, SparseMoE) and module.router.scoring == "softmax":
+        module.router.e_score_correction_bias.copy_(state_dict.pop(bias_key))
+    _check_shapes(module, state_dict, prefix)
+
+
+def _check_shapes(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    own = module.state_dict()
+    for name, tensor in own.items():
+        got = state_dict.get(prefix + name)
+        if got is not None and tuple(got.shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"tensor {prefix + name} has shape {tuple(got.shape)} but the MoE block expects "
+                f"{tuple(tensor.shape)}; check num_experts / hidden / intermediate sizes against the checkpoint"
+            )

@@ -1,0 +1,229 @@
+"""`Router`: scores experts, selects the top k of them for each token, and keeps load balanced.
+
+Contract (T = tokens, H = hidden, E = experts, k = top_k):
+
+* ``forward(x [T, H]) -> Routing(logits [T, E], scores [T, E], weights [T, k], indices [T, k])``.
+* Scoring: ``softmax`` (Mixtral, Qwen2/3-MoE, OLMoE) or ``sigmoid`` (DeepSeek-V3), both of the
+  fp32 logits divided by ``temperature``.
+* Selection score = ``scores + bias - load_balance_weight * share`` where ``bias`` is the
+  ``e_score_correction_bias`` buffer (DeepSeek-V3's, nudged by the aux-loss-free rule and by
+  recalibration) and ``share`` is each expert's share of routed assignments over the rolling
+  window of the last ``balance_window`` forward calls. With ``n_group > 1`` only the
+  ``topk_group`` groups with the highest sum of their two best selection scores are eligible.
+* Ties are broken by the lower expert index (a stable descending sort), so the same input and the
+  same router state pick the same experts on every run.
+* Mixing weights are gathered from the *unbiased, unpenalised* ``scores``; renormalised over the
+  top k when ``norm_topk_prob``; multiplied by ``routed_scaling_factor``. Balancing therefore
+  changes which experts run, never how the chosen ones are weighted.
+* `observe(counts)` (called by `SparseMoE` after dispatch) pushes one step of per-expert load
+  into the window, applies the aux-loss-free rule ``bias += rate * sign(mean(load) - load)``
+  while training (or when ``update_bias_in_eval``), and recalibrates when the coefficient of
+  variation of the window's load passes ``recalibration_cv``: ``bias += mean(share) - share``
+  (a proportional correction in score units), window cleared, event counted in
+  ``recalibrations``, logged, and counted in telemetry when one is attached.
+
+Not here: training losses (`lagoon.moe.losses`), dispatch, and cross-layer monitoring
+(`lagoon.moe.balance`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lagoon.errors import ConfigError
+
+__all__ = ["Router", "Routing", "SCORINGS"]
+
+log = logging.getLogger("lagoon.moe.router")
+
+SCORINGS = ("softmax", "sigmoid")
+
+
+@dataclass
+class Routing:
+    """One routing decision. `scores` are the unbiased post-softmax/sigmoid scores."""
+
+    logits: torch.Tensor  # [T, E] fp32
+    scores: torch.Tensor  # [T, E] fp32
+    weights: torch.Tensor  # [T, k] mixing weights (input dtype)
+    indices: torch.Tensor  # [T, k] int64 expert ids
+
+
+class Router(nn.Module):
+    """Top-k router with runtime load penalty, aux-loss-free bias and CV-triggered recalibration."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        scoring: Literal["softmax", "sigmoid"] = "softmax",
+        norm_topk_prob: bool = True,
+        n_group: int = 1,
+        topk_group: int = 1,
+        routed_scaling_factor: float = 1.0,
+        temperature: float = 1.0,
+        load_balance_weight: float = 0.0,
+        balance_window: int = 1000,
+        bias_update_rate: float = 0.0,
+        recalibration_cv: float | None = None,
+        update_bias_in_eval: bool = False,
+    ) -> None:
+        super().__init__()
+        if scoring not in SCORINGS:
+            raise ConfigError(f"unknown router scoring {scoring!r}; valid: {', '.join(SCORINGS)}")
+        if not 1 <= top_k <= num_experts:
+            raise ConfigError(f"top_k={top_k} must be between 1 and num_experts={num_experts}; lower top_k")
+        if n_group < 1 or num_experts % n_group:
+            raise ConfigError(f"n_group={n_group} must divide num_experts={num_experts}")
+        if not 1 <= topk_group <= n_group or topk_group * (num_experts // n_group) < top_k:
+            raise ConfigError(
+                f"topk_group={topk_group} of n_group={n_group} leaves fewer than top_k={top_k} experts; "
+                "raise topk_group"
+            )
+        if temperature <= 0:
+            raise ConfigError(f"router temperature must be > 0 (got {temperature})")
+        if balance_window < 1:
+            raise ConfigError(f"balance_window must be >= 1 (got {balance_window})")
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.scoring = scoring
+        self.norm_topk_prob = norm_topk_prob
+        self.n_group, self.topk_group = n_group, topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        self.temperature = temperature
+        self.load_balance_weight = load_balance_weight
+        self.bias_update_rate = bias_update_rate
+        self.recalibration_cv = recalibration_cv
+        self.update_bias_in_eval = update_bias_in_eval
+        self.recalibrations = 0
+        self.telemetry = None  # a lagoon.telemetry.Telemetry, set by ExpertLoadMonitor.attach
+        self.name = "router"
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # [E, H]
+        nn.init.normal_(self.weight, std=hidden_size**-0.5)
+        # DeepSeek-V3 checkpoints carry the bias; for softmax models it is runtime state only.
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(num_experts), persistent=scoring == "sigmoid"
+        )
+        self._window = torch.zeros(balance_window, num_experts, dtype=torch.float64)  # [W, E] ring
+        self._window_sum = torch.zeros(num_experts, dtype=torch.float64)  # [E]
+        self._window_pos = 0
+        self._window_fill = 0
+
+    # ------------------------------------------------------------------ window
+    @property
+    def balance_window(self) -> int:
+        return self._window.shape[0]
+
+    @balance_window.setter
+    def balance_window(self, steps: int) -> None:
+        if steps < 1:
+            raise ConfigError(f"balance_window must be >= 1 (got {steps})")
+        self._window = torch.zeros(steps, self.num_experts, dtype=torch.float64)
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self._window.zero_()
+        self._window_sum.zero_()
+        self._window_pos = self._window_fill = 0
+
+    def window_load(self) -> torch.Tensor:
+        """Routed assignments per expert summed over the window, [E] float64."""
+        return self._window_sum.clone()
+
+    def load_share(self) -> torch.Tensor:
+        """Each expert's share of the window's assignments, [E] fp32 (zeros when empty)."""
+        total = self._window_sum.sum()
+        if total <= 0:
+            return torch.zeros(self.num_experts)
+        return (self._window_sum / total).float()
+
+    @property
+    def tracking(self) -> bool:
+        """Whether `observe` has any work (penalty, bias rule or recalibration on)."""
+        return self.load_balance_weight > 0 or self.bias_update_rate > 0 or self.recalibration_cv is not None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> Routing:
+        # T = tokens, H = hidden, E = experts, G = groups, k = top_k
+        x = x.reshape(-1, self.hidden_size)  # [T, H]
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        z = logits / self.temperature if self.temperature != 1.0 else logits
+        scores = z.softmax(dim=-1) if self.scoring == "softmax" else z.sigmoid()  # [T, E]
+        choice = scores
+        bias = self.e_score_correction_bias
+        if self.scoring == "sigmoid" or bool(bias.any()):
+            choice = choice + bias.float()
+        if self.load_balance_weight > 0 and self._window_fill:
+            choice = choice - self.load_balance_weight * self.load_share().to(choice.device)
+        if self.n_group > 1:
+            choice = self._group_mask(choice)
+        # stable sort: equal scores keep ascending expert order -> lower index wins ties
+        indices = torch.sort(choice, dim=-1, descending=True, stable=True)[1][:, : self.top_k]  # [T, k]
+        weights = scores.gather(1, indices)  # [T, k]
+        if self.norm_topk_prob:
+            denom = weights.sum(dim=-1, keepdim=True)
+            weights = weights / (denom + 1e-20) if self.scoring == "sigmoid" else weights / denom
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
+        return Routing(logits=logits, scores=scores, weights=weights.to(x.dtype), indices=indices)
+
+    def _group_mask(self, choice: torch.Tensor) -> torch.Tensor:
+        t, e = choice.shape
+        per = e // self.n_group
+        grouped = choice.view(t, self.n_group, per)  # [T, G, E/G]
+        group_scores = grouped.topk(min(2, per), dim=-1)[0].sum(dim=-1)  # [T, G]
+        keep = torch.sort(group_scores, dim=-1, descending=True, stable=True)[1][:, : self.topk_group]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)  # [T, G]
+        mask = mask.unsqueeze(-1).expand(t, self.n_group, per).reshape(t, e)  # [T, E]
+        return choice.masked_fill(~mask, float("-inf"))
+
+    # ------------------------------------------------------------------ balancing
+    @torch.no_grad()
+    def observe(self, counts: torch.Tensor) -> None:
+        """Record one step's routed assignments per expert ([E]) and apply the balancing rules."""
+        if not self.tracking:
+            return
+        counts = counts.detach().to(torch.float64).cpu()  # [E]
+        w = self._window.shape[0]
+        self._window_sum -= self._window[self._window_pos]
+        self._window[self._window_pos] = counts
+        self._window_sum += counts
+        self._window_pos = (self._window_pos + 1) % w
+        self._window_fill = min(self._window_fill + 1, w)
+        bias = self.e_score_correction_bias
+        if self.bias_update_rate > 0 and (self.training or self.update_bias_in_eval):
+            step = torch.sign(counts.mean() - counts).to(bias)  # [E]
+            bias.add_(self.bias_update_rate * step)
+        if self.recalibration_cv is not None and self._window_fill == w:
+            cv = coefficient_of_variation(self._window_sum)
+            if cv > self.recalibration_cv:
+                share = self.load_share().to(bias)
+                bias.add_(share.mean() - share)
+                self.recalibrations += 1
+                log.info(
+                    "%s: load CV %.3f > %.3f over %d steps; recalibrated bias (event %d)",
+                    self.name, cv, self.recalibration_cv, w, self.recalibrations,
+                )
+                if self.telemetry is not None:
+                    self.telemetry.inc(
+                        "lagoon_moe_recalibrations_total",
+                        labels={"layer": self.name},
+                        doc="Router bias recalibrations triggered by load CV, by layer",
+                    )
+                self.reset_window()
+
+
+def coefficient_of_variation(load: torch.Tensor) -> float:
+    """std / mean of a per-expert load vector (population std); 0 for an all-zero load."""
+    load = load.to(torch.float64)
+    mean = load.mean()
+    if mean <= 0:
+        return 0.0
+    return float(load.std(unbiased=False) / mean)
