@@ -330,6 +330,9 @@ class RoutingSection(Section):
     breaker_fail_max: int = Field(3, ge=1)
     """Consecutive failures that open a backend's circuit breaker."""
 
+    max_retry_after_s: float = Field(30.0, ge=0.0)
+    """A Retry-After longer than this is not waited for: the router falls back to the other backend."""
+
     fallback: bool = True
     """Try the other backend when the chosen one is open, fails, or cannot fit the prompt."""
 

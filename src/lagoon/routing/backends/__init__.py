@@ -1,0 +1,38 @@
+"""Model backends the router can call, picked by provider name from a registry.
+
+    openai_compat  → lagoon.routing.backends.openai_compat.OpenAICompatBackend  (official `openai` SDK)
+    anthropic      → lagoon.routing.backends.anthropic.AnthropicBackend         (official `anthropic` SDK)
+    local          → lagoon.routing.backends.local.LocalBackend                 (in-process `lagoon.engine`)
+
+`build_backend(route, name, telemetry)` reads the route's `provider`, or infers it from the endpoint
+(`infer_provider`), imports the implementation lazily and builds it. Every backend is a
+`protocols.ChatModel`; none retries on its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lagoon.config import RouteSection
+from lagoon.errors import ConfigError
+from lagoon.protocols import ChatModel
+from lagoon.routing.backends.base import infer_provider, split_endpoint
+from lagoon.telemetry import Telemetry
+
+__all__ = ["BACKENDS", "build_backend", "infer_provider", "split_endpoint"]
+
+BACKENDS: dict[str, str] = {
+    "openai_compat": "lagoon.routing.backends.openai_compat:OpenAICompatBackend",
+    "anthropic": "lagoon.routing.backends.anthropic:AnthropicBackend",
+    "local": "lagoon.routing.backends.local:LocalBackend",
+}
+
+
+def build_backend(route: RouteSection, name: str | None = None, telemetry: Telemetry | None = None) -> ChatModel:
+    """The backend a route describes (provider given or inferred from the endpoint)."""
+    provider = infer_provider(route)
+    target = BACKENDS.get(provider)
+    if target is None:
+        raise ConfigError(f"unknown backend provider {provider!r}; valid providers: {', '.join(BACKENDS)}")
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)(route, name=name, telemetry=telemetry)

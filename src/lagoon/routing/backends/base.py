@@ -1,0 +1,222 @@
+"""What every remote backend shares: endpoint parsing, provider inference, API keys from the
+environment, token estimates, cost from the route's prices, and the telemetry span around a call.
+
+`RemoteBackend.chat` is the template: check the key, open a GenAI span, call `_call` (the
+provider-specific request, which translates its SDK's errors into `lagoon.errors` exactly once),
+fill usage and cost. Subclasses implement `_call` only.
+
+Keys are read from the environment variable the route names (`api_key_env`) at call time and are
+never stored on the backend, logged, or put in a response. This module is *not* a retry policy:
+the SDKs are built with `max_retries=0` and the router retries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from lagoon.config import RouteSection
+from lagoon.errors import AuthenticationError, ConfigError
+from lagoon.protocols import ChatMessage, ChatResponse, ToolSpec
+from lagoon.telemetry import Telemetry
+from lagoon.testing import approx_token_count
+
+__all__ = [
+    "PROVIDERS",
+    "CONTEXT_ERROR_RE",
+    "infer_provider",
+    "split_endpoint",
+    "api_key_from_env",
+    "estimate_tokens",
+    "cost_usd",
+    "RemoteBackend",
+]
+
+PROVIDERS = ("openai_compat", "anthropic", "local")
+
+# Suffixes the seed writes as "the endpoint"; the SDKs want the base URL in front of them.
+_CHAT_SUFFIXES = ("/chat/completions", "/chat", "/messages")
+_DEFAULT_WINDOW = 8192
+_PER_MESSAGE_TOKENS = 4
+#: Error texts servers use for an over-long prompt (OpenAI, Anthropic, vLLM, SGLang, llama.cpp, Ollama).
+CONTEXT_ERROR_RE = re.compile(
+    r"context[ _]length|maximum context|context window|too many tokens|prompt is too long|exceeds the (?:max|limit)",
+    re.I,
+)
+
+
+def infer_provider(route: RouteSection) -> str:
+    """`route.provider` when set; else anthropic for an anthropic.com host or a `/messages` path,
+    local for `local`/`embedded`, openai_compat for anything else."""
+    if route.provider:
+        return route.provider
+    endpoint = route.endpoint.strip()
+    if endpoint.lower() in {"local", "embedded"}:
+        return "local"
+    parts = urlsplit(endpoint)
+    host = (parts.hostname or "").lower()
+    if host == "anthropic.com" or host.endswith(".anthropic.com") or parts.path.rstrip("/").endswith("/messages"):
+        return "anthropic"
+    return "openai_compat"
+
+
+def split_endpoint(endpoint: str, provider: str) -> str:
+    """The SDK base URL for an endpoint given as a base URL or a full chat URL.
+
+    openai_compat: `http://h:p/v1/chat/completions`, `http://h:p/v1/chat` and `http://h:p/v1` all
+    give `http://h:p/v1`. anthropic: the SDK appends `/v1/messages` itself, so
+    `https://api.anthropic.com/v1/messages` and `https://api.anthropic.com/v1` give
+    `https://api.anthropic.com`.
+    """
+    parts = urlsplit(endpoint.strip())
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ConfigError(
+            f"endpoint {endpoint!r} is not an http(s) URL; write a base URL such as "
+            "http://127.0.0.1:8000/v1, a full chat URL (.../v1/chat/completions, .../v1/messages), "
+            "or 'local' for the in-process engine"
+        )
+    path = parts.path.rstrip("/")
+    for suffix in _CHAT_SUFFIXES:
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+            break
+    if provider == "anthropic" and path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def api_key_from_env(route: RouteSection, backend: str) -> str | None:
+    """The key from the variable `route.api_key_env` names; None when the route names none.
+
+    Raises AuthenticationError naming the variable (never a value) when it is named but unset."""
+    if not route.api_key_env:
+        return None
+    value = os.environ.get(route.api_key_env, "").strip()
+    if not value:
+        raise AuthenticationError(
+            f"{backend}: environment variable {route.api_key_env} is not set; export it with the API key "
+            f"(routing.*.api_key_env names it)",
+            backend=backend,
+        )
+    return value
+
+
+def estimate_tokens(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> int:
+    """Prompt-size estimate for backends without a local tokenizer (words + punctuation, per-message
+    overhead, tool schemas as JSON)."""
+    n = 0
+    for m in messages:
+        n += approx_token_count(m.content) + _PER_MESSAGE_TOKENS
+        for c in m.tool_calls:
+            n += approx_token_count(c.name + json.dumps(dict(c.arguments)))
+    for t in tools:
+        n += approx_token_count(json.dumps(t.to_openai()))
+    return n
+
+
+def cost_usd(route: RouteSection, input_tokens: int, output_tokens: int) -> float:
+    """USD for one call from the route's per-million-token prices."""
+    return (input_tokens * route.price_input_per_mtok + output_tokens * route.price_output_per_mtok) / 1e6
+
+
+class RemoteBackend:
+    """Shared call path of the SDK-backed backends; subclasses define `provider` and `_call`."""
+
+    provider = "remote"
+
+    def __init__(self, route: RouteSection, name: str | None = None, telemetry: Telemetry | None = None) -> None:
+        self.route = route
+        self.name = name or f"{self.provider}:{route.model}"
+        self.telemetry = telemetry or Telemetry()
+        self.base_url = split_endpoint(route.endpoint, self.provider)
+        self._window = route.context_window
+
+    # ------------------------------------------------------------------ ChatModel
+    @property
+    def context_window(self) -> int:
+        if self._window is None:
+            self._window = self._discover_window() or _DEFAULT_WINDOW
+        return self._window
+
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        return estimate_tokens(messages)
+
+    def chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> ChatResponse:
+        if not messages:
+            raise ValueError("chat() needs at least one message")
+        key = api_key_from_env(self.route, self.name)
+        max_tokens = self.route.max_tokens if max_tokens is None else max_tokens
+        temperature = self.route.temperature if temperature is None else temperature
+        start = time.perf_counter()
+        with self.telemetry.model_call_span(
+            operation="chat",
+            model=self.route.model,
+            provider=self.provider,
+            max_tokens=max_tokens,
+            temperature=temperature,
+        ) as record:
+            response = self._call(key, list(messages), list(tools), max_tokens, temperature)
+            record.input_tokens = response.usage.input_tokens
+            record.output_tokens = response.usage.output_tokens
+            record.response_model = response.model
+            record.finish_reason = response.finish_reason
+        usage = replace(
+            response.usage, cost_usd=cost_usd(self.route, response.usage.input_tokens, response.usage.output_tokens)
+        )
+        return replace(response, usage=usage, backend=self.name, latency_s=time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _call(
+        self,
+        api_key: str | None,
+        messages: list[ChatMessage],
+        tools: list[ToolSpec],
+        max_tokens: int,
+        temperature: float,
+    ) -> ChatResponse:
+        raise NotImplementedError
+
+    def _discover_window(self) -> int | None:
+        return None
+
+    def __repr__(self) -> str:
+        # Never include a key: only the route's public fields.
+        return f"{type(self).__name__}(name={self.name!r}, base_url={self.base_url!r})"
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """Seconds from a `Retry-After` (or `retry-after-ms`) header; None when absent or unparsable."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            when = parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())

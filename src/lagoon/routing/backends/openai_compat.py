@@ -1,0 +1,184 @@
+"""`openai_compat`: any server that speaks OpenAI chat completions (vLLM, SGLang, llama.cpp server,
+Ollama, `lagoon serve`, OpenAI itself) through the official `openai` SDK.
+
+The SDK client is built per call with `max_retries=0` (the router retries) and the route's
+`timeout_s`; the key comes from the route's `api_key_env` variable, or a placeholder for servers
+that need none. Every SDK/httpx error is translated here, once, into `lagoon.errors`:
+
+    401/403 → AuthenticationError        429 → RateLimitError (Retry-After honoured)
+    400 "context length…" → ContextWindowExceededError      other 4xx → BadRequestError
+    408 / timeout → BackendTimeoutError  5xx, 409, refused/dropped connection → BackendUnavailableError
+    unparsable body, a body cut midway, a reply without choices → MalformedResponseError
+
+The context window is the route's `context_window`, else what `GET /models` reports
+(`max_model_len` from vLLM/`lagoon serve`, `context_length`, llama.cpp's `meta.n_ctx_train`), else
+8192; the lookup is made once and its result (or its failure) cached.
+
+This is *not* a streaming client: replies are read whole.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import openai
+
+from lagoon.errors import (
+    AuthenticationError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    BadRequestError,
+    ContextWindowExceededError,
+    LagoonError,
+    MalformedResponseError,
+    RateLimitError,
+)
+from lagoon.protocols import ChatMessage, ChatResponse, ToolCall, ToolSpec, Usage
+from lagoon.routing.backends.base import (
+    CONTEXT_ERROR_RE,
+    RemoteBackend,
+    api_key_from_env,
+    estimate_tokens,
+    retry_after_seconds,
+)
+
+__all__ = ["OpenAICompatBackend", "translate_openai_error"]
+
+_NO_KEY = "no-key-needed"
+
+
+def cut_midway(exc: BaseException) -> bool:
+    """Did the connection drop after the reply had started (httpx's RemoteProtocolError)?"""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, httpx.RemoteProtocolError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def translate_openai_error(exc: Exception, backend: str, key_env: str | None) -> LagoonError:
+    """One `openai`/`httpx` exception → the matching `lagoon.errors` class (message names the backend)."""
+    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
+        return BackendTimeoutError(f"{backend}: no answer within the timeout", backend=backend)
+    if isinstance(exc, openai.APIConnectionError):
+        if cut_midway(exc):
+            return MalformedResponseError(f"{backend}: the reply was cut off midway", backend=backend)
+        return BackendUnavailableError(f"{backend}: cannot connect ({type(exc.__cause__).__name__})", backend=backend)
+    if isinstance(exc, openai.APIResponseValidationError | json.JSONDecodeError | ValueError):
+        return MalformedResponseError(f"{backend}: the reply is not a valid chat completion", backend=backend)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        after = retry_after_seconds(exc.response.headers)
+        detail = _detail(exc)
+        if status in (401, 403):
+            hint = f"check the key in {key_env}" if key_env else "set routing.*.api_key_env to the variable holding a key"
+            return AuthenticationError(f"{backend}: the server rejected the credentials (HTTP {status}); {hint}", backend=backend)
+        if status == 429:
+            return RateLimitError(f"{backend}: rate limited (HTTP 429)", backend=backend, retry_after=after)
+        if status == 408:
+            return BackendTimeoutError(f"{backend}: request timed out at the server (HTTP 408)", backend=backend, retry_after=after)
+        if status == 409 or status >= 500:
+            return BackendUnavailableError(f"{backend}: server error (HTTP {status})", backend=backend, retry_after=after)
+        if CONTEXT_ERROR_RE.search(detail):
+            return ContextWindowExceededError(f"{backend}: the prompt does not fit ({detail[:200]})", backend=backend)
+        return BadRequestError(f"{backend}: request refused (HTTP {status}): {detail[:300]}", backend=backend)
+    if isinstance(exc, openai.OpenAIError):
+        return BackendUnavailableError(f"{backend}: {type(exc).__name__}", backend=backend)
+    return MalformedResponseError(f"{backend}: unexpected reply ({type(exc).__name__})", backend=backend)
+
+
+def _detail(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        return str(err)
+    return str(body or exc.message)
+
+
+class OpenAICompatBackend(RemoteBackend):
+    provider = "openai_compat"
+
+    def _client(self, api_key: str | None, timeout: float) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=api_key or _NO_KEY, max_retries=0, timeout=timeout)
+
+    def _call(
+        self,
+        api_key: str | None,
+        messages: list[ChatMessage],
+        tools: list[ToolSpec],
+        max_tokens: int,
+        temperature: float,
+    ) -> ChatResponse:
+        kwargs: dict[str, Any] = {
+            "model": self.route.model,
+            "messages": [m.to_openai() for m in messages],
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        if tools:
+            kwargs["tools"] = [t.to_openai() for t in tools]
+        try:
+            with self._client(api_key, self.route.timeout_s) as client:
+                resp = client.chat.completions.create(**kwargs)
+                return self._parse(resp, messages, tools)
+        except LagoonError:
+            raise
+        except Exception as exc:  # translated once, here
+            raise translate_openai_error(exc, self.name, self.route.api_key_env) from None
+
+    def _parse(self, resp: Any, messages: list[ChatMessage], tools: list[ToolSpec]) -> ChatResponse:
+        choices = getattr(resp, "choices", None)
+        if not choices or getattr(choices[0], "message", None) is None:
+            raise MalformedResponseError(f"{self.name}: the reply has no choices", backend=self.name)
+        choice = choices[0]
+        msg = choice.message
+        calls = []
+        for i, tc in enumerate(msg.tool_calls or ()):
+            fn = getattr(tc, "function", None)
+            if fn is None:
+                continue
+            try:
+                args = json.loads(fn.arguments or "{}")
+            except json.JSONDecodeError:
+                raise MalformedResponseError(
+                    f"{self.name}: tool call {fn.name!r} has arguments that are not JSON", backend=self.name
+                ) from None
+            if not isinstance(args, dict):
+                raise MalformedResponseError(f"{self.name}: tool call {fn.name!r} arguments are not an object", backend=self.name)
+            calls.append(ToolCall(id=tc.id or f"call_{i}", name=fn.name, arguments=args))
+        content = msg.content or ""
+        if resp.usage is not None:
+            usage = Usage(resp.usage.prompt_tokens or 0, resp.usage.completion_tokens or 0)
+        else:
+            usage = Usage(estimate_tokens(messages, tools), estimate_tokens([ChatMessage("assistant", content)]))
+        finish = choice.finish_reason or ("tool_calls" if calls else "stop")
+        return ChatResponse(
+            message=ChatMessage(role="assistant", content=content, tool_calls=tuple(calls)),
+            model=resp.model or self.route.model,
+            usage=usage,
+            finish_reason=finish,
+        )
+
+    def _discover_window(self) -> int | None:
+        try:
+            key = api_key_from_env(self.route, self.name)
+            with self._client(key, min(5.0, self.route.timeout_s)) as client:
+                models = client.models.list().data
+        except Exception:  # discovery is best effort; the default window applies
+            return None
+        for m in models:
+            if m.id != self.route.model and len(models) > 1:
+                continue
+            extra = m.model_extra or {}
+            for key_name in ("max_model_len", "context_length", "context_window"):
+                if isinstance(extra.get(key_name), int):
+                    return extra[key_name]
+            meta = extra.get("meta")
+            if isinstance(meta, dict) and isinstance(meta.get("n_ctx_train"), int):
+                return meta["n_ctx_train"]
+        return None
