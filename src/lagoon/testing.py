@@ -18,7 +18,15 @@ from typing import Any
 
 from lagoon.protocols import ChatMessage, ChatResponse, ToolCall, ToolSpec, Usage
 
-__all__ = ["ScriptedChatModel", "ScriptStep", "approx_token_count"]
+__all__ = [
+    "ScriptedChatModel",
+    "ScriptStep",
+    "approx_token_count",
+    "ReplayChatModel",
+    "WholeFileRetriever",
+    "FileHashSnapshots",
+    "FileChunk",
+]
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 
@@ -95,3 +103,154 @@ class ScriptedChatModel:
     @classmethod
     def of(cls, replies: Iterable[Reply], **kw: Any) -> ScriptedChatModel:
         return cls(script=list(replies), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent doubles: a script read from a file (resumable), a whole-file retriever, file-hash snapshots
+# ---------------------------------------------------------------------------------------------
+
+
+def _script_entry(entry: Any) -> ScriptStep | str:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict) and "bash" in entry:
+        return ScriptStep(content=str(entry.get("content", "")), tool=("bash", {"command": entry["bash"]}))
+    if isinstance(entry, dict) and ("tool" in entry or "content" in entry):
+        tool = entry.get("tool")
+        return ScriptStep(content=str(entry.get("content", "")), tool=(tool[0], dict(tool[1])) if tool else None)
+    raise ValueError(f"script entry {entry!r}: use a string, {{'bash': CMD}} or {{'tool': [NAME, ARGS]}}")
+
+
+class ReplayChatModel:
+    """A `ScriptedChatModel` whose script can come from a JSON file, and that can resume.
+
+    `resume_at(n)` makes the next reply the script's entry `n` (the agent calls it with the number
+    of replies a resumed session already holds). File format: a JSON list whose entries are a
+    string (a text reply), ``{"bash": CMD}`` or ``{"tool": [NAME, ARGS], "content": TEXT}``."""
+
+    def __init__(self, script: Sequence[Reply], *, name: str = "scripted", window: int = 32768,
+                 repeat_last: bool = False) -> None:
+        self.script = list(script)
+        self.name = name
+        self._kw = {"name": name, "window": window, "repeat_last": repeat_last}
+        self.inner = ScriptedChatModel(self.script, **self._kw)
+        self.offset = 0
+
+    @classmethod
+    def from_file(cls, path: str, **kw: Any) -> ReplayChatModel:
+        import json
+        from pathlib import Path
+
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            from lagoon.errors import ConfigError
+
+            raise ConfigError(f"scripted model file {path}: cannot read a JSON list ({exc})") from exc
+        if not isinstance(data, list):
+            from lagoon.errors import ConfigError
+
+            raise ConfigError(f"scripted model file {path}: the top level must be a JSON list of replies")
+        return cls([_script_entry(e) for e in data], **kw)
+
+    def resume_at(self, n: int) -> None:
+        self.offset = n
+        self.inner = ScriptedChatModel(self.script[n:], **self._kw)
+
+    @property
+    def context_window(self) -> int:
+        return self.inner.context_window
+
+    @property
+    def requests(self) -> list[list[ChatMessage]]:
+        return self.inner.requests
+
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        return self.inner.count_tokens(messages)
+
+    def chat(self, messages: Sequence[ChatMessage], **kw: Any) -> ChatResponse:
+        return self.inner.chat(messages, **kw)
+
+
+@dataclass(frozen=True)
+class FileChunk:
+    path: str
+    start_line: int
+    end_line: int
+    symbol: str | None
+    text: str
+
+
+class WholeFileRetriever:
+    """A `Retriever` over a folder's files of one suffix, ranked by how many query words each holds."""
+
+    def __init__(self, root: Any, suffix: str = ".py", k: int = 3) -> None:
+        from pathlib import Path
+
+        self.root = Path(root)
+        self.suffix = suffix
+        self.k = k
+        self.calls = 0
+
+    def retrieve(self, query: str, *, k: int | None = None, budget_tokens: int | None = None) -> list[FileChunk]:
+        self.calls += 1
+        words = {w.lower() for w in _TOKEN_RE.findall(query) if w.isalnum()}
+        scored = []
+        for p in sorted(self.root.rglob(f"*{self.suffix}")):
+            if any(part.startswith(".") for part in p.relative_to(self.root).parts):
+                continue
+            text = p.read_text(encoding="utf-8", errors="replace")
+            score = sum(text.lower().count(w) for w in words)
+            scored.append((-score, str(p.relative_to(self.root)), text))
+        scored.sort()
+        out = [FileChunk(rel, 1, max(1, text.count("\n")), None, text) for _, rel, text in scored[: k or self.k]]
+        if budget_tokens is not None:
+            kept, used = [], 0
+            for c in out:
+                used += approx_token_count(c.text)
+                if used > budget_tokens:
+                    break
+                kept.append(c)
+            out = kept
+        return out
+
+
+@dataclass
+class _Report:
+    ok: bool
+    reasons: list[str]
+
+
+class FileHashSnapshots:
+    """A snapshot manager double: a snapshot is the SHA-256 of each retrieved file; it is stale when
+    one changed. `always_fail` makes every validation fail (to drive the halt)."""
+
+    def __init__(self, root: Any, *, always_fail: bool = False) -> None:
+        from pathlib import Path
+
+        self.root = Path(root)
+        self.always_fail = always_fail
+        self.validations = 0
+
+    def _hashes(self, chunks: Sequence[Any]) -> dict[str, str]:
+        import hashlib
+
+        out = {}
+        for c in chunks:
+            p = self.root / c.path
+            out[c.path] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else ""
+        return out
+
+    def create_snapshot(self, task: str, chunks: Sequence[Any]) -> dict[str, Any]:
+        return {"version": 1, "task": task, "hashes": self._hashes(chunks)}
+
+    def increment_version(self, snapshot: dict[str, Any], chunks: Sequence[Any]) -> dict[str, Any]:
+        return {**snapshot, "version": snapshot["version"] + 1, "hashes": self._hashes(chunks)}
+
+    def validate(self, snapshot: dict[str, Any]) -> _Report:
+        self.validations += 1
+        if self.always_fail:
+            return _Report(False, ["assumption 'tests pass on main' is unverified"])
+        now = self._hashes([FileChunk(p, 1, 1, None, "") for p in snapshot["hashes"]])
+        changed = [p for p, h in snapshot["hashes"].items() if now.get(p) != h]
+        return _Report(not changed, [f"{p} changed since snapshot v{snapshot['version']}" for p in changed])

@@ -1,0 +1,116 @@
+"""`ContextGate`: the agent never acts on stale context.
+
+Before every model call the loop asks the gate to `check()`. The gate validates the current
+snapshot with the injected `SnapshotManager` (the context package's `ContextManager` in
+production; any object with the same three methods in tests). A failed validation counts one
+failure; the gate then re-retrieves, asks the manager for the next version and validates that.
+`validation.max_consecutive_validation_failures` failures in a row without a passing validation
+end the check with `halt=True` (the loop raises `ValidationHalt`). A passing validation resets
+the count.
+
+The gate owns the version number it reports (`version`, 1-based), so a resumed session continues
+from the last version it recorded. Without a manager there is nothing to validate and every check
+passes; without a retriever the prompt carries no code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from lagoon.agent.tools.search import render_chunks
+from lagoon.protocols import ChunkLike, Retriever
+
+__all__ = ["ContextGate", "GateResult", "SnapshotManager", "ValidationReport"]
+
+
+@runtime_checkable
+class ValidationReport(Protocol):
+    ok: bool
+    reasons: Sequence[str]
+
+
+@runtime_checkable
+class SnapshotManager(Protocol):
+    """What the gate needs from `lagoon.context.ContextManager`."""
+
+    def create_snapshot(self, task: str, chunks: Sequence[ChunkLike]) -> Any: ...
+
+    def validate(self, snapshot: Any) -> ValidationReport: ...
+
+    def increment_version(self, snapshot: Any, chunks: Sequence[ChunkLike]) -> Any: ...
+
+
+@dataclass
+class GateResult:
+    ok: bool
+    version: int
+    refreshed: bool = False
+    halt: bool = False
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    """Each failed validation during this check, in order: {reasons, consecutive, version}."""
+
+
+class ContextGate:
+    def __init__(
+        self,
+        task: str,
+        *,
+        retriever: Retriever | None = None,
+        manager: SnapshotManager | None = None,
+        max_failures: int = 3,
+        k: int | None = None,
+        budget_tokens: int | None = None,
+    ) -> None:
+        self.task = task
+        self.retriever = retriever
+        self.manager = manager
+        self.max_failures = max_failures
+        self.k = k
+        self.budget_tokens = budget_tokens
+        self.chunks: list[ChunkLike] = []
+        self.snapshot: Any = None
+        self.version = 0
+        self.consecutive_failures = 0
+
+    def _retrieve(self) -> list[ChunkLike]:
+        if self.retriever is None:
+            return []
+        return list(self.retriever.retrieve(self.task, k=self.k, budget_tokens=self.budget_tokens))
+
+    def start(self, last_version: int = 0) -> int:
+        """Retrieve and take the first snapshot (or, on resume, the one after `last_version`)."""
+        self.chunks = self._retrieve()
+        if self.manager is not None:
+            self.snapshot = self.manager.create_snapshot(self.task, self.chunks)
+        self.version = last_version + 1
+        return self.version
+
+    def check(self) -> GateResult:
+        result = GateResult(ok=True, version=self.version)
+        if self.manager is None:
+            return result
+        while True:
+            report = self.manager.validate(self.snapshot)
+            if report.ok:
+                self.consecutive_failures = 0
+                result.ok = True
+                result.version = self.version
+                return result
+            self.consecutive_failures += 1
+            result.ok = False
+            result.failures.append({"reasons": [str(r) for r in report.reasons],
+                                    "consecutive": self.consecutive_failures, "version": self.version})
+            if self.consecutive_failures >= self.max_failures:
+                result.halt = True
+                return result
+            self.chunks = self._retrieve()
+            self.snapshot = self.manager.increment_version(self.snapshot, self.chunks)
+            self.version += 1
+            result.refreshed = True
+            result.version = self.version
+
+    def context_texts(self) -> list[str]:
+        """One rendered block per chunk, in retrieval order (memory drops from the end when over budget)."""
+        return [render_chunks([c]) for c in self.chunks]

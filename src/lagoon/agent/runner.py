@@ -1,0 +1,230 @@
+"""`run_task`: one task in one workspace, start to finish (or resumed), and its `RunResult`.
+
+Builds what the loop needs — workspace, session store, environment, tools, memory, context gate,
+model — resumes the session if it exists, runs the `Agent`, and always saves the JSON trajectory
+(`<workspace>/<state_dir>/trajectories/<session_id>.json`) in `finally`.
+
+Resume rules: events are replayed into a fresh `Trajectory` and `Memory`; a tool call that has an
+intent but no result is recorded as `tool_interrupted` and reported to the model, never re-run;
+calls recorded but never started run first. Tool state (cwd, env, undo history) is restored only
+when `inference.tool_state_persistence` is on. A session that already has an `exit` event is not
+run again: its stored result is returned. Models that replay a script (`resume_at(n)`) are told how
+many replies the session already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from lagoon.agent.context_gate import ContextGate, SnapshotManager
+from lagoon.agent.environment import LocalEnvironment
+from lagoon.agent.loop import Agent, AgentExit
+from lagoon.agent.memory import Memory
+from lagoon.agent.redaction import Redactor
+from lagoon.agent.session import FORMAT_VERSION, SessionLocks, SessionStore, session_id_for
+from lagoon.agent.tools import ToolBox
+from lagoon.agent.tools.bash import BashTool
+from lagoon.agent.tools.edit import EditTool
+from lagoon.agent.tools.search import SearchTool
+from lagoon.agent.tools.submit import SubmitTool
+from lagoon.agent.tools.view import ViewTool
+from lagoon.agent.trajectory import Trajectory
+from lagoon.agent.workspace import Workspace
+from lagoon.config import LagoonConfig
+from lagoon.errors import ConfigError
+from lagoon.protocols import ChatModel, Environment, Retriever
+
+__all__ = ["run_task", "RunResult", "trajectory_path", "build_model"]
+
+_PROMPTS = jinja2.Environment(
+    loader=jinja2.PackageLoader("lagoon.agent", "prompts"),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+)
+
+
+@dataclass
+class RunResult:
+    """How a run ended and what it cost. `to_dict()` is the JSON form (with `format_version`)."""
+
+    session_id: str
+    exit_status: str
+    exit_message: str
+    submitted: bool
+    model_used: str
+    latency_ms: float
+    validation_passed: bool
+    steps: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    commands: list[dict[str, Any]] = field(default_factory=list)
+    validation_failures: int = 0
+    backends: dict[str, int] = field(default_factory=dict)
+    context_version: int = 0
+    interrupted_steps: list[dict[str, Any]] = field(default_factory=list)
+    resumed: bool = False
+    trajectory: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def success(self) -> bool:
+        return self.submitted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "success": self.success}
+
+
+def trajectory_path(workspace: Path, config: LagoonConfig, session_id: str) -> Path:
+    return Path(workspace).resolve() / config.agent.state_dir / "trajectories" / f"{session_id}.json"
+
+
+def build_model(config: LagoonConfig) -> ChatModel:
+    """The router over the configured backends (imported lazily: routing may pull in SDKs)."""
+    try:
+        from lagoon.routing import build_router
+    except ImportError as exc:
+        raise ConfigError(
+            f"the routing package is not available ({exc}); pass a model explicitly (e.g. --model scripted:FILE)"
+        ) from exc
+    return build_router(config)
+
+
+def _context_parts(root: Path, config: LagoonConfig) -> tuple[Retriever | None, SnapshotManager | None]:
+    """The context package's retriever and snapshot manager, when it is installed."""
+    try:
+        from lagoon.context import CodeRetriever, ContextManager
+    except ImportError:
+        return None, None
+    return CodeRetriever(root, config.context), ContextManager(root, config.context, config.validation)
+
+
+def _save_trajectory(store: SessionStore, session_id: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(store.export(session_id), indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_task(
+    instruction: str,
+    workspace: Path,
+    config: LagoonConfig,
+    *,
+    model: ChatModel | None = None,
+    environment: Environment | None = None,
+    session_id: str | None = None,
+    telemetry: Any = None,
+    retriever: Retriever | None = None,
+    snapshot_manager: SnapshotManager | None = None,
+    on_event: Any = None,
+) -> RunResult:
+    """Run (or resume) `instruction` in `workspace` and return how it ended."""
+    started = time.perf_counter()
+    if not instruction.strip():
+        raise ConfigError("the task is empty; say what the agent should do")
+    ws = Workspace(workspace, config.agent.state_dir)
+    redactor = Redactor()
+    store = SessionStore.for_workspace(ws.root, config.agent.state_dir, redactor=redactor)
+    sid = session_id or session_id_for(ws.root, instruction)
+    traj_file = trajectory_path(ws.root, config, sid)
+    try:
+        resumed = store.open(sid, str(ws.root), instruction)
+        events = list(store.events(sid))
+        finished = next((e for e in events if e["kind"] == "exit"), None)
+        if finished is not None:
+            traj = Trajectory()
+            for e in events:
+                traj.apply(e["kind"], e["payload"])
+            return _result(sid, traj, started, resumed=True, path=traj_file)
+        model = model if model is not None else build_model(config)
+        env = environment if environment is not None else LocalEnvironment(
+            ws.root, timeout_s=config.agent.command_timeout_s, max_output_chars=config.agent.max_output_chars,
+            redactor=redactor,
+        )
+        if retriever is None and snapshot_manager is None:
+            retriever, snapshot_manager = _context_parts(ws.root, config)
+        tools = [BashTool(env, timeout_s=config.agent.command_timeout_s), ViewTool(ws),
+                 EditTool(ws, SessionLocks(store, sid))]
+        if retriever is not None:
+            tools.append(SearchTool(retriever, budget_tokens=config.context.token_budget))
+        toolbox = ToolBox([*tools, SubmitTool()])
+        mem_cfg = config.model_deployment.memory
+        window = getattr(model, "context_window", 0) or mem_cfg.context_budget
+        system = _PROMPTS.get_template("system.j2").render(
+            repo=ws.root.name, tools=list(toolbox.tools), state_dir=config.agent.state_dir, native_tools=True,
+        )
+        memory = Memory(model.count_tokens, budget=min(mem_cfg.context_budget, window),
+                        strategy=mem_cfg.truncation_strategy, system=system, task=instruction)
+        traj = Trajectory(memory=memory)
+        for e in events:
+            traj.apply(e["kind"], e["payload"])
+        persist = config.model_deployment.inference.tool_state_persistence
+        if persist and resumed:
+            state = store.load_tool_state(sid)
+            if state:
+                toolbox.restore(state)
+        gate = ContextGate(instruction, retriever=retriever, manager=snapshot_manager,
+                           max_failures=config.validation.max_consecutive_validation_failures,
+                           k=config.context.top_k, budget_tokens=config.context.token_budget)
+        agent = Agent(model, toolbox, memory, gate, store, sid, config.agent, trajectory=traj,
+                      persist_tool_state=persist, telemetry=telemetry, on_event=on_event)
+        if not events:
+            agent.emit("task", {"task": instruction, "session_id": sid, "repo": str(ws.root)})
+        version = gate.start(traj.context_version)
+        store.record_snapshot(sid, version, {"task": instruction, "chunks": [
+            f"{c.path}:{c.start_line}-{c.end_line}" for c in gate.chunks]})
+        agent.emit("context", {"version": version, "reasons": ["resumed"] if events else [],
+                               "chunks": [f"{c.path}:{c.start_line}-{c.end_line}" for c in gate.chunks]})
+        interrupted, unstarted = traj.pending()
+        step = traj.open_step or 0
+        for call in interrupted:
+            agent.emit("tool_interrupted", {"step": step, "call_id": call["id"], "name": call["name"],
+                                            "arguments": call["arguments"]})
+        resume_at = getattr(model, "resume_at", None)
+        if callable(resume_at):
+            resume_at(traj.steps)
+        status = "crashed"
+        try:
+            outcome: AgentExit = agent.run(unstarted, step)
+            status = outcome.status
+        finally:
+            store.set_status(sid, status)
+            store.release_locks(sid)
+        return _result(sid, traj, started, resumed=resumed, path=traj_file)
+    finally:
+        try:
+            _save_trajectory(store, sid, traj_file)
+        finally:
+            store.close()
+
+
+def _result(sid: str, traj: Trajectory, started: float, *, resumed: bool, path: Path) -> RunResult:
+    exit_ = traj.exit or {"status": "crashed", "message": ""}
+    return RunResult(
+        session_id=sid,
+        exit_status=exit_["status"],
+        exit_message=exit_["message"],
+        submitted=exit_["status"] == "submitted",
+        model_used=traj.backends.most_common(1)[0][0] if traj.backends else "",
+        latency_ms=(time.perf_counter() - started) * 1000.0,
+        validation_passed=traj.last_validation_ok and exit_["status"] != "validation_halt",
+        steps=traj.steps,
+        input_tokens=traj.input_tokens,
+        output_tokens=traj.output_tokens,
+        cost_usd=traj.cost_usd,
+        commands=list(traj.commands),
+        validation_failures=traj.validation_failures,
+        backends=dict(traj.backends),
+        context_version=traj.context_version,
+        interrupted_steps=list(traj.interrupted),
+        resumed=resumed,
+        trajectory=str(path),
+    )
