@@ -1,0 +1,54 @@
+"""Quantization: swap a model's layers for int8 / w8a8 / int4 / fp8 ones, from outside the model.
+
+    from lagoon.quant import QuantConfig, quantize_, calibrate
+    cal = calibrate(model, batches)                       # optional: static activation ranges
+    report = quantize_(model, QuantConfig(scheme="w8a8"), calibration=cal)
+    save_quantized(model, "out/"); load_quantized(fresh_float_model, "out/")
+
+Pieces:
+
+- `quantize` — `quantize_`, `QuantConfig`, the scheme registry (`SCHEMES`) and profile map.
+- one file per scheme — `int8` (weight-only, int8pack kernel), `w8a8` (`_int_mm`, per-token
+  activations), `int4` (group-wise, int4pack kernel), `fp8` (e4m3; `_scaled_mm` on CUDA), `bf16`.
+- `linear.QuantizedLinear`, `experts.QuantizedExperts` (stacked MoE experts), `embedding`.
+- `policy` — token types and the `dynamic_threshold` rule; `calibrate` — per-layer and per-expert
+  ranges, starved experts; `fidelity` — SQNR per layer / expert, KL, top-1, perplexity;
+  `checkpoint` — safetensors + quant.json.
+
+Routers and gates are never quantized by default. Not here: the MoE dispatch (`lagoon.moe`) or the
+model (`lagoon.model`); quantization never edits them, it replaces their modules.
+"""
+
+from lagoon.quant.calibrate import Calibration, calibrate
+from lagoon.quant.checkpoint import load_quantized, read_metadata, save_quantized
+from lagoon.quant.experts import QuantizedExperts
+from lagoon.quant.linear import QuantizedLinear
+from lagoon.quant.policy import TokenType, token_types
+from lagoon.quant.quantize import (
+    PROFILES,
+    SCHEMES,
+    QuantConfig,
+    QuantReport,
+    get_scheme,
+    quantize_,
+    scheme_for_profile,
+)
+
+__all__ = [
+    "PROFILES",
+    "SCHEMES",
+    "Calibration",
+    "QuantConfig",
+    "QuantReport",
+    "QuantizedExperts",
+    "QuantizedLinear",
+    "TokenType",
+    "calibrate",
+    "get_scheme",
+    "load_quantized",
+    "quantize_",
+    "read_metadata",
+    "save_quantized",
+    "scheme_for_profile",
+    "token_types",
+]

@@ -1,0 +1,129 @@
+"""`QuantizedExperts`: a stacked group of MoE experts with quantized weights.
+
+Replaces an experts module that holds stacked parameters ``gate_up_proj [E, 2I, H]`` and
+``down_proj [E, H, I]`` (Lagoon's `lagoon.moe.Experts`, HF Qwen3-MoE / OLMoE / Mixtral in
+transformers 5). Each expert's two matrices are quantized by the scheme one expert at a time and
+the resulting tensors are stacked (``gate_up.<name> [E, ...]``), so one buffer per tensor kind holds
+the whole group and `expert_linear(e, ...)` indexes it — the dispatch keeps working on a contiguous
+group instead of E separate modules.
+
+Activation ranges are per expert: ``gate_up_act_absmax`` / ``down_act_absmax`` [E, 3] (one per token
+type; NaN = no calibration, which means dynamic scaling — what a starved expert gets).
+
+Kernel choice follows each expert's token count (w8a8 takes `_int_mm` except for 2..16 tokens).
+
+`forward(x [T, H], indices [T, k], weights [T, k], plan=None) -> [T, H]` is `lagoon.moe.Experts`'
+signature (also HF's, without the plan): the dispatch plan's expert segments run one expert at a
+time and are combined with `index_add_`; capacity drops in the plan are respected. The token-type
+tags (`lagoon.quant.policy`) are gathered per routed slot. Not a router: routing stays in full precision in the MoE block.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lagoon.moe.dispatch import DispatchPlan, plan_dispatch
+from lagoon.quant.linear import ActivationArgs, WeightScheme
+from lagoon.quant.policy import N_TOKEN_TYPES, current_token_types
+
+__all__ = ["QuantizedExperts", "PROJ"]
+
+PROJ = ("gate_up", "down")
+
+
+def _stack(dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
+
+
+class QuantizedExperts(nn.Module):
+    """E experts, SwiGLU-style: down_e( act(gate_e·x) ⊙ up_e·x ). Build with `from_float`."""
+
+    def __init__(
+        self,
+        scheme: WeightScheme,
+        gate_up: dict[str, torch.Tensor],
+        down: dict[str, torch.Tensor],
+        num_experts: int,
+        hidden_dim: int,
+        intermediate_dim: int,
+        act_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        dynamic_threshold: float = 0.75,
+    ) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
+        self.act_fn = act_fn if act_fn is not None else F.silu
+        self.dynamic_threshold = dynamic_threshold
+        self._names = {"gate_up": list(gate_up), "down": list(down)}
+        for proj, tensors in (("gate_up", gate_up), ("down", down)):
+            for k, v in tensors.items():
+                self.register_buffer(f"{proj}_{k}", v)
+            self.register_buffer(f"{proj}_act_absmax", torch.full((num_experts, N_TOKEN_TYPES), float("nan")))
+        self.path_counts: Counter[str] = Counter()
+        self.dynamic_tokens = 0
+
+    @classmethod
+    def from_float(cls, experts: nn.Module, scheme: WeightScheme, dynamic_threshold: float = 0.75) -> QuantizedExperts:
+        gu, dn = experts.gate_up_proj.detach(), experts.down_proj.detach()  # [E, 2I, H], [E, H, I]
+        e, two_i, h = gu.shape
+        gate_up = _stack([scheme.quantize(gu[i].float()) for i in range(e)])
+        down = _stack([scheme.quantize(dn[i].float()) for i in range(e)])
+        act = getattr(experts, "act_fn", None)
+        return cls(scheme, gate_up, down, e, h, two_i // 2, act, dynamic_threshold)
+
+    def tensors(self, proj: str, e: int) -> dict[str, torch.Tensor]:
+        """The scheme tensors of expert `e` for `proj` ('gate_up' or 'down')."""
+        return {k: getattr(self, f"{proj}_{k}")[e] for k in self._names[proj]}
+
+    def act_args(self, proj: str, e: int, types: torch.Tensor | None) -> ActivationArgs:
+        static = getattr(self, f"{proj}_act_absmax")[e]
+        return ActivationArgs(None if torch.isnan(static).all() else static, self.dynamic_threshold, types)
+
+    def dequantize(self, proj: str, e: int) -> torch.Tensor:
+        return self.scheme.dequantize(self.tensors(proj, e))
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if not n.endswith("act_absmax"))
+
+    def expert_linear(self, e: int, proj: str, x: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        """x [n, K] -> [n, N] through expert `e`'s quantized `proj` matrix."""
+        y, path, n_dyn = self.scheme.matmul(x, self.tensors(proj, e), self.act_args(proj, e, types))
+        self.path_counts[path] += 1
+        self.dynamic_tokens += n_dyn
+        return y.float()
+
+    def expert_forward(self, e: int, x: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        """x [n, H] -> [n, H] through expert `e` (no routing weight)."""
+        gate, up = self.expert_linear(e, "gate_up", x, types).chunk(2, dim=-1)  # [n, I] each
+        h = self.act_fn(gate) * up
+        return self.expert_linear(e, "down", h, types)
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan | None = None
+    ) -> torch.Tensor:
+        # T = tokens, k = experts per token, H = hidden, S = kept slots
+        t = indices.shape[0]
+        if plan is None:
+            plan = plan_dispatch(indices, self.num_experts)
+        types = current_token_types(t)
+        slot_types = None if types is None else types.to(x.device)[plan.tokens]  # [S]
+        ws = weights.reshape(-1)[plan.order].float()  # [S]
+        ys = torch.empty(plan.tokens.numel(), self.hidden_dim, dtype=torch.float32, device=x.device)  # [S, H]
+        start = 0
+        for e, n in enumerate(plan.counts_kept.tolist()):
+            if n == 0:
+                continue
+            seg = slice(start, start + n)
+            ys[seg] = self.expert_forward(e, x[plan.tokens[seg]], None if slot_types is None else slot_types[seg])
+            start += n
+        out = torch.zeros(t, self.hidden_dim, dtype=torch.float32, device=x.device)
+        out.index_add_(0, plan.tokens, ys * ws.unsqueeze(-1))
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, scheme={self.scheme.name}"

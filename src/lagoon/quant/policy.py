@@ -1,0 +1,81 @@
+"""Token-type activation policy: which activation scale each token gets.
+
+The engine tags every token it feeds the model: prompt tokens from system/user messages are
+`CONTEXT`, tokens from tool messages are `TOOL_OUTPUT`, generated tokens are `REASONING`.
+Activation-quantized layers (w8a8, fp8) ask `activation_absmax` for one absmax per token:
+
+- `REASONING` tokens are always scaled dynamically (their own per-token absmax).
+- `CONTEXT` / `TOOL_OUTPUT` tokens use the layer's *static* range from calibration, unless
+  the token's own absmax exceeds ``dynamic_threshold x static range``; then it is scaled dynamically
+  instead (so an outlier token is never clipped by a stale static scale). ``dynamic_threshold = 0``
+  makes every token dynamic; a layer or expert with no calibrated range (NaN) is dynamic too.
+
+Tags travel by a context variable (`token_types(...)`) instead of through every forward signature,
+so the model file never branches on quantization. A layer uses the tags only when their count
+equals its flattened token count; otherwise every token is treated as reasoning (dynamic).
+
+This module is *not* a quantizer: it only chooses ranges. The schemes turn ranges into scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from enum import IntEnum
+
+import torch
+
+__all__ = ["TokenType", "token_types", "current_token_types", "activation_absmax", "N_TOKEN_TYPES"]
+
+
+class TokenType(IntEnum):
+    CONTEXT = 0
+    TOOL_OUTPUT = 1
+    REASONING = 2
+
+
+N_TOKEN_TYPES = len(TokenType)
+
+_TYPES: ContextVar[torch.Tensor | None] = ContextVar("lagoon_token_types", default=None)
+
+
+@contextmanager
+def token_types(types: torch.Tensor | Sequence[int | TokenType] | None) -> Iterator[None]:
+    """Tag the tokens of the forward passes run inside this block (flattened batch x seq order)."""
+    t = None if types is None else torch.as_tensor([int(v) for v in types] if not torch.is_tensor(types) else types)
+    if t is not None:
+        t = t.reshape(-1).to(torch.int64)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= N_TOKEN_TYPES):
+            raise ValueError(f"token types must be in 0..{N_TOKEN_TYPES - 1} ({[m.name for m in TokenType]})")
+    tok = _TYPES.set(t)
+    try:
+        yield
+    finally:
+        _TYPES.reset(tok)
+
+
+def current_token_types(m: int) -> torch.Tensor | None:
+    """The active tags if there are exactly `m` of them, else None (treat all as reasoning)."""
+    t = _TYPES.get()
+    return t if t is not None and t.numel() == m else None
+
+
+def activation_absmax(
+    x: torch.Tensor,
+    static_absmax: torch.Tensor | None,
+    dynamic_threshold: float,
+    types: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token range for `x` [M, K] and which tokens were scaled dynamically.
+
+    `static_absmax` is [N_TOKEN_TYPES] (NaN = not calibrated) or None. Returns (absmax [M, 1] fp32,
+    dynamic [M] bool)."""
+    own = x.detach().abs().amax(dim=-1).float().clamp_min(1e-8)  # [M]
+    m = own.shape[0]
+    if static_absmax is None or types is None or dynamic_threshold <= 0:
+        return own.unsqueeze(-1), torch.ones(m, dtype=torch.bool, device=x.device)
+    static = static_absmax.to(own.device, torch.float32)[types.to(own.device)]  # [M]
+    dynamic = (types == TokenType.REASONING) | torch.isnan(static) | (own > dynamic_threshold * static)
+    absmax = torch.where(dynamic, own, static)
+    return absmax.unsqueeze(-1), dynamic
