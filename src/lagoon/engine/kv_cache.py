@@ -1,0 +1,213 @@
+"""KV caches the attention layers write into: `KVCache` (one preallocated row per sequence) and
+`PagedKVCache` (a pool of fixed-size blocks shared by all sequences, with a prefix cache).
+
+Both speak the same protocol to the engine:
+
+    n_cached = cache.allocate(seq_id, prompt_ids)    # take a row / blocks; tokens already cached
+    cache.ensure(seq_id, length)                     # make room for `length` tokens
+    cache.prepare([seq_id, ...], input_pos)          # bind this forward step (input_pos [B, T])
+    k_all, v_all, mask = cache.update(layer, k, v)   # called by every attention layer
+    cache.free(seq_id, token_ids)                    # give back; paged: keep full blocks for reuse
+
+Prefix cache (paged only): a full block is keyed by a hash chained over every token up to its end,
+so two prompts share a block only when everything before it matches too. Freed blocks keep their key
+and are reused least-recently-freed last. Blocks are never written after they fill, so sharing needs
+no copy-on-write. This module is *not* a scheduler: admission and eviction policy live in
+`lagoon.engine.generate`.
+
+Shapes: L = layers, B = batch, T = new tokens, S = attended keys, K = kv heads, D = head dim.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from lagoon.errors import ContextWindowExceededError
+from lagoon.model.args import ModelArgs
+
+__all__ = ["KVCache", "PagedKVCache", "make_cache"]
+
+
+def _mask(input_pos: torch.Tensor, S: int) -> torch.Tensor:
+    # key j is visible to the query at absolute position p iff j <= p
+    keys = torch.arange(S, device=input_pos.device)
+    return (keys[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, S]
+
+
+class KVCache:
+    """One preallocated row of `max_seq_len` positions per concurrent sequence."""
+
+    prefix_cache = False
+
+    def __init__(self, args: ModelArgs, max_batch: int, max_seq_len: int, dtype: torch.dtype) -> None:
+        shape = (args.n_layers, max_batch, max_seq_len, args.n_kv_heads, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)  # [L, rows, S_max, K, D]
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_seq_len = max_seq_len
+        self.free_rows = list(range(max_batch))
+        self.rows: dict[int, int] = {}
+        self._bound: tuple[list[int], torch.Tensor, int, torch.Tensor] | None = None
+
+    def can_admit(self, n_tokens: int) -> bool:
+        return bool(self.free_rows) and n_tokens <= self.max_seq_len
+
+    def allocate(self, seq_id: int, prompt_ids: Sequence[int]) -> int:
+        if not self.free_rows:
+            raise RuntimeError("no free KV rows")  # scheduler checks can_admit first
+        self.rows[seq_id] = self.free_rows.pop(0)
+        return 0
+
+    def ensure(self, seq_id: int, length: int) -> None:
+        if length > self.max_seq_len:
+            raise ContextWindowExceededError(
+                f"sequence needs {length} positions; engine.max_seq_len is {self.max_seq_len}",
+                needed=length, window=self.max_seq_len,
+            )
+
+    def free(self, seq_id: int, token_ids: Sequence[int] = ()) -> None:
+        row = self.rows.pop(seq_id, None)
+        if row is not None:
+            self.free_rows.append(row)
+
+    def prepare(self, seq_ids: Sequence[int], input_pos: torch.Tensor) -> None:
+        rows = [self.rows[s] for s in seq_ids]
+        S = int(input_pos.max()) + 1
+        self._bound = (rows, input_pos, S, _mask(input_pos, S))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        rows, pos, S, mask = self._bound
+        r = torch.tensor(rows)[:, None]  # [B, 1]
+        self.k[layer][r, pos] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, K, D]
+        self.v[layer][r, pos] = v.transpose(1, 2).to(self.v.dtype)
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            ks = self.k[layer, rows[0] : rows[0] + len(rows), :S]  # view, no copy
+            vs = self.v[layer, rows[0] : rows[0] + len(rows), :S]
+        else:
+            ks, vs = self.k[layer][r[:, 0], :S], self.v[layer][r[:, 0], :S]
+        return ks.transpose(1, 2), vs.transpose(1, 2), mask  # [B, K, S, D] x2, [B, 1, T, S]
+
+
+class PagedKVCache:
+    """A pool of `num_blocks` blocks of `block_size` positions; sequences hold block tables."""
+
+    def __init__(
+        self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype,
+        max_seq_len: int, prefix_cache: bool = True,
+    ) -> None:
+        shape = (args.n_layers, num_blocks * block_size, args.n_kv_heads, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)  # [L, slots, K, D]
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.block_size, self.num_blocks, self.max_seq_len = block_size, num_blocks, max_seq_len
+        self.prefix_cache = prefix_cache
+        self.refs = [0] * num_blocks
+        self.fresh = list(range(num_blocks))  # never keyed
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # keyed, refcount 0, oldest first
+        self.key_of: dict[int, int] = {}
+        self.block_of: dict[int, int] = {}
+        self.tables: dict[int, list[int]] = {}
+        self.hits = 0  # tokens served from the prefix cache (for telemetry and tests)
+        self._bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self.fresh) + len(self.evictable)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def can_admit(self, n_tokens: int) -> bool:
+        return n_tokens <= self.max_seq_len and self.blocks_for(n_tokens) <= self.free_blocks
+
+    def _keys(self, token_ids: Sequence[int], n_blocks: int) -> list[int]:
+        keys, h, bs = [], 0, self.block_size
+        for i in range(n_blocks):
+            h = hash((h, tuple(token_ids[i * bs : (i + 1) * bs])))
+            keys.append(h)
+        return keys
+
+    def _take(self) -> int:
+        if self.fresh:
+            b = self.fresh.pop()
+        elif self.evictable:
+            b, _ = self.evictable.popitem(last=False)
+            self.block_of.pop(self.key_of.pop(b), None)
+        else:
+            raise ContextWindowExceededError("the KV block pool is exhausted; raise engine.num_kv_blocks")
+        self.refs[b] = 1
+        return b
+
+    def allocate(self, seq_id: int, prompt_ids: Sequence[int]) -> int:
+        table: list[int] = []
+        if self.prefix_cache:
+            # leave at least one prompt token to compute, so the step yields logits
+            for key in self._keys(prompt_ids, (len(prompt_ids) - 1) // self.block_size):
+                b = self.block_of.get(key)
+                if b is None:
+                    break
+                if self.refs[b] == 0:
+                    self.evictable.pop(b, None)
+                self.refs[b] += 1
+                table.append(b)
+        self.tables[seq_id] = table
+        n = len(table) * self.block_size
+        self.hits += n
+        return n
+
+    def ensure(self, seq_id: int, length: int) -> None:
+        if length > self.max_seq_len:
+            raise ContextWindowExceededError(
+                f"sequence needs {length} positions; engine.max_seq_len is {self.max_seq_len}",
+                needed=length, window=self.max_seq_len,
+            )
+        table = self.tables[seq_id]
+        while len(table) * self.block_size < length:
+            table.append(self._take())
+
+    def free(self, seq_id: int, token_ids: Sequence[int] = ()) -> None:
+        table = self.tables.pop(seq_id, None)
+        if table is None:
+            return
+        keys = self._keys(token_ids, min(len(token_ids) // self.block_size, len(table))) if self.prefix_cache else []
+        for i, b in enumerate(table):
+            if i < len(keys) and b not in self.key_of and keys[i] not in self.block_of:
+                self.key_of[b], self.block_of[keys[i]] = keys[i], b
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                if b in self.key_of:
+                    self.evictable[b] = None
+                else:
+                    self.fresh.append(b)
+
+    def prepare(self, seq_ids: Sequence[int], input_pos: torch.Tensor) -> None:
+        bs = self.block_size
+        S = int(input_pos.max()) + 1
+        n = self.blocks_for(S)
+        tables = torch.tensor([(self.tables[s] + [0] * n)[:n] for s in seq_ids])  # [B, n]
+        write = tables.gather(1, input_pos // bs) * bs + input_pos % bs  # [B, T]
+        j = torch.arange(S)
+        read = tables[:, j // bs] * bs + j % bs  # [B, S]
+        self._bound = (write, read, _mask(input_pos, S))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        write, read, mask = self._bound
+        K, D = k.shape[1], k.shape[3]
+        self.k[layer].index_copy_(0, write.flatten(), k.transpose(1, 2).reshape(-1, K, D).to(self.k.dtype))
+        self.v[layer].index_copy_(0, write.flatten(), v.transpose(1, 2).reshape(-1, K, D).to(self.v.dtype))
+        ks, vs = self.k[layer][read], self.v[layer][read]  # [B, S, K, D]
+        return ks.transpose(1, 2), vs.transpose(1, 2), mask
+
+
+def make_cache(
+    args: ModelArgs, *, paged: bool, max_batch: int, max_seq_len: int, dtype: torch.dtype,
+    block_size: int = 16, num_blocks: int | None = None, prefix_cache: bool = True,
+) -> KVCache | PagedKVCache:
+    """`paged` is `model_deployment.memory.kv_cache_sharding`; `num_blocks` None sizes the pool for
+    `max_batch` full-length sequences."""
+    max_seq_len = min(max_seq_len, args.max_position_embeddings) if args.max_position_embeddings else max_seq_len
+    if not paged:
+        return KVCache(args, max_batch, max_seq_len, dtype)
+    blocks = num_blocks or max_batch * -(-max_seq_len // block_size)
+    return PagedKVCache(args, blocks, block_size, dtype, max_seq_len, prefix_cache)

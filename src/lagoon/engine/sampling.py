@@ -1,0 +1,72 @@
+"""Next-token sampling: greedy, temperature, top-k, top-p, with a per-request seeded generator.
+
+`SamplingParams` is what a request asks for (the OpenAI fields); `sample(logits, params, generator)`
+picks one token from one row of logits. Temperature 0 is greedy (argmax, no randomness). This module
+is *not* a decoding loop (see `lagoon.engine.generate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lagoon.errors import BadRequestError
+
+__all__ = ["SamplingParams", "sample", "make_generator"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=())
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise BadRequestError(f"max_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise BadRequestError(f"temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise BadRequestError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            raise BadRequestError(f"top_k must be >= 0 (got {self.top_k})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [V] → logits [V] with everything outside top-k / the top-p nucleus at -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """logits [V] (any float dtype) → one token id."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

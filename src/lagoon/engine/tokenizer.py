@@ -1,0 +1,154 @@
+"""Tokenizers and chat templates (through `transformers.AutoTokenizer`), and tool-call parsing.
+
+`load_tokenizer(source)` reads the tokenizer from a HF folder, or from a GGUF file; converting a
+GGUF vocabulary is slow (~20 s), so the converted tokenizer is kept in `~/.cache/lagoon/tokenizers`
+(keyed by the file's size and mtime, written to a temp folder then renamed) and reused.
+
+`ChatFormat` renders OpenAI-style messages and tools through the checkpoint's own chat template.
+When the template ignores `tools`, the tool list and the `<tool_call>` convention are put in the
+system message instead (the Hermes/Qwen format). `parse_tool_calls` reads `<tool_call>{json}</tool_call>`
+blocks (and a bare `{"name":…,"arguments":…}` reply) back into `ToolCall`s. This module is *not* a
+tokenizer implementation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lagoon.errors import CheckpointError
+from lagoon.protocols import ToolCall
+
+__all__ = ["load_tokenizer", "ChatFormat", "parse_tool_calls"]
+
+_TOOL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LAGOON_CACHE", Path.home() / ".cache" / "lagoon")) / "tokenizers"
+
+
+def load_tokenizer(source: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    p = Path(source)
+    try:
+        if p.is_dir():
+            return AutoTokenizer.from_pretrained(str(p))
+        st = p.stat()
+        key = hashlib.sha256(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        cached = _cache_root() / key
+        if (cached / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(cached))
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        tmp: Path | None = None
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cached.parent))
+            tok.save_pretrained(str(tmp))
+            os.replace(tmp, cached)
+        except OSError:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)  # a cache miss next time, nothing worse
+        return tok
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot load a tokenizer from {source} ({exc}); the checkpoint needs one") from exc
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """Split a reply into (content without tool-call blocks, parsed calls)."""
+    calls: list[ToolCall] = []
+    for m in _TOOL_RE.finditer(text):
+        call = _call_from_json(m.group(1))
+        if call is not None:
+            calls.append(call)
+    if calls:
+        return _TOOL_RE.sub("", text).strip(), calls
+    stripped = text.strip()
+    if stripped.startswith("{") and stripped.endswith("}"):
+        call = _call_from_json(stripped)
+        if call is not None:
+            return "", [call]
+    return text, []
+
+
+def _call_from_json(raw: str) -> ToolCall | None:
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=obj["name"], arguments=args)
+
+
+_TOOL_SYSTEM = (
+    "You may call one or more functions to assist with the user query. The functions are:\n<tools>\n{tools}\n</tools>\n"
+    "To call a function, reply with a JSON object inside <tool_call></tool_call> tags:\n"
+    '<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+class ChatFormat:
+    """Messages (OpenAI dicts) + tools → prompt token ids, through the checkpoint's template."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        template = getattr(tokenizer, "chat_template", None) or ""
+        if not template:
+            raise CheckpointError("the tokenizer has no chat template; use /v1/completions or `lagoon generate` without --chat")
+        self.template_takes_tools = "tools" in template
+
+    def render(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        msgs = [_plain(m) for m in messages]
+        kw: dict[str, Any] = {}
+        if tools:
+            if self.template_takes_tools:
+                kw["tools"] = list(tools)
+            else:
+                spec = "\n".join(json.dumps(t.get("function", t)) for t in tools)
+                note = _TOOL_SYSTEM.format(tools=spec)
+                if msgs and msgs[0]["role"] == "system":
+                    msgs[0] = {**msgs[0], "content": f"{msgs[0]['content']}\n\n{note}"}
+                else:
+                    msgs.insert(0, {"role": "system", "content": note})
+        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
+
+    def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        return list(self.tok.encode(self.render(messages, tools), add_special_tokens=False))
+
+
+def _plain(m: Mapping[str, Any]) -> dict[str, Any]:
+    """Content parts → text; assistant tool calls → the <tool_call> text the model would write."""
+    content = m.get("content") or ""
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+    out: dict[str, Any] = {"role": m["role"], "content": content}
+    calls = m.get("tool_calls") or []
+    if calls:
+        blocks = []
+        for c in calls:
+            fn = c.get("function", c)
+            args = fn.get("arguments", {})
+            args = json.loads(args) if isinstance(args, str) and args else args
+            blocks.append(f'<tool_call>\n{json.dumps({"name": fn.get("name"), "arguments": args})}\n</tool_call>')
+        out["content"] = (content + "\n" if content else "") + "\n".join(blocks)
+    if m["role"] == "tool":
+        out["content"] = f"<tool_response>\n{content}\n</tool_response>"
+    return out
