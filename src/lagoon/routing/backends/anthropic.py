@@ -6,7 +6,8 @@ become `tool_result` blocks in a user turn (consecutive ones merged, as the API 
 back: `tool_use` blocks → `ToolCall`s, stop reasons `end_turn`/`tool_use`/`max_tokens` →
 `stop`/`tool_calls`/`length`.
 
-The client is built per call with `max_retries=0` and the route's timeout; the key comes from the
+The Messages API as the anthropic SDK 2.x models it takes no sampling temperature, so the route's
+`temperature` is not sent (nor recorded on the span). The client is built per call with `max_retries=0` and the route's timeout; the key comes from the
 variable `api_key_env` names. SDK errors are translated here, once (429 → RateLimitError with
 Retry-After, 529 overloaded and 5xx → BackendUnavailableError, 401/403 → AuthenticationError, a
 "prompt is too long" 400 → ContextWindowExceededError). The window defaults to 200,000 tokens, what
@@ -103,6 +104,7 @@ def translate_anthropic_error(exc: Exception, backend: str, key_env: str | None)
 
 class AnthropicBackend(RemoteBackend):
     provider = "anthropic"
+    sends_temperature = False
 
     def _call(
         self,
@@ -117,7 +119,6 @@ class AnthropicBackend(RemoteBackend):
             "model": self.route.model,
             "messages": turns,
             "max_tokens": max_tokens,
-            "temperature": min(temperature, 1.0),  # the Messages API accepts 0..1
         }
         if system:
             kwargs["system"] = system

@@ -129,6 +129,8 @@ class RemoteBackend:
     """Shared call path of the SDK-backed backends; subclasses define `provider` and `_call`."""
 
     provider = "remote"
+    #: Whether the protocol takes a sampling temperature (recorded on the span only when sent).
+    sends_temperature = True
 
     def __init__(self, route: RouteSection, name: str | None = None, telemetry: Telemetry | None = None) -> None:
         self.route = route
@@ -166,7 +168,7 @@ class RemoteBackend:
             model=self.route.model,
             provider=self.provider,
             max_tokens=max_tokens,
-            temperature=temperature,
+            temperature=temperature if self.sends_temperature else None,
         ) as record:
             response = self._call(key, list(messages), list(tools), max_tokens, temperature)
             record.input_tokens = response.usage.input_tokens

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 import openai
 
 from lagoon.errors import (
@@ -50,10 +49,12 @@ _NO_KEY = "no-key-needed"
 
 
 def cut_midway(exc: BaseException) -> bool:
-    """Did the connection drop after the reply had started (httpx's RemoteProtocolError)?"""
+    """Did the connection drop after the reply had started (an httpx RemoteProtocolError)?
+
+    Matched by class name: openai 3.x ships its own fork of httpx (`httpx2`), anthropic uses httpx."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, httpx.RemoteProtocolError):
+        if any(c.__name__ == "RemoteProtocolError" for c in type(seen).__mro__):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -61,7 +62,7 @@ def cut_midway(exc: BaseException) -> bool:
 
 def translate_openai_error(exc: Exception, backend: str, key_env: str | None) -> LagoonError:
     """One `openai`/`httpx` exception → the matching `lagoon.errors` class (message names the backend)."""
-    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
+    if isinstance(exc, openai.APITimeoutError):
         return BackendTimeoutError(f"{backend}: no answer within the timeout", backend=backend)
     if isinstance(exc, openai.APIConnectionError):
         if cut_midway(exc):
