@@ -1,8 +1,9 @@
 """Fidelity of a quantized model against its float original: what quantization cost.
 
 - `layer_fidelity`: per quantized layer, the SQNR of its output on the activations that really
-  flow through the float model over a text (inputs captured from the float model and fed to both
-  the float and the quantized layer, so each layer's own error is measured in isolation).
+  flow through the float model over a text (inputs captured from the float model — with their
+  token-type tags, if any — and fed to both the float and the quantized layer, so each layer's own
+  error is measured in isolation).
   SQNR = 20·log10(‖ref‖ / ‖ref − q‖) dB. For stacked MoE experts it is also reported per expert,
   on the tokens routed to that expert, with the worst expert named (a pooled number hides a bad
   expert: one shared scale over experts of different magnitude can look fine pooled).
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lagoon.quant.policy import current_token_types, token_types
 
 __all__ = ["sqnr_db", "LayerFidelity", "TextFidelity", "layer_fidelity", "text_fidelity", "logits_of", "FORMAT_VERSION"]
 
@@ -125,8 +128,10 @@ def layer_fidelity(
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             take = min(x.shape[0], max_tokens - seen[name])
             seen[name] += take
+            types = current_token_types(x.shape[0])
+            types = torch.full((take,), -1) if types is None else types[:take].clone()  # -1: untagged
             extra = (args[1][:take],) if isinstance(qmods[name], QuantizedExperts) else ()
-            captured[name].append((x[:take].clone(), *extra))
+            captured[name].append((x[:take].clone(), types, *extra))
 
         return fn
 
@@ -144,11 +149,15 @@ def layer_fidelity(
             continue
         f = fmods[name]
         x = torch.cat([c[0] for c in captured[name]])  # [M, K]
+        tt = torch.cat([c[1] for c in captured[name]])  # [M], -1 where untagged
+        types = None if bool((tt < 0).any()) else tt
         if isinstance(q, QuantizedLinear):
             ref = F.linear(x, f.weight.float(), None if f.bias is None else f.bias.float())
-            out.append(LayerFidelity(name, "QuantizedLinear", sqnr_db(ref, q(x)), x.shape[0]))
+            with token_types(types):
+                y = q(x)
+            out.append(LayerFidelity(name, "QuantizedLinear", sqnr_db(ref, y), x.shape[0]))
             continue
-        idx = torch.cat([c[1] for c in captured[name]])  # [M, k]
+        idx = torch.cat([c[2] for c in captured[name]])  # [M, k]
         refs, qs, per, toks = [], [], [], []
         for e in range(q.num_experts):
             tok = (idx == e).any(-1).nonzero().squeeze(-1)
@@ -156,7 +165,8 @@ def layer_fidelity(
             if tok.numel() == 0:
                 per.append(None)
                 continue
-            r, y = _float_expert(f, e, x[tok]), q.expert_forward(e, x[tok]).float()
+            r = _float_expert(f, e, x[tok])
+            y = q.expert_forward(e, x[tok], None if types is None else types[tok]).float()
             refs.append(r)
             qs.append(y)
             per.append(sqnr_db(r, y))

@@ -26,6 +26,8 @@ from enum import IntEnum
 
 import torch
 
+from lagoon.errors import QuantizationError
+
 __all__ = ["TokenType", "token_types", "current_token_types", "activation_absmax", "N_TOKEN_TYPES"]
 
 
@@ -47,7 +49,7 @@ def token_types(types: torch.Tensor | Sequence[int | TokenType] | None) -> Itera
     if t is not None:
         t = t.reshape(-1).to(torch.int64)
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= N_TOKEN_TYPES):
-            raise ValueError(f"token types must be in 0..{N_TOKEN_TYPES - 1} ({[m.name for m in TokenType]})")
+            raise QuantizationError(f"token types must be in 0..{N_TOKEN_TYPES - 1} ({[m.name for m in TokenType]})")
     tok = _TYPES.set(t)
     try:
         yield
