@@ -117,3 +117,12 @@ def test_training_backward_through_both_impls():
         moe = SparseMoE(H, 16, 8, 2, experts_impl=impl)
         moe(torch.randn(10, H)).pow(2).sum().backward()
         assert moe.router.weight.grad is not None and moe.experts.gate_up_proj.grad.abs().sum() > 0
+
+
+def test_public_api_complete():
+    import lagoon.moe as moe
+
+    for name in moe.__all__:
+        assert hasattr(moe, name), name
+    public = {n for n in dir(moe) if not n.startswith("_") and not isinstance(getattr(moe, n), type(moe))}
+    assert public <= set(moe.__all__) | {"annotations"}

@@ -27,19 +27,29 @@ when the window's load CV passes ``moe.recalibration_cv``. Training losses live 
 Not here: attention and the decoder stack (`lagoon.model`), quantized experts (`lagoon.quant`).
 """
 
+from lagoon.moe.balance import ExpertLoadMonitor, load_stats
 from lagoon.moe.dispatch import DispatchPlan, plan_dispatch
 from lagoon.moe.experts import Experts, ReferenceExperts
 from lagoon.moe.layer import SharedExpert, SparseMoE, apply_config
+from lagoon.moe.losses import load_balancing_loss, router_losses, router_z_loss
+from lagoon.moe.placement import Placement, plan_placement
 from lagoon.moe.router import Router, Routing
 
 __all__ = [
     "DispatchPlan",
+    "ExpertLoadMonitor",
     "Experts",
+    "Placement",
     "ReferenceExperts",
     "Router",
     "Routing",
     "SharedExpert",
     "SparseMoE",
     "apply_config",
+    "load_balancing_loss",
+    "load_stats",
     "plan_dispatch",
+    "plan_placement",
+    "router_losses",
+    "router_z_loss",
 ]
