@@ -1,0 +1,28 @@
+"""Context engineering: what code matters for a task, and whether what the agent knows is still true.
+
+    files ──FileSet──▶ chunking (tree-sitter, per language) ──▶ CodeIndex (bm25s, incremental,
+    on disk under .lagoon/index/) ──▶ CodeRetriever (BM25 → MiniLM rerank → top-k within a token
+    budget) ──▶ ContextManager.create_snapshot (versioned, assumptions, file hashes, complexity)
+                 ──▶ validate / increment_version / consumed-chunk TTL ──▶ SQLite audit trail
+
+Imports without torch: the rerank stage loads sentence-transformers only when it is first used.
+"""
+
+from lagoon.context.chunking import Chunk, chunk_file
+from lagoon.context.index import CodeIndex, Hit, UpdateStats
+from lagoon.context.retriever import CodeRetriever, render
+from lagoon.context.snapshot import ContextManager, Reason, Snapshot, ValidationReport
+
+__all__ = [
+    "Chunk",
+    "chunk_file",
+    "CodeIndex",
+    "Hit",
+    "UpdateStats",
+    "CodeRetriever",
+    "render",
+    "ContextManager",
+    "Snapshot",
+    "Reason",
+    "ValidationReport",
+]

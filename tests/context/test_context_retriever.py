@@ -1,0 +1,78 @@
+"""CodeRetriever: top-k within a hard token budget measured on the rendered text."""
+
+from __future__ import annotations
+
+from lagoon.context.retriever import CodeRetriever, render
+from lagoon.protocols import Retriever
+from lagoon.testing import approx_token_count
+
+
+def test_is_a_retriever_and_returns_ranked_chunks(repo, config):
+    r = CodeRetriever(repo, config)
+    assert isinstance(r, Retriever)
+    chunks = r.retrieve("parse http header line")
+    assert chunks[0].symbol == "parse_http_header"
+    assert len(chunks) <= config.top_k
+
+
+def test_top_k_config_and_argument(repo, config):
+    r = CodeRetriever(repo, config.model_copy(update={"top_k": 2, "token_budget": 100_000}))
+    assert len(r.retrieve("return self")) == 2
+    assert len(r.retrieve("return self", k=3)) == 3
+
+
+def test_budget_is_a_hard_cap_on_the_rendering(repo, config):
+    r = CodeRetriever(repo, config.model_copy(update={"top_k": 5}))
+    wide = r.retrieve("return self map key value", budget_tokens=100_000)
+    assert len(wide) >= 3
+    full = approx_token_count(render(wide))
+    for budget in (full - 1, full // 2, 40):
+        got = r.retrieve("return self map key value", budget_tokens=budget)
+        assert approx_token_count(r.render(got)) <= budget
+        assert got != wide  # the full selection no longer fits
+    assert r.retrieve("return self map key value", budget_tokens=1) == []
+
+
+def test_budget_skips_a_big_chunk_for_smaller_later_ones(repo, config):
+    big = "def render_big_report(rows):\n" + "".join(
+        f"    rows.append(render_row({i}))\n" for i in range(200)
+    )
+    (repo / "pkg" / "report.py").write_text(big + "\n\ndef render_small(row):\n    return row\n")
+    r = CodeRetriever(repo, config)
+    got = r.retrieve("render big report rows small", budget_tokens=200)
+    assert got and all(c.symbol != "render_big_report" for c in got)
+    assert approx_token_count(render(got)) <= 200
+
+
+def test_custom_token_counter_is_used(repo, config):
+    calls = []
+
+    def counter(text: str) -> int:
+        calls.append(text)
+        return len(text)  # one token per character
+
+    r = CodeRetriever(repo, config, token_counter=counter)
+    got = r.retrieve("circle area radius", budget_tokens=400)
+    assert calls and len(render(got)) <= 400
+
+
+def test_retrieve_sees_file_edits_without_a_manual_update(repo, config):
+    r = CodeRetriever(repo, config)
+    r.retrieve("circle")
+    (repo / "pkg" / "new.py").write_text("def brand_new_helper():\n    return 1\n")
+    assert r.retrieve("brand new helper")[0].symbol == "brand_new_helper"
+
+
+def test_rerank_off_by_config_uses_bm25_order(repo, config):
+    r = CodeRetriever(repo, config.model_copy(update={"rerank": False}))
+    assert r.reranker is None
+    lexical = [h.chunk for h in r.index.search("circle radius area", config.lexical_candidates)]
+    assert r.retrieve("circle radius area", k=3, budget_tokens=100_000) == lexical[:3]
+
+
+def test_render_shows_location_symbol_and_header(repo, config):
+    r = CodeRetriever(repo, config)
+    chunk = next(c for c in r.retrieve("circle area") if c.symbol == "Circle.area")
+    text = render([chunk])
+    assert text.startswith(f"### pkg/geometry.py:{chunk.start_line}-{chunk.end_line} (Circle.area)")
+    assert "class Circle:\n    def area" in text
