@@ -76,3 +76,18 @@ def test_render_shows_location_symbol_and_header(repo, config):
     text = render([chunk])
     assert text.startswith(f"### pkg/geometry.py:{chunk.start_line}-{chunk.end_line} (Circle.area)")
     assert "class Circle:\n    def area" in text
+
+
+def test_token_budget_config_is_the_default_cap(repo, config):
+    wide = CodeRetriever(repo, config.model_copy(update={"token_budget": 100_000})).retrieve("return self map key")
+    budget = approx_token_count(render(wide)) - 1
+    tight = CodeRetriever(repo, config.model_copy(update={"token_budget": budget}))
+    got = tight.retrieve("return self map key")
+    assert got != wide and approx_token_count(render(got)) <= budget
+
+
+def test_lexical_candidates_bounds_the_candidate_pool(repo, config):
+    for n in (1, 3):
+        r = CodeRetriever(repo, config.model_copy(update={"lexical_candidates": n, "top_k": 5}))
+        assert len(r.candidates("return self")) == n
+        assert len(r.retrieve("return self", budget_tokens=100_000)) == n
