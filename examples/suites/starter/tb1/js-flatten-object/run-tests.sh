@@ -1,0 +1,2 @@
+#!/bin/bash
+node --test "$TEST_DIR/flatten.test.mjs"

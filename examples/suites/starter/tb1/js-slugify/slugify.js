@@ -1,0 +1,5 @@
+function slugify(text) {
+  throw new Error("not implemented");
+}
+
+module.exports = { slugify };

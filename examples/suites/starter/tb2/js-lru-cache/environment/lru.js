@@ -1,0 +1,7 @@
+class LRUCache {
+  constructor(capacity) {
+    this.capacity = capacity;
+  }
+}
+
+module.exports = { LRUCache };

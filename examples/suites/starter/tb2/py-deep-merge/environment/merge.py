@@ -1,0 +1,3 @@
+def deep_merge(base, override):
+    base.update(override)
+    return base

@@ -1,0 +1,3 @@
+pub fn balanced(s: &str) -> bool {
+    s.chars().filter(|c| *c == '(').count() == s.chars().filter(|c| *c == ')').count()
+}
