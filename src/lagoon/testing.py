@@ -26,6 +26,7 @@ __all__ = [
     "WholeFileRetriever",
     "FileHashSnapshots",
     "FileChunk",
+    "HashSnapshot",
 ]
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -221,9 +222,16 @@ class _Report:
     reasons: list[str]
 
 
+@dataclass
+class HashSnapshot:
+    task_id: str
+    version: int
+    hashes: dict[str, str]
+
+
 class FileHashSnapshots:
     """A snapshot manager double: a snapshot is the SHA-256 of each retrieved file; it is stale when
-    one changed. `always_fail` makes every validation fail (to drive the halt)."""
+    one changed. Versions count per task id. `always_fail` makes every validation fail."""
 
     def __init__(self, root: Any, *, always_fail: bool = False) -> None:
         from pathlib import Path
@@ -231,26 +239,26 @@ class FileHashSnapshots:
         self.root = Path(root)
         self.always_fail = always_fail
         self.validations = 0
+        self.latest: dict[str, int] = {}
 
-    def _hashes(self, chunks: Sequence[Any]) -> dict[str, str]:
+    def _hashes(self, paths: Iterable[str]) -> dict[str, str]:
         import hashlib
 
         out = {}
-        for c in chunks:
-            p = self.root / c.path
-            out[c.path] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else ""
+        for rel in paths:
+            p = self.root / rel
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else ""
         return out
 
-    def create_snapshot(self, task: str, chunks: Sequence[Any]) -> dict[str, Any]:
-        return {"version": 1, "task": task, "hashes": self._hashes(chunks)}
+    def create_snapshot(self, task_id: str, chunks: Sequence[Any]) -> HashSnapshot:
+        version = self.latest.get(task_id, 0) + 1
+        self.latest[task_id] = version
+        return HashSnapshot(task_id, version, self._hashes(c.path for c in chunks))
 
-    def increment_version(self, snapshot: dict[str, Any], chunks: Sequence[Any]) -> dict[str, Any]:
-        return {**snapshot, "version": snapshot["version"] + 1, "hashes": self._hashes(chunks)}
-
-    def validate(self, snapshot: dict[str, Any]) -> _Report:
+    def validate(self, snapshot: HashSnapshot) -> _Report:
         self.validations += 1
         if self.always_fail:
             return _Report(False, ["assumption 'tests pass on main' is unverified"])
-        now = self._hashes([FileChunk(p, 1, 1, None, "") for p in snapshot["hashes"]])
-        changed = [p for p, h in snapshot["hashes"].items() if now.get(p) != h]
-        return _Report(not changed, [f"{p} changed since snapshot v{snapshot['version']}" for p in changed])
+        now = self._hashes(snapshot.hashes)
+        changed = [p for p, h in snapshot.hashes.items() if now.get(p) != h]
+        return _Report(not changed, [f"{p} changed since snapshot v{snapshot.version}" for p in changed])

@@ -1,16 +1,17 @@
 """`ContextGate`: the agent never acts on stale context.
 
 Before every model call the loop asks the gate to `check()`. The gate validates the current
-snapshot with the injected `SnapshotManager` (the context package's `ContextManager` in
-production; any object with the same three methods in tests). A failed validation counts one
-failure; the gate then re-retrieves, asks the manager for the next version and validates that.
+snapshot with the injected `SnapshotManager` (`lagoon.context.ContextManager` in production; any
+object with the same two methods in tests). A failed validation counts one failure; the gate then
+re-retrieves and takes a new snapshot of the fresh chunks — the manager numbers it one past the
+task's latest version — and validates that.
 `validation.max_consecutive_validation_failures` failures in a row without a passing validation
 end the check with `halt=True` (the loop raises `ValidationHalt`). A passing validation resets
 the count.
 
-The gate owns the version number it reports (`version`, 1-based), so a resumed session continues
-from the last version it recorded. Without a manager there is nothing to validate and every check
-passes; without a retriever the prompt carries no code.
+Snapshots are keyed by the session id, so a resumed session continues its version numbers. The
+reported `version` is the snapshot's own when it has one (else the gate counts). Without a manager
+there is nothing to validate and every check passes; without a retriever the prompt carries no code.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ class ValidationReport(Protocol):
 class SnapshotManager(Protocol):
     """What the gate needs from `lagoon.context.ContextManager`."""
 
-    def create_snapshot(self, task: str, chunks: Sequence[ChunkLike]) -> Any: ...
+    def create_snapshot(self, task_id: str, chunks: Sequence[Any]) -> Any:
+        """A new snapshot of `chunks`, versioned one past `task_id`'s latest (1 for a new task)."""
+        ...
 
     def validate(self, snapshot: Any) -> ValidationReport: ...
-
-    def increment_version(self, snapshot: Any, chunks: Sequence[ChunkLike]) -> Any: ...
 
 
 @dataclass
@@ -57,6 +58,7 @@ class ContextGate:
         self,
         task: str,
         *,
+        task_id: str = "task",
         retriever: Retriever | None = None,
         manager: SnapshotManager | None = None,
         max_failures: int = 3,
@@ -64,6 +66,7 @@ class ContextGate:
         budget_tokens: int | None = None,
     ) -> None:
         self.task = task
+        self.task_id = task_id
         self.retriever = retriever
         self.manager = manager
         self.max_failures = max_failures
@@ -79,12 +82,17 @@ class ContextGate:
             return []
         return list(self.retriever.retrieve(self.task, k=self.k, budget_tokens=self.budget_tokens))
 
+    def _snapshot(self) -> None:
+        self.chunks = self._retrieve()
+        self.version += 1
+        if self.manager is not None:
+            self.snapshot = self.manager.create_snapshot(self.task_id, self.chunks)
+            self.version = int(getattr(self.snapshot, "version", self.version))
+
     def start(self, last_version: int = 0) -> int:
         """Retrieve and take the first snapshot (or, on resume, the one after `last_version`)."""
-        self.chunks = self._retrieve()
-        if self.manager is not None:
-            self.snapshot = self.manager.create_snapshot(self.task, self.chunks)
-        self.version = last_version + 1
+        self.version = last_version
+        self._snapshot()
         return self.version
 
     def check(self) -> GateResult:
@@ -100,17 +108,21 @@ class ContextGate:
                 return result
             self.consecutive_failures += 1
             result.ok = False
-            result.failures.append({"reasons": [str(r) for r in report.reasons],
+            result.failures.append({"reasons": [_reason(r) for r in report.reasons],
                                     "consecutive": self.consecutive_failures, "version": self.version})
             if self.consecutive_failures >= self.max_failures:
                 result.halt = True
                 return result
-            self.chunks = self._retrieve()
-            self.snapshot = self.manager.increment_version(self.snapshot, self.chunks)
-            self.version += 1
+            self._snapshot()
             result.refreshed = True
             result.version = self.version
 
     def context_texts(self) -> list[str]:
         """One rendered block per chunk, in retrieval order (memory drops from the end when over budget)."""
         return [render_chunks([c]) for c in self.chunks]
+
+
+def _reason(reason: Any) -> str:
+    """`code: message` for the context package's Reason objects, str() for anything else."""
+    code, message = getattr(reason, "code", None), getattr(reason, "message", None)
+    return f"{code}: {message}" if code and message else str(reason)

@@ -153,6 +153,11 @@ class Agent:
                 f"{c.path}:{c.start_line}-{c.end_line}" for c in self.gate.chunks]})
             self.emit("context", {"version": gate.version, "reasons": gate.failures[-1]["reasons"],
                                   "chunks": [f"{c.path}:{c.start_line}-{c.end_line}" for c in self.gate.chunks]})
+        record_validation = getattr(self.model, "record_validation", None)  # a Router tracks pass rates
+        if callable(record_validation) and self.gate.manager is not None:
+            for _ in gate.failures:
+                record_validation(False)
+            record_validation(True)
         if gate.failures:
             self.emit("validation", {"ok": True, "version": gate.version, "reasons": [], "consecutive": 0})
         if self.telemetry is not None:

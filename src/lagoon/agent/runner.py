@@ -39,7 +39,7 @@ from lagoon.agent.trajectory import Trajectory
 from lagoon.agent.workspace import Workspace
 from lagoon.config import LagoonConfig
 from lagoon.errors import ConfigError
-from lagoon.protocols import ChatModel, Environment, Retriever
+from lagoon.protocols import ChatMessage, ChatModel, Environment, Retriever
 
 __all__ = ["run_task", "RunResult", "trajectory_path", "build_model"]
 
@@ -86,7 +86,7 @@ def trajectory_path(workspace: Path, config: LagoonConfig, session_id: str) -> P
     return Path(workspace).resolve() / config.agent.state_dir / "trajectories" / f"{session_id}.json"
 
 
-def build_model(config: LagoonConfig) -> ChatModel:
+def build_model(config: LagoonConfig, telemetry: Any = None) -> ChatModel:
     """The router over the configured backends (imported lazily: routing may pull in SDKs)."""
     try:
         from lagoon.routing import build_router
@@ -94,16 +94,21 @@ def build_model(config: LagoonConfig) -> ChatModel:
         raise ConfigError(
             f"the routing package is not available ({exc}); pass a model explicitly (e.g. --model scripted:FILE)"
         ) from exc
-    return build_router(config)
+    return build_router(config, telemetry)
 
 
-def _context_parts(root: Path, config: LagoonConfig) -> tuple[Retriever | None, SnapshotManager | None]:
-    """The context package's retriever and snapshot manager, when it is installed."""
+def _context_parts(root: Path, config: LagoonConfig, model: ChatModel) -> tuple[Any, Any]:
+    """The context package's retriever (counting in the model's tokens) and snapshot manager."""
     try:
         from lagoon.context import CodeRetriever, ContextManager
-    except ImportError:
+    except ImportError:  # a build without the context package: no retrieval, nothing to validate
         return None, None
-    return CodeRetriever(root, config.context), ContextManager(root, config.context, config.validation)
+
+    def count(text: str) -> int:
+        return model.count_tokens([ChatMessage(role="user", content=text)])
+
+    return (CodeRetriever(root, config.context, token_counter=count),
+            ContextManager(root, config.context, config.validation))
 
 
 def _save_trajectory(store: SessionStore, session_id: str, path: Path) -> None:
@@ -135,6 +140,7 @@ def run_task(
     store = SessionStore.for_workspace(ws.root, config.agent.state_dir, redactor=redactor)
     sid = session_id or session_id_for(ws.root, instruction)
     traj_file = trajectory_path(ws.root, config, sid)
+    owned: list[Any] = []  # things built here that hold files open
     try:
         resumed = store.open(sid, str(ws.root), instruction)
         events = list(store.events(sid))
@@ -144,13 +150,14 @@ def run_task(
             for e in events:
                 traj.apply(e["kind"], e["payload"])
             return _result(sid, traj, started, resumed=True, path=traj_file)
-        model = model if model is not None else build_model(config)
+        model = model if model is not None else build_model(config, telemetry)
         env = environment if environment is not None else LocalEnvironment(
             ws.root, timeout_s=config.agent.command_timeout_s, max_output_chars=config.agent.max_output_chars,
             redactor=redactor,
         )
         if retriever is None and snapshot_manager is None:
-            retriever, snapshot_manager = _context_parts(ws.root, config)
+            retriever, snapshot_manager = _context_parts(ws.root, config, model)
+            owned.append(snapshot_manager)
         tools = [BashTool(env, timeout_s=config.agent.command_timeout_s), ViewTool(ws),
                  EditTool(ws, SessionLocks(store, sid))]
         if retriever is not None:
@@ -171,7 +178,7 @@ def run_task(
             state = store.load_tool_state(sid)
             if state:
                 toolbox.restore(state)
-        gate = ContextGate(instruction, retriever=retriever, manager=snapshot_manager,
+        gate = ContextGate(instruction, task_id=sid, retriever=retriever, manager=snapshot_manager,
                            max_failures=config.validation.max_consecutive_validation_failures,
                            k=config.context.top_k, budget_tokens=config.context.token_budget)
         agent = Agent(model, toolbox, memory, gate, store, sid, config.agent, trajectory=traj,
@@ -183,6 +190,10 @@ def run_task(
             f"{c.path}:{c.start_line}-{c.end_line}" for c in gate.chunks]})
         agent.emit("context", {"version": version, "reasons": ["resumed"] if events else [],
                                "chunks": [f"{c.path}:{c.start_line}-{c.end_line}" for c in gate.chunks]})
+        set_task = getattr(model, "set_task", None)  # a Router classifies the task once
+        if callable(set_task):
+            context_text = "\n".join(gate.context_texts())
+            set_task(instruction, model.count_tokens([ChatMessage(role="user", content=context_text)]))
         interrupted, unstarted = traj.pending()
         step = traj.open_step or 0
         for call in interrupted:
@@ -204,6 +215,10 @@ def run_task(
             _save_trajectory(store, sid, traj_file)
         finally:
             store.close()
+            for thing in owned:
+                close = getattr(thing, "close", None)
+                if callable(close):
+                    close()
 
 
 def _result(sid: str, traj: Trajectory, started: float, *, resumed: bool, path: Path) -> RunResult:
@@ -213,7 +228,7 @@ def _result(sid: str, traj: Trajectory, started: float, *, resumed: bool, path: 
         exit_status=exit_["status"],
         exit_message=exit_["message"],
         submitted=exit_["status"] == "submitted",
-        model_used=traj.backends.most_common(1)[0][0] if traj.backends else "",
+        model_used=traj.models.most_common(1)[0][0] if traj.models else "",
         latency_ms=(time.perf_counter() - started) * 1000.0,
         validation_passed=traj.last_validation_ok and exit_["status"] != "validation_halt",
         steps=traj.steps,

@@ -57,6 +57,7 @@ class Trajectory:
     cost_usd: float = 0.0
     model_latency_s: float = 0.0
     backends: Counter = field(default_factory=Counter)
+    models: Counter = field(default_factory=Counter)
     commands: list[dict[str, Any]] = field(default_factory=list)
     validation_failures: int = 0
     last_validation_ok: bool = True
@@ -67,8 +68,8 @@ class Trajectory:
     events: int = 0
     _open: dict[str, Any] | None = None
     _results: list[dict[str, Any]] = field(default_factory=list)
-    _intents: set[str] = field(default_factory=set)
-    _done: set[str] = field(default_factory=set)
+    _intents: set[tuple[int, str]] = field(default_factory=set)  # (step, call_id): ids may repeat across steps
+    _done: set[tuple[int, str]] = field(default_factory=set)
 
     def apply(self, kind: str, payload: dict[str, Any]) -> None:
         self.events += 1
@@ -92,6 +93,7 @@ class Trajectory:
         self.cost_usd += float(usage.get("cost_usd", 0.0))
         self.model_latency_s += float(p.get("latency_s", 0.0))
         self.backends[p.get("backend") or p.get("model") or "unknown"] += 1
+        self.models[p.get("model") or "unknown"] += 1
         self._open = p
         self._results = []
 
@@ -103,7 +105,7 @@ class Trajectory:
         self._open = None
 
     def _on_tool_intent(self, p: dict[str, Any]) -> None:
-        self._intents.add(p["call_id"])
+        self._intents.add((int(p["step"]), p["call_id"]))
 
     def _on_tool_result(self, p: dict[str, Any]) -> None:
         self.format_errors_in_row = 0
@@ -119,9 +121,9 @@ class Trajectory:
         self.exit = p
 
     def _close(self, p: dict[str, Any]) -> None:
-        self._done.add(p["call_id"])
+        self._done.add((int(p["step"]), p["call_id"]))
         self._results.append(p)
-        if self._open is not None and all(c["id"] in self._done for c in self._open["calls"]):
+        if self._open is not None and all(self._key(c) in self._done for c in self._open["calls"]):
             self._memorize(self._open, self._results)
             self._open = None
 
@@ -153,10 +155,14 @@ class Trajectory:
         """(interrupted, unstarted) calls of the open model event, each {id, name, arguments}."""
         if self._open is None:
             return [], []
-        open_calls = [c for c in self._open["calls"] if c["id"] not in self._done]
-        interrupted = [c for c in open_calls if c["id"] in self._intents]
-        unstarted = [c for c in open_calls if c["id"] not in self._intents]
+        open_calls = [c for c in self._open["calls"] if self._key(c) not in self._done]
+        interrupted = [c for c in open_calls if self._key(c) in self._intents]
+        unstarted = [c for c in open_calls if self._key(c) not in self._intents]
         return interrupted, unstarted
+
+    def _key(self, call: dict[str, Any]) -> tuple[int, str]:
+        assert self._open is not None
+        return int(self._open["step"]), call["id"]
 
     @property
     def open_step(self) -> int | None:

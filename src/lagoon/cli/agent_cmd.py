@@ -1,0 +1,215 @@
+"""`lagoon run TASK --repo R` and `lagoon sessions list|show|resume|export`.
+
+Thin: parse, merge config, pick the model by spec, call `lagoon.agent.run_task`, show progress.
+Model specs: `router` (default: `lagoon.routing.build_router(config)`) and `scripted:FILE` (a
+JSON list of replies, `lagoon.testing.ReplayChatModel`, for demos and crash tests).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from lagoon.cli.common import ConfigOpt, exits_cleanly, load
+
+sessions_app = typer.Typer(help="Inspect, resume and export agent sessions.", no_args_is_help=True)
+
+RepoOpt = Annotated[Path, typer.Option("--repo", "-r", help="The repository (workspace) folder.")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="router (default: the configured backends) or scripted:FILE.")
+]
+
+
+def _scripted(arg: str, config: Any) -> Any:
+    from lagoon.testing import ReplayChatModel
+
+    if not arg:
+        from lagoon.errors import ConfigError
+
+        raise ConfigError("--model scripted needs a file: scripted:PATH.json")
+    return ReplayChatModel.from_file(arg)
+
+
+def _router(arg: str, config: Any) -> Any:
+    from lagoon.agent import build_model
+
+    return build_model(config)
+
+
+MODELS = {"router": _router, "scripted": _scripted}
+
+
+def make_model(spec: str, config: Any) -> Any:
+    name, _, arg = spec.partition(":")
+    factory = MODELS.get(name)
+    if factory is None:
+        from lagoon.errors import ConfigError
+
+        raise ConfigError(f"--model {spec!r}: unknown model kind {name!r}; use one of {', '.join(MODELS)}")
+    return factory(arg, config)
+
+
+class LiveView:
+    """A rich table of steps (tool, exit code, route, tokens) updated from the agent's events."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.rows: list[list[str]] = []
+        self.pending: dict[str, Any] = {}
+        self.version: Any = ""
+        self.live = Live(self._table(), console=console, refresh_per_second=8, transient=False)
+
+    def _table(self) -> Table:
+        table = Table(title="lagoon run", expand=False)
+        for col in ("step", "tool", "argument", "exit", "route", "tokens in/out", "ctx v"):
+            table.add_column(col)
+        for row in self.rows[-25:]:
+            table.add_row(*row)
+        return table
+
+    def __call__(self, kind: str, payload: Any) -> None:
+        if kind == "model":
+            self.pending = {"usage": payload.get("usage") or {}, "backend": payload.get("backend", ""),
+                            "route": payload.get("route") or {}}
+        elif kind == "context":
+            self.version = payload.get("version")
+        elif kind in ("tool_result", "tool_interrupted"):
+            args = payload.get("arguments") or {}
+            arg = str(args.get("command") or args.get("path") or args.get("query") or args.get("summary") or "")
+            usage = self.pending.get("usage", {})
+            route = self.pending.get("route") or {}
+            route_text = str(route.get("type") or route.get("task_type") or self.pending.get("backend", ""))
+            exit_code = payload.get("exit_code")
+            status = "interrupted" if kind == "tool_interrupted" else ("" if exit_code is None else str(exit_code))
+            self.rows.append([str(payload.get("step", "")), payload.get("name", ""), arg.replace("\n", " ")[:60],
+                              status, route_text, f"{usage.get('input_tokens', 0)}/{usage.get('output_tokens', 0)}",
+                              str(self.version)])
+        elif kind == "format_error":
+            self.rows.append([str(payload.get("step", "")), "format error", payload.get("error", "")[:60], "", "", "", ""])
+        self.live.update(self._table())
+
+
+def _summary(console: Console, result: Any) -> None:
+    table = Table(title="summary", show_header=False)
+    d = result.to_dict()
+    for key in ("session_id", "exit_status", "exit_message", "model_used", "steps", "input_tokens", "output_tokens",
+                "cost_usd", "validation_passed", "validation_failures", "context_version", "latency_ms", "trajectory"):
+        value = d[key]
+        table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
+    table.add_row("commands", str(len(d["commands"])))
+    table.add_row("resumed", str(d["resumed"]))
+    console.print(table)
+
+
+def _execute(task: str, repo: Path, config: Any, model_spec: str, session: str | None, as_json: bool) -> None:
+    from lagoon.agent import run_task
+    from lagoon.telemetry import Telemetry
+
+    model = make_model(model_spec, config)
+    telemetry = Telemetry(config.telemetry)
+    console = Console()
+    if as_json:
+        result = run_task(task, repo, config, model=model, session_id=session, telemetry=telemetry)
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        view = LiveView(console)
+        with view.live:
+            result = run_task(task, repo, config, model=model, session_id=session, telemetry=telemetry,
+                              on_event=view)
+        _summary(console, result)
+    if not result.submitted:
+        raise typer.Exit(1)
+
+
+@exits_cleanly
+def run(
+    task: Annotated[str, typer.Argument(help="What the agent should do, e.g. 'fix the failing test'.")],
+    repo: RepoOpt = Path("."),
+    config: ConfigOpt = None,
+    session: Annotated[str | None, typer.Option("--session", help="Session id (default: from repo + task).")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Override agent.step_limit.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the RunResult as JSON, no live view.")] = False,
+    model: ModelOpt = "router",
+) -> None:
+    """Run the coding agent on TASK in --repo (resuming the session if it exists); exit 0 when submitted."""
+    layers = list(config or [])
+    if max_steps is not None:
+        layers.append(f"agent.step_limit={max_steps}")
+    _execute(task, repo, load(layers), model, session, as_json)
+
+
+def _store(repo: Path, config: Any) -> Any:
+    from lagoon.agent.session import DB_NAME, SessionStore
+    from lagoon.errors import SessionError
+
+    path = repo.resolve() / config.agent.state_dir / DB_NAME
+    if not path.exists():
+        raise SessionError(f"no sessions in {repo} (no {path}); run `lagoon run TASK --repo {repo}` first")
+    return SessionStore(path)
+
+
+@sessions_app.command("list")
+@exits_cleanly
+def list_(repo: RepoOpt = Path("."), config: ConfigOpt = None) -> None:
+    """List the sessions of a workspace, newest first."""
+    store = _store(repo, load(config))
+    table = Table()
+    for col in ("id", "status", "events", "task"):
+        table.add_column(col)
+    for s in store.list():
+        table.add_row(s["id"], s["status"], str(s["events"]), s["task"][:70])
+    Console().print(table)
+
+
+@sessions_app.command()
+@exits_cleanly
+def show(session_id: str, repo: RepoOpt = Path("."), config: ConfigOpt = None) -> None:
+    """Show one session: its record and its events, one line each."""
+    store = _store(repo, load(config))
+    info = store.get(session_id)
+    console = Console()
+    console.print({k: v for k, v in info.items() if k != "meta"})
+    for e in store.events(session_id):
+        p = e["payload"]
+        brief = p.get("name") or p.get("status") or p.get("error") or p.get("version") or ""
+        console.print(f"{e['seq']:>4}  {e['kind']:<17} {str(brief)[:90]}", markup=False, highlight=False)
+
+
+@sessions_app.command()
+@exits_cleanly
+def resume(
+    session_id: str,
+    repo: RepoOpt = Path("."),
+    config: ConfigOpt = None,
+    model: ModelOpt = "router",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the RunResult as JSON.")] = False,
+) -> None:
+    """Resume a session where it stopped (a crashed command is reported, not re-run)."""
+    cfg = load(config)
+    store = _store(repo, cfg)
+    task = store.get(session_id)["task"]
+    store.close()
+    _execute(task, repo, cfg, model, session_id, as_json)
+
+
+@sessions_app.command()
+@exits_cleanly
+def export(
+    session_id: str,
+    repo: RepoOpt = Path("."),
+    config: ConfigOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the JSON trajectory (format_version, every event in order with its seq)."""
+    store = _store(repo, load(config))
+    text = json.dumps(store.export(session_id), indent=2, ensure_ascii=False)
+    if output is None:
+        typer.echo(text)
+    else:
+        output.write_text(text, encoding="utf-8")

@@ -1,0 +1,102 @@
+"""Session store: sequence numbers, append-only events, locks, tool state, secrets, export."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from lagoon.agent.redaction import Redactor
+from lagoon.agent.session import SessionStore, session_id_for
+from lagoon.errors import SessionError, WorkspaceError
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SessionStore.for_workspace(tmp_path)
+    yield s
+    s.close()
+
+
+def test_session_id_is_deterministic(tmp_path):
+    assert session_id_for(tmp_path, "fix it") == session_id_for(tmp_path, " fix it ")
+    assert session_id_for(tmp_path, "fix it") != session_id_for(tmp_path, "fix that")
+    assert session_id_for(tmp_path / "a", "fix it") != session_id_for(tmp_path / "b", "fix it")
+
+
+def test_events_get_gapless_sequence_numbers_and_are_append_only(store):
+    assert store.open("s1", "/r", "task") is False
+    seqs = [store.append("s1", "model", {"i": i}) for i in range(5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    assert [e["payload"]["i"] for e in store.events("s1")] == list(range(5))
+    store.open("s2", "/r", "other")
+    assert store.append("s2", "task", {}) == 1
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        store.db.execute("UPDATE events SET kind='x' WHERE seq=1")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        store.db.execute("DELETE FROM events")
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_reopen_is_a_resume_and_unknown_session_names_known_ones(store):
+    store.open("s1", "/r", "task")
+    store.set_status("s1", "crashed")
+    assert store.open("s1", "/r", "task") is True
+    with pytest.raises(SessionError, match="s1"):
+        store.get("missing")
+
+
+def test_session_owned_by_a_live_process_is_refused(store):
+    store.open("s1", "/r", "task")
+    store.db.execute("UPDATE sessions SET owner_pid=1 WHERE id='s1'")  # pid 1 is always alive
+    with pytest.raises(SessionError, match="in use"):
+        store.open("s1", "/r", "task")
+
+
+def test_locks_block_other_live_sessions_only(store):
+    store.open("a", "/r", "t1")
+    store.open("b", "/r", "t2")
+    store.acquire_lock("a", "src/x.py")
+    store.acquire_lock("a", "src/x.py")  # re-entrant
+    store.db.execute("UPDATE sessions SET owner_pid=1 WHERE id='a'")
+    with pytest.raises(WorkspaceError, match="locked by session a"):
+        store.acquire_lock("b", "src/x.py")
+    store.acquire_lock("b", "src/y.py")
+    assert store.locks() == {"src/x.py": "a", "src/y.py": "b"}
+    store.release_locks("a")
+    store.acquire_lock("b", "src/x.py")
+    assert store.locks("b") == {"src/x.py": "b", "src/y.py": "b"}
+
+
+def test_secrets_never_reach_the_database(tmp_path):
+    secret = "sk-test-DO-NOT-STORE-4242"
+    red = Redactor({"OPENAI_API_KEY": secret, "HOME": "/root"})
+    store = SessionStore(tmp_path / "s.db", redactor=red)
+    store.open("s", "/r", f"use key {secret}")
+    store.append("s", "tool_result", {"text": f"key={secret}", "nested": [{"v": secret}]})
+    store.record_command("s", 1, f"echo {secret}", 0, 0.1, secret)
+    store.save_tool_state("s", {"bash": {"env": {"X": secret}}})
+    store.record_snapshot("s", 1, {"note": secret})
+    store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert secret.encode() not in raw
+    assert b"[REDACTED:OPENAI_API_KEY]" in raw
+
+
+def test_export_holds_every_event_in_order(store):
+    store.open("s", "/r", "t")
+    for kind in ("task", "context", "model", "tool_intent", "tool_result", "exit"):
+        store.append("s", kind, {"k": kind})
+    store.save_tool_state("s", {"bash": {"cwd": "."}})
+    assert store.load_tool_state("s") == {"bash": {"cwd": "."}}
+    doc = store.export("s")
+    assert doc["format_version"] == 1
+    assert [e["seq"] for e in doc["events"]] == [1, 2, 3, 4, 5, 6]
+    assert [e["kind"] for e in doc["events"]][-1] == "exit"
+
+
+def test_corrupt_database_is_a_session_error(tmp_path):
+    bad = tmp_path / "s.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(SessionError, match="move it aside"):
+        SessionStore(bad)
