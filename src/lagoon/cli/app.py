@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from lagoon.cli import agent_cmd, config_cmd
+from lagoon.cli import agent_cmd, config_cmd, routing_cmd
 
 app = typer.Typer(
     name="lagoon",
@@ -15,6 +15,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(config_cmd.app, name="config")
+app.command("route")(routing_cmd.route)
+app.command("chat")(routing_cmd.chat)
+app.add_typer(routing_cmd.router_app, name="router")
 app.command("run")(agent_cmd.run)
 app.add_typer(agent_cmd.sessions_app, name="sessions")
 
