@@ -248,3 +248,52 @@ def test_real_context_package_revalidates_a_file_changed_behind_the_agent(repo):
     assert result.context_version == 2 and result.validation_passed
     refresh = [e["payload"] for e in events if e["kind"] == "context"][-1]
     assert refresh["version"] == 2 and refresh["reasons"][0].startswith("source_changed") and refresh["chunks"]
+
+
+class PricedModel:
+    """Wraps a model and charges `price` USD per call (to drive agent.cost_limit)."""
+
+    def __init__(self, inner, price: float) -> None:
+        self.inner, self.price, self.name = inner, price, "priced"
+
+    @property
+    def context_window(self) -> int:
+        return self.inner.context_window
+
+    def count_tokens(self, messages):
+        return self.inner.count_tokens(messages)
+
+    def chat(self, messages, **kw):
+        from dataclasses import replace
+
+        reply = self.inner.chat(messages, **kw)
+        return replace(reply, usage=replace(reply.usage, cost_usd=self.price))
+
+
+def test_agent_section_keys_take_effect(repo):
+    def cfg(**agent):
+        return load_config({"context": {"rerank": False}, "agent": agent})
+
+    r = run_task("cost", repo, cfg(cost_limit=1.5), model=PricedModel(ReplayChatModel([bash("true")], repeat_last=True), 1.0))
+    assert r.exit_status == "limits_exceeded" and "cost" in r.exit_message and r.steps == 2 and r.cost_usd == 2.0
+    r = run_task("time", repo, cfg(time_limit_s=0.3), model=ReplayChatModel([bash("sleep 0.4")], repeat_last=True))
+    assert r.exit_status == "limits_exceeded" and "time limit" in r.exit_message and r.steps == 1
+    r = run_task("timeout", repo, cfg(command_timeout_s=0.5), model=ReplayChatModel([bash("sleep 20"), SUBMIT]))
+    assert r.submitted and r.commands == [{"command": "sleep 20", "exit_code": -9}]
+    model = ReplayChatModel([bash("seq 1 20000"), SUBMIT])
+    r = run_task("output", repo, cfg(max_output_chars=500), model=model)
+    shown = model.requests[1][-1].content
+    assert "characters cut" in shown and len(shown) < 700
+    r = run_task("state dir", repo, cfg(state_dir="agent-state"), model=ReplayChatModel([SUBMIT]))
+    assert (repo / "agent-state" / "sessions.db").exists() and "agent-state/trajectories" in r.trajectory
+
+
+def test_context_budget_caps_every_prompt_the_model_sees(repo):
+    for strategy in ("semantic_importance", "fifo"):
+        cfg = load_config({"context": {"rerank": False},
+                           "model_deployment": {"memory": {"context_budget": 900, "truncation_strategy": strategy}}})
+        model = ReplayChatModel([bash(f"seq {i} {i + 150}") for i in range(12)] + [SUBMIT])
+        r = run_task(f"budget {strategy}", repo, cfg, model=model)
+        assert r.submitted
+        assert max(model.count_tokens(req) for req in model.requests) <= 900
+        assert "Earlier steps (summarised)" in model.requests[-1][1].content
