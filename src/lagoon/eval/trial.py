@@ -33,7 +33,7 @@ from lagoon.errors import TaskSpecError
 from lagoon.eval.sandbox import EnvironmentUnsupported, Sandbox, build_environment
 from lagoon.eval.tasks import Task
 
-__all__ = ["run_trial", "AGENTS", "RESULT_FORMAT_VERSION", "parse_pytest", "is_held_out"]
+__all__ = ["run_trial", "ScriptedModels", "AGENTS", "RESULT_FORMAT_VERSION", "parse_pytest", "is_held_out"]
 
 RESULT_FORMAT_VERSION = 1
 AGENTS = ("lagoon", "oracle", "none")
@@ -327,3 +327,20 @@ def run_trial(
             if checked_out:
                 _swe_release(task, ws)
     return result
+
+
+class ScriptedModels:
+    """A picklable model factory for ``--model scripted:DIR``: task `T` replays ``DIR/T.json``
+    (the `lagoon.testing.ReplayChatModel` file format); a task without a script gets an empty one,
+    so it fails at its first model call instead of reaching a real backend."""
+
+    def __init__(self, folder: Path) -> None:
+        if not Path(folder).is_dir():
+            raise TaskSpecError(f"scripted model folder {folder} does not exist; pass a folder of TASK_ID.json files")
+        self.folder = Path(folder)
+
+    def __call__(self, task: Task) -> Any:
+        from lagoon.testing import ReplayChatModel
+
+        path = self.folder / f"{task.id}.json"
+        return ReplayChatModel.from_file(str(path)) if path.is_file() else ReplayChatModel([])
