@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 import lagoon.context.index as index_mod
 from lagoon.config import ContextSection
-from lagoon.context.index import CodeIndex, index_dir
+from lagoon.context.index import CodeIndex, FlatBM25, index_dir
 from lagoon.errors import IndexCorruptError
 
 
@@ -129,3 +130,22 @@ def test_max_chunk_size_change_rebuilds(repo, config):
     ix = CodeIndex(repo, small)
     stats = ix.update()
     assert stats.added == stats.files and all(len(c.text) <= 64 for c in ix.chunks)
+
+
+def test_flat_bm25_matches_bm25s_reference_builder():
+    import bm25s
+
+    rng = np.random.default_rng(1234)
+    n_vocab = 300
+    docs = [rng.integers(0, n_vocab, size=rng.integers(1, 60)).tolist() for _ in range(400)]
+    vocab = {i: i for i in range(n_vocab)}
+    ref = bm25s.BM25()
+    ref.index((docs, dict(vocab)), create_empty_token=False, show_progress=False)
+    lengths = np.array([len(d) for d in docs])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    fast = FlatBM25.build(np.concatenate(docs).astype(np.int32), offsets, n_vocab)
+    for _ in range(20):
+        query = rng.integers(0, n_vocab, size=rng.integers(1, 8)).tolist()
+        np.testing.assert_allclose(
+            fast.get_scores_from_ids(query), ref.get_scores_from_ids(query), rtol=1e-5, atol=1e-6
+        )

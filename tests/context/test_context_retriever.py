@@ -79,7 +79,9 @@ def test_render_shows_location_symbol_and_header(repo, config):
 
 
 def test_token_budget_config_is_the_default_cap(repo, config):
-    wide = CodeRetriever(repo, config.model_copy(update={"token_budget": 100_000})).retrieve("return self map key")
+    wide = CodeRetriever(repo, config.model_copy(update={"token_budget": 100_000})).retrieve(
+        "return self map key"
+    )
     budget = approx_token_count(render(wide)) - 1
     tight = CodeRetriever(repo, config.model_copy(update={"token_budget": budget}))
     got = tight.retrieve("return self map key")

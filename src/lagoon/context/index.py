@@ -6,7 +6,10 @@ unchanged is not re-parsed; deleted (or newly ignored) files drop out. Chunk tok
 chunk, so only changed files are re-tokenized; the BM25 matrix itself is rebuilt over all chunks.
 
 Layout under ``<repo>/.lagoon/index/``: ``CURRENT`` names the live generation folder
-``gen-<id>/`` (manifest.json, chunks.json, tokens.npy, offsets.npy, vocab.json, bm25/). An update
+``gen-<id>/`` (manifest.json, chunks.json with the chunks' fields as columns, text.bin with their
+UTF-8 text, tokens.npy + offsets.npy with their token ids, vocab.json). The BM25 matrix is not
+stored: `bm25s` rebuilds it from the token ids on load, through a vectorised `build_index_from_ids`
+(`FlatBM25`, checked against bm25s's own builder in the tests). An update
 writes a complete new generation into ``tmp-<id>/``, renames it to ``gen-<id>/``, then replaces
 ``CURRENT`` atomically; a crash at any point leaves the previous generation live and readable.
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import bm25s
 import numpy as np
+import scipy.sparse as sp
 
 from lagoon.config import ContextSection
 from lagoon.context.chunking import Chunk, chunk_file, content_hash
@@ -35,11 +39,11 @@ from lagoon.context.fileset import FileSet
 from lagoon.context.tokens import code_tokens
 from lagoon.errors import IndexCorruptError
 
-__all__ = ["CodeIndex", "Hit", "UpdateStats", "FORMAT_VERSION", "index_dir"]
+__all__ = ["CodeIndex", "Hit", "UpdateStats", "FlatBM25", "FORMAT_VERSION", "index_dir"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _TMP_MAX_AGE_S = 3600.0
 
 Progress = Callable[[int, int, str], None]
@@ -131,27 +135,50 @@ class CodeIndex:
         try:
             manifest = json.loads((gen / "manifest.json").read_text())
             if manifest.get("format") != FORMAT_VERSION:
-                raise ValueError(f"format {manifest.get('format')} (this Lagoon reads {FORMAT_VERSION})")
+                log.info(
+                    "index format %s is not %s; the index will be rebuilt",
+                    manifest.get("format"),
+                    FORMAT_VERSION,
+                )
+                return False
             if manifest.get("max_chunk_size") != self.config.max_chunk_size:
                 log.info("context.max_chunk_size changed; the index will be rebuilt")
                 return False
-            raw_chunks = json.loads((gen / "chunks.json").read_text())
+            cols = json.loads((gen / "chunks.json").read_text())
+            blob = (gen / "text.bin").read_bytes()
+            text_offsets = np.load(gen / "text_offsets.npy")
             flat = np.load(gen / "tokens.npy")
             offsets = np.load(gen / "offsets.npy")
             vocab_list = json.loads((gen / "vocab.json").read_text())
-            bm25 = bm25s.BM25.load(str(gen / "bm25"), mmap=False) if raw_chunks else None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            paths = cols["paths"]
+            chunks = [
+                Chunk(paths[pi], a, b, sym, lang, blob[t0:t1].decode("utf-8", "surrogatepass"), h, hd)
+                for pi, a, b, sym, lang, h, hd, t0, t1 in zip(
+                    cols["path"],
+                    cols["start"],
+                    cols["end"],
+                    cols["symbol"],
+                    cols["language"],
+                    cols["hash"],
+                    cols["header"],
+                    text_offsets[:-1].tolist(),
+                    text_offsets[1:].tolist(),
+                    strict=True,
+                )
+            ]
+            if len(offsets) != len(chunks) + 1 or (len(flat) and int(flat.max()) >= len(vocab_list)):
+                raise ValueError("chunk, token and vocabulary files disagree")
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise IndexCorruptError(
                 f"{gen}: the index cannot be read ({exc}); rebuild it with `lagoon index {self.repo} --rebuild`"
             ) from exc
-        keys = ("path", "start_line", "end_line", "symbol", "language", "text", "content_hash", "header")
-        chunks = [Chunk(**dict(zip(keys, row, strict=True))) for row in raw_chunks]
         files: dict[str, _FileRecord] = {}
         for path, (h, size, mtime_ns, first, n) in manifest["files"].items():
             toks = [flat[offsets[i] : offsets[i + 1]] for i in range(first, first + n)]
             files[path] = _FileRecord(h, size, mtime_ns, chunks[first : first + n], toks)
-        self._files, self._chunks, self._bm25 = files, chunks, bm25
         self._vocab = {t: i for i, t in enumerate(vocab_list)}
+        self._files, self._chunks = files, chunks
+        self._bm25 = FlatBM25.build(flat, offsets, len(self._vocab)) if chunks else None
         return True
 
     # -- updating -------------------------------------------------------------------------------
@@ -211,21 +238,20 @@ class CodeIndex:
     def _commit(self, files: dict[str, _FileRecord]) -> None:
         chunks = [c for rec in files.values() for c in rec.chunks]
         tokens = [t for rec in files.values() for t in rec.tokens]
-        bm25 = None
-        if chunks:
-            bm25 = bm25s.BM25()
-            corpus = [t.tolist() for t in tokens]
-            bm25.index((corpus, dict(self._vocab)), create_empty_token=False, show_progress=False)
-        self._write(files, chunks, tokens, bm25)
+        lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = np.concatenate(tokens).astype(np.int32) if tokens else np.zeros(0, np.int32)
+        bm25 = FlatBM25.build(flat, offsets, len(self._vocab)) if chunks else None
+        self._write(files, chunks, flat, offsets)
         self._files, self._chunks, self._bm25 = files, chunks, bm25
 
-    def _write(self, files, chunks, tokens, bm25) -> None:
+    def _write(self, files, chunks, flat, offsets) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         gen_id = uuid.uuid4().hex[:12]
         tmp = self.dir / f"tmp-{gen_id}"
         tmp.mkdir()
         try:
-            _write_generation(tmp, self.config, files, chunks, tokens, self._vocab, bm25)
+            _write_generation(tmp, self.config, files, chunks, flat, offsets, self._vocab)
             gen = self.dir / f"gen-{gen_id}"
             tmp.rename(gen)
             pointer = self.dir / f"CURRENT.{gen_id}"
@@ -249,26 +275,34 @@ def _document_tokens(chunk: Chunk) -> list[str]:
     return code_tokens(f"{chunk.path}\n{chunk.symbol or ''}\n{chunk.header}\n{chunk.text}")
 
 
-def _write_generation(folder: Path, config, files, chunks, tokens, vocab, bm25) -> None:
+def _write_generation(folder: Path, config, files, chunks, flat, offsets, vocab) -> None:
     """Write every file of one generation into `folder` (which is not yet live)."""
     manifest_files, first = {}, 0
     for path, rec in files.items():
         manifest_files[path] = [rec.hash, rec.size, rec.mtime_ns, first, len(rec.chunks)]
         first += len(rec.chunks)
-    rows = [
-        [c.path, c.start_line, c.end_line, c.symbol, c.language, c.text, c.content_hash, c.header]
-        for c in chunks
-    ]
-    (folder / "chunks.json").write_text(json.dumps(rows))
-    lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
-    np.save(folder / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-    np.save(folder / "tokens.npy", np.concatenate(tokens) if tokens else np.zeros(0, np.int32))
+    path_ids = {p: i for i, p in enumerate(files)}
+    cols = {
+        "paths": list(files),
+        "path": [path_ids[c.path] for c in chunks],
+        "start": [c.start_line for c in chunks],
+        "end": [c.end_line for c in chunks],
+        "symbol": [c.symbol for c in chunks],
+        "language": [c.language for c in chunks],
+        "hash": [c.content_hash for c in chunks],
+        "header": [c.header for c in chunks],
+    }
+    (folder / "chunks.json").write_text(json.dumps(cols))
+    texts = [c.text.encode("utf-8", "surrogatepass") for c in chunks]
+    (folder / "text.bin").write_bytes(b"".join(texts))
+    text_lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    np.save(folder / "text_offsets.npy", np.concatenate([[0], np.cumsum(text_lengths)]).astype(np.int64))
+    np.save(folder / "tokens.npy", flat)
+    np.save(folder / "offsets.npy", offsets)
     vocab_list = [""] * len(vocab)
     for t, i in vocab.items():
         vocab_list[i] = t
     (folder / "vocab.json").write_text(json.dumps(vocab_list))
-    if bm25 is not None:
-        bm25.save(str(folder / "bm25"))
     manifest = {
         "format": FORMAT_VERSION,
         "max_chunk_size": config.max_chunk_size,
@@ -276,3 +310,57 @@ def _write_generation(folder: Path, config, files, chunks, tokens, vocab, bm25) 
         "files": manifest_files,
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+class _FlatCorpus:
+    """Token ids of all documents as one flat array plus offsets (what `FlatBM25` builds from)."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray) -> None:
+        self.flat, self.offsets = flat, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+class FlatBM25(bm25s.BM25):
+    """bm25s's BM25 (Lucene variant) with a vectorised `build_index_from_ids`, bm25s's own hook for
+    custom builders: one sparse matrix op instead of a Python loop per document."""
+
+    @classmethod
+    def build(cls, flat: np.ndarray, offsets: np.ndarray, n_vocab: int) -> FlatBM25:
+        bm25 = cls()
+        vocab = {i: i for i in range(n_vocab)}
+        bm25.index(
+            bm25s.tokenization.Tokenized(_FlatCorpus(flat, offsets), vocab),
+            create_empty_token=False,
+            show_progress=False,
+        )
+        return bm25
+
+    def build_index_from_ids(
+        self, unique_token_ids, corpus_token_ids, show_progress=True, leave_progress=False
+    ):
+        if self.method != "lucene" or not isinstance(corpus_token_ids, _FlatCorpus):
+            return super().build_index_from_ids(
+                unique_token_ids, corpus_token_ids, show_progress, leave_progress
+            )
+        flat, offsets = corpus_token_ids.flat, corpus_token_ids.offsets
+        n_docs, n_vocab = len(offsets) - 1, len(unique_token_ids)
+        lengths = np.diff(offsets)  # [D]
+        doc = np.repeat(np.arange(n_docs, dtype=np.int64), lengths)  # [T]
+        # [D, V] term counts, column-major; duplicates (repeated tokens) are summed.
+        counts = sp.csc_matrix((np.ones(len(flat), np.float32), (doc, flat)), shape=(n_docs, n_vocab))
+        counts.sum_duplicates()
+        df = np.diff(counts.indptr)  # [V] documents containing each token
+        idf = np.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))  # [V]
+        tf = counts.data.astype(np.float64)  # [nnz]
+        avg = lengths.mean() if n_docs else 1.0
+        norm = self.k1 * ((1 - self.b) + self.b * lengths[counts.indices] / avg)  # [nnz]
+        data = np.repeat(idf, df) * tf / (norm + tf)
+        self.nonoccurrence_array = None
+        return {
+            "data": data.astype(self.dtype),
+            "indices": counts.indices.astype(self.int_dtype),
+            "indptr": counts.indptr,
+            "num_docs": n_docs,
+        }
