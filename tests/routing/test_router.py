@@ -2,6 +2,8 @@
 context-window check, task-level classification, and the reasoning-share alert."""
 
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -230,3 +232,14 @@ def test_validation_and_drift_hooks():
     off.record_assumption_drift(2)
     assert off.telemetry.value("lagoon_validation_pass_rate") is None
     assert off.telemetry.value("lagoon_assumption_drift_total") is None
+
+
+def test_routing_imports_and_routes_without_torch():
+    code = (
+        "import sys; from lagoon.config import LagoonConfig; from lagoon.routing import build_router; "
+        "r = build_router(LagoonConfig()); r.classify('fix the lint'); r.context_window; "
+        "from lagoon.protocols import ChatMessage; r.count_tokens([ChatMessage('user', 'x')]); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

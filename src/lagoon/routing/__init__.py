@@ -58,7 +58,9 @@ def build_router(
     if unknown:
         raise ConfigError(f"unknown backend key(s) {sorted(unknown)}; valid keys: {', '.join(ROUTES)}")
     built = {
-        key: given[key] if key in given else build_backend(getattr(config.routing, key), name=None, telemetry=telemetry)
+        key: given[key]
+        if key in given
+        else build_backend(getattr(config.routing, key), telemetry=telemetry, engine_config=config.engine)
         for key in ROUTES
     }
     return Router(built, build_classifier(config.classification), config, telemetry)

@@ -205,7 +205,7 @@ class LearnedClassifier:
         feats = _Features(config.reasoning_keywords, config.retrieval_keywords, config.context_size_threshold, embeddings)
         prompts, sizes = [r.prompt for r in rows], [r.context_size for r in rows]
         x = feats.fit_transform(prompts, sizes)
-        base = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed)
+        base = LogisticRegression(C=c, class_weight="balanced", solver="liblinear", max_iter=2000, random_state=seed)
         folds = StratifiedKFold(n_splits=min(5, int(np.bincount(y).min())), shuffle=True, random_state=seed)
         cv = cross_validate(base, x, y, cv=folds, return_estimator=True, return_indices=True)
         oof = np.empty(len(y))

@@ -119,7 +119,10 @@ class Router:
         return c
 
     def set_task(self, prompt: str, context_size: int = 0) -> Classification:
-        """Classify the agent's task once; every later `chat` routes by it until `clear_task`."""
+        """Classify the agent's task once; every later `chat` routes by it until `clear_task`.
+
+        `context_size` is in characters (of the retrieved context), as the seed measures it and as
+        `classification.context_size_threshold` is written."""
         self._task = self.classify(prompt, context_size)
         return self._task
 
@@ -218,8 +221,8 @@ class Router:
         routing = self.config.routing
         for attempt in range(routing.max_retries + 1):
             try:
-                needed = backend.count_tokens(messages) + estimate_tokens((), tools) + budget
                 window = backend.context_window
+                needed = backend.count_tokens(messages) + estimate_tokens((), tools) + budget
             except LagoonError as exc:
                 attempts.append({"backend": key, "outcome": type(exc).__name__, "reason": str(exc)})
                 return None, f"unusable:{type(exc).__name__}", exc

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-from lagoon.config import RouteSection
+from lagoon.config import EngineSection, RouteSection
 from lagoon.errors import ConfigError
 from lagoon.protocols import ChatModel
 from lagoon.routing.backends.base import infer_provider, split_endpoint
@@ -28,11 +28,19 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def build_backend(route: RouteSection, name: str | None = None, telemetry: Telemetry | None = None) -> ChatModel:
-    """The backend a route describes (provider given or inferred from the endpoint)."""
+def build_backend(
+    route: RouteSection,
+    name: str | None = None,
+    telemetry: Telemetry | None = None,
+    *,
+    engine_config: EngineSection | None = None,
+) -> ChatModel:
+    """The backend a route describes (provider given or inferred from the endpoint); `engine_config`
+    is how the `local` backend loads the in-process engine."""
     provider = infer_provider(route)
     target = BACKENDS.get(provider)
     if target is None:
         raise ConfigError(f"unknown backend provider {provider!r}; valid providers: {', '.join(BACKENDS)}")
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)(route, name=name, telemetry=telemetry)
+    kwargs = {"engine_config": engine_config} if provider == "local" else {}
+    return getattr(importlib.import_module(module), cls)(route, name=name, telemetry=telemetry, **kwargs)

