@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from lagoon.cli import agent_cmd, config_cmd, context_cmd, routing_cmd
+from lagoon.cli import agent_cmd, config_cmd, context_cmd, eval_cmd, routing_cmd
 
 app = typer.Typer(
     name="lagoon",
@@ -20,6 +20,7 @@ app.command("chat")(routing_cmd.chat)
 app.add_typer(routing_cmd.router_app, name="router")
 app.command("run")(agent_cmd.run)
 app.add_typer(agent_cmd.sessions_app, name="sessions")
+app.command("eval")(eval_cmd.eval_command)
 app.command("index")(context_cmd.index)
 app.command("search")(context_cmd.search)
 
