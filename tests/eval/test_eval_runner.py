@@ -164,7 +164,7 @@ def test_executor_registry_and_ray_hint(starter, tmp_path):
         import ray  # noqa: F401
     except ImportError:
         with pytest.raises(ConfigError, match=r"pip install 'lagoon-agent\[ray\]'"):
-            run_suite(starter, "none", load_config(), tmp_path, executor="ray", only=["js-slugify"])
+            run_suite(starter, "none", load_config("eval.executor=ray"), tmp_path, only=["js-slugify"])
 
 
 @pytest.mark.slow
@@ -192,3 +192,19 @@ def test_whole_starter_suite(agent, tmp_path):
     want = agent == "oracle"
     wrong = [(r["task_id"], r["status"], r["error"]) for r in outcome.results if r["passed"] != want]
     assert not wrong
+
+
+def test_eval_limits_and_sandbox_keys_take_effect(starter, tmp_path):
+    """eval.task_timeout_s, eval.test_timeout_s and eval.output_limit_bytes apply to a task that sets
+    no limits of its own; eval.sandbox picks the sandbox."""
+    task = tmp_path / "suite" / "slow-task"
+    shutil.copytree(starter / "tb2/js-matrix", task)
+    (task / "task.toml").write_text('[metadata]\ncategory = "shell"\n')
+    (task / "solution/solve.sh").write_text("sleep 20\n")
+    (task / "tests/test.sh").write_text("head -c 50000 /dev/zero | tr '\\0' x; echo; sleep 20\n")
+    cfg = load_config("eval.task_timeout_s=0.5", "eval.test_timeout_s=0.5", "eval.output_limit_bytes=1024")
+    (row,) = run_suite(tmp_path / "suite", "oracle", cfg, tmp_path / "out").results
+    assert row["commands"][0]["exit_code"] == 124 and row["failure_mode"] == "test_timeout"
+    assert "bytes cut" in row["test_output"] and len(row["test_output"]) < 1200
+    (plain,) = run_suite(starter, "none", load_config("eval.sandbox=none"), tmp_path / "plain", only=["js-slugify"]).results
+    assert plain["sandbox"] == "none" and not plain["passed"]
