@@ -154,13 +154,22 @@ class _Chunker:
                 found.extend(self.definitions(child))
         return found
 
-    def gaps(self, first: int, last: int, members: list[tree_sitter.Node], symbol, header) -> None:
-        cursor = first
+    def gaps(
+        self, first: int, last: int, members: list[tree_sitter.Node], symbol, header, own_row=-1
+    ) -> None:
+        """Chunks for the code between members; trivial gaps (only the container's own first line,
+        or only punctuation such as a closing brace) are left out: every member's header has it."""
+        spans, cursor = [], first
         for m in members:
             if m.start_point.row > cursor:
-                self.emit(cursor, m.start_point.row - 1, symbol, header)
+                spans.append((cursor, m.start_point.row - 1))
             cursor = max(cursor, m.end_point.row + 1)
-        self.emit(cursor, last, symbol, header)
+        spans.append((cursor, last))
+        for a, b in spans:
+            rows = [r for r in range(a, b + 1) if self.src.lines[r].strip()] if a <= b else []
+            if all(r == own_row or not any(ch.isalnum() for ch in self.src.lines[r]) for r in rows):
+                continue
+            self.emit(a, b, symbol, header)
 
     def visit(self, outer: tree_sitter.Node, node: tree_sitter.Node, parent: str | None, header) -> None:
         name = _name(node)
@@ -171,7 +180,7 @@ class _Chunker:
             nested = any(d.type in self.spec.containers for _, d in members)
             if members and (self.src.size(first, last) > self.max or len(members) > 1 or nested):
                 inner_header = (*header, self.src.lines[node.start_point.row].rstrip())
-                self.gaps(first, last, [o for o, _ in members], symbol, header)
+                self.gaps(first, last, [o for o, _ in members], symbol, header, own_row=node.start_point.row)
                 for o, d in members:
                     self.visit(o, d, symbol, inner_header)
                 return
