@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,16 +156,14 @@ def test_scripted_lagoon_agent_every_script(tmp_path):
     _scripted_run(tmp_path, sorted(p.stem for p in (STARTER / "scripts").glob("*.json")))
 
 
-def test_executor_registry_and_ray_hint(starter, tmp_path):
+def test_executor_registry_and_ray_hint(starter, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="valid executors: local, ray"):
         run_suite(starter, "none", load_config(), tmp_path, executor="dask", only=["js-slugify"])
     with pytest.raises(ConfigError, match="valid agents"):
         run_suite(starter, "gpt", load_config(), tmp_path)
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match=r"pip install 'lagoon-agent\[ray\]'"):
-            run_suite(starter, "none", load_config("eval.executor=ray"), tmp_path, only=["js-slugify"])
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the optional extra were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'lagoon-agent\[ray\]'"):
+        run_suite(starter, "none", load_config("eval.executor=ray"), tmp_path, only=["js-slugify"])
 
 
 @pytest.mark.slow
@@ -208,3 +207,19 @@ def test_eval_limits_and_sandbox_keys_take_effect(starter, tmp_path):
     assert "bytes cut" in row["test_output"] and len(row["test_output"]) < 1200
     (plain,) = run_suite(starter, "none", load_config("eval.sandbox=none"), tmp_path / "plain", only=["js-slugify"]).results
     assert plain["sandbox"] == "none" and not plain["passed"]
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_same_results_as_local(starter, tmp_path):
+    """Against a local `ray.init()`: same rows as the local executor (timings aside)."""
+    ray = pytest.importorskip("ray")
+    subset = ["js-slugify", "rust-brackets", "minicalc__clamp-2", "sh-checksums"]
+    try:
+        for agent in ("oracle", "none"):
+            local = run_suite(starter, agent, load_config(), tmp_path / f"local-{agent}", only=subset)
+            remote = run_suite(starter, agent, load_config("eval.executor=ray", "eval.workers=2"),
+                               tmp_path / f"ray-{agent}", only=subset)
+            assert len(remote.results) == len(subset)
+            assert _stable(local.results) == _stable(remote.results)
+    finally:
+        ray.shutdown()
