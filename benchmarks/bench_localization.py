@@ -1,0 +1,201 @@
+"""File-level bug localization on SWE-bench Lite issues: Lagoon's retriever vs whole-file BM25.
+
+    .venv/bin/python benchmarks/bench_localization.py [--limit 30] [--repos django/django,pallets/flask]
+        [--rerank] [--data PATH] [--cache ~/.cache/lagoon/sdists]
+
+For each instance of `swebench-lite-localization.jsonl` (see its README), the project's code comes
+from the release's sdist on PyPI (`pip download --no-deps --no-binary :all: NAME==VERSION`, cached
+with its extracted tree under --cache). The issue text is the query. Three rankers, in one process:
+
+- whole-file BM25 (the reference, as in the SWE-bench paper): bm25s over every `.py` file's text,
+  bm25s's default tokenizer with English stop words;
+- Lagoon BM25: `CodeIndex` over the sdist (its default file selection), the top chunks aggregated to
+  files by their best chunk, `.py` files only;
+- Lagoon BM25 + MiniLM rerank (with --rerank): the same, reranking BM25's top chunks first.
+
+Reported: file-level recall@1/@5/@10 (each instance has exactly one gold file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import bm25s
+
+from lagoon.config import ContextSection
+from lagoon.context.index import CodeIndex, Hit
+from lagoon.context.retriever import CodeRetriever
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "swebench-lite-localization.jsonl"
+KS = (1, 5, 10)
+CHUNK_POOL = 300
+
+
+def fetch_sdist(name: str, version: str, cache: Path) -> Path:
+    """The extracted sdist folder's parent (downloaded once, then reused)."""
+    out = cache / "extracted" / f"{name}-{version}"
+    if out.is_dir() and any(out.iterdir()):
+        return out
+    dl = cache / "downloads"
+    dl.mkdir(parents=True, exist_ok=True)
+    archives = [p for p in dl.iterdir() if _matches(p.name, name, version)]
+    if not archives:
+        base = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(dl),
+            "-q",
+        ]
+        spec = f"{name}=={version}"
+        r = subprocess.run([*base, spec], capture_output=True, text=True)
+        if r.returncode != 0:
+            r = subprocess.run([*base, "--no-build-isolation", spec], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"pip download {spec} failed: {r.stderr.strip()[-400:]}")
+        archives = [p for p in dl.iterdir() if _matches(p.name, name, version)]
+    if not archives:
+        raise RuntimeError(f"no sdist archive for {name}=={version} in {dl}")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    arc = archives[0]
+    if arc.name.endswith(".zip"):
+        with zipfile.ZipFile(arc) as z:
+            z.extractall(tmp)
+    else:
+        with tarfile.open(arc) as t:
+            t.extractall(tmp, filter="data")
+    tmp.rename(out)
+    return out
+
+
+def _matches(filename: str, name: str, version: str) -> bool:
+    norm = filename.lower().replace("_", "-")
+    return norm.startswith(f"{name.lower().replace('_', '-')}-{version}.") and norm.endswith(
+        (".tar.gz", ".zip")
+    )
+
+
+class WholeFileBM25:
+    def __init__(self, root: Path) -> None:
+        self.paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py") if p.is_file())
+        texts = [(root / p).read_text(encoding="utf-8", errors="replace") for p in self.paths]
+        self.bm25 = bm25s.BM25()
+        self.bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+
+    def rank(self, query: str, k: int) -> list[str]:
+        q = bm25s.tokenize([query], stopwords="en", show_progress=False)
+        docs, _ = self.bm25.retrieve(q, k=min(k, len(self.paths)), show_progress=False)
+        return [self.paths[i] for i in docs[0]]
+
+
+def files_from_hits(hits: list[Hit], k: int) -> list[str]:
+    best: dict[str, float] = {}
+    for h in hits:
+        if h.chunk.path.endswith(".py"):
+            best[h.chunk.path] = max(best.get(h.chunk.path, float("-inf")), h.score)
+    return sorted(best, key=best.__getitem__, reverse=True)[:k]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lagoon" / "sdists")
+    ap.add_argument("--limit", type=int, default=None, help="instances sampled at random (seed 0)")
+    ap.add_argument("--repos", default="", help="comma-separated repos (e.g. pallets/flask,psf/requests)")
+    ap.add_argument("--rerank", action="store_true", help="also run BM25 + MiniLM rerank (slow on CPU)")
+    ap.add_argument("--quick", action="store_true", help="same as --limit 10")
+    args = ap.parse_args()
+    rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    if args.repos:
+        wanted = {r.strip() for r in args.repos.split(",") if r.strip()}
+        rows = [r for r in rows if r["repo"] in wanted]
+    limit = 10 if args.quick and args.limit is None else args.limit
+    if limit is not None and limit < len(rows):
+        rows = random.Random(0).sample(rows, limit)
+    rows.sort(key=lambda r: (r["pypi_name"], r["pypi_version"], r["instance_id"]))
+
+    methods = ["whole-file BM25 (reference)", "Lagoon BM25 (chunks → files)"]
+    if args.rerank:
+        methods.append("Lagoon BM25 + rerank")
+    hits_at = {m: {k: 0 for k in KS} for m in methods}
+    per_repo: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    skipped, done, t_start = [], 0, time.perf_counter()
+    cfg = ContextSection(rerank=False)
+    current = None
+    for row in rows:
+        key = (row["pypi_name"], row["pypi_version"])
+        try:
+            if current is None or current[0] != key:
+                base = fetch_sdist(*key, args.cache)
+                root = base / row["sdist_root"]
+                t0 = time.perf_counter()
+                ix = CodeIndex(root, cfg)
+                st = ix.update()
+                print(
+                    f"  {key[0]} {key[1]}: {st.files} files, {st.chunks} chunks, "
+                    f"index {time.perf_counter() - t0:.1f} s",
+                    file=sys.stderr,
+                )
+                ref = WholeFileBM25(root)
+                rr = CodeRetriever(root, cfg.model_copy(update={"rerank": True}), index=ix, auto_update=False)
+                current = (key, ix, ref, rr)
+        except (RuntimeError, OSError) as exc:
+            skipped.append((row["instance_id"], str(exc)[:200]))
+            continue
+        _, ix, ref, rr = current
+        query = row["problem_statement"]
+        gold = set(row["gold_files"])
+        ranked = {
+            methods[0]: ref.rank(query, max(KS)),
+            methods[1]: files_from_hits(ix.search(query, CHUNK_POOL), max(KS)),
+        }
+        if args.rerank:
+            reranked = (
+                rr.reranker.rerank(query, ix.search(query, cfg.lexical_candidates)) if rr.reranker else []
+            )
+            seen = {h.chunk.content_hash for h in reranked}
+            rest = [h for h in ix.search(query, CHUNK_POOL) if h.chunk.content_hash not in seen]
+            # Reranked chunks first (fused scores in [0, 1]), then the BM25 tail below them.
+            ordered = [Hit(h.chunk, 1e6 + h.score) for h in reranked] + rest
+            ranked[methods[2]] = files_from_hits(ordered, max(KS))
+        for m, files in ranked.items():
+            for k in KS:
+                hits_at[m][k] += bool(gold & set(files[:k]))
+        per_repo[row["repo"]][0] += 1
+        per_repo[row["repo"]][1] += bool(gold & set(ranked[methods[1]][:5]))
+        done += 1
+
+    print(
+        f"\n{done} instances over {len(per_repo)} repos ({len(skipped)} skipped) in "
+        f"{time.perf_counter() - t_start:.0f} s\n"
+    )
+    print("| ranker | recall@1 | recall@5 | recall@10 |")
+    print("|---|---|---|---|")
+    for m in methods:
+        print(f"| {m} | " + " | ".join(f"{hits_at[m][k] / max(1, done):.3f}" for k in KS) + " |")
+    print("\n| repo | instances | Lagoon BM25 recall@5 |")
+    print("|---|---|---|")
+    for repo, (n, h) in sorted(per_repo.items()):
+        print(f"| {repo} | {n} | {h / n:.2f} |")
+    for iid, why in skipped:
+        print(f"skipped {iid}: {why}")
+
+
+if __name__ == "__main__":
+    main()
