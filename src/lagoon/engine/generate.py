@@ -141,7 +141,7 @@ class Scheduler:
         self._emit(req, logits[0, -1])
 
     def _decode(self) -> None:
-        batch = self.active
+        batch = list(self.active)  # _emit may retire requests from self.active
         for req in batch:
             self.cache.ensure(req.id, len(req.prompt_ids) + len(req.output_ids))
         tokens = torch.tensor([[r.output_ids[-1]] for r in batch])  # [B, 1]

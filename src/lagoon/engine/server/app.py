@@ -1,0 +1,188 @@
+"""The FastAPI app behind `lagoon serve`: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+`/health`, `/metrics`; optional bearer auth (`server.api_key_env`); OpenAI-style error bodies.
+
+`create_app(engine, server=…, telemetry=…)` builds the app; `serve(...)` runs it under uvicorn;
+`start_test_server(engine_or_folder)` runs one on 127.0.0.1 in a background thread for tests and
+returns `(base_url, stop)` — the base URL ends in `/v1`, ready for `openai.OpenAI(base_url=...)`.
+This module is *not* a multi-node deployment (put vLLM or SGLang behind the same API for that).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from lagoon.config import ServerSection
+from lagoon.engine.engine import Engine
+from lagoon.engine.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from lagoon.engine.server.serving import OpenAIServing
+from lagoon.errors import AuthenticationError, BadRequestError, ContextWindowExceededError, LagoonError
+from lagoon.telemetry import Telemetry
+
+__all__ = ["create_app", "serve", "start_test_server"]
+
+_OPEN_PATHS = {"/health", "/metrics"}
+
+
+def _err(status: int, message: str, type_: Any = "invalid_request_error", **kw: Any) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, **kw), status_code=status)
+
+
+def create_app(engine: Engine, server: ServerSection | None = None, telemetry: Telemetry | None = None) -> FastAPI:
+    server = server or ServerSection()
+    telemetry = telemetry or Telemetry()
+    token: str | None = None
+    if server.api_key_env:
+        token = os.environ.get(server.api_key_env)
+        if not token:
+            raise AuthenticationError(
+                f"server.api_key_env names {server.api_key_env}, which is unset or empty; export it or unset the key"
+            )
+    name = server.served_model_name or engine.name
+    serving = OpenAIServing(engine, telemetry, name)
+    app = FastAPI(title="Lagoon", docs_url=None, redoc_url=None)
+    app.state.engine, app.state.telemetry, app.state.model_name = engine, telemetry, name
+
+    @app.middleware("http")
+    async def _auth_and_count(request: Request, call_next: Callable) -> Response:
+        path = request.url.path
+        if token is not None and path not in _OPEN_PATHS:
+            got = request.headers.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+                response: Response = _err(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                                          "authentication_error", code="invalid_api_key")
+                telemetry.inc("lagoon_server_requests_total", labels={"path": path, "status": "401"},
+                              doc="HTTP requests by path and status")
+                return response
+        if path.startswith("/v1/") and request.method == "POST" and engine.scheduler.load >= server.max_queue:
+            response = _err(503, f"server busy: {server.max_queue} requests queued (server.max_queue)",
+                            "overloaded_error", code="overloaded")
+        else:
+            response = await call_next(request)
+        telemetry.inc("lagoon_server_requests_total", labels={"path": path, "status": str(response.status_code)},
+                      doc="HTTP requests by path and status")
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return _err(400, f"{loc or 'request'}: {first.get('msg', 'invalid request')}", param=loc or None)
+
+    @app.exception_handler(LagoonError)
+    async def _lagoon(request: Request, exc: LagoonError) -> JSONResponse:
+        if isinstance(exc, ContextWindowExceededError):
+            return _err(400, exc.message, code="context_length_exceeded")
+        if isinstance(exc, BadRequestError):
+            return _err(400, exc.message)
+        return _err(500, exc.message, "server_error")
+
+    def _check_model(model: str) -> JSONResponse | None:
+        if model not in (name, engine.name):
+            return _err(404, f"model {model!r} does not exist; this server serves {name!r}", "not_found_error",
+                        param="model", code="model_not_found")
+        return None
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest) -> Any:
+        if (bad := _check_model(req.model)) is not None:
+            return bad
+        if req.stream:
+            gen = serving.chat_stream(req)
+            first = await anext(gen)  # surface prompt errors as a JSON error, not a broken stream
+            return StreamingResponse(_prepend(first, gen), media_type="text/event-stream")
+        return await serving.chat(req)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        if (bad := _check_model(req.model)) is not None:
+            return bad
+        if req.stream:
+            return StreamingResponse(serving.completion_stream(req), media_type="text/event-stream")
+        return await serving.completion(req)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "lagoon", "max_model_len": engine.max_seq_len}]}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": name, "queued": engine.scheduler.load}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        cache = engine.cache
+        telemetry.set("lagoon_engine_active_requests", len(engine.scheduler.active), doc="Requests decoding now")
+        if hasattr(cache, "free_blocks"):
+            telemetry.set("lagoon_engine_kv_free_blocks", cache.free_blocks, doc="Free KV cache blocks")
+            telemetry.set("lagoon_engine_prefix_cache_hit_tokens", cache.hits, doc="Prompt tokens reused from cache")
+        return Response(telemetry.prometheus_text(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def _prepend(first: str, rest: Any) -> Any:
+    yield first
+    async for x in rest:
+        yield x
+
+
+def serve(engine: Engine, server: ServerSection | None = None, telemetry: Telemetry | None = None,
+          host: str | None = None, port: int | None = None) -> None:
+    """Run the app under uvicorn until interrupted."""
+    import uvicorn
+
+    server = server or ServerSection()
+    app = create_app(engine, server, telemetry)
+    uvicorn.run(app, host=host or server.host, port=server.port if port is None else port, log_level="warning")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_test_server(
+    engine_or_folder: Engine | str | Path, port: int = 0, *, server: ServerSection | None = None,
+    telemetry: Telemetry | None = None, precision: str = "float32",
+) -> tuple[str, Callable[[], None]]:
+    """Serve an engine (or a checkpoint folder/.gguf, loaded here) on 127.0.0.1 in a thread.
+
+    Returns `(base_url, stop)`: `base_url` is `http://127.0.0.1:PORT/v1`; `stop()` shuts the server
+    down (and closes the engine if this function loaded it)."""
+    import uvicorn
+
+    from lagoon.engine.engine import load_model
+
+    owned = not isinstance(engine_or_folder, Engine)
+    engine = load_model(engine_or_folder, precision=precision) if owned else engine_or_folder
+    port = port or _free_port()
+    app = create_app(engine, server, telemetry)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=uv.run, name=f"lagoon-test-server-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"test server on port {port} did not start")
+        time.sleep(0.02)
+
+    def stop() -> None:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        if owned:
+            engine.close()
+
+    return f"http://127.0.0.1:{port}/v1", stop

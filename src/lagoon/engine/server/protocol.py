@@ -1,0 +1,115 @@
+"""The OpenAI wire format Lagoon's server accepts and returns: request models (pydantic, so bad
+fields become 400s naming the field) and builders for responses, stream chunks and error bodies.
+
+Only what the engine can honour is accepted: `n` must be 1; `logprobs` and images are refused with
+a clear 400 rather than silently ignored. Unknown extra fields are ignored, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["ChatCompletionRequest", "CompletionRequest", "error_body", "new_id", "chunk", "usage_dict"]
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    ignore_eos: bool = False
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop if s)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatCompletionRequest(_Req):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _roles(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, m in enumerate(v):
+            if m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+                raise ValueError(f"messages[{i}].role must be system, user, assistant or tool")
+            if m["role"] == "developer":
+                m["role"] = "system"
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in ("none", "auto", "required"):
+            raise ValueError("tool_choice must be 'none', 'auto', 'required' or {'type':'function','function':{'name':…}}")
+        if isinstance(v, dict) and not isinstance((v.get("function") or {}).get("name"), str):
+            raise ValueError("tool_choice object needs function.name")
+        return v
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Req):
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_tokens or 16
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage_dict(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish: str | None = None,
+          usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if delta is not None else [],
+    }
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+ErrorType = Literal["invalid_request_error", "authentication_error", "not_found_error", "server_error", "overloaded_error"]
+
+
+def error_body(message: str, type_: ErrorType = "invalid_request_error", *, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def now() -> int:
+    return int(time.time())
