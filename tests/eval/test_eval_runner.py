@@ -44,6 +44,9 @@ def test_none_passes_nothing(starter, tmp_path):
     assert len(outcome.results) == len(SUBSET)
     assert not any(r["passed"] for r in outcome.results)
     assert all(r["status"] == "failed" and r["steps"] == 0 for r in outcome.results)
+    summary = summarize(outcome.results)  # a 0% run still renders (error bars at the bound)
+    assert summary["pass_rate"] == 0.0
+    assert 'alt="Pass rate by category"' in write_report(tmp_path, outcome.results, summary)[1].read_text()
 
 
 def test_report_has_plots_and_versioned_summary(oracle_run):

@@ -51,8 +51,9 @@ def plots(results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> d
     if cats:
         names = list(cats)
         rates = [cats[c]["pass_rate"] for c in names]
-        lows = [r - cats[c]["ci95"][0] for c, r in zip(names, rates, strict=True)]
-        highs = [cats[c]["ci95"][1] - r for c, r in zip(names, rates, strict=True)]
+        # Wilson bounds can sit a rounding error past the rate at 0 and 1; matplotlib rejects < 0
+        lows = [max(0.0, r - cats[c]["ci95"][0]) for c, r in zip(names, rates, strict=True)]
+        highs = [max(0.0, cats[c]["ci95"][1] - r) for c, r in zip(names, rates, strict=True)]
         err = [lows, highs]
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.bar(names, rates, yerr=err, capsize=4, color="#3b7dd8")
