@@ -35,3 +35,10 @@ def test_eval_config_benchmarks_and_errors(starter, tmp_path):
     assert bad.exit_code == 2 and "valid agents: lagoon, oracle, none" in bad.output
     missing = runner.invoke(app, ["eval", "no-such-suite", "-o", str(tmp_path / "y")])
     assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_eval_without_bwrap_says_so(starter, tmp_path):
+    result = runner.invoke(app, ["eval", str(starter), "-a", "none", "-t", "js-slugify", "-o", str(tmp_path),
+                                 "-c", "eval.sandbox=none"])
+    assert result.exit_code == 0, result.output
+    assert "no bubblewrap sandbox" in result.output

@@ -98,3 +98,12 @@ def test_parse_date():
     assert parse_date(None, "x") is None
     with pytest.raises(TaskSpecError, match="YYYY-MM-DD"):
         parse_date("last week", "task.yaml: field 'created_at'")
+
+
+def test_eval_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, lagoon.eval, lagoon.cli.eval_cmd; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -39,6 +39,16 @@ def eval_command(
     from lagoon.eval.trial import ScriptedModels
 
     cfg = load(config)
+    from lagoon.eval.sandbox import bwrap_available
+
+    if cfg.eval.sandbox == "none" or (cfg.eval.sandbox == "auto" and not bwrap_available()):
+        err_console.print(
+            "[yellow]warning[/yellow]: no bubblewrap sandbox (eval.sandbox="
+            f"{cfg.eval.sandbox}); tasks run in a temporary folder with TEST_DIR set, with the network "
+            "and the host writable, and tasks that hard-code /app or /logs cannot pass. "
+            "Install bubblewrap (apt-get install bubblewrap) for the real sandbox.",
+            markup=True, highlight=False,
+        )
     names = suites or list(cfg.model_deployment.evaluation.benchmarks)
     if not names:
         raise ConfigError("no suite given and evaluation.benchmarks is empty; pass a suite folder")
