@@ -7,7 +7,7 @@ back: `tool_use` blocks → `ToolCall`s, stop reasons `end_turn`/`tool_use`/`max
 `stop`/`tool_calls`/`length`.
 
 The Messages API as the anthropic SDK 2.x models it takes no sampling temperature, so the route's
-`temperature` is not sent (nor recorded on the span). The client is built per call with `max_retries=0` and the route's timeout; the key comes from the
+`temperature` is not sent (nor recorded on the span). The client is built with `max_retries=0` and the route's timeout; the key comes from the
 variable `api_key_env` names. SDK errors are translated here, once (429 → RateLimitError with
 Retry-After, 529 overloaded and 5xx → BackendUnavailableError, 401/403 → AuthenticationError, a
 "prompt is too long" 400 → ContextWindowExceededError). The window defaults to 200,000 tokens, what
@@ -106,6 +106,9 @@ class AnthropicBackend(RemoteBackend):
     provider = "anthropic"
     sends_temperature = False
 
+    def _make_client(self, api_key: str | None) -> anthropic.Anthropic:
+        return anthropic.Anthropic(api_key=api_key or _NO_KEY, base_url=self.base_url, max_retries=0, timeout=self.route.timeout_s)
+
     def _call(
         self,
         api_key: str | None,
@@ -127,11 +130,8 @@ class AnthropicBackend(RemoteBackend):
                 {"name": t.name, "description": t.description, "input_schema": dict(t.parameters)} for t in tools
             ]
         try:
-            with anthropic.Anthropic(
-                api_key=api_key or _NO_KEY, base_url=self.base_url, max_retries=0, timeout=self.route.timeout_s
-            ) as client:
-                resp = client.messages.create(**kwargs)
-                return self._parse(resp)
+            resp = self._client(api_key).messages.create(**kwargs)
+            return self._parse(resp)
         except LagoonError:
             raise
         except Exception as exc:  # translated once, here

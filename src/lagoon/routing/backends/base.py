@@ -5,16 +5,20 @@ environment, token estimates, cost from the route's prices, and the telemetry sp
 provider-specific request, which translates its SDK's errors into `lagoon.errors` exactly once),
 fill usage and cost. Subclasses implement `_call` only.
 
-Keys are read from the environment variable the route names (`api_key_env`) at call time and are
-never stored on the backend, logged, or put in a response. This module is *not* a retry policy:
+Keys are read from the environment variable the route names (`api_key_env`) at every call and are
+never logged, put in a `repr` or in a response. The SDK client (which holds the key, as every SDK
+client does) is kept and reused while the key stays the same — building one costs 100–150 ms — and
+rebuilt when the variable changes. This module is *not* a retry policy:
 the SDKs are built with `max_retries=0` and the router retries.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -138,6 +142,27 @@ class RemoteBackend:
         self.telemetry = telemetry or Telemetry()
         self.base_url = split_endpoint(route.endpoint, self.provider)
         self._window = route.context_window
+        self._lock = threading.Lock()
+        self._cached: tuple[str, Any] | None = None
+
+    def _client(self, api_key: str | None) -> Any:
+        """The SDK client for this key (reused; rebuilt when the key changes)."""
+        fingerprint = hashlib.sha256((api_key or "").encode()).hexdigest()
+        with self._lock:
+            if self._cached is None or self._cached[0] != fingerprint:
+                if self._cached is not None:
+                    self._cached[1].close()
+                self._cached = (fingerprint, self._make_client(api_key))
+            return self._cached[1]
+
+    def _make_client(self, api_key: str | None) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        with self._lock:
+            if self._cached is not None:
+                self._cached[1].close()
+                self._cached = None
 
     # ------------------------------------------------------------------ ChatModel
     @property

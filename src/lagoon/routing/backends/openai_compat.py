@@ -1,8 +1,7 @@
 """`openai_compat`: any server that speaks OpenAI chat completions (vLLM, SGLang, llama.cpp server,
 Ollama, `lagoon serve`, OpenAI itself) through the official `openai` SDK.
 
-The SDK client is built per call with `max_retries=0` (the router retries) and the route's
-`timeout_s`; the key comes from the route's `api_key_env` variable, or a placeholder for servers
+The SDK client is built with `max_retries=0` (the router retries) and the route's `timeout_s`; the key comes from the route's `api_key_env` variable, or a placeholder for servers
 that need none. Every SDK/httpx error is translated here, once, into `lagoon.errors`:
 
     401/403 → AuthenticationError        429 → RateLimitError (Retry-After honoured)
@@ -104,8 +103,8 @@ def _detail(exc: openai.APIStatusError) -> str:
 class OpenAICompatBackend(RemoteBackend):
     provider = "openai_compat"
 
-    def _client(self, api_key: str | None, timeout: float) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=api_key or _NO_KEY, max_retries=0, timeout=timeout)
+    def _make_client(self, api_key: str | None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=api_key or _NO_KEY, max_retries=0, timeout=self.route.timeout_s)
 
     def _call(
         self,
@@ -124,9 +123,8 @@ class OpenAICompatBackend(RemoteBackend):
         if tools:
             kwargs["tools"] = [t.to_openai() for t in tools]
         try:
-            with self._client(api_key, self.route.timeout_s) as client:
-                resp = client.chat.completions.create(**kwargs)
-                return self._parse(resp, messages, tools)
+            resp = self._client(api_key).chat.completions.create(**kwargs)
+            return self._parse(resp, messages, tools)
         except LagoonError:
             raise
         except Exception as exc:  # translated once, here
@@ -168,8 +166,8 @@ class OpenAICompatBackend(RemoteBackend):
     def _discover_window(self) -> int | None:
         try:
             key = api_key_from_env(self.route, self.name)
-            with self._client(key, min(5.0, self.route.timeout_s)) as client:
-                models = client.models.list().data
+            client = self._client(key).with_options(timeout=min(5.0, self.route.timeout_s))
+            models = client.models.list().data
         except Exception:  # discovery is best effort; the default window applies
             return None
         for m in models:
