@@ -21,7 +21,7 @@ import pytest
 
 from lagoon.agent.session import SessionStore
 
-N_STEPS = 8
+N_STEPS = 6
 LAUNCH = "import sys; from lagoon.cli.app import main; sys.argv[0] = 'lagoon'; main()"
 
 
@@ -76,7 +76,7 @@ def _trial(tmp_path: Path, rng: random.Random, kills: int) -> dict:
     _script(script)
     for _ in range(kills):
         proc = _launch(repo, script)
-        time.sleep(rng.uniform(0.2, 4.0))
+        time.sleep(rng.uniform(0.2, 3.0))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.communicate()

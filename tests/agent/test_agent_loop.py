@@ -31,6 +31,7 @@ def repo(tmp_path, monkeypatch):
     shutil.copytree(SAMPLE, dst, ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache", ".lagoon"))
     # `python` in the scripted commands is this interpreter (it has pytest)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # the sample needs no plugins; starts faster
     return dst
 
 
