@@ -298,3 +298,24 @@ def test_context_budget_caps_every_prompt_the_model_sees(repo):
         assert r.submitted
         assert max(model.count_tokens(req) for req in model.requests) <= 900
         assert "Earlier steps (summarised)" in model.requests[-1][1].content
+
+
+def test_telemetry_counts_steps_tool_calls_and_validation_failures(repo):
+    from lagoon.telemetry import Telemetry
+
+    tel = Telemetry()
+    target = repo / "textstats.py"
+
+    def tamper(messages):
+        target.write_text(target.read_text() + "\n# changed\n")
+        return bash("echo changed")
+
+    model = ReplayChatModel([tamper, bash("false"), SUBMIT])
+    result = run_task("median textstats", repo, CFG, model=model, telemetry=tel,
+                      retriever=WholeFileRetriever(repo), snapshot_manager=FileHashSnapshots(repo))
+    assert result.submitted
+    assert tel.value("lagoon_agent_steps_total") == 3
+    assert tel.value("lagoon_agent_tool_calls_total", {"tool": "bash", "ok": "false"}) == 1
+    assert tel.value("lagoon_agent_validation_failures_total") == 1
+    assert tel.value("lagoon_agent_context_version") == 2
+    assert b"lagoon_agent_step_overhead_seconds" in tel.prometheus_text()

@@ -88,6 +88,9 @@ class ContextGate:
         if self.manager is not None:
             self.snapshot = self.manager.create_snapshot(self.task_id, self.chunks)
             self.version = int(getattr(self.snapshot, "version", self.version))
+            mark_consumed = getattr(self.manager, "mark_consumed", None)  # starts the chunks' TTL clock
+            if callable(mark_consumed) and self.chunks:
+                mark_consumed(self.chunks, self.task_id)
 
     def start(self, last_version: int = 0) -> int:
         """Retrieve and take the first snapshot (or, on resume, the one after `last_version`)."""
