@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from lagoon.cli import agent_cmd, config_cmd, context_cmd, eval_cmd, routing_cmd
+from lagoon.cli import agent_cmd, config_cmd, context_cmd, engine_cmd, eval_cmd, routing_cmd
 
 app = typer.Typer(
     name="lagoon",
@@ -22,6 +22,8 @@ app.command("run")(agent_cmd.run)
 app.add_typer(agent_cmd.sessions_app, name="sessions")
 app.command("eval")(eval_cmd.eval_command)
 app.command("index")(context_cmd.index)
+app.command("generate")(engine_cmd.generate)
+app.command("serve")(engine_cmd.serve)
 app.command("search")(context_cmd.search)
 
 

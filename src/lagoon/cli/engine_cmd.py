@@ -1,0 +1,72 @@
+"""`lagoon generate` and `lagoon serve`: thin commands over `lagoon.engine`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from lagoon.cli.common import ConfigOpt, exits_cleanly, load
+
+__all__ = ["generate", "serve"]
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="HF folder, .gguf file or `embedded` (default: engine.model).")]
+PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="native | float32 | bfloat16 (default: engine.precision).")]
+
+
+@exits_cleanly
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text.")],
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1)] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0)] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 0,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template (one user turn).")] = False,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Generate all N tokens (benchmarks).")] = False,
+    precision: PrecisionOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print only the generated text (streamed), without the prompt or template."""
+    from lagoon.engine import load_model
+
+    cfg = load(config)
+    engine = load_model(model or cfg.engine.model, precision=precision or cfg.engine.precision, config=cfg.engine,
+                        paged=cfg.model_deployment.memory.kv_cache_sharding)
+    try:
+        ids = engine.chat_prompt([{"role": "user", "content": prompt}]) if chat else engine.encode(prompt)
+        params = engine.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                               stop=tuple(stop or ()), ignore_eos=ignore_eos,
+                               **({"seed": seed} if seed is not None else {}))
+        for piece in engine.stream(ids, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    finally:
+        engine.close()
+
+
+@exits_cleanly
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str | None, typer.Option("--host", help="Bind address (default: server.host).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (default: server.port).")] = None,
+    precision: PrecisionOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve the model over the OpenAI-compatible API (chat, completions, models, health, metrics)."""
+    from lagoon.engine import load_model
+    from lagoon.engine.server import serve as run
+    from lagoon.telemetry import Telemetry
+
+    cfg = load(config)
+    engine = load_model(model or cfg.engine.model, precision=precision or cfg.engine.precision, config=cfg.engine,
+                        paged=cfg.model_deployment.memory.kv_cache_sharding)
+    try:
+        typer.echo(f"serving {engine.name} on http://{host or cfg.server.host}:{port or cfg.server.port}/v1", err=True)
+        run(engine, cfg.server, Telemetry(cfg.telemetry), host=host, port=port)
+    finally:
+        engine.close()
