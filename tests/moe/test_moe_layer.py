@@ -126,3 +126,14 @@ def test_public_api_complete():
         assert hasattr(moe, name), name
     public = {n for n in dir(moe) if not n.startswith("_") and not isinstance(getattr(moe, n), type(moe))}
     assert public <= set(moe.__all__) | {"annotations"}
+
+
+def test_from_hf_share_reuses_tensors():
+    block = hf_block("mixtral")
+    shared = SparseMoE.from_hf(block, share=True)
+    copied = SparseMoE.from_hf(block)
+    assert shared.experts.gate_up_proj.data_ptr() == block.experts.gate_up_proj.data_ptr()
+    assert copied.experts.gate_up_proj.data_ptr() != block.experts.gate_up_proj.data_ptr()
+    x = torch.randn(4, H)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(x), copied(x))

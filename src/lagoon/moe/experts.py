@@ -6,9 +6,10 @@ Expert e computes ``down_proj[e] @ (act(gate) * up)`` with ``gate, up = gate_up_
 
 * `Experts` — the fast path: `plan_dispatch` sorts slots by expert, each expert runs its
   contiguous segment (``impl``: ``loop`` = one ``F.linear`` pair per non-empty expert,
-  ``grouped_mm`` = ``torch.nn.functional.grouped_mm`` over the offsets, ``auto`` = the one
-  measured faster here, see ``benchmarks/bench_moe.py``), then outputs are weighted and summed back
-  per token with ``index_add_`` (combine).
+  ``grouped_mm`` = ``torch.nn.functional.grouped_mm`` over the offsets, ``auto`` = ``loop`` when
+  there are fewer slots than experts (decode), ``grouped_mm`` otherwise — what
+  ``benchmarks/bench_moe.py`` measured faster on CPU), then outputs are weighted, put back in slot order
+  and summed over each token's k slots (combine).
 * `ReferenceExperts` — the oracle: gathers every slot's expert weights and applies them with
   ``einsum``; slow and memory-hungry (T*k copies of the weights) but obviously right. Every fast,
   quantized or offloaded expert path is tested against it.
@@ -97,11 +98,17 @@ class Experts(StackedExperts):
         ws = weights.reshape(-1)[plan.order]  # [S]
         impl = self.impl
         if impl == "auto":
-            impl = "loop"  # grouped_mm measured no faster on CPU (benchmarks/bench_moe.py)
+            # decode: a few slots -> a handful of F.linear calls beat a grouped GEMM over E offsets;
+            # prefill: grouped_mm was faster on CPU at 8 and 64 experts (benchmarks/bench_moe.py)
+            impl = "grouped_mm" if xs.shape[0] >= self.num_experts else "loop"
         ys = self._grouped(xs, plan) if impl == "grouped_mm" else self._loop(xs, plan)  # [S, H]
         ys = ys * ws.unsqueeze(-1).to(ys.dtype)
-        out = torch.zeros_like(x)  # [T, H]
-        return out.index_add_(0, plan.tokens, ys.to(x.dtype))
+        # combine: back to slot order, then sum each token's k slots. (index_add_ with repeated
+        # indices took ~50 ms for one token on a busy 2-core CPU; this is deterministic and cheap.)
+        t, k = indices.shape
+        slots = ys.new_zeros(t * k, ys.shape[-1]) if plan.dropped else ys.new_empty(t * k, ys.shape[-1])
+        slots.index_copy_(0, plan.order, ys)  # [T*k, H]
+        return slots.view(t, k, -1).sum(dim=1).to(x.dtype)  # [T, H]
 
     def _loop(self, xs: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         outs = []

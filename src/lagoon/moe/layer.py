@@ -139,8 +139,11 @@ class SparseMoE(nn.Module):
 
     # ------------------------------------------------------------------ builders
     @classmethod
-    def from_hf(cls, block: nn.Module, **overrides: Any) -> SparseMoE:
-        """A Lagoon block with the same weights and routing as a transformers 5.23 MoE block."""
+    def from_hf(cls, block: nn.Module, *, share: bool = False, **overrides: Any) -> SparseMoE:
+        """A Lagoon block with the same weights and routing as a transformers 5.23 MoE block.
+
+        ``share=True`` reuses the HF block's tensors instead of copying them (zero extra memory).
+        """
         gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
         if gate is None or experts is None or not hasattr(experts, "gate_up_proj"):
             raise UnsupportedModelError(
@@ -165,9 +168,12 @@ class SparseMoE(nn.Module):
             kw["shared_intermediate_size"] = shared.gate_proj.out_features
             kw["shared_expert_gate"] = getattr(block, "shared_expert_gate", None) is not None
         kw.update(overrides)
-        moe = cls(hidden, experts.down_proj.shape[-1], num_experts, gate.top_k, **kw)
-        moe.to(dtype=gate.weight.dtype, device=gate.weight.device)
-        moe.load_state_dict({k: v.detach().clone() for k, v in block.state_dict().items()})
+        with torch.device("meta"):
+            moe = cls(hidden, experts.down_proj.shape[-1], num_experts, gate.top_k, **kw)
+        state = {k: v.detach() if share else v.detach().clone() for k, v in block.state_dict().items()}
+        moe.load_state_dict(state, assign=True)
+        if moe.router.scoring == "softmax":  # runtime-only buffer, absent from HF softmax blocks
+            moe.router.e_score_correction_bias = torch.zeros(num_experts, device=gate.weight.device)
         return moe
 
     @classmethod

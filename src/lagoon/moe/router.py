@@ -111,8 +111,9 @@ class Router(nn.Module):
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(num_experts), persistent=scoring == "sigmoid"
         )
-        self._window = torch.zeros(balance_window, num_experts, dtype=torch.float64)  # [W, E] ring
-        self._window_sum = torch.zeros(num_experts, dtype=torch.float64)  # [E]
+        # host-side bookkeeping, never on the meta device or the accelerator
+        self._window = torch.zeros(balance_window, num_experts, dtype=torch.float64, device="cpu")  # [W, E] ring
+        self._window_sum = torch.zeros(num_experts, dtype=torch.float64, device="cpu")  # [E]
         self._window_pos = 0
         self._window_fill = 0
 
@@ -125,7 +126,7 @@ class Router(nn.Module):
     def balance_window(self, steps: int) -> None:
         if steps < 1:
             raise ConfigError(f"balance_window must be >= 1 (got {steps})")
-        self._window = torch.zeros(steps, self.num_experts, dtype=torch.float64)
+        self._window = torch.zeros(steps, self.num_experts, dtype=torch.float64, device="cpu")
         self.reset_window()
 
     def reset_window(self) -> None:
@@ -141,7 +142,7 @@ class Router(nn.Module):
         """Each expert's share of the window's assignments, [E] fp32 (zeros when empty)."""
         total = self._window_sum.sum()
         if total <= 0:
-            return torch.zeros(self.num_experts)
+            return torch.zeros(self.num_experts, device="cpu")
         return (self._window_sum / total).float()
 
     @property

@@ -1,0 +1,126 @@
+"""`lagoon moe bench | placement LOADS.json | simulate`: the MoE block's speed, placement and balance."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lagoon.cli.common import ConfigOpt, exits_cleanly, load
+
+app = typer.Typer(help="Sparse MoE: benchmark, expert placement, load-balance simulation.", no_args_is_help=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _read_loads(path: Path) -> list[list[float]]:
+    from lagoon.errors import ConfigError
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; pass a JSON [layers][experts] array or a monitor snapshot") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, dict) and "layers" in data:  # an ExpertLoadMonitor snapshot
+        return [layer["tokens"] for layer in data["layers"]]
+    if isinstance(data, list) and data and not isinstance(data[0], list):
+        return [data]
+    if isinstance(data, list) and data:
+        return data
+    raise ConfigError(f"{path}: expected [layers][experts] numbers, [experts] numbers, or a monitor snapshot")
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="Two shapes, 1 and 128 tokens, fewer repetitions.")] = False,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 2,
+) -> None:
+    """Time Lagoon's MoE block against transformers' eager and grouped_mm paths; balancing on/off table."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lagoon.moe.benchmark import run
+
+    run(quick=quick, threads=threads, echo=typer.echo)
+
+
+@app.command()
+@exits_cleanly
+def placement(
+    loads: Annotated[Path, typer.Argument(help="JSON: [layers][experts] token counts, or a `simulate --json` snapshot.")],
+    devices: Annotated[int, typer.Option("--devices", "-d", help="Expert-parallel devices.")] = 8,
+    redundant: Annotated[int, typer.Option("--redundant", "-r", help="Extra replica slots for hot experts.")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the placement JSON here.")] = None,
+) -> None:
+    """Plan an EPLB-style expert placement (replicate hot experts, pack devices) and print its balance."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lagoon.moe.placement import plan_placement
+
+    plan = plan_placement(_read_loads(loads), devices, redundant)
+    table = Table("layer", "replicated experts", "device load (min..max)", "balancedness")
+    for i, (reps, dev) in enumerate(zip(plan.replicas, plan.device_load, strict=True)):
+        hot = [str(e) for e in range(len(reps)) if reps[e] > 1]
+        table.add_row(str(i), ", ".join(hot) or "-", f"{dev.min():.0f}..{dev.max():.0f}", f"{dev.mean() / max(dev.max(), 1e-12):.3f}")
+    Console().print(table)
+    typer.echo(f"balancedness: naive {plan.balancedness_before:.3f} -> planned {plan.balancedness_after:.3f}")
+    if out is not None:
+        _write_json(out, plan.to_json())
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+@exits_cleanly
+def simulate(
+    config: ConfigOpt = None,
+    layers: Annotated[int, typer.Option(help="MoE blocks in the stack.")] = 4,
+    hidden: Annotated[int, typer.Option(help="Hidden size of the random blocks.")] = 128,
+    intermediate: Annotated[int, typer.Option(help="Expert intermediate size.")] = 64,
+    steps: Annotated[int, typer.Option(help="Forward calls.")] = 50,
+    tokens: Annotated[int, typer.Option(help="Tokens per call.")] = 16,
+    skew: Annotated[float, typer.Option(help="Norm scale of the offset every token shares (0 = no skew).")] = 2.0,
+    seed: int = 0,
+    plot: Annotated[Path | None, typer.Option(help="Write the layer x expert heat map PNG here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the monitor snapshot here.")] = None,
+) -> None:
+    """Run random MoE blocks built from the config (routing + moe sections) and report expert load."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from lagoon.moe import ExpertLoadMonitor, SparseMoE
+
+    cfg = load(config)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        *[SparseMoE.from_config(cfg, hidden_size=hidden, intermediate_size=intermediate) for _ in range(layers)]
+    ).eval()
+    monitor = ExpertLoadMonitor.from_config(cfg).attach(model)
+    g = torch.Generator().manual_seed(seed)
+    offset = torch.randn(hidden, generator=g) * skew
+    with torch.no_grad():
+        for _ in range(steps):
+            model(offset + torch.randn(tokens, hidden, generator=g))
+    snap = monitor.snapshot()
+    table = Table("layer", "balancedness", "CV", "max violation", "entropy (norm)", "dropped", "recalibrations")
+    for layer in snap["layers"]:
+        table.add_row(
+            layer["name"], f"{layer['balancedness']:.3f}", f"{layer['cv']:.3f}", f"{layer['max_violation']:.2f}",
+            f"{layer['entropy_norm']:.3f}", str(layer["dropped"]), str(layer["recalibrations"]),
+        )
+    Console().print(table)
+    if plot is not None:
+        typer.echo(f"wrote {monitor.plot(plot)}")
+    if json_out is not None:
+        _write_json(json_out, snap)
+        typer.echo(f"wrote {json_out}")
