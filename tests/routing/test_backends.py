@@ -70,12 +70,15 @@ def test_endpoint_accepts_base_or_full_chat_url():
 
 @pytest.mark.parametrize("path", ["/v1", "/v1/chat", "/v1/chat/completions"])
 def test_openai_compat_answers_with_usage_and_cost(server, path):
-    b = oa(server, path, price_input_per_mtok=2.0, price_output_per_mtok=10.0)
+    b = oa(server, path, price_input_per_mtok=2.0, price_output_per_mtok=10.0, max_tokens=77, temperature=0.6)
     r = b.chat(MSGS)
     assert r.message.content == "pong" and r.backend == "openai_compat:m"
     assert server.requests[-1]["path"] == "/v1/chat/completions"
     sent = server.requests[-1]["body"]
-    assert sent["messages"][0] == {"role": "system", "content": "be brief"} and sent["max_tokens"] == 1024
+    assert sent["messages"][0] == {"role": "system", "content": "be brief"}
+    assert (sent["model"], sent["max_tokens"], sent["temperature"]) == ("m", 77, 0.6)  # the route's settings
+    b.chat(MSGS, max_tokens=5, temperature=0.0)
+    assert (server.requests[-1]["body"]["max_tokens"], server.requests[-1]["body"]["temperature"]) == (5, 0.0)
     assert r.usage.output_tokens == 3
     assert r.usage.cost_usd == pytest.approx((r.usage.input_tokens * 2.0 + 3 * 10.0) / 1e6)
 
@@ -170,6 +173,7 @@ def test_anthropic_messages_mapping_and_tool_use():
         r = an(s).chat(history, tools=[TOOL])
         sent = s.requests[-1]["body"]
         assert sent["system"] == "sys" and sent["tools"][0]["input_schema"]["type"] == "object"
+        assert (sent["model"], sent["max_tokens"]) == ("claude", 1024) and "temperature" not in sent
         assert r.message.tool_calls == (ToolCall("toolu_1", "bash", {"cmd": "pwd"}),)
         assert r.finish_reason == "tool_calls" and r.message.content == "Calling a tool."
         assert r.usage.output_tokens == 3 and r.backend == "anthropic:claude"
