@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from lagoon.cli import agent_cmd, config_cmd, context_cmd, engine_cmd, eval_cmd, routing_cmd
+from lagoon.cli import agent_cmd, config_cmd, context_cmd, engine_cmd, eval_cmd, moe_cmd, routing_cmd
 
 app = typer.Typer(
     name="lagoon",
@@ -25,6 +25,7 @@ app.command("index")(context_cmd.index)
 app.command("generate")(engine_cmd.generate)
 app.command("serve")(engine_cmd.serve)
 app.command("search")(context_cmd.search)
+app.add_typer(moe_cmd.app, name="moe")
 
 
 @app.callback()
