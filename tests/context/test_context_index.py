@@ -149,3 +149,15 @@ def test_flat_bm25_matches_bm25s_reference_builder():
         np.testing.assert_allclose(
             fast.get_scores_from_ids(query), ref.get_scores_from_ids(query), rtol=1e-5, atol=1e-6
         )
+
+
+def test_memoised_token_ids_equal_the_tokenizer(repo, config):
+    from lagoon.context.index import _document_text
+    from lagoon.context.tokens import code_tokens
+
+    ix = CodeIndex(repo, config)
+    ix.update()
+    inverse = {i: t for t, i in ix._vocab.items()}
+    for path, rec in ix._files.items():
+        for chunk, ids in zip(rec.chunks, rec.tokens, strict=True):
+            assert [inverse[int(i)] for i in ids] == code_tokens(_document_text(chunk)), path

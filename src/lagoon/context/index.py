@@ -36,7 +36,7 @@ import scipy.sparse as sp
 from lagoon.config import ContextSection
 from lagoon.context.chunking import Chunk, chunk_file, content_hash
 from lagoon.context.fileset import FileSet
-from lagoon.context.tokens import code_tokens
+from lagoon.context.tokens import code_tokens, split_identifier, words
 from lagoon.errors import IndexCorruptError
 
 __all__ = ["CodeIndex", "Hit", "UpdateStats", "FlatBM25", "FORMAT_VERSION", "index_dir"]
@@ -92,6 +92,8 @@ class CodeIndex:
         self._vocab: dict[str, int] = {}
         self._chunks: list[Chunk] = []
         self._bm25: bm25s.BM25 | None = None
+        self._word_ids: dict[str, tuple[int, ...]] = {}
+        self._memo_vocab: dict[str, int] | None = None
 
     # -- reading --------------------------------------------------------------------------------
     @property
@@ -231,9 +233,18 @@ class CodeIndex:
         )
 
     def _token_ids(self, chunk: Chunk) -> np.ndarray:
-        vocab = self._vocab
-        ids = [vocab.setdefault(t, len(vocab)) for t in _document_tokens(chunk)]
-        return np.asarray(ids, dtype=np.int32)
+        """Vocabulary ids of `code_tokens(document text)`, memoised per identifier (same result)."""
+        vocab, memo = self._vocab, self._word_ids
+        if len(memo) and self._memo_vocab is not vocab:
+            memo.clear()
+        self._memo_vocab = vocab
+        out: list[int] = []
+        for word in words(_document_text(chunk)):
+            ids = memo.get(word)
+            if ids is None:
+                ids = memo[word] = tuple(vocab.setdefault(t, len(vocab)) for t in split_identifier(word))
+            out.extend(ids)
+        return np.array(out, dtype=np.int32)
 
     def _commit(self, files: dict[str, _FileRecord]) -> None:
         chunks = [c for rec in files.values() for c in rec.chunks]
@@ -270,9 +281,9 @@ class CodeIndex:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
-def _document_tokens(chunk: Chunk) -> list[str]:
+def _document_text(chunk: Chunk) -> str:
     # The path and symbol make file and function names searchable even when the body never says them.
-    return code_tokens(f"{chunk.path}\n{chunk.symbol or ''}\n{chunk.header}\n{chunk.text}")
+    return f"{chunk.path}\n{chunk.symbol or ''}\n{chunk.header}\n{chunk.text}"
 
 
 def _write_generation(folder: Path, config, files, chunks, flat, offsets, vocab) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-__all__ = ["code_tokens", "split_identifier"]
+__all__ = ["code_tokens", "split_identifier", "words"]
 
 _WORD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
 _PART_RE = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
@@ -37,6 +37,11 @@ def split_identifier(word: str) -> tuple[str, ...]:
     if len(parts) > 1:
         out.extend(p for p in parts if len(p) > 1 and p not in _STOPWORDS)
     return tuple(out)
+
+
+def words(text: str) -> list[str]:
+    """The identifiers and numbers of `text`, before splitting."""
+    return _WORD_RE.findall(text)
 
 
 def code_tokens(text: str) -> list[str]:
