@@ -93,3 +93,16 @@ def test_lexical_candidates_bounds_the_candidate_pool(repo, config):
         r = CodeRetriever(repo, config.model_copy(update={"lexical_candidates": n, "top_k": 5}))
         assert len(r.candidates("return self")) == n
         assert len(r.retrieve("return self", budget_tokens=100_000)) == n
+
+
+def test_context_imports_and_retrieves_without_torch(repo):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lagoon.config import ContextSection; from lagoon.context import CodeRetriever;"
+        f"r = CodeRetriever({str(repo)!r}, ContextSection(rerank=False)); assert r.retrieve('circle area');"
+        "print('torch' in sys.modules, 'sentence_transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
