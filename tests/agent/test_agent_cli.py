@@ -1,0 +1,75 @@
+"""`lagoon run` and `lagoon sessions …` through the CLI (CliRunner), incl. the router over loopback servers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lagoon.cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "a.txt").write_text("alpha\n")
+    return tmp_path / "repo"
+
+
+def test_run_then_sessions_list_show_export_resume(repo, tmp_path):
+    script = tmp_path / "s.json"
+    script.write_text(json.dumps([{"bash": "cat a.txt"}, {"tool": ["submit", {"summary": "read it"}]}]))
+    res = runner.invoke(app, ["run", "read the file", "--repo", str(repo), "--model", f"scripted:{script}",
+                              "-c", "context.rerank=false"])
+    assert res.exit_code == 0, res.output
+    assert "summary" in res.output and "submitted" in res.output
+    res = runner.invoke(app, ["sessions", "list", "--repo", str(repo)])
+    assert res.exit_code == 0 and "read the file" in res.output
+    sid = next(line.split()[1] for line in res.output.splitlines() if "s-" in line)
+    res = runner.invoke(app, ["sessions", "show", sid, "--repo", str(repo)])
+    assert res.exit_code == 0 and "tool_result" in res.output
+    res = runner.invoke(app, ["sessions", "export", sid, "--repo", str(repo)])
+    doc = json.loads(res.output)
+    assert doc["format_version"] == 1 and [e["seq"] for e in doc["events"]] == list(range(1, len(doc["events"]) + 1))
+    res = runner.invoke(app, ["sessions", "resume", sid, "--repo", str(repo), "--json", "--model", f"scripted:{script}"])
+    assert res.exit_code == 0 and json.loads(res.output)["submitted"]
+
+
+def test_max_steps_and_bad_input_exit_cleanly(repo, tmp_path):
+    script = tmp_path / "s.json"
+    script.write_text(json.dumps([{"bash": "true"}] * 5))
+    res = runner.invoke(app, ["run", "spin", "--repo", str(repo), "--json", "--max-steps", "2",
+                              "--model", f"scripted:{script}", "-c", "context.rerank=false"])
+    assert res.exit_code == 1 and json.loads(res.output)["exit_status"] == "limits_exceeded"
+    res = runner.invoke(app, ["run", "x", "--repo", str(repo), "--model", "nope:1"])
+    assert res.exit_code == 2 and "router, scripted" in res.output
+    res = runner.invoke(app, ["run", "x", "--repo", str(tmp_path / "missing"), "--model", f"scripted:{script}"])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(app, ["sessions", "list", "--repo", str(tmp_path)])
+    assert res.exit_code == 2 and "no sessions" in res.output
+
+
+@pytest.mark.network
+def test_run_through_the_router_over_loopback_servers(repo):
+    from lagoon.routing.fault_server import FaultServer
+
+    with FaultServer(["503"], tool_call=("submit", {"summary": "done"})) as cheap, FaultServer(reply="strong") as strong:
+        res = runner.invoke(app, [
+            "run", "fix the failing lint test", "--repo", str(repo), "--json",
+            "-c", "context.rerank=false",
+            "-c", f"routing.retrieval_bound.endpoint={cheap.url}/v1/chat/completions",
+            "-c", "routing.retrieval_bound.model=coder",
+            "-c", f"routing.reasoning_bound.endpoint={strong.url}/v1/chat",
+            "-c", "routing.reasoning_bound.api_key_env=null",
+            "-c", "routing.backoff_base_s=0.01",
+        ])
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.output)
+        assert out["submitted"] and out["backends"] == {"retrieval_bound": 1} and out["model_used"] == "coder"
+        assert strong.requests == []
+        wire = cheap.requests[-1]["body"]
+        assert {t["function"]["name"] for t in wire["tools"]} >= {"bash", "view", "edit", "submit"}
+
