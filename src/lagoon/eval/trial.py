@@ -131,8 +131,14 @@ def _agent_lagoon(task: Task, sandbox: Sandbox, config: LagoonConfig, result: di
     cfg = config.model_copy(deep=True)
     cfg.agent.time_limit_s = task.agent_timeout_s or config.eval.task_timeout_s
     agent_env = replace(sandbox, state_dir=sandbox.root.parent / "shell-state")
+    # Terminal-Bench instructions name container paths (/app/...); the agent's file tools take
+    # workspace-relative paths, so say where the workspace sits.
+    note = (
+        f"\n\n(The workspace is {sandbox.workdir}; shell commands run there. File tools take paths "
+        f"relative to it, e.g. {sandbox.workdir}/x.py is x.py.)"
+    )
     run = run_task(
-        task.instruction,
+        task.instruction + note,
         sandbox.root,
         cfg,
         model=model,
