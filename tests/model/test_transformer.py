@@ -88,3 +88,8 @@ def test_unknown_family_lists_known_ones():
 
     with pytest.raises(UnsupportedModelError, match="llama"):
         ModelArgs.from_hf_config({"model_type": "gpt2"})
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_moe_family_matches_transformers(tmp_path, family):
+    check_family(tmp_path, family)

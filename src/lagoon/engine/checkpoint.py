@@ -161,6 +161,10 @@ def _assemble(
     model.load_state_dict(state, assign=True, strict=not args.tie_word_embeddings)
     model.tie_weights()
     model.inv_freq = rope_inv_freq(args)
+    for module in model.modules():  # runtime-only buffers (e.g. a router's selection bias) start at zero
+        for bname, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                setattr(module, bname, torch.zeros(buf.shape, dtype=buf.dtype))
     return model.eval().requires_grad_(False)
 
 
