@@ -196,7 +196,7 @@ def run(quick: bool = False, threads: int | None = 2, echo: Callable[[str], None
         f"{reps[1]} (prefill) interleaved calls"
     )
     rows = speed_rows(shapes, tokens, reps_decode=reps[0], reps_prefill=reps[1], progress=lambda r: echo(format_speed(r)))
-    echo("\n== speed (ratio = faster HF path / this path; Lagoon's default 'auto' = loop at decode, grouped_mm at prefill) ==")
+    echo("\n== speed (ratio = faster HF path / this path; Lagoon's default 'auto' = grouped_mm on CPU) ==")
     echo(format_speed(rows))
     echo("\n== runtime balancing, random-weight block (64 experts, top-8), skewed input stream ==")
     echo(format_balance(balance_rows(steps=100 if quick else 200)))

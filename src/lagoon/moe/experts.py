@@ -6,9 +6,9 @@ Expert e computes ``down_proj[e] @ (act(gate) * up)`` with ``gate, up = gate_up_
 
 * `Experts` — the fast path: `plan_dispatch` sorts slots by expert, each expert runs its
   contiguous segment (``impl``: ``loop`` = one ``F.linear`` pair per non-empty expert,
-  ``grouped_mm`` = ``torch.nn.functional.grouped_mm`` over the offsets, ``auto`` = ``loop`` when
-  there are fewer slots than experts (decode), ``grouped_mm`` otherwise — what
-  ``benchmarks/bench_moe.py`` measured faster on CPU), then outputs are weighted, put back in slot order
+  ``grouped_mm`` = ``torch.nn.functional.grouped_mm`` over the offsets, ``auto`` = ``grouped_mm``
+  where the kernel exists for the device and dtype (it matched or beat the loop on CPU in
+  ``benchmarks/bench_moe.py``), else ``loop``), then outputs are weighted, put back in slot order
   and summed over each token's k slots (combine).
 * `ReferenceExperts` — the oracle: gathers every slot's expert weights and applies them with
   ``einsum``; slow and memory-hungry (T*k copies of the weights) but obviously right. Every fast,
@@ -51,6 +51,16 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return ACTIVATIONS[name]
     except KeyError:
         raise ConfigError(f"unknown activation {name!r}; valid: {', '.join(sorted(ACTIVATIONS))}") from None
+
+
+def _grouped_mm_ok(xs: torch.Tensor) -> bool:
+    # CPU: any float dtype, and it matched or beat the loop at every shape benchmarked (decode is
+    # memory-bound either way; prefill gained up to ~2x). CUDA kernels want bf16 on SM80+.
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if xs.device.type == "cpu":
+        return True
+    return xs.device.type == "cuda" and xs.dtype == torch.bfloat16 and torch.cuda.get_device_capability(xs.device) >= (8, 0)
 
 
 class StackedExperts(nn.Module):
@@ -98,9 +108,7 @@ class Experts(StackedExperts):
         ws = weights.reshape(-1)[plan.order]  # [S]
         impl = self.impl
         if impl == "auto":
-            # decode: a few slots -> a handful of F.linear calls beat a grouped GEMM over E offsets;
-            # prefill: grouped_mm was faster on CPU at 8 and 64 experts (benchmarks/bench_moe.py)
-            impl = "grouped_mm" if xs.shape[0] >= self.num_experts else "loop"
+            impl = "grouped_mm" if _grouped_mm_ok(xs) else "loop"
         ys = self._grouped(xs, plan) if impl == "grouped_mm" else self._loop(xs, plan)  # [S, H]
         ys = ys * ws.unsqueeze(-1).to(ys.dtype)
         # combine: back to slot order, then sum each token's k slots. (index_add_ with repeated
