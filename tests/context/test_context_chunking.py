@@ -93,3 +93,10 @@ def test_content_hash_follows_text():
     b = chunk_file("b.py", "def f():\n    return 1\n", 4096)[0]
     c = chunk_file("a.py", "def f():\n    return 2\n", 4096)[0]
     assert a.content_hash == b.content_hash != c.content_hash
+
+
+def test_pathologically_deep_file_falls_back_to_windows():
+    text = "x = " + " + ".join(f"v{i}" for i in range(5000)) + "\n\ndef after():\n    return 1\n"
+    chunks = chunk_file("deep.py", text, 4096)
+    assert chunks and all(len(c.text) <= 4096 for c in chunks)
+    assert any("def after" in c.text for c in chunks)

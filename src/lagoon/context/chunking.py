@@ -271,10 +271,12 @@ def chunk_file(path: str, text: str, max_chars: int) -> list[Chunk]:
         return chunk_lines(path, text, max_chars)
     tree = parser_for(spec.name).parse(text.encode("utf-8", "surrogatepass"))
     chunker = _Chunker(path, text, spec, max_chars)
-    root = tree.root_node
-    members = chunker.definitions(root)
-    chunker.gaps(0, len(chunker.src.lines) - 1, [o for o, _ in members], None, ())
-    for outer, node in members:
-        chunker.visit(outer, node, None, ())
+    try:
+        members = chunker.definitions(tree.root_node)
+        chunker.gaps(0, len(chunker.src.lines) - 1, [o for o, _ in members], None, ())
+        for outer, node in members:
+            chunker.visit(outer, node, None, ())
+    except RecursionError:  # pathologically deep trees (generated code): fall back to windows
+        return chunk_lines(path, text, max_chars, spec.name)
     chunker.out.sort(key=lambda c: (c.start_line, c.end_line))
     return chunker.out
