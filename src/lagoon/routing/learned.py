@@ -215,7 +215,9 @@ class LearnedClassifier:
         # Predict with the fold models that produced the out-of-fold scores, so new traffic is
         # scored on the scale the threshold was calibrated on (a model refitted on all rows is sharper).
         model = FoldEnsemble(list(cv["estimator"]))
-        digest = hashlib.sha256(json.dumps([[r.prompt, r.label.value, r.context_size] for r in rows]).encode()).hexdigest()
+        fingerprint = {"rows": [[r.prompt, r.label.value, r.context_size] for r in rows],
+                       "embeddings": embeddings, "c": c, "seed": seed, "share": share}
+        digest = hashlib.sha256(json.dumps(fingerprint).encode()).hexdigest()
         import sklearn
 
         from lagoon import __version__
