@@ -77,7 +77,9 @@ def step_overhead(repo: Path, cfg, steps: int) -> dict[str, list[float]]:
                        k=cfg.context.top_k, budget_tokens=cfg.context.token_budget)
     gate.start()
     cold = time.perf_counter() - t0
-    memory = Memory(model.count_tokens, budget=cfg.model_deployment.memory.context_budget,
+    # as run_task does: the budget is capped at the model's window (32k for the scripted model)
+    budget = min(cfg.model_deployment.memory.context_budget, model.context_window)
+    memory = Memory(model.count_tokens, budget=budget,
                     strategy=cfg.model_deployment.memory.truncation_strategy, system="You are a coder.", task=task)
     store = SessionStore.for_workspace(repo)
     store.open("bench", str(repo), task)
