@@ -243,3 +243,10 @@ def test_routing_imports_and_routes_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_public_api_is_complete():
+    import lagoon.routing as routing
+
+    assert all(hasattr(routing, name) for name in routing.__all__)
+    assert {"build_router", "build_backend", "Router"} <= set(routing.__all__)
