@@ -143,6 +143,8 @@ class SparseMoE(nn.Module):
         """A Lagoon block with the same weights and routing as a transformers 5.23 MoE block.
 
         ``share=True`` reuses the HF block's tensors instead of copying them (zero extra memory).
+        Mixtral's training-only ``router_jitter_noise`` is not reproduced. `overrides` go to the
+        constructor (e.g. ``experts_impl``, ``capacity_factor``).
         """
         gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
         if gate is None or experts is None or not hasattr(experts, "gate_up_proj"):

@@ -111,8 +111,10 @@ class Router(nn.Module):
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(num_experts), persistent=scoring == "sigmoid"
         )
-        # host-side bookkeeping, never on the meta device or the accelerator
-        self._window = torch.zeros(balance_window, num_experts, dtype=torch.float64, device="cpu")  # [W, E] ring
+        # host-side bookkeeping, never on the meta device or the accelerator; the [W, E] ring is
+        # allocated on the first observe() that needs it (W=1000 x 48 layers would cost ~50 MB)
+        self._balance_window = balance_window
+        self._window: torch.Tensor | None = None  # [W, E] ring of per-step loads
         self._window_sum = torch.zeros(num_experts, dtype=torch.float64, device="cpu")  # [E]
         self._window_pos = 0
         self._window_fill = 0
@@ -120,17 +122,19 @@ class Router(nn.Module):
     # ------------------------------------------------------------------ window
     @property
     def balance_window(self) -> int:
-        return self._window.shape[0]
+        return self._balance_window
 
     @balance_window.setter
     def balance_window(self, steps: int) -> None:
         if steps < 1:
             raise ConfigError(f"balance_window must be >= 1 (got {steps})")
-        self._window = torch.zeros(steps, self.num_experts, dtype=torch.float64, device="cpu")
+        self._balance_window = steps
+        self._window = None
         self.reset_window()
 
     def reset_window(self) -> None:
-        self._window.zero_()
+        if self._window is not None:
+            self._window.zero_()
         self._window_sum.zero_()
         self._window_pos = self._window_fill = 0
 
@@ -192,7 +196,9 @@ class Router(nn.Module):
         if not self.tracking:
             return
         counts = counts.detach().to(torch.float64).cpu()  # [E]
-        w = self._window.shape[0]
+        w = self._balance_window
+        if self._window is None:
+            self._window = torch.zeros(w, self.num_experts, dtype=torch.float64, device="cpu")
         self._window_sum -= self._window[self._window_pos]
         self._window[self._window_pos] = counts
         self._window_sum += counts
