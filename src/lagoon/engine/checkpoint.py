@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from lagoon.errors import CheckpointError, UnsupportedModelError
@@ -215,6 +216,33 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0: blocks of 34 bytes = f16 scale d + 32 int8 q; w = d·q. raw [bytes] uint8 → [N] f32."""
+    b = raw.view(-1, 34)
+    d = b[:, :2].contiguous().view(torch.float16).float()  # [nb, 1]
+    q = b[:, 2:].contiguous().view(torch.int8).float()  # [nb, 32]
+    return (d * q).reshape(-1)
+
+
+def q4_1_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1 blocks of 20 bytes = f16 d, f16 m, 16 bytes of nibbles (low nibbles are values
+    0..15, high nibbles 16..31) → d [nb, 1], m [nb, 1], q [nb, 32] uint8 in 0..15."""
+    b = raw.view(-1, 20)
+    d = b[:, 0:2].contiguous().view(torch.float16).float()
+    m = b[:, 2:4].contiguous().view(torch.float16).float()
+    packed = b[:, 4:]
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=1)  # [nb, 32]
+    return d, m, q
+
+
+def dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    d, m, q = q4_1_fields(raw)
+    return (d * q.float() + m).reshape(-1)
+
+
+_DEQUANT = {"Q8_0": dequant_q8_0, "Q4_1": dequant_q4_1}
+
+
 def gguf_tensor_name(name: str) -> str | None:
     if name == "token_embd.weight":
         return "embed_tokens.weight"
@@ -250,11 +278,16 @@ def load_gguf(path: str | Path, precision: Precision = "native") -> Transformer:
         name = gguf_tensor_name(t.name)
         if name is None:
             continue
+        shape = [int(d) for d in reversed(t.shape)]
+        fast = _DEQUANT.get(t.tensor_type.name)
         try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except (ValueError, NotImplementedError) as exc:
+            if fast is not None:
+                w = fast(torch.from_numpy(np.ascontiguousarray(t.data)).reshape(-1)).reshape(shape)
+            else:
+                arr = gguf.quants.dequantize(t.data, t.tensor_type)
+                w = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)
+        except (ValueError, NotImplementedError, RuntimeError) as exc:
             raise CheckpointError(f"tensor {t.name!r} in {path}: cannot dequantize {t.tensor_type.name} ({exc})") from exc
-        w = torch.from_numpy(arr.astype("float32", copy=False)).reshape([int(d) for d in reversed(t.shape)])
         if args.family == "llama" and name.endswith("q_proj.weight"):
             w = _unpermute(w, args.n_heads)
         elif args.family == "llama" and name.endswith("k_proj.weight"):
