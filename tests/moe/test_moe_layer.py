@@ -150,3 +150,15 @@ def test_cuda_bf16_matches_reference():
     w = torch.rand(40, 4, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert rel_err(fast(x, idx, w).float(), ref(x, idx, w).float()) <= 2e-2  # bf16 rounding
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+def test_bf16_block_close_to_fp32(impl):
+    torch.manual_seed(4)
+    moe = SparseMoE(H, 24, 8, 2, shared_intermediate_size=16, shared_expert_gate=True, experts_impl=impl).eval()
+    x = torch.randn(2, 5, H)
+    with torch.no_grad():
+        ref = moe(x)
+        low = moe.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low.float(), ref) <= 2e-2  # bf16 weights and activations
