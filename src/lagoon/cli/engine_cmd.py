@@ -31,11 +31,10 @@ def generate(
     config: ConfigOpt = None,
 ) -> None:
     """Print only the generated text (streamed), without the prompt or template."""
-    from lagoon.engine import load_model
+    from lagoon.engine.engine import engine_from_config
 
     cfg = load(config)
-    engine = load_model(model or cfg.engine.model, precision=precision or cfg.engine.precision, config=cfg.engine,
-                        paged=cfg.model_deployment.memory.kv_cache_sharding)
+    engine = engine_from_config(cfg, model=model, precision=precision)
     try:
         ids = engine.chat_prompt([{"role": "user", "content": prompt}]) if chat else engine.encode(prompt)
         params = engine.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -58,13 +57,12 @@ def serve(
     config: ConfigOpt = None,
 ) -> None:
     """Serve the model over the OpenAI-compatible API (chat, completions, models, health, metrics)."""
-    from lagoon.engine import load_model
+    from lagoon.engine.engine import engine_from_config
     from lagoon.engine.server import serve as run
     from lagoon.telemetry import Telemetry
 
     cfg = load(config)
-    engine = load_model(model or cfg.engine.model, precision=precision or cfg.engine.precision, config=cfg.engine,
-                        paged=cfg.model_deployment.memory.kv_cache_sharding)
+    engine = engine_from_config(cfg, model=model, precision=precision)
     try:
         typer.echo(f"serving {engine.name} on http://{host or cfg.server.host}:{port or cfg.server.port}/v1", err=True)
         run(engine, cfg.server, Telemetry(cfg.telemetry), host=host, port=port)

@@ -9,7 +9,14 @@ The OpenAI-compatible HTTP layer is `lagoon.engine.server`.
 
 from __future__ import annotations
 
-from lagoon.engine.engine import EMBEDDED, Completion, Engine, embedded_gguf_path, load_model
+from lagoon.engine.engine import (
+    EMBEDDED,
+    Completion,
+    Engine,
+    embedded_gguf_path,
+    engine_from_config,
+    load_model,
+)
 from lagoon.engine.sampling import SamplingParams
 
-__all__ = ["Engine", "Completion", "load_model", "embedded_gguf_path", "EMBEDDED", "SamplingParams"]
+__all__ = ["Engine", "Completion", "load_model", "engine_from_config", "embedded_gguf_path", "EMBEDDED", "SamplingParams"]

@@ -25,7 +25,7 @@ from lagoon.engine.sampling import SamplingParams
 from lagoon.engine.tokenizer import ChatFormat, load_tokenizer
 from lagoon.errors import CheckpointError
 
-__all__ = ["Engine", "Completion", "load_model", "embedded_gguf_path", "EMBEDDED"]
+__all__ = ["Engine", "Completion", "load_model", "engine_from_config", "embedded_gguf_path", "EMBEDDED"]
 
 EMBEDDED = "embedded"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -148,3 +148,9 @@ def load_model(
     tokenizer = load_tokenizer(path)
     default_name = "smollm2-135m-instruct" if str(source) == EMBEDDED else path.name.removesuffix(".gguf")
     return Engine(model, tokenizer, name=name or default_name, config=config, paged=paged)
+
+
+def engine_from_config(cfg: Any, *, model: str | None = None, precision: Precision | None = None) -> Engine:
+    """Build from a `LagoonConfig`: `engine.*` and `model_deployment.memory.kv_cache_sharding`."""
+    return load_model(model or cfg.engine.model, precision=precision or cfg.engine.precision, config=cfg.engine,
+                      paged=cfg.model_deployment.memory.kv_cache_sharding)
