@@ -166,7 +166,7 @@ def run_task(
         mem_cfg = config.model_deployment.memory
         window = getattr(model, "context_window", 0) or mem_cfg.context_budget
         system = _PROMPTS.get_template("system.j2").render(
-            repo=ws.root.name, tools=list(toolbox.tools), state_dir=config.agent.state_dir, native_tools=True,
+            repo=ws.root.name, tools=list(toolbox.tools), state_dir=config.agent.state_dir,
         )
         memory = Memory(model.count_tokens, budget=min(mem_cfg.context_budget, window),
                         strategy=mem_cfg.truncation_strategy, system=system, task=instruction)
