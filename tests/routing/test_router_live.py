@@ -72,3 +72,14 @@ def test_openai_compat_against_live_lagoon_serve(tiny_folder):
         assert router.backends["retrieval_bound"].context_window > 0
     finally:
         stop()
+
+
+def test_two_local_routes_share_one_engine(tiny_folder):
+    cfg = load_config({"routing": {
+        "retrieval_bound": {"model": str(tiny_folder), "endpoint": "local", "max_tokens": 4, "temperature": 0.0},
+        "reasoning_bound": {"model": str(tiny_folder), "endpoint": "embedded", "max_tokens": 4, "temperature": 0.0},
+    }})
+    router = build_router(cfg)
+    router.chat(FIX)
+    router.chat([ChatMessage("user", "design and architect a plugin system")])
+    assert router.backends["retrieval_bound"].engine is router.backends["reasoning_bound"].engine

@@ -38,9 +38,11 @@ def route(
 ) -> None:
     """Classify PROMPT and show which backend the router would pick (no model is called)."""
     from lagoon.routing import build_router
+    from lagoon.telemetry import Telemetry
 
     cfg = load(config)
-    router = build_router(cfg)
+    # A dry run: nothing to export, so no OTLP exporter is started.
+    router = build_router(cfg, telemetry=Telemetry(cfg.telemetry.model_copy(update={"metrics_endpoint": None})))
     c = router.classify(prompt, context_size)
     order = router.route_for(c)
     backends = [

@@ -28,6 +28,29 @@ from lagoon.telemetry import Telemetry
 __all__ = ["LocalBackend"]
 
 
+_ENGINES: dict[tuple[str, str], Any] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _shared_engine(source: str, config: EngineSection, backend: str) -> Any:
+    """One engine per (checkpoint, engine config) in the process: when both routes name the same
+    local model (e.g. the demo config) it is loaded once, not twice."""
+    key = (source, config.model_dump_json())
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            try:
+                from lagoon.engine import load_model
+            except ImportError as exc:
+                raise ConfigError(
+                    f"{backend}: the in-process engine is not available ({exc}); install Lagoon with its "
+                    "torch dependencies, or point the route's endpoint at a `lagoon serve` URL "
+                    "(http://127.0.0.1:8000/v1)"
+                ) from exc
+            engine = _ENGINES[key] = load_model(source, config=config)
+        return engine
+
+
 class LocalBackend:
     provider = "local"
 
@@ -48,18 +71,10 @@ class LocalBackend:
 
     @property
     def engine(self) -> Any:
-        """The loaded engine (loads it on first access)."""
+        """The loaded engine (loads it on first access; shared with other local routes)."""
         with self._lock:
             if self._engine is None:
-                try:
-                    from lagoon.engine import load_model
-                except ImportError as exc:
-                    raise ConfigError(
-                        f"{self.name}: the in-process engine is not available ({exc}); install Lagoon with its "
-                        "torch dependencies, or point the route's endpoint at a `lagoon serve` URL "
-                        "(http://127.0.0.1:8000/v1)"
-                    ) from exc
-                self._engine = load_model(self.route.model, config=self.engine_config)
+                self._engine = _shared_engine(self.route.model, self.engine_config, self.name)
             return self._engine
 
     @property
