@@ -100,3 +100,33 @@ def test_corrupt_database_is_a_session_error(tmp_path):
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(SessionError, match="move it aside"):
         SessionStore(bad)
+
+
+def test_edit_tool_refuses_a_file_another_live_session_holds(tmp_path):
+    from lagoon.agent.session import SessionLocks
+    from lagoon.agent.tools import ToolBox
+    from lagoon.agent.tools.edit import EditTool
+    from lagoon.agent.workspace import Workspace
+
+    (tmp_path / "f.py").write_text("a = 1\n")
+    store = SessionStore.for_workspace(tmp_path)
+    store.open("a", str(tmp_path), "t1")
+    store.open("b", str(tmp_path), "t2")
+    ws = Workspace(tmp_path)
+    box_a = ToolBox([EditTool(ws, SessionLocks(store, "a"))])
+    box_b = ToolBox([EditTool(ws, SessionLocks(store, "b"))])
+    assert box_a.run("edit", {"command": "str_replace", "path": "f.py", "old_str": "a = 1", "new_str": "a = 2"}).ok
+    store.db.execute("UPDATE sessions SET owner_pid=1 WHERE id='a'")  # session a is alive elsewhere
+    out = box_b.run("edit", {"command": "str_replace", "path": "f.py", "old_str": "a = 2", "new_str": "a = 3"})
+    assert not out.ok and "locked by session a" in out.text
+    assert (tmp_path / "f.py").read_text() == "a = 2\n"
+    store.close()
+
+
+def test_agent_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, lagoon.agent, lagoon.cli.agent_cmd, lagoon.agent.runner; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
