@@ -26,8 +26,13 @@ system-deps:
 
 setup: $(STAMP) system-deps
 
+DEMO_DIR := .demo/sample-repo
+
 demo: setup
-	$(BIN)/lagoon demo
+	@# The agent edits files: run it on a fresh copy of the sample repository, never on examples/.
+	rm -rf $(DEMO_DIR) && mkdir -p .demo && cp -r examples/sample-repo $(DEMO_DIR)
+	$(BIN)/lagoon run "Fix the failing test" --repo $(DEMO_DIR) -c examples/configs/demo.yaml || true
+	@echo "session and trajectory: $(DEMO_DIR)/.lagoon/ (lagoon sessions list --repo $(DEMO_DIR))"
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks
