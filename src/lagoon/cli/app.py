@@ -6,7 +6,16 @@ import logging
 
 import typer
 
-from lagoon.cli import agent_cmd, config_cmd, context_cmd, engine_cmd, eval_cmd, moe_cmd, routing_cmd
+from lagoon.cli import (
+    agent_cmd,
+    config_cmd,
+    context_cmd,
+    engine_cmd,
+    eval_cmd,
+    moe_cmd,
+    quant_cmd,
+    routing_cmd,
+)
 
 app = typer.Typer(
     name="lagoon",
@@ -26,6 +35,8 @@ app.command("generate")(engine_cmd.generate)
 app.command("serve")(engine_cmd.serve)
 app.command("search")(context_cmd.search)
 app.add_typer(moe_cmd.app, name="moe")
+app.command("quantize")(quant_cmd.quantize)
+app.add_typer(quant_cmd.app, name="quant")
 
 
 @app.callback()

@@ -1,7 +1,7 @@
 """Save and load a quantized model: ``model.safetensors`` + ``quant.json``.
 
 ``quant.json`` (format_version 1) records the scheme and the whole `QuantConfig`, every swapped
-module with its type, the int4 packing layout when int4 is used, the torch version, and the
+module with its type, tied tensors (stored once, listed under ``aliases``), the int4 packing layout when int4 is used, the torch version, and the
 `source` the float model came from. The scheme is always read from this file, never guessed from a
 file name.
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lagoon.errors import CheckpointError, QuantizationError
@@ -45,6 +45,21 @@ def _quantized_modules(model: nn.Module) -> dict[str, str]:
 
     kinds = (QuantizedLinear, QuantizedExperts, QuantizedEmbedding)
     return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def _flat_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict as standalone contiguous tensors; tied entries become aliases (name -> kept name)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), tuple(v.shape), v.stride(), v.dtype)
+        if key in seen and v.numel():
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        tensors[k] = v.detach().contiguous().clone()  # views of one loaded buffer must not share storage
+    return tensors, aliases
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, *, source: str | None = None, extra: dict[str, Any] | None = None) -> Path:
@@ -70,7 +85,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, source: str | None 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_model(model, str(tmp / WEIGHTS), metadata={"lagoon_quant_scheme": config.scheme})
+        tensors, aliases = _flat_state(model)
+        meta["aliases"] = aliases
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"lagoon_quant_scheme": config.scheme})
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if out.exists():
             old = out.with_name(f".{out.name}.old")
@@ -131,9 +148,15 @@ def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
         if type(m).__name__ != kind:
             _set_module(model, name, builders[kind](m))
     try:
-        missing, unexpected = load_model(model, str(Path(path) / WEIGHTS), strict=False)
-    except (SafetensorError, RuntimeError, OSError) as exc:
+        state = load_file(str(Path(path) / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot load {Path(path) / WEIGHTS}: {exc}") from exc
+    for alias, name in meta.get("aliases", {}).items():
+        state[alias] = state[name]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{path} does not match the model: {exc}") from exc
     if unexpected or missing:
         raise CheckpointError(
             f"{path} does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; wrong base model?"

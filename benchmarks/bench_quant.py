@@ -1,0 +1,174 @@
+"""Benchmark Lagoon's quantization schemes against fp32 in the same process.
+
+    .venv/bin/python benchmarks/bench_quant.py [--quick] [--skip-model] [--threads N]
+
+1. Linear level: y = x·Wᵀ with W 4096x4096 (2048 with --quick), decode M=1 and prefill M=256;
+   fp32 and bf16 `F.linear` and every scheme's `QuantizedLinear`; w8a8 also at M=8 (the `_int_mm`
+   floor band, where it falls back to int8pack). Columns: median ms, speedup vs fp32, relative error
+   ‖y − y_fp32‖ / ‖y_fp32‖.
+2. MoE block: `lagoon.moe.SparseMoE` (8 experts top-2, hidden 1024, intermediate 2816) decoding one
+   token, fp32 experts vs quantized `QuantizedExperts`.
+3. Model level (the embedded SmolLM2-135M, loaded as fp32): greedy decode tok/s through
+   `lagoon.engine.Engine`, weight bytes, and over the shipped held-out text mean KL, top-1
+   agreement and perplexity delta vs the fp32 model.
+
+torchao is not installed here, so there is no torchao row. Timings on a shared 2-core machine are
+noisy: read ratios, not absolute numbers, and rerun when in doubt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lagoon.quant import QuantConfig, get_scheme, quantize_
+from lagoon.quant.linear import QuantizedLinear
+
+SCHEMES = ("int8", "w8a8", "int4", "fp8")
+HELDOUT = Path(__file__).resolve().parents[1] / "src" / "lagoon" / "quant" / "data" / "heldout.txt"
+
+
+def timeit(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+@torch.no_grad()
+def bench_linear(n: int, reps: int) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(n, n, bias=False)
+    mods: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "fp32 F.linear": lambda x: F.linear(x, lin.weight),
+        "bf16 F.linear": (lambda wb: lambda x: F.linear(x.bfloat16(), wb))(lin.weight.bfloat16()),
+    }
+    for s in SCHEMES:
+        q = QuantizedLinear.from_float(lin, get_scheme(s, 128))
+        mods[f"{s}{' g128' if s == 'int4' else ''}"] = q
+    rows = []
+    for m in (1, 8, 256):
+        x = torch.randn(m, n)
+        ref = F.linear(x, lin.weight)
+        base = timeit(lambda x=x: F.linear(x, lin.weight), reps)
+        for name, f in mods.items():
+            if m == 8 and name not in ("fp32 F.linear", "bf16 F.linear", "w8a8", "int8"):
+                continue
+            ms = timeit(lambda f=f, x=x: f(x), reps)
+            rows.append([f"{m}x{n}x{n}", name, f"{ms:.2f}", f"{base / ms:.2f}x", f"{rel(f(x), ref):.1e}"])
+    table(f"Linear {n}x{n} (speedup vs fp32 in the same run)", ["M x K x N", "path", "ms", "speedup", "rel err"], rows)
+
+
+@torch.no_grad()
+def bench_moe(reps: int) -> None:
+    from lagoon.moe import SparseMoE
+
+    torch.manual_seed(0)
+    h, i, e, k = 1024, 2816, 8, 2
+    x = torch.randn(1, h)
+    rows = []
+    base_moe = SparseMoE(h, i, e, k).eval()
+    with torch.no_grad():
+        base_moe.router.weight.normal_(0, 0.05)
+    ref = base_moe(x)
+    base = timeit(lambda: base_moe(x), reps)
+    rows.append(["fp32", f"{base:.2f}", "1.00x", "0"])
+    for s in ("int8", "w8a8", "int4"):
+        q = copy.deepcopy(base_moe)
+        quantize_(q, QuantConfig(scheme=s))
+        ms = timeit(lambda q=q: q(x), reps)
+        rows.append([s, f"{ms:.2f}", f"{base / ms:.2f}x", f"{rel(q(x), ref):.1e}"])
+    table("SparseMoE decode, 1 token (8 experts top-2, 1024/2816)", ["experts", "ms", "speedup", "rel err"], rows)
+
+
+def model_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+@torch.no_grad()
+def bench_model(new_tokens: int, max_text_tokens: int) -> None:
+    from lagoon.engine import Engine, embedded_gguf_path
+    from lagoon.engine.checkpoint import load_checkpoint
+    from lagoon.engine.tokenizer import load_tokenizer
+    from lagoon.quant.fidelity import text_fidelity
+
+    path = embedded_gguf_path()
+    ref = load_checkpoint(path, "float32")
+    tok = load_tokenizer(path)
+    ids = torch.tensor(tok.encode(HELDOUT.read_text())[:max_text_tokens])
+    prompt = tok.encode("def fibonacci(n):\n    ")
+    rows = []
+    variants: list[tuple[str, QuantConfig | None]] = [("fp32", None)] + [
+        (s, QuantConfig(scheme=s, group_size=32 if s == "int4" else 128)) for s in ("bf16", *SCHEMES)
+    ]
+    for name, qc in variants:
+        m = ref if qc is None else copy.deepcopy(ref)
+        if qc is not None:
+            quantize_(m, qc)
+        eng = Engine(m, tok, name=name)
+        params = eng.params(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        eng.complete(prompt, eng.params(max_new_tokens=2, temperature=0.0, ignore_eos=True))
+        c = eng.complete(prompt, params)
+        eng.close()
+        tps = c.completion_tokens / max(c.duration_s - c.ttft_s, 1e-9)
+        if qc is None:
+            fid = "—", "—", "—"
+        else:
+            tf = text_fidelity(ref, m, ids, window=256)
+            fid = f"{tf.mean_kl:.4f}", f"{100 * tf.top1_agreement:.1f}%", f"{tf.ppl_delta_pct:+.2f}%"
+        rows.append([name, f"{tps:.1f}", f"{model_bytes(m) / 1e6:.0f}", *fid])
+        print(f"  {name}: done", flush=True)
+    table(
+        f"Embedded SmolLM2-135M (fp32 reference; {ids.numel()} held-out tokens; lm_head and embedding kept float)",
+        ["weights", "decode tok/s", "MB", "mean KL", "top-1 agree", "ppl delta"],
+        rows,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2048² linears, fewer reps, shorter texts")
+    ap.add_argument("--skip-model", action="store_true", help="skip the embedded-model section")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bench_linear(2048 if a.quick else 4096, 5 if a.quick else 15)
+    bench_moe(5 if a.quick else 15)
+    if not a.skip_model:
+        bench_model(8 if a.quick else 24, 256 if a.quick else 768)
+
+
+if __name__ == "__main__":
+    main()

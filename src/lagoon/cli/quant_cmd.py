@@ -1,0 +1,148 @@
+"""`lagoon quantize` (write a quantized checkpoint) and `lagoon quant fidelity` (what it cost).
+
+Thin: parse, merge config, load through `lagoon.engine.checkpoint`, call `lagoon.quant`.
+The scheme comes from `--scheme` or else from `model_deployment.quantization.profile`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lagoon.cli.common import ConfigOpt, exits_cleanly, load
+
+app = typer.Typer(help="Quantization: fidelity reports for quantized checkpoints.", no_args_is_help=True)
+
+HELDOUT = Path(__file__).resolve().parents[1] / "quant" / "data" / "heldout.txt"
+
+
+def _source_path(source: str) -> Path:
+    from lagoon.engine import EMBEDDED, embedded_gguf_path
+    from lagoon.errors import CheckpointError
+
+    p = embedded_gguf_path() if source == EMBEDDED else Path(source)
+    if not p.exists():
+        raise CheckpointError(f"model {source!r} not found: give a HF folder, a .gguf file or `embedded`")
+    return p
+
+
+def _windows(ids: list[int], window: int, max_tokens: int | None) -> list[Any]:
+    import torch
+
+    t = torch.tensor(ids[: max_tokens or None], dtype=torch.long)
+    return [t[i : i + window].unsqueeze(0) for i in range(0, t.numel(), window) if t[i : i + window].numel() > 1]
+
+
+def _read_text(path: Path) -> str:
+    from lagoon.errors import QuantizationError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise QuantizationError(f"cannot read text file {path}: {exc.strerror}; give an existing UTF-8 file") from exc
+
+
+@exits_cleanly
+def quantize(
+    model: Annotated[str, typer.Option("--model", help="Float checkpoint: HF folder, .gguf file or `embedded`.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (model.safetensors + quant.json).")],
+    scheme: Annotated[str | None, typer.Option("--scheme", help="int8, w8a8, int4, fp8 or bf16 (default: the config's profile).")] = None,
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="Text file for static activation ranges.")] = None,
+    group_size: Annotated[int, typer.Option("--group-size", help="int4 group size: 32, 64 or 128.")] = 128,
+    include_lm_head: Annotated[bool, typer.Option("--include-lm-head", help="Quantize lm_head too.")] = False,
+    include_embeddings: Annotated[bool, typer.Option("--include-embeddings", help="Quantize the embedding (int8 rows).")] = False,
+    max_calibration_tokens: Annotated[int, typer.Option(help="Cap on calibration tokens.")] = 4096,
+    config: ConfigOpt = None,
+) -> None:
+    """Quantize a float checkpoint and write a loadable quantized one."""
+    import torch
+
+    from lagoon.engine.checkpoint import load_checkpoint
+    from lagoon.engine.tokenizer import load_tokenizer
+    from lagoon.errors import QuantizationError
+    from lagoon.quant import QuantConfig, calibrate, quantize_, save_quantized
+
+    cfg = load(config)
+    qc = QuantConfig.from_section(
+        cfg.model_deployment.quantization,
+        scheme=scheme,
+        group_size=group_size,
+        include_lm_head=include_lm_head,
+        include_embeddings=include_embeddings,
+    )
+    if qc is None:
+        raise QuantizationError("profile FP16 means no quantization; pass --scheme or set model_deployment.quantization.profile")
+    path = _source_path(model)
+    torch.set_grad_enabled(False)
+    net = load_checkpoint(path, "float32")
+    cal = None
+    if calibration is not None:
+        tok = load_tokenizer(path)
+        cal = calibrate(net, _windows(tok.encode(_read_text(calibration)), 256, max_calibration_tokens))
+    report = quantize_(net, qc, calibration=cal)
+    save_quantized(net, out, source=model, extra={"calibration": str(calibration) if calibration else None})
+    typer.echo(f"{qc.scheme}: quantized {len(report.swapped)} modules, kept {len(report.kept)} ({', '.join(sorted(set(report.kept.values())))})")
+    if cal is not None:
+        starved = {n: s["starved"] for n, s in cal.summary(qc.min_expert_tokens)["experts"].items() if s["starved"]}
+        if qc.expert_calibration and starved:
+            typer.echo(f"starved experts (dynamic scales): {json.dumps(starved)}")
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+@exits_cleanly
+def fidelity(
+    model: Annotated[str, typer.Option("--model", help="The float checkpoint the quantized one came from.")],
+    quantized: Annotated[Path, typer.Option("--quantized", help="Folder written by `lagoon quantize`.")],
+    text: Annotated[Path, typer.Option("--text", help="Held-out text to score.")] = HELDOUT,
+    window: Annotated[int, typer.Option(help="Tokens per scored window.")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="Cap on scored tokens.")] = 1024,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Per-layer SQNR (per expert for MoE, worst named) and KL / top-1 / perplexity over a text."""
+    import torch
+
+    from lagoon.engine.checkpoint import load_checkpoint
+    from lagoon.engine.tokenizer import load_tokenizer
+    from lagoon.quant import load_quantized, read_metadata
+    from lagoon.quant.fidelity import FidelityReport, layer_fidelity, text_fidelity
+
+    load(config)
+    meta = read_metadata(quantized)
+    path = _source_path(model)
+    torch.set_grad_enabled(False)
+    ref = load_checkpoint(path, "float32")
+    q = load_quantized(load_checkpoint(path, "float32"), quantized)
+    ids = load_tokenizer(path).encode(_read_text(text))
+    wins = _windows(ids, window, max_tokens)
+    report = FidelityReport(
+        layers=layer_fidelity(ref, q, wins[:1]),
+        text=text_fidelity(ref, q, torch.cat([w[0] for w in wins]), window=window),
+        meta={"scheme": meta["scheme"], "model": model, "quantized": str(quantized), "text": str(text)},
+    )
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    _print(report)
+
+
+def _print(report: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = report.text
+    c = Console()
+    c.print(
+        f"scheme {report.meta['scheme']}: {t.tokens} tokens, mean KL {t.mean_kl:.5f}, top-1 agreement "
+        f"{100 * t.top1_agreement:.1f}%, ppl {t.ppl_float:.3f} -> {t.ppl_quant:.3f} ({t.ppl_delta_pct:+.2f}%)"
+    )
+    table = Table("layer", "SQNR dB", "tokens", "worst expert")
+    for lf in sorted(report.layers, key=lambda x: x.sqnr_db)[:15]:
+        worst = "" if lf.worst_expert is None else f"{lf.worst_expert} ({lf.expert_sqnr_db[lf.worst_expert]:.1f} dB)"
+        table.add_row(lf.name, f"{lf.sqnr_db:.1f}", str(lf.tokens), worst)
+    c.print(table)
+    c.print(f"({len(report.layers)} layers; the 15 worst shown; --json for all)")
