@@ -166,3 +166,10 @@ def test_text_fallback_parser():
     for bad in ("no block here", "```bash\nls\n```\n```bash\npwd\n```", "```bash\n\n```"):
         with pytest.raises(ReplyFormatError, match="fenced block"):
             parse_actions(ChatMessage("assistant", bad), 1)
+
+
+def test_os_errors_become_error_observations(ws):
+    # a.py is a file, so creating pkg/a.py/x.py fails in the OS (NotADirectoryError), as root too
+    out = ToolBox([EditTool(ws)]).run("edit", {"command": "create", "path": "pkg/a.py/x.py", "file_text": "x"})
+    assert not out.ok and "edit failed" in out.text
+    assert (ws.root / "pkg" / "a.py").read_text().startswith("x = 1")

@@ -76,6 +76,8 @@ class ToolBox:
             return tool.run(arguments)
         except (ToolArgumentError, WorkspaceError) as exc:
             return ToolOutput(text=f"error: {exc}", ok=False)
+        except OSError as exc:  # permission denied, disk full …: the model can react to it
+            return ToolOutput(text=f"error: {name} failed: {exc.strerror or exc} ({exc.filename or ''})", ok=False)
 
     def state(self) -> dict[str, Any]:
         return {n: t.state() for n, t in self.tools.items() if hasattr(t, "state")}
