@@ -1,7 +1,7 @@
 """File-level bug localization on SWE-bench Lite issues: Lagoon's retriever vs whole-file BM25.
 
     .venv/bin/python benchmarks/bench_localization.py [--limit 30] [--repos django/django,pallets/flask]
-        [--rerank] [--data PATH] [--cache ~/.cache/lagoon/sdists]
+        [--rerank] [--cached-only] [--data PATH] [--cache ~/.cache/lagoon/sdists]
 
 For each instance of `swebench-lite-localization.jsonl` (see its README), the project's code comes
 from the release's sdist on PyPI (`pip download --no-deps --no-binary :all: NAME==VERSION`, cached
@@ -120,11 +120,14 @@ def main() -> None:
     ap.add_argument("--repos", default="", help="comma-separated repos (e.g. pallets/flask,psf/requests)")
     ap.add_argument("--rerank", action="store_true", help="also run BM25 + MiniLM rerank (slow on CPU)")
     ap.add_argument("--quick", action="store_true", help="same as --limit 10")
+    ap.add_argument("--cached-only", action="store_true", help="only instances whose sdist is already in --cache")
     args = ap.parse_args()
     rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
     if args.repos:
         wanted = {r.strip() for r in args.repos.split(",") if r.strip()}
         rows = [r for r in rows if r["repo"] in wanted]
+    if args.cached_only:
+        rows = [r for r in rows if (args.cache / "extracted" / f"{r['pypi_name']}-{r['pypi_version']}").is_dir()]
     limit = 10 if args.quick and args.limit is None else args.limit
     if limit is not None and limit < len(rows):
         rows = random.Random(0).sample(rows, limit)
