@@ -103,3 +103,27 @@ def test_llama_gguf_loads_and_matches_transformers(tmp_path):
     bad.write_bytes(path.read_bytes()[:-5000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_checkpoint(bad)
+
+
+def _random_q4_1(n_blocks: int, g: torch.Generator) -> torch.Tensor:
+    d = (torch.rand(n_blocks, 1, generator=g) * 0.05 + 0.01).half()
+    m = (torch.randn(n_blocks, 1, generator=g) * 0.1).half()
+    q = torch.randint(0, 16, (n_blocks, 32), generator=g, dtype=torch.uint8)
+    packed = q[:, :16] | (q[:, 16:] << 4)  # low nibbles hold values 0..15, high nibbles 16..31
+    return torch.cat([d.view(torch.uint8), m.view(torch.uint8), packed], dim=1).reshape(-1)  # 20 bytes a block
+
+
+def test_q4_1_linear_matches_dequantized_weight():
+    from lagoon.engine.checkpoint import q4_1_fields
+    from lagoon.engine.gguf_linear import Q4_1Linear
+
+    g = torch.Generator().manual_seed(0)
+    N, K = 96, 128
+    raw = _random_q4_1(N * K // 32, g)
+    w = dequant_q4_1(raw).reshape(N, K)
+    layer = Q4_1Linear(*q4_1_fields(raw), N, K)
+    x = torch.randn(5, K, generator=g)
+    ref = x @ w.t()
+    got = layer(x)
+    assert got.dtype == torch.float32
+    assert float((got - ref).norm() / ref.norm()) <= 1e-2  # bf16 activations and scales

@@ -7,8 +7,9 @@ GGUF tensors are dequantized through the `gguf` package; llama-architecture GGUF
 rows permuted for interleaved RoPE, which is undone here so one model file serves both formats.
 
 `precision`: `float32` casts everything to fp32; `bfloat16` to bf16; `native` keeps a HF
-checkpoint's stored dtype and runs a GGUF's dequantized weights in bf16 (the 4-bit path is applied
-from outside by `lagoon.quant`, not here). This module does *not* download anything.
+checkpoint's stored dtype and runs a GGUF at its own bit width where torch has the kernel: Q4_1
+linears become `gguf_linear.Q4_1Linear` (torch's CPU int4 layout, exact), everything else runs
+dequantized in bf16. This module does *not* download anything.
 """
 
 from __future__ import annotations
@@ -274,15 +275,24 @@ def load_gguf(path: str | Path, precision: Precision = "native") -> Transformer:
     reader = open_gguf(path)
     args = gguf_args(reader)
     state: dict[str, torch.Tensor] = {}
+    q4: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for t in reader.tensors:
         name = gguf_tensor_name(t.name)
         if name is None:
             continue
+        if precision == "native" and t.tensor_type.name == "Q4_1" and name.endswith("_proj.weight"):
+            d, m, q = q4_1_fields(torch.from_numpy(np.array(t.data)).reshape(-1))
+            if name.endswith(("q_proj.weight", "k_proj.weight")) and args.family == "llama":
+                heads = args.n_heads if "q_proj" in name else args.n_kv_heads
+                rows, blocks = int(t.shape[1]), int(t.shape[0]) // 32  # un-permute whole rows of blocks
+                d, m = (_unpermute(x.reshape(rows, blocks), heads).reshape(-1, 1) for x in (d, m))
+                q = _unpermute(q.reshape(rows, blocks * 32), heads).reshape(-1, 32)
+            q4[name] = (d, m, q)
         shape = [int(d) for d in reversed(t.shape)]
         fast = _DEQUANT.get(t.tensor_type.name)
         try:
             if fast is not None:
-                w = fast(torch.from_numpy(np.ascontiguousarray(t.data)).reshape(-1)).reshape(shape)
+                w = fast(torch.from_numpy(np.array(t.data)).reshape(-1)).reshape(shape)
             else:
                 arr = gguf.quants.dequantize(t.data, t.tensor_type)
                 w = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)
@@ -293,7 +303,12 @@ def load_gguf(path: str | Path, precision: Precision = "native") -> Transformer:
         elif args.family == "llama" and name.endswith("k_proj.weight"):
             w = _unpermute(w, args.n_kv_heads)
         state[name] = w
-    return _assemble(args, state, precision, source=str(path), native=torch.bfloat16)
+    model = _assemble(args, state, precision, source=str(path), native=torch.bfloat16)
+    if q4:
+        from lagoon.engine.gguf_linear import swap_q4_1
+
+        swap_q4_1(model, q4)
+    return model
 
 
 def load_checkpoint(source: str | Path, precision: Precision = "native") -> Transformer:
