@@ -174,3 +174,16 @@ def test_bearer_auth(tmp_path, monkeypatch, live):
         assert ok.models.list().data[0].id == engine.name
     finally:
         stop()
+
+
+def test_moe_model_serves_expert_load_gauges(tmp_path):
+    folder = save_tiny_model(tmp_path / "moe", "qwen3_moe")
+    base, stop = start_test_server(folder)
+    try:
+        client = openai.OpenAI(base_url=base, api_key="x", max_retries=0)
+        name = client.models.list().data[0].id
+        client.completions.create(model=name, prompt="route me", max_tokens=4)
+        text = httpx.get(base.removesuffix("/v1") + "/metrics").text
+        assert 'lagoon_moe_balancedness{layer="layers.0.mlp"}' in text or "lagoon_moe_balancedness{" in text
+    finally:
+        stop()

@@ -1,5 +1,6 @@
 """The FastAPI app behind `lagoon serve`: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-`/health`, `/metrics`; optional bearer auth (`server.api_key_env`); OpenAI-style error bodies.
+`/health`, `/metrics` (requests, tokens, time-to-first-token and per-token latency histograms, KV
+blocks, and for MoE models the `ExpertLoadMonitor` gauges); optional bearer auth (`server.api_key_env`); OpenAI-style error bodies.
 
 `create_app(engine, server=…, telemetry=…)` builds the app; `serve(...)` runs it under uvicorn;
 `start_test_server(engine_or_folder)` runs one on 127.0.0.1 in a background thread for tests and
@@ -52,6 +53,12 @@ def create_app(engine: Engine, server: ServerSection | None = None, telemetry: T
     serving = OpenAIServing(engine, telemetry, name)
     app = FastAPI(title="Lagoon", docs_url=None, redoc_url=None)
     app.state.engine, app.state.telemetry, app.state.model_name = engine, telemetry, name
+    monitor = None
+    if engine.args.is_moe:  # expert-load gauges (balancedness, CV, …) per MoE layer on /metrics
+        from lagoon.moe.balance import ExpertLoadMonitor
+
+        monitor = ExpertLoadMonitor(telemetry=telemetry).attach(engine.model)
+    app.state.expert_monitor = monitor
 
     @app.middleware("http")
     async def _auth_and_count(request: Request, call_next: Callable) -> Response:
@@ -127,6 +134,8 @@ def create_app(engine: Engine, server: ServerSection | None = None, telemetry: T
         if hasattr(cache, "free_blocks"):
             telemetry.set("lagoon_engine_kv_free_blocks", cache.free_blocks, doc="Free KV cache blocks")
             telemetry.set("lagoon_engine_prefix_cache_hit_tokens", cache.hits, doc="Prompt tokens reused from cache")
+        if monitor is not None:
+            monitor.publish()
         return Response(telemetry.prometheus_text(), media_type="text/plain; version=0.0.4")
 
     return app
