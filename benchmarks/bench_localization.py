@@ -13,6 +13,8 @@ with its extracted tree under --cache). The issue text is the query. Three ranke
   files by their best chunk, `.py` files only;
 - Lagoon BM25 + MiniLM rerank (with --rerank): the same, reranking BM25's top chunks first.
 
+The first two also run with test files left out of the ranking (the gold file is never a test).
+
 Reported: file-level recall@1/@5/@10 (each instance has exactly one gold file).
 """
 
@@ -104,10 +106,24 @@ class WholeFileBM25:
         return [self.paths[i] for i in docs[0]]
 
 
-def files_from_hits(hits: list[Hit], k: int) -> list[str]:
+def is_test(path: str) -> bool:
+    parts = path.split("/")
+    name = parts[-1]
+    return (
+        bool({"tests", "test", "testing"} & set(parts[:-1]))
+        or name.startswith("test_")
+        or name
+        in (
+            "conftest.py",
+            "tests.py",
+        )
+    )
+
+
+def files_from_hits(hits: list[Hit], k: int, skip_tests: bool = False) -> list[str]:
     best: dict[str, float] = {}
     for h in hits:
-        if h.chunk.path.endswith(".py"):
+        if h.chunk.path.endswith(".py") and not (skip_tests and is_test(h.chunk.path)):
             best[h.chunk.path] = max(best.get(h.chunk.path, float("-inf")), h.score)
     return sorted(best, key=best.__getitem__, reverse=True)[:k]
 
@@ -120,22 +136,31 @@ def main() -> None:
     ap.add_argument("--repos", default="", help="comma-separated repos (e.g. pallets/flask,psf/requests)")
     ap.add_argument("--rerank", action="store_true", help="also run BM25 + MiniLM rerank (slow on CPU)")
     ap.add_argument("--quick", action="store_true", help="same as --limit 10")
-    ap.add_argument("--cached-only", action="store_true", help="only instances whose sdist is already in --cache")
+    ap.add_argument(
+        "--cached-only", action="store_true", help="only instances whose sdist is already in --cache"
+    )
     args = ap.parse_args()
     rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
     if args.repos:
         wanted = {r.strip() for r in args.repos.split(",") if r.strip()}
         rows = [r for r in rows if r["repo"] in wanted]
     if args.cached_only:
-        rows = [r for r in rows if (args.cache / "extracted" / f"{r['pypi_name']}-{r['pypi_version']}").is_dir()]
+        rows = [
+            r for r in rows if (args.cache / "extracted" / f"{r['pypi_name']}-{r['pypi_version']}").is_dir()
+        ]
     limit = 10 if args.quick and args.limit is None else args.limit
     if limit is not None and limit < len(rows):
         rows = random.Random(0).sample(rows, limit)
     rows.sort(key=lambda r: (r["pypi_name"], r["pypi_version"], r["instance_id"]))
 
-    methods = ["whole-file BM25 (reference)", "Lagoon BM25 (chunks → files)"]
+    methods = [
+        "whole-file BM25 (reference)",
+        "Lagoon BM25 (chunks → files)",
+        "whole-file BM25, test files left out",
+        "Lagoon BM25, test files left out",
+    ]
     if args.rerank:
-        methods.append("Lagoon BM25 + rerank")
+        methods.append("Lagoon BM25 + rerank, test files left out")
     hits_at = {m: {k: 0 for k in KS} for m in methods}
     per_repo: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     skipped, done, t_start = [], 0, time.perf_counter()
@@ -164,9 +189,12 @@ def main() -> None:
         _, ix, ref, rr = current
         query = row["problem_statement"]
         gold = set(row["gold_files"])
+        pool = ix.search(query, CHUNK_POOL)
         ranked = {
             methods[0]: ref.rank(query, max(KS)),
-            methods[1]: files_from_hits(ix.search(query, CHUNK_POOL), max(KS)),
+            methods[1]: files_from_hits(pool, max(KS)),
+            methods[2]: [p for p in ref.rank(query, 200) if not is_test(p)][: max(KS)],
+            methods[3]: files_from_hits(pool, max(KS), skip_tests=True),
         }
         if args.rerank:
             reranked = (
@@ -176,7 +204,7 @@ def main() -> None:
             rest = [h for h in ix.search(query, CHUNK_POOL) if h.chunk.content_hash not in seen]
             # Reranked chunks first (fused scores in [0, 1]), then the BM25 tail below them.
             ordered = [Hit(h.chunk, 1e6 + h.score) for h in reranked] + rest
-            ranked[methods[2]] = files_from_hits(ordered, max(KS))
+            ranked[methods[4]] = files_from_hits(ordered, max(KS), skip_tests=True)
         for m, files in ranked.items():
             for k in KS:
                 hits_at[m][k] += bool(gold & set(files[:k]))
