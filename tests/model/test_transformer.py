@@ -64,6 +64,7 @@ def test_dense_family_matches_transformers(tmp_path, family):
     check_family(tmp_path, family)
 
 
+@pytest.mark.slow  # the inv_freq test below covers the formula; this runs the whole model
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
