@@ -10,7 +10,7 @@ import torch
 from lagoon.config import EngineSection
 from lagoon.errors import CheckpointError
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.",
            "Explain recursion in one sentence."]
