@@ -58,3 +58,18 @@ def test_stream_stop_strings_and_batching(folder):
             engine.complete("abc", engine.params(max_new_tokens=500))
     finally:
         engine.close()
+
+
+def test_small_pool_queues_instead_of_overcommitting(folder):
+    # 6 blocks of 8 = room for two 24-token sequences at once; six requests must all finish correctly
+    engine = load_model(folder, precision="float32", config=EngineSection(
+        max_seq_len=64, max_batch_size=4, kv_block_size=8, num_kv_blocks=6, prefix_cache=False))
+    try:
+        p = engine.params(max_new_tokens=16, ignore_eos=True)
+        prompts = [[40 + i] * 8 for i in range(6)]
+        seq = [engine.complete(x, p).token_ids for x in prompts]
+        with cf.ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(lambda x: engine.complete(x, p).token_ids, prompts)) == seq
+        assert engine.cache.free_blocks == 6
+    finally:
+        engine.close()

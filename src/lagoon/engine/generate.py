@@ -122,8 +122,17 @@ class Scheduler:
                 self._finish(req, "cancelled")
                 continue
             need = len(req.prompt_ids) + req.params.max_new_tokens
-            if len(self.active) < self.max_batch and self.cache.can_admit(need):
-                self._prefill(req)
+            # blocks the running requests will still take, so admission never overcommits the pool
+            growth = sum(self.cache.growth(r.id, len(r.prompt_ids) + r.params.max_new_tokens) for r in self.active)
+            if len(self.active) < self.max_batch and self.cache.can_admit(need, growth):
+                try:
+                    self._prefill(req)
+                except Exception as exc:  # this request fails alone; the batch carries on
+                    log.exception("prefill failed")
+                    if req in self.active:
+                        self.active.remove(req)
+                    self.cache.free(req.id)
+                    self._finish(req, None, exc)
             else:
                 still.append(req)
         self.pending = still

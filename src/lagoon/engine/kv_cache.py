@@ -51,8 +51,11 @@ class KVCache:
         self.rows: dict[int, int] = {}
         self._bound: tuple[list[int], torch.Tensor, int, torch.Tensor] | None = None
 
-    def can_admit(self, n_tokens: int) -> bool:
+    def can_admit(self, n_tokens: int, reserved: int = 0) -> bool:
         return bool(self.free_rows) and n_tokens <= self.max_seq_len
+
+    def growth(self, seq_id: int, total_tokens: int) -> int:
+        return 0  # a row already holds max_seq_len positions
 
     def allocate(self, seq_id: int, prompt_ids: Sequence[int]) -> int:
         if not self.free_rows:
@@ -118,8 +121,13 @@ class PagedKVCache:
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
-    def can_admit(self, n_tokens: int) -> bool:
-        return n_tokens <= self.max_seq_len and self.blocks_for(n_tokens) <= self.free_blocks
+    def can_admit(self, n_tokens: int, reserved: int = 0) -> bool:
+        """Room for `n_tokens` beyond `reserved` blocks that running sequences will still take."""
+        return n_tokens <= self.max_seq_len and self.blocks_for(n_tokens) + reserved <= self.free_blocks
+
+    def growth(self, seq_id: int, total_tokens: int) -> int:
+        """Blocks `seq_id` still needs to reach `total_tokens`."""
+        return max(0, self.blocks_for(total_tokens) - len(self.tables.get(seq_id, ())))
 
     def _keys(self, token_ids: Sequence[int], n_blocks: int) -> list[int]:
         keys, h, bs = [], 0, self.block_size
