@@ -144,6 +144,22 @@ def load_model(
     path = embedded_gguf_path() if str(source) == EMBEDDED else Path(source)
     if not path.exists():
         raise CheckpointError(f"model {source!r} not found: give a HF folder, a .gguf file or `embedded`")
+    if (path / "quant.json").is_file():
+        # A `lagoon quantize` output: rebuild the float architecture from the recorded source, then
+        # swap in the quantized modules the metadata lists (the scheme is read, never guessed).
+        from lagoon.quant.checkpoint import load_quantized, read_metadata
+
+        base = read_metadata(path).get("source")
+        if not base:
+            raise CheckpointError(f"{path}/quant.json records no float source; re-run `lagoon quantize`")
+        base_path = embedded_gguf_path() if str(base) == EMBEDDED else Path(base)
+        if not base_path.exists():
+            raise CheckpointError(
+                f"{path} was quantized from {base!r}, which is not here; put that checkpoint back or re-quantize"
+            )
+        model = load_quantized(load_checkpoint(base_path, "float32"), path)
+        tokenizer = load_tokenizer(base_path)
+        return Engine(model, tokenizer, name=name or path.name, config=config, paged=paged)
     model = load_checkpoint(path, precision)
     tokenizer = load_tokenizer(path)
     default_name = "smollm2-135m-instruct" if str(source) == EMBEDDED else path.name.removesuffix(".gguf")
