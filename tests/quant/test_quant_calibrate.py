@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from conftest import INTER, E, K, batches, tiny_lm
 
 from lagoon.quant import QuantConfig, TokenType, calibrate, quantize_, token_types
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    # Inference-only tests; a module-level set_grad_enabled(False) would leak into other packages' tests.
+    with torch.no_grad():
+        yield
 
 
 def starve_last_expert(model) -> None:

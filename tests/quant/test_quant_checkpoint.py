@@ -21,7 +21,12 @@ from lagoon.quant import (
 )
 from lagoon.quant.checkpoint import METADATA
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    # Inference-only tests; a module-level set_grad_enabled(False) would leak into other packages' tests.
+    with torch.no_grad():
+        yield
 
 
 @pytest.mark.parametrize("scheme", ["int8", "w8a8", "int4", "fp8", "bf16"])

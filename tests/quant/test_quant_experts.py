@@ -15,7 +15,13 @@ from lagoon.quant.w8a8 import INT_MM_FAST_CPU
 E, H, INTER, T, K = 8, 64, 128, 40, 2
 MIN_SQNR = {"bf16": 40.0, "int8": 35.0, "w8a8": 30.0, "fp8": 22.0, "int4": 15.0}
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    # Inference-only tests; a module-level set_grad_enabled(False) would leak into other packages' tests.
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture

@@ -12,7 +12,12 @@ from conftest import E, batches, tiny_lm
 from lagoon.quant import QuantConfig, calibrate, quantize_, token_types
 from lagoon.quant.fidelity import FidelityReport, layer_fidelity, sqnr_db, text_fidelity
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    # Inference-only tests; a module-level set_grad_enabled(False) would leak into other packages' tests.
+    with torch.no_grad():
+        yield
 
 
 def test_sqnr_db() -> None:

@@ -17,7 +17,13 @@ from lagoon.quant.policy import activation_absmax, current_token_types
 
 C, TO, R = TokenType.CONTEXT, TokenType.TOOL_OUTPUT, TokenType.REASONING
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    # Inference-only tests; a module-level set_grad_enabled(False) would leak into other packages' tests.
+    with torch.no_grad():
+        yield
 
 
 def rows_with_absmax(values: list[float], k: int = 32) -> torch.Tensor:

@@ -193,7 +193,8 @@ def run_task(
         set_task = getattr(model, "set_task", None)  # a Router classifies the task once
         if callable(set_task):
             context_text = "\n".join(gate.context_texts())
-            set_task(instruction, model.count_tokens([ChatMessage(role="user", content=context_text)]))
+            # context_size is in characters, as classification.context_size_threshold is (seed 001).
+            set_task(instruction, len(context_text))
         interrupted, unstarted = traj.pending()
         step = traj.open_step or 0
         for call in interrupted:

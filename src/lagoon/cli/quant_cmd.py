@@ -6,6 +6,7 @@ The scheme comes from `--scheme` or else from `model_deployment.quantization.pro
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,7 +46,21 @@ def _read_text(path: Path) -> str:
         raise QuantizationError(f"cannot read text file {path}: {exc.strerror}; give an existing UTF-8 file") from exc
 
 
+def _without_grad(fn: Any) -> Any:
+    """Run a command under torch.no_grad() without changing the caller's grad mode."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @exits_cleanly
+@_without_grad
 def quantize(
     model: Annotated[str, typer.Option("--model", help="Float checkpoint: HF folder, .gguf file or `embedded`.")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write (model.safetensors + quant.json).")],
@@ -58,7 +73,6 @@ def quantize(
     config: ConfigOpt = None,
 ) -> None:
     """Quantize a float checkpoint and write a loadable quantized one."""
-    import torch
 
     from lagoon.engine.checkpoint import load_checkpoint
     from lagoon.engine.tokenizer import load_tokenizer
@@ -76,7 +90,6 @@ def quantize(
     if qc is None:
         raise QuantizationError("profile FP16 means no quantization; pass --scheme or set model_deployment.quantization.profile")
     path = _source_path(model)
-    torch.set_grad_enabled(False)
     net = load_checkpoint(path, "float32")
     cal = None
     if calibration is not None:
@@ -94,6 +107,7 @@ def quantize(
 
 @app.command()
 @exits_cleanly
+@_without_grad
 def fidelity(
     model: Annotated[str, typer.Option("--model", help="The float checkpoint the quantized one came from.")],
     quantized: Annotated[Path, typer.Option("--quantized", help="Folder written by `lagoon quantize`.")],
@@ -114,7 +128,6 @@ def fidelity(
     load(config)
     meta = read_metadata(quantized)
     path = _source_path(model)
-    torch.set_grad_enabled(False)
     ref = load_checkpoint(path, "float32")
     q = load_quantized(load_checkpoint(path, "float32"), quantized)
     ids = load_tokenizer(path).encode(_read_text(text))
