@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -15,10 +14,6 @@ from lagoon.engine.tiny import save_tiny_model
 runner = CliRunner()
 
 
-# HF MoE folders load through lagoon.engine.moe_names (the engine's MoE name map)
-_MOE_LOADS = importlib.util.find_spec("lagoon.engine.moe_names") is not None
-
-
 @pytest.fixture(scope="module")
 def tiny_dense(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("m") / "llama", "llama")
@@ -26,8 +21,6 @@ def tiny_dense(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
-    if not _MOE_LOADS:
-        pytest.skip("the engine cannot load HF MoE folders yet (lagoon.engine.moe_names missing)")
     return save_tiny_model(tmp_path_factory.mktemp("m") / "qwen3_moe", "qwen3_moe")
 
 

@@ -24,17 +24,13 @@ from typing import Any
 import anthropic
 
 from lagoon.errors import (
-    AuthenticationError,
     BackendTimeoutError,
     BackendUnavailableError,
-    BadRequestError,
-    ContextWindowExceededError,
     LagoonError,
     MalformedResponseError,
-    RateLimitError,
 )
 from lagoon.protocols import ChatMessage, ChatResponse, ToolCall, ToolSpec, Usage
-from lagoon.routing.backends.base import CONTEXT_ERROR_RE, RemoteBackend, retry_after_seconds
+from lagoon.routing.backends.base import RemoteBackend, error_for_status
 from lagoon.routing.backends.openai_compat import cut_midway
 
 __all__ = ["AnthropicBackend", "to_messages_api", "translate_anthropic_error"]
@@ -81,22 +77,10 @@ def translate_anthropic_error(exc: Exception, backend: str, key_env: str | None)
         return MalformedResponseError(f"{backend}: the reply is not a valid Messages response", backend=backend)
     if isinstance(exc, anthropic.APIStatusError):
         status = exc.status_code
-        after = retry_after_seconds(exc.response.headers)
         body = exc.body if isinstance(exc.body, dict) else {}
         err = body.get("error", {}) if isinstance(body.get("error"), dict) else {}
         detail = str(err.get("message", exc.message))
-        if status in (401, 403):
-            hint = f"check the key in {key_env}" if key_env else "set routing.*.api_key_env to the variable holding a key"
-            return AuthenticationError(f"{backend}: the server rejected the credentials (HTTP {status}); {hint}", backend=backend)
-        if status == 429:
-            return RateLimitError(f"{backend}: rate limited (HTTP 429)", backend=backend, retry_after=after)
-        if status == 408:
-            return BackendTimeoutError(f"{backend}: request timed out at the server (HTTP 408)", backend=backend, retry_after=after)
-        if status == 409 or status >= 500:
-            return BackendUnavailableError(f"{backend}: server error (HTTP {status})", backend=backend, retry_after=after)
-        if CONTEXT_ERROR_RE.search(detail):
-            return ContextWindowExceededError(f"{backend}: the prompt does not fit ({detail[:200]})", backend=backend)
-        return BadRequestError(f"{backend}: request refused (HTTP {status}): {detail[:300]}", backend=backend)
+        return error_for_status(backend, status, exc.response.headers, detail, key_env)
     if isinstance(exc, anthropic.AnthropicError):
         return BackendUnavailableError(f"{backend}: {type(exc).__name__}", backend=backend)
     return MalformedResponseError(f"{backend}: unexpected reply ({type(exc).__name__})", backend=backend)

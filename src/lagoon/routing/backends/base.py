@@ -26,7 +26,16 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from lagoon.config import RouteSection
-from lagoon.errors import AuthenticationError, ConfigError
+from lagoon.errors import (
+    AuthenticationError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    BadRequestError,
+    ConfigError,
+    ContextWindowExceededError,
+    LagoonError,
+    RateLimitError,
+)
 from lagoon.protocols import ChatMessage, ChatResponse, ToolSpec
 from lagoon.telemetry import Telemetry
 from lagoon.testing import approx_token_count
@@ -34,6 +43,7 @@ from lagoon.testing import approx_token_count
 __all__ = [
     "PROVIDERS",
     "CONTEXT_ERROR_RE",
+    "error_for_status",
     "infer_provider",
     "split_endpoint",
     "api_key_from_env",
@@ -247,3 +257,20 @@ def retry_after_seconds(headers: Any) -> float | None:
         except (TypeError, ValueError):
             return None
         return max(0.0, when.timestamp() - time.time())
+
+
+def error_for_status(backend: str, status: int, headers: Any, detail: str, key_env: str | None) -> LagoonError:
+    """One HTTP error status from any provider's SDK → the Lagoon error the router acts on."""
+    after = retry_after_seconds(headers)
+    if status in (401, 403):
+        hint = f"check the key in {key_env}" if key_env else "set routing.*.api_key_env to the variable holding a key"
+        return AuthenticationError(f"{backend}: the server rejected the credentials (HTTP {status}); {hint}", backend=backend)
+    if status == 429:
+        return RateLimitError(f"{backend}: rate limited (HTTP 429)", backend=backend, retry_after=after)
+    if status == 408:
+        return BackendTimeoutError(f"{backend}: request timed out at the server (HTTP 408)", backend=backend, retry_after=after)
+    if status == 409 or status >= 500:
+        return BackendUnavailableError(f"{backend}: server error (HTTP {status})", backend=backend, retry_after=after)
+    if CONTEXT_ERROR_RE.search(detail):
+        return ContextWindowExceededError(f"{backend}: the prompt does not fit ({detail[:200]})", backend=backend)
+    return BadRequestError(f"{backend}: request refused (HTTP {status}): {detail[:300]}", backend=backend)

@@ -24,22 +24,17 @@ from typing import Any
 import openai
 
 from lagoon.errors import (
-    AuthenticationError,
     BackendTimeoutError,
     BackendUnavailableError,
-    BadRequestError,
-    ContextWindowExceededError,
     LagoonError,
     MalformedResponseError,
-    RateLimitError,
 )
 from lagoon.protocols import ChatMessage, ChatResponse, ToolCall, ToolSpec, Usage
 from lagoon.routing.backends.base import (
-    CONTEXT_ERROR_RE,
     RemoteBackend,
     api_key_from_env,
+    error_for_status,
     estimate_tokens,
-    retry_after_seconds,
 )
 
 __all__ = ["OpenAICompatBackend", "translate_openai_error"]
@@ -71,20 +66,8 @@ def translate_openai_error(exc: Exception, backend: str, key_env: str | None) ->
         return MalformedResponseError(f"{backend}: the reply is not a valid chat completion", backend=backend)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
-        after = retry_after_seconds(exc.response.headers)
         detail = _detail(exc)
-        if status in (401, 403):
-            hint = f"check the key in {key_env}" if key_env else "set routing.*.api_key_env to the variable holding a key"
-            return AuthenticationError(f"{backend}: the server rejected the credentials (HTTP {status}); {hint}", backend=backend)
-        if status == 429:
-            return RateLimitError(f"{backend}: rate limited (HTTP 429)", backend=backend, retry_after=after)
-        if status == 408:
-            return BackendTimeoutError(f"{backend}: request timed out at the server (HTTP 408)", backend=backend, retry_after=after)
-        if status == 409 or status >= 500:
-            return BackendUnavailableError(f"{backend}: server error (HTTP {status})", backend=backend, retry_after=after)
-        if CONTEXT_ERROR_RE.search(detail):
-            return ContextWindowExceededError(f"{backend}: the prompt does not fit ({detail[:200]})", backend=backend)
-        return BadRequestError(f"{backend}: request refused (HTTP {status}): {detail[:300]}", backend=backend)
+        return error_for_status(backend, status, exc.response.headers, detail, key_env)
     if isinstance(exc, openai.OpenAIError):
         return BackendUnavailableError(f"{backend}: {type(exc).__name__}", backend=backend)
     return MalformedResponseError(f"{backend}: unexpected reply ({type(exc).__name__})", backend=backend)
