@@ -100,12 +100,24 @@ class Engine:
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         return self.chat_format.encode(messages, tools)
 
+    def chat_prompt_typed(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None, suffix: str = ""
+    ) -> tuple[list[int], list[int]]:
+        """Prompt ids and per-token types (context / tool_output / reasoning, by the message each
+        token came from; see `lagoon.quant.policy`), for `submit` / `complete`."""
+        from lagoon.quant.policy import types_for_roles
+
+        ids, roles = self.chat_format.encode_with_roles(messages, tools, suffix)
+        return ids, types_for_roles(roles)
+
     def params(self, **kw: Any) -> SamplingParams:
         kw.setdefault("seed", self.config.seed)
         return SamplingParams(**kw)
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[Request, TextStream]:
-        req = self.scheduler.submit(prompt_ids, params)
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, prompt_types: Sequence[int] | None = None
+    ) -> tuple[Request, TextStream]:
+        req = self.scheduler.submit(prompt_ids, params, prompt_types)
         return req, TextStream(req, self.decode, self.eos_ids)
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
@@ -117,9 +129,11 @@ class Engine:
         finally:
             req.cancel()
 
-    def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Completion:
+    def complete(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, prompt_types: Sequence[int] | None = None
+    ) -> Completion:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        req, stream = self.submit(ids, params or self.params())
+        req, stream = self.submit(ids, params or self.params(), prompt_types)
         pieces = list(stream)
         return Completion(
             text="".join(pieces), token_ids=stream.output_ids, prompt_tokens=len(ids),

@@ -4,7 +4,12 @@ ids into text pieces (incremental detokenisation, stop strings, finish reason).
 
 One worker thread owns the model and the KV cache; callers `submit` and read their request's
 queue, so concurrent requests share decode steps. A request is admitted when the cache has room for
-its prompt plus `max_new_tokens`; otherwise it waits. `cancel` (a stop string, a disconnected
+its prompt plus `max_new_tokens`; otherwise it waits.
+
+Every forward runs inside `lagoon.quant.policy.token_types`: prompt tokens carry the types given to
+`submit` (from the chat messages they came from; CONTEXT when none are given), decoded tokens are
+REASONING. Quantized layers with activation scales use the tags to choose static (calibrated) or
+dynamic per-token scales; float layers ignore them. `cancel` (a stop string, a disconnected
 client) ends a request at the next step and frees its cache. This module is *not* the HTTP layer
 (see `lagoon.engine.server`).
 """
@@ -22,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lagoon.engine.sampling import SamplingParams, make_generator, sample
-from lagoon.errors import ContextWindowExceededError, LagoonError
+from lagoon.errors import BadRequestError, ContextWindowExceededError, LagoonError
+from lagoon.quant.policy import TokenType, token_types
 
 __all__ = ["Scheduler", "Request", "TextStream"]
 
@@ -42,6 +48,7 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     generator: torch.Generator | None = None
+    prompt_types: torch.Tensor | None = None  # [len(prompt_ids)] TokenType codes
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -66,12 +73,17 @@ class Scheduler:
         self._thread.start()
 
     # ------------------------------------------------------------------ API
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, prompt_types: Sequence[int] | None = None
+    ) -> Request:
+        """Queue a request; `prompt_types` tags each prompt token (TokenType codes, default CONTEXT)."""
         need = len(prompt_ids) + params.max_new_tokens
         if not prompt_ids:
-            from lagoon.errors import BadRequestError
-
             raise BadRequestError("the prompt is empty")
+        if prompt_types is not None and len(prompt_types) != len(prompt_ids):
+            raise BadRequestError(
+                f"prompt_types has {len(prompt_types)} entries for {len(prompt_ids)} prompt tokens; give one per token"
+            )
         if need > self.cache.max_seq_len:
             raise ContextWindowExceededError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
@@ -79,6 +91,10 @@ class Scheduler:
                 needed=need, window=self.cache.max_seq_len,
             )
         req = Request(list(prompt_ids), params)
+        types = [int(TokenType.CONTEXT)] * len(prompt_ids) if prompt_types is None else [int(t) for t in prompt_types]
+        if any(t not in TokenType._value2member_map_ for t in types):
+            raise BadRequestError(f"prompt_types must be TokenType codes {[(m.name, int(m)) for m in TokenType]}")
+        req.prompt_types = torch.tensor(types, dtype=torch.int64)
         req.generator = None if params.greedy else make_generator(params.seed)
         self.waiting.put(req)
         self._wake.set()
@@ -145,7 +161,8 @@ class Scheduler:
         tokens = torch.tensor([ids[n_cached:]])  # [1, T]
         pos = torch.arange(n_cached, len(ids))[None]  # [1, T]
         self.cache.prepare([req.id], pos)
-        logits = self.model(tokens, pos, self.cache, last_only=True)  # [1, 1, V]
+        with token_types(req.prompt_types[n_cached:]):
+            logits = self.model(tokens, pos, self.cache, last_only=True)  # [1, 1, V]
         self.active.append(req)
         self._emit(req, logits[0, -1])
 
@@ -156,7 +173,8 @@ class Scheduler:
         tokens = torch.tensor([[r.output_ids[-1]] for r in batch])  # [B, 1]
         pos = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in batch])  # [B, 1]
         self.cache.prepare([r.id for r in batch], pos)
-        logits = self.model(tokens, pos, self.cache)  # [B, 1, V]
+        with token_types(torch.full((len(batch),), int(TokenType.REASONING), dtype=torch.int64)):
+            logits = self.model(tokens, pos, self.cache)  # [B, 1, V]
         for i, req in enumerate(batch):
             self._emit(req, logits[i, -1])
 

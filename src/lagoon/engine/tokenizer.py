@@ -6,7 +6,9 @@ GGUF vocabulary is slow (~20 s), so the converted tokenizer is kept in `~/.cache
 
 `ChatFormat` renders OpenAI-style messages and tools through the checkpoint's own chat template.
 When the template ignores `tools`, the tool list and the `<tool_call>` convention are put in the
-system message instead (the Hermes/Qwen format). `parse_tool_calls` reads `<tool_call>{json}</tool_call>`
+system message instead (the Hermes/Qwen format). `ChatFormat.encode_with_roles` also says, per
+token, which message's role it came from (None for template text such as the generation prompt):
+the engine turns that into token types for quantized activations (`lagoon.quant.policy`). `parse_tool_calls` reads `<tool_call>{json}</tool_call>`
 blocks (and a bare `{"name":…,"arguments":…}` reply) back into `ToolCall`s. This module is *not* a
 tokenizer implementation.
 """
@@ -23,6 +25,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from jinja2 import TemplateError
 
 from lagoon.errors import CheckpointError
 from lagoon.protocols import ToolCall
@@ -115,7 +119,11 @@ class ChatFormat:
             raise CheckpointError("the tokenizer has no chat template; use /v1/completions or `lagoon generate` without --chat")
         self.template_takes_tools = "tools" in template
 
-    def render(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    def _prepare(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Messages as the template gets them (tools folded into the system message when the
+        template ignores `tools`) and the template's keyword arguments."""
         msgs = [_plain(m) for m in messages]
         kw: dict[str, Any] = {}
         if tools:
@@ -128,10 +136,63 @@ class ChatFormat:
                     msgs[0] = {**msgs[0], "content": f"{msgs[0]['content']}\n\n{note}"}
                 else:
                     msgs.insert(0, {"role": "system", "content": note})
+        return msgs, kw
+
+    def render(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        msgs, kw = self._prepare(messages, tools)
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
 
     def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         return list(self.tok.encode(self.render(messages, tools), add_special_tokens=False))
+
+    def render_spans(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> tuple[str, list[tuple[int, int, str]]]:
+        """The rendered prompt and, per rendered message, its character span ``(start, end, role)``.
+
+        A message's span is what rendering it adds to the rendering of the messages before it
+        (role header included). Where the template is not prefix-stable (it rewrites earlier turns),
+        the span falls back to where the message's content occurs in the text, searched in order."""
+        msgs, kw = self._prepare(messages, tools)
+        text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
+        spans: list[tuple[int, int, str]] = []
+        prev = 0
+        for i, m in enumerate(msgs):
+            try:
+                part = self.tok.apply_chat_template(msgs[: i + 1], tokenize=False, add_generation_prompt=False, **kw)
+            except (TemplateError, ValueError):  # a template that refuses a partial conversation
+                part = None
+            if part is not None and text.startswith(part) and len(part) >= prev:
+                spans.append((prev, len(part), m["role"]))
+                prev = len(part)
+                continue
+            at = text.find(m["content"], prev) if m["content"] else -1
+            if at >= 0:
+                spans.append((at, at + len(m["content"]), m["role"]))
+                prev = at + len(m["content"])
+        return text, spans
+
+    def encode_with_roles(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None, suffix: str = ""
+    ) -> tuple[list[int], list[str | None]]:
+        """Prompt ids (the rendered chat + `suffix`) and, per token, the role of the message it came
+        from (None for text outside every message: the generation prompt, `suffix`). A token that
+        straddles two spans takes the role where it starts."""
+        text, spans = self.render_spans(messages, tools)
+        text += suffix
+        try:
+            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), [int(o[0]) for o in enc["offset_mapping"]]
+        except (NotImplementedError, ValueError, KeyError, TypeError):  # a slow tokenizer: no offsets
+            ids = list(self.tok.encode(text, add_special_tokens=False))
+            offsets = [len(self.tok.decode(ids[:i])) for i in range(len(ids))]
+        roles: list[str | None] = []
+        j = 0
+        for start in offsets:
+            while j < len(spans) and spans[j][1] <= start:
+                j += 1
+            roles.append(spans[j][2] if j < len(spans) and spans[j][0] <= start else None)
+        return ids, roles
 
 
 def _plain(m: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """Token-type activation policy: which activation scale each token gets.
 
 The engine tags every token it feeds the model: prompt tokens from system/user messages are
-`CONTEXT`, tokens from tool messages are `TOOL_OUTPUT`, generated tokens are `REASONING`.
+`CONTEXT`, tokens from tool messages are `TOOL_OUTPUT`, generated tokens are `REASONING`
+(`types_for_roles` maps the per-token message roles of `ChatFormat.encode_with_roles`; assistant
+turns replayed in a prompt were generated, so they are `REASONING` too; template text outside any
+message and untagged prompts are `CONTEXT`).
 Activation-quantized layers (w8a8, fp8) ask `activation_absmax` for one absmax per token:
 
 - `REASONING` tokens are always scaled dynamically (their own per-token absmax).
@@ -28,7 +31,10 @@ import torch
 
 from lagoon.errors import QuantizationError
 
-__all__ = ["TokenType", "token_types", "current_token_types", "activation_absmax", "N_TOKEN_TYPES"]
+__all__ = [
+    "TokenType", "token_types", "current_token_types", "activation_absmax", "N_TOKEN_TYPES", "ROLE_TYPES",
+    "types_for_roles",
+]
 
 
 class TokenType(IntEnum):
@@ -38,6 +44,22 @@ class TokenType(IntEnum):
 
 
 N_TOKEN_TYPES = len(TokenType)
+
+ROLE_TYPES: dict[str, TokenType] = {
+    "system": TokenType.CONTEXT,
+    "developer": TokenType.CONTEXT,
+    "user": TokenType.CONTEXT,
+    "tool": TokenType.TOOL_OUTPUT,
+    "function": TokenType.TOOL_OUTPUT,
+    "ipython": TokenType.TOOL_OUTPUT,
+    "assistant": TokenType.REASONING,
+}
+"""Message role -> token type; a role not listed (and None: template text) is CONTEXT."""
+
+
+def types_for_roles(roles: Sequence[str | None]) -> list[int]:
+    """Per-token message roles -> TokenType codes (see `ROLE_TYPES`)."""
+    return [int(ROLE_TYPES.get(r, TokenType.CONTEXT)) if r is not None else int(TokenType.CONTEXT) for r in roles]
 
 _TYPES: ContextVar[torch.Tensor | None] = ContextVar("lagoon_token_types", default=None)
 

@@ -83,7 +83,9 @@ class OpenAIServing:
             yield piece
 
     # ------------------------------------------------------------------ chat
-    def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], str]:
+    def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], list[int], str]:
+        """Prompt ids, their token types (by source message: `Engine.chat_prompt_typed`) and the
+        forced opening of a tool call ('' when none)."""
         tools = req.tools if req.tools and req.tool_choice != "none" else None
         forced = ""
         if tools and req.tool_choice == "required":
@@ -93,8 +95,8 @@ class OpenAIServing:
             if name not in {(t.get("function") or t).get("name") for t in tools}:
                 raise BadRequestError(f"tool_choice names {name!r}, which is not in tools")
             forced = '<tool_call>\n{"name": ' + json.dumps(name) + ', "arguments": '
-        text = self.engine.chat_format.render(req.messages, tools) + forced
-        return self.engine.encode(text), forced
+        ids, types = self.engine.chat_prompt_typed(req.messages, tools, suffix=forced)
+        return ids, types, forced
 
     def _message(self, text: str, tools: bool) -> tuple[dict[str, Any], str | None]:
         msg: dict[str, Any] = {"role": "assistant", "content": text}
@@ -111,8 +113,8 @@ class OpenAIServing:
         return msg, None
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        ids, forced = self._chat_prompt(req)
-        r, stream = self.engine.submit(ids, self._params(req, len(ids)))
+        ids, types, forced = self._chat_prompt(req)
+        r, stream = self.engine.submit(ids, self._params(req, len(ids)), types)
         try:
             text = "".join(await run_in_threadpool(list, stream))
         finally:
@@ -126,8 +128,8 @@ class OpenAIServing:
         }
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        ids, forced = self._chat_prompt(req)
-        r, stream = self.engine.submit(ids, self._params(req, len(ids)))
+        ids, types, forced = self._chat_prompt(req)
+        r, stream = self.engine.submit(ids, self._params(req, len(ids)), types)
         rid, created, model = new_id("chatcmpl"), now(), self.model_name
 
         def sse(obj: dict[str, Any]) -> str:
