@@ -14,8 +14,9 @@ Kernel choice follows each expert's token count (w8a8 takes `_int_mm` except for
 
 `forward(x [T, H], indices [T, k], weights [T, k], plan=None) -> [T, H]` is `lagoon.moe.Experts`'
 signature (also HF's, without the plan): the dispatch plan's expert segments run one expert at a
-time and are combined with `index_add_`; capacity drops in the plan are respected. The token-type
-tags (`lagoon.quant.policy`) are gathered per routed slot. Not a router: routing stays in full precision in the MoE block.
+time and are combined with `index_copy_` into slot order and a sum over each token's k slots;
+capacity drops in the plan are respected. The token-type tags (`lagoon.quant.policy`) are gathered
+per routed slot. Not a router: routing stays in full precision in the MoE block.
 """
 
 from __future__ import annotations
@@ -121,9 +122,12 @@ class QuantizedExperts(nn.Module):
             seg = slice(start, start + n)
             ys[seg] = self.expert_forward(e, x[plan.tokens[seg]], None if slot_types is None else slot_types[seg])
             start += n
-        out = torch.zeros(t, self.hidden_dim, dtype=torch.float32, device=x.device)
-        out.index_add_(0, plan.tokens, ys * ws.unsqueeze(-1))
-        return out.to(x.dtype)
+        # combine: back to slot order, then sum each token's k slots (index_add_ with repeated
+        # indices is slow on CPU; dropped slots stay zero)
+        k = indices.shape[-1]
+        slots = ys.new_zeros(t * k, self.hidden_dim) if plan.dropped else ys.new_empty(t * k, self.hidden_dim)
+        slots.index_copy_(0, plan.order, ys * ws.unsqueeze(-1))  # [T*k, H]
+        return slots.view(t, k, -1).sum(dim=1).to(x.dtype)  # [T, H]
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, scheme={self.scheme.name}"
