@@ -459,6 +459,16 @@ class AgentSection(Section):
     state_dir: str = ".lagoon"
     """Folder under the workspace holding sessions, the index and snapshots."""
 
+    summaries: Literal["model", "extractive"] = "model"
+    """How long-term memory summarises evicted turns: `model` asks the run's model for a short
+    summary (the extractive line when that fails or times out), `extractive` never asks."""
+
+    summary_max_tokens: int = Field(80, ge=8)
+    """Cap, in the model's tokens, on one model-written summary (a longer reply is cut to fit)."""
+
+    summary_timeout_s: float = Field(30.0, gt=0.0)
+    """Seconds to wait for a model-written summary before using the extractive one."""
+
 
 class EvalSection(Section):
     workers: int = Field(1, ge=1)

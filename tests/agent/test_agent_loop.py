@@ -291,13 +291,15 @@ def test_agent_section_keys_take_effect(repo):
 
 def test_context_budget_caps_every_prompt_the_model_sees(repo):
     for strategy in ("semantic_importance", "fifo"):
-        cfg = load_config({"context": {"rerank": False},
+        cfg = load_config({"context": {"rerank": False}, "agent": {"summaries": "extractive"},
                            "model_deployment": {"memory": {"context_budget": 900, "truncation_strategy": strategy}}})
         model = ReplayChatModel([bash(f"seq {i} {i + 150}") for i in range(12)] + [SUBMIT])
         r = run_task(f"budget {strategy}", repo, cfg, model=model)
         assert r.submitted
         assert max(model.count_tokens(req) for req in model.requests) <= 900
         assert "Earlier steps (summarised)" in model.requests[-1][1].content
+        # agent.summaries=extractive: no summary request reached the model, and the log says so
+        assert len(model.requests) == r.steps and set(r.summaries) == {"extractive"}
 
 
 def test_telemetry_counts_steps_tool_calls_and_validation_failures(repo):

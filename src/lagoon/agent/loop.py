@@ -163,6 +163,9 @@ class Agent:
         if self.telemetry is not None:
             self.telemetry.set("lagoon_agent_context_version", gate.version)
         messages = self.memory.render(self.gate.context_texts())
+        for summary in self.memory.take_evictions():  # which summary each evicted turn got, and from where
+            self._count("lagoon_agent_memory_summaries_total", {"source": summary.source})
+            self.emit("memory", summary.to_event())
         if self.telemetry is not None:
             self.telemetry.observe("lagoon_agent_step_overhead_seconds", time.perf_counter() - t0)
         step = self.trajectory.steps + 1

@@ -4,15 +4,19 @@
   When a later view or edit shows a file again, older turns' copies of it are masked — the latest
   state replaces older ones.
 - Mid-term: the latest state of each file touched, shown once its turn has left short-term.
-- Long-term: one-line extractive summaries of evicted turns (tool, arguments, exit code, first
-  error line), or a caller-supplied `summarizer` (e.g. a model) when given.
+- Long-term: summaries of evicted turns — written by the model through a `summarizer`
+  (`lagoon.agent.summarizer.ModelSummarizer`) when one is given, else (and whenever it fails) one
+  extractive line: tool, arguments, exit code, first error line. Every eviction is queued in
+  `evictions` (step, summary, source) for the loop to record; `known_summaries` (filled on resume
+  from those records) are reused instead of asking again.
 
 Each turn gets an importance score: errors, edits and test runs score high; repeated commands and
 bulky successful output score low. When the rendered prompt is over budget, turns are evicted into
 long-term memory — lowest importance first (`semantic_importance`) or oldest first (`fifo`) — then
 old summaries, file states and retrieved chunks are dropped, and as a last resort the newest
-turn's tool output is cut. The budget is checked with `count_tokens` on the final rendered
-messages (the backend's tokenizer), so it is a hard cap; if even the system prompt and task do
+turn's tool output is cut. The budget is checked on the final rendered messages in the backend's
+tokens (`count_tokens`, through a `TokenCounter` that counts each message once and the whole list
+whenever the counter is not additive), so it is a hard cap; if even the system prompt and task do
 not fit, `ContextWindowExceededError` says so.
 
 Memory is *not* persisted: on resume the loop replays the session's events into a fresh Memory.
@@ -25,17 +29,21 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from lagoon.agent.environment import cut_output
+from lagoon.agent.summarizer import Summary
+from lagoon.agent.token_counter import TokenCounter
 from lagoon.config import TruncationStrategy
 from lagoon.errors import ContextWindowExceededError
 from lagoon.protocols import ChatMessage
 
-__all__ = ["Memory", "Turn", "score_turn"]
+__all__ = ["Memory", "Turn", "Summarizer", "score_turn"]
 
 _TEST_RE = re.compile(r"\b(pytest|unittest|tox|nox|npm (run )?test|cargo test|go test|make test|jest)\b")
 _ERROR_RE = re.compile(r"Traceback|Error\b|error:|FAILED|failed|exception", re.IGNORECASE)
 _BULKY_CHARS = 4000
+_EMPTY = ChatMessage(role="user", content="")
 MASKED = "[older copy of {path} masked; a later step shows its current state]"
 
 
@@ -77,6 +85,12 @@ def _extract(step: int, tool: str, arguments: str, output: str, exit_code: int |
     return f"step {step}: {tool} {arguments[:120]}{code}; {detail[:160]}".rstrip("; ")
 
 
+class Summarizer(Protocol):
+    def summarize(self, turn: Turn) -> Summary:
+        """The evicted turn's long-term summary (never raises: falls back to `turn.summary`)."""
+        ...
+
+
 @dataclass
 class Memory:
     """Three-tier prompt memory under a hard token budget."""
@@ -86,12 +100,28 @@ class Memory:
     strategy: TruncationStrategy = TruncationStrategy.SEMANTIC_IMPORTANCE
     system: str = ""
     task: str = ""
-    summarizer: Callable[[Turn], str] | None = None
+    summarizer: Summarizer | None = None
     turns: list[Turn] = field(default_factory=list)
     summaries: list[str] = field(default_factory=list)
     files: dict[str, tuple[int, str]] = field(default_factory=dict)
     evicted: int = 0
+    evictions: list[Summary] = field(default_factory=list)
+    """Evictions not yet taken by the loop (`take_evictions`), oldest first."""
+    known_summaries: dict[int, str] = field(default_factory=dict)
+    """step → summary already written for it (replayed on resume): reused, not asked again."""
+    counter: TokenCounter = field(init=False, repr=False)
     _seen: set[str] = field(default_factory=set)
+    _bias: int = 0  # whole-list count minus the per-message sum, last seen (non-additive counters)
+
+    def __post_init__(self) -> None:
+        self.counter = TokenCounter(self.count_tokens)
+
+    def take_evictions(self) -> list[Summary]:
+        out, self.evictions = self.evictions, []
+        return out
+
+    def remember_summary(self, step: int, text: str) -> None:
+        self.known_summaries[step] = text
 
     # -- recording ----------------------------------------------------------------------------
     def add_turn(
@@ -124,7 +154,7 @@ class Memory:
             self._mask_older(file_path)
             self.files[file_path] = (step, file_state)
             self.files = dict(sorted(self.files.items(), key=lambda kv: kv[1][0]))
-        turn.tokens = self.count_tokens(turn.messages)
+        turn.tokens = self.counter.many(turn.messages)
         self.turns.append(turn)
         return turn
 
@@ -137,7 +167,7 @@ class Memory:
                 for m in turn.messages
             ]
             turn.file_path = None
-            turn.tokens = self.count_tokens(turn.messages)
+            turn.tokens = self.counter.many(turn.messages)
 
     # -- rendering ----------------------------------------------------------------------------
     def _header(self, context: list[str]) -> ChatMessage:
@@ -152,25 +182,35 @@ class Memory:
             parts.append("Current state of files you touched:\n" + "\n\n".join(states))
         return ChatMessage(role="user", content="\n\n".join(parts))
 
-    def _evict_one(self) -> bool:
-        """Move one turn (never the newest) into long-term memory; False when none is left."""
+    def _evict_one(self) -> int | None:
+        """Move one turn (never the newest) into long-term memory and return about how many
+        tokens that frees; None when no turn is left to evict."""
         if len(self.turns) <= 1:
-            return False
+            return None
         candidates = self.turns[:-1]
         if self.strategy is TruncationStrategy.FIFO:
             victim = candidates[0]
         else:
             victim = min(candidates, key=lambda t: (t.importance, t.step))
         self.turns.remove(victim)
-        self.summaries.append(self.summarizer(victim) if self.summarizer else victim.summary)
+        text = self.known_summaries.get(victim.step)
+        if text is None:
+            summary = (self.summarizer.summarize(victim) if self.summarizer is not None
+                       else Summary(victim.step, victim.summary, "extractive"))
+            text = self.known_summaries[victim.step] = summary.text
+            self.evictions.append(summary)
+        self.summaries.append(text)
         self.evicted += 1
-        return True
+        line = self.counter.one(ChatMessage(role="user", content=text)) - self.counter.one(_EMPTY)
+        return victim.tokens - line
 
     def render(self, context: Sequence[str] = ()) -> list[ChatMessage]:
         """The prompt: system, header (task, code, summaries, file states), recent turns — within budget."""
         chunks = list(context)
         system = [ChatMessage(role="system", content=self.system)] if self.system else []
-        fixed = self.count_tokens([*system, ChatMessage(role="user", content=f"Task:\n{self.task}")])
+        task = ChatMessage(role="user", content=f"Task:\n{self.task}")
+        self.counter.probe([*system, task] if system else [task, task])
+        fixed = self.counter.whole([*system, task])
         if fixed > self.budget:
             raise ContextWindowExceededError(
                 f"the system prompt and task alone take {fixed} tokens, over memory.context_budget "
@@ -180,22 +220,33 @@ class Memory:
             )
         while True:
             header = self._header(chunks)
-            estimate = self.count_tokens([*system, header]) + sum(t.tokens for t in self.turns)
-            if estimate <= self.budget:
+            estimate = self.counter.many([*system, header]) + sum(t.tokens for t in self.turns)
+            total = estimate if self.counter.additive else estimate + self._bias
+            if total <= self.budget:
                 messages = [*system, header, *(m for t in self.turns for m in t.messages)]
-                if self.count_tokens(messages) <= self.budget:
+                if not self.counter.additive:  # count the list whole; learn how far the sum was off
+                    total = self.counter.whole(messages)
+                    self._bias = total - estimate
+                if total <= self.budget:
                     return messages
-            if not self._shrink(chunks):
+            if not self._shrink(chunks, total - self.budget):
                 raise ContextWindowExceededError(
                     f"cannot fit the prompt in memory.context_budget ({self.budget} tokens) even after "
                     "evicting everything optional; raise the budget",
-                    needed=estimate,
+                    needed=total,
                     window=self.budget,
                 )
 
-    def _shrink(self, chunks: list[str]) -> bool:
-        """Drop the next thing in eviction order; False when nothing is left to drop."""
-        if self._evict_one():
+    def _shrink(self, chunks: list[str], deficit: int) -> bool:
+        """Drop what comes next in eviction order — turns until about `deficit` tokens are freed,
+        else one summary, file state or chunk; False when nothing is left to drop."""
+        freed, evicted = 0, False
+        while freed < deficit:
+            gained = self._evict_one()
+            if gained is None:
+                break
+            freed, evicted = freed + gained, True
+        if evicted:
             return True
         if self.summaries:
             del self.summaries[0]
@@ -219,6 +270,6 @@ class Memory:
             if len(m.content) > 200:
                 cut, _ = cut_output(m.content, len(m.content) // 2)
                 turn.messages[i] = replace(m, content=cut)
-                turn.tokens = self.count_tokens(turn.messages)
+                turn.tokens = self.counter.many(turn.messages)
                 return True
         return False

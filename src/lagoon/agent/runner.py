@@ -9,7 +9,7 @@ intent but no result is recorded as `tool_interrupted` and reported to the model
 calls recorded but never started run first. Tool state (cwd, env, undo history) is restored only
 when `inference.tool_state_persistence` is on. A session that already has an `exit` event is not
 run again: its stored result is returned. Models that replay a script (`resume_at(n)`) are told how
-many replies the session already holds.
+many replies the session already holds (model steps plus model-written memory summaries).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from lagoon.agent.loop import Agent, AgentExit
 from lagoon.agent.memory import Memory
 from lagoon.agent.redaction import Redactor
 from lagoon.agent.session import FORMAT_VERSION, SessionLocks, SessionStore, session_id_for
+from lagoon.agent.summarizer import ModelSummarizer
 from lagoon.agent.tools import ToolBox
 from lagoon.agent.tools.bash import BashTool
 from lagoon.agent.tools.edit import EditTool
@@ -70,6 +71,7 @@ class RunResult:
     backends: dict[str, int] = field(default_factory=dict)
     context_version: int = 0
     interrupted_steps: list[dict[str, Any]] = field(default_factory=list)
+    summaries: dict[str, int] = field(default_factory=dict)
     resumed: bool = False
     trajectory: str = ""
     format_version: int = FORMAT_VERSION
@@ -168,8 +170,12 @@ def run_task(
         system = _PROMPTS.get_template("system.j2").render(
             repo=ws.root.name, tools=list(toolbox.tools), state_dir=config.agent.state_dir,
         )
+        summarizer = (ModelSummarizer(model, max_tokens=config.agent.summary_max_tokens,
+                                      timeout_s=config.agent.summary_timeout_s)
+                      if config.agent.summaries == "model" else None)
         memory = Memory(model.count_tokens, budget=min(mem_cfg.context_budget, window),
-                        strategy=mem_cfg.truncation_strategy, system=system, task=instruction)
+                        strategy=mem_cfg.truncation_strategy, system=system, task=instruction,
+                        summarizer=summarizer)
         traj = Trajectory(memory=memory)
         for e in events:
             traj.apply(e["kind"], e["payload"])
@@ -202,7 +208,7 @@ def run_task(
                                             "arguments": call["arguments"]})
         resume_at = getattr(model, "resume_at", None)
         if callable(resume_at):
-            resume_at(traj.steps)
+            resume_at(traj.steps + traj.summary_calls)
         status = "crashed"
         try:
             outcome: AgentExit = agent.run(unstarted, step)
@@ -241,6 +247,7 @@ def _result(sid: str, traj: Trajectory, started: float, *, resumed: bool, path: 
         backends=dict(traj.backends),
         context_version=traj.context_version,
         interrupted_steps=list(traj.interrupted),
+        summaries=dict(traj.summaries),
         resumed=resumed,
         trajectory=str(path),
     )

@@ -12,6 +12,8 @@ and exit codes, validation failures, the context version, and the memory turns. 
     tool_intent       {step, call_id, name, arguments}       written before the tool runs
     tool_result       {step, call_id, name, text, ok, exit_code, files, meta}
     tool_interrupted  {step, call_id, name, arguments}       an intent found without its result on resume
+    memory            {step, summary, source, error,          a turn evicted to long-term memory, with the
+                       asked_model, usage}                    summary it got (`model` or `extractive`)
     exit              {status, message}
 
 `pending()` splits the last model event's calls into those interrupted by a crash (intent, no
@@ -66,6 +68,8 @@ class Trajectory:
     interrupted: list[dict[str, Any]] = field(default_factory=list)
     exit: dict[str, Any] | None = None
     events: int = 0
+    summaries: Counter = field(default_factory=Counter)  # source → evicted turns summarised that way
+    summary_calls: int = 0  # model calls made for summaries (a replayed script counts them too)
     _open: dict[str, Any] | None = None
     _results: list[dict[str, Any]] = field(default_factory=list)
     _intents: set[tuple[int, str]] = field(default_factory=set)  # (step, call_id): ids may repeat across steps
@@ -96,6 +100,17 @@ class Trajectory:
         self.models[p.get("model") or "unknown"] += 1
         self._open = p
         self._results = []
+
+    def _on_memory(self, p: dict[str, Any]) -> None:
+        self.summaries[p["source"]] += 1
+        if p.get("asked_model"):
+            self.summary_calls += 1
+            usage = p.get("usage") or {}
+            self.input_tokens += int(usage.get("input_tokens", 0))
+            self.output_tokens += int(usage.get("output_tokens", 0))
+            self.cost_usd += float(usage.get("cost_usd", 0.0))
+        if self.memory is not None:
+            self.memory.remember_summary(int(p["step"]), p["summary"])
 
     def _on_format_error(self, p: dict[str, Any]) -> None:
         self.format_errors_in_row += 1
