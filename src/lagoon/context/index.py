@@ -1,17 +1,25 @@
-"""The on-disk lexical index of a repository: chunks plus a `bm25s` BM25 index over their tokens.
+"""The on-disk lexical index of a repository: chunks in segments, scored by BM25 at query time.
 
 `CodeIndex(repo, config).update()` brings the index in line with the working tree. It is
 incremental: a file whose size and mtime are unchanged is not read; one whose content hash is
-unchanged is not re-parsed; deleted (or newly ignored) files drop out. Chunk tokens are kept per
-chunk, so only changed files are re-tokenized; the BM25 matrix itself is rebuilt over all chunks.
+unchanged is not re-parsed; deleted (or newly ignored) files drop out. Only changed and added files
+are parsed and tokenized, and an update writes only what is new (LSM-style):
 
-Layout under ``<repo>/.lagoon/index/``: ``CURRENT`` names the live generation folder
-``gen-<id>/`` (manifest.json, chunks.json with the chunks' fields as columns, text.bin with their
-UTF-8 text, tokens.npy + offsets.npy with their token ids, vocab.json). The BM25 matrix is not
-stored: `bm25s` rebuilds it from the token ids on load, through a vectorised `build_index_from_ids`
-(`FlatBM25`, checked against bm25s's own builder in the tests). An update
-writes a complete new generation into ``tmp-<id>/``, renames it to ``gen-<id>/``, then replaces
-``CURRENT`` atomically; a crash at any point leaves the previous generation live and readable.
+- the chunks of changed/added files go into one new small *delta* segment
+  (`lagoon.context.segments`); their old chunks stay in their old segments but are no longer
+  referenced by the manifest, so they are dead;
+- the manifest (``MANIFEST.json``: format, segments in order, and per file its hash, size, mtime,
+  segment and chunk range) is replaced atomically; it is the single commit point;
+- when more than `MAX_SEGMENTS` segments are live, the deltas are merged into one; when dead chunks
+  plus chunks outside the base segment exceed `MERGE_FRACTION` of the live ones, everything is
+  merged into a new base. Merges reuse the stored term counts (nothing is re-tokenized).
+
+BM25 statistics (N, df, avgdl) are computed at query time over live chunks (`lagoon.context.bm25`),
+so an updated index scores exactly as a from-scratch build over the same files would.
+
+Crash safety: segments are written to ``tmp-<id>/`` and renamed to ``seg-<id>/`` before the
+manifest names them; a crash at any point leaves the previous manifest live, with every segment
+it names intact. Unreferenced segments are deleted after a successful commit.
 
 `search(query, k)` returns BM25 hits only; reranking and token budgets live in
 `lagoon.context.retriever`.
@@ -26,24 +34,27 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import bm25s
 import numpy as np
-import scipy.sparse as sp
 
 from lagoon.config import ContextSection
+from lagoon.context.bm25 import SegmentedBM25
 from lagoon.context.chunking import Chunk, chunk_file, content_hash
 from lagoon.context.fileset import FileSet
-from lagoon.context.tokens import code_tokens, split_identifier, words
+from lagoon.context.lexicon import Lexicon
+from lagoon.context.segments import Segment
 from lagoon.errors import IndexCorruptError
 
-__all__ = ["CodeIndex", "Hit", "UpdateStats", "FlatBM25", "FORMAT_VERSION", "index_dir"]
+__all__ = ["CodeIndex", "Hit", "UpdateStats", "FORMAT_VERSION", "MANIFEST", "index_dir"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+MANIFEST = "MANIFEST.json"
+MAX_SEGMENTS = 8
+MERGE_FRACTION = 0.25
 _TMP_MAX_AGE_S = 3600.0
 
 Progress = Callable[[int, int, str], None]
@@ -69,15 +80,18 @@ class UpdateStats:
     chunks: int
     written: bool
     seconds: float
+    segments: int = 1
+    """Live segments after the update (1 after a full build or merge)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class _FileRecord:
     hash: str
     size: int
     mtime_ns: int
-    chunks: list[Chunk]
-    tokens: list[np.ndarray]  # one int32 array of vocab ids per chunk
+    segment: str
+    first: int
+    n: int
 
 
 class CodeIndex:
@@ -89,17 +103,24 @@ class CodeIndex:
         self.dir = index_dir(self.repo)
         self.fileset = FileSet(self.repo, config)
         self._files: dict[str, _FileRecord] | None = None
-        self._vocab: dict[str, int] = {}
-        self._chunks: list[Chunk] = []
-        self._bm25: bm25s.BM25 | None = None
-        self._word_ids: dict[str, tuple[int, ...]] = {}
-        self._memo_vocab: dict[str, int] | None = None
+        self._segments: dict[str, Segment] = {}
+        self._lexicon = Lexicon()
+        self._bm25: SegmentedBM25 | None = None
+        self._slots: list[Chunk] = []
+        self._live: list[Chunk] | None = None
 
     # -- reading --------------------------------------------------------------------------------
     @property
     def chunks(self) -> list[Chunk]:
+        """Live chunks, file by file in scan order."""
         self._ensure()
-        return self._chunks
+        if self._live is None:
+            assert self._files is not None
+            segs = self._segments
+            self._live = [
+                c for r in self._files.values() for c in segs[r.segment].chunks[r.first : r.first + r.n]
+            ]
+        return self._live
 
     @property
     def files(self) -> dict[str, str]:
@@ -108,19 +129,27 @@ class CodeIndex:
         assert self._files is not None
         return {p: r.hash for p, r in self._files.items()}
 
+    @property
+    def segments(self) -> list[str]:
+        """Names of the live segments, base first."""
+        self._ensure()
+        return list(self._segments)
+
     def search(self, query: str, k: int = 10) -> list[Hit]:
         """The `k` best chunks by BM25 (score > 0), best first. Builds the index if there is none."""
         self._ensure()
-        if self._bm25 is None or not self._chunks:
+        if self._bm25 is None or k <= 0:
             return []
-        ids = [self._vocab[t] for t in code_tokens(query) if t in self._vocab]
-        if not ids:
+        q = self._lexicon.query_ids(query)
+        if not q:
             return []
-        scores = self._bm25.get_scores_from_ids(ids)
-        k = min(k, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return [Hit(self._chunks[i], float(scores[i])) for i in top if scores[i] > 0]
+        scores = self._bm25.scores(q)  # [slots]
+        cand = np.flatnonzero(scores > 0)  # [C] ascending, so ties keep slot order
+        if len(cand) > k:
+            cand = cand[np.argpartition(-scores[cand], k - 1)[:k]]
+        top = cand[np.argsort(-scores[cand], kind="stable")]
+        slots = self._slots
+        return [Hit(slots[i], s) for i, s in zip(top.tolist(), scores[top].tolist(), strict=True)]
 
     def _ensure(self) -> None:
         if self._files is None:
@@ -128,76 +157,78 @@ class CodeIndex:
                 self.update()
 
     def _load(self) -> bool:
-        """Load the live generation; False if there is none. Corrupt files raise IndexCorruptError."""
+        """Load the live manifest and its segments; False if there is none (or it is of an older
+        format). Corrupt files raise IndexCorruptError."""
+        for attempt in range(2):
+            try:
+                return self._load_once()
+            except FileNotFoundError:
+                if attempt:  # a segment vanished twice: not a concurrent merge
+                    raise IndexCorruptError(
+                        f"{self.dir}: a segment named by {MANIFEST} is missing; "
+                        f"rebuild it with `lagoon index {self.repo} --rebuild`"
+                    ) from None
+        return False
+
+    def _load_once(self) -> bool:
         try:
-            name = (self.dir / "CURRENT").read_text().strip()
+            text = (self.dir / MANIFEST).read_text()
         except FileNotFoundError:
             return False
-        gen = self.dir / name
         try:
-            manifest = json.loads((gen / "manifest.json").read_text())
+            manifest = json.loads(text)
             if manifest.get("format") != FORMAT_VERSION:
-                log.info(
-                    "index format %s is not %s; the index will be rebuilt",
-                    manifest.get("format"),
-                    FORMAT_VERSION,
-                )
+                log.info("index format %s is not %s; rebuilding", manifest.get("format"), FORMAT_VERSION)
                 return False
             if manifest.get("max_chunk_size") != self.config.max_chunk_size:
                 log.info("context.max_chunk_size changed; the index will be rebuilt")
                 return False
-            cols = json.loads((gen / "chunks.json").read_text())
-            blob = (gen / "text.bin").read_bytes()
-            text_offsets = np.load(gen / "text_offsets.npy")
-            flat = np.load(gen / "tokens.npy")
-            offsets = np.load(gen / "offsets.npy")
-            vocab_list = json.loads((gen / "vocab.json").read_text())
-            paths = cols["paths"]
-            chunks = [
-                Chunk(paths[pi], a, b, sym, lang, blob[t0:t1].decode("utf-8", "surrogatepass"), h, hd)
-                for pi, a, b, sym, lang, h, hd, t0, t1 in zip(
-                    cols["path"],
-                    cols["start"],
-                    cols["end"],
-                    cols["symbol"],
-                    cols["language"],
-                    cols["hash"],
-                    cols["header"],
-                    text_offsets[:-1].tolist(),
-                    text_offsets[1:].tolist(),
-                    strict=True,
-                )
-            ]
-            if len(offsets) != len(chunks) + 1 or (len(flat) and int(flat.max()) >= len(vocab_list)):
-                raise ValueError("chunk, token and vocabulary files disagree")
-        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            lexicon = Lexicon()
+            names = manifest["segments"]
+            segs = {name: Segment.read(self.dir / name, lexicon) for name in names}
+            masks = {name: np.zeros(len(s), dtype=bool) for name, s in segs.items()}
+            files: dict[str, _FileRecord] = {}
+            for path, (h, size, mtime_ns, si, first, n) in manifest["files"].items():
+                name = names[si]
+                if first < 0 or first + n > len(segs[name]):
+                    raise ValueError(f"{path}: chunk range outside segment {name}")
+                masks[name][first : first + n] = True
+                files[path] = _FileRecord(h, size, mtime_ns, name, first, n)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
             raise IndexCorruptError(
-                f"{gen}: the index cannot be read ({exc}); rebuild it with `lagoon index {self.repo} --rebuild`"
+                f"{self.dir}: the index cannot be read ({exc}); "
+                f"rebuild it with `lagoon index {self.repo} --rebuild`"
             ) from exc
-        files: dict[str, _FileRecord] = {}
-        for path, (h, size, mtime_ns, first, n) in manifest["files"].items():
-            toks = [flat[offsets[i] : offsets[i + 1]] for i in range(first, first + n)]
-            files[path] = _FileRecord(h, size, mtime_ns, chunks[first : first + n], toks)
-        self._vocab = {t: i for i, t in enumerate(vocab_list)}
-        self._files, self._chunks = files, chunks
-        self._bm25 = FlatBM25.build(flat, offsets, len(self._vocab)) if chunks else None
+        for name, s in segs.items():
+            s.keep_only(masks[name])
+        self._lexicon, self._segments, self._files = lexicon, segs, files
+        self._refresh()
         return True
+
+    def _refresh(self) -> None:
+        segs = list(self._segments.values())
+        self._bm25 = SegmentedBM25(segs) if segs else None
+        self._slots = [c for s in segs for c in s.chunks]
+        self._live = None
 
     # -- updating -------------------------------------------------------------------------------
     def update(self, *, rebuild: bool = False, progress: Progress | None = None) -> UpdateStats:
-        """Re-scan the repository and persist a new generation if anything changed."""
+        """Re-scan the repository and commit a new manifest if anything changed."""
         t0 = time.perf_counter()
-        old: dict[str, _FileRecord] = {}
+        loaded = False
         if not rebuild:
             try:
-                if self._files is not None or self._load():
-                    old = self._files or {}
+                loaded = self._files is not None or self._load()
             except IndexCorruptError as exc:
                 log.warning("%s; rebuilding from scratch", exc)
-        if rebuild or not old:
-            self._vocab = {}
+        if not loaded:
+            self._files, self._segments, self._lexicon = {}, {}, Lexicon()
+        old = self._files or {}
         current = self.fileset.scan()
-        new: dict[str, _FileRecord] = {}
+        new: dict[str, _FileRecord | None] = {}
+        pending: dict[str, tuple[str, int, int, list[Chunk]]] = {}
         added = changed = reparsed = 0
         touched = False
         for n, (path, st) in enumerate(current.items()):
@@ -212,166 +243,132 @@ class CodeIndex:
                 continue
             h = content_hash(text)
             if rec is not None and rec.hash == h:
-                new[path] = _FileRecord(h, st.size, st.mtime_ns, rec.chunks, rec.tokens)
+                new[path] = replace(rec, size=st.size, mtime_ns=st.mtime_ns)
                 touched = True
                 continue
             chunks = chunk_file(path, text, self.config.max_chunk_size)
-            new[path] = _FileRecord(h, st.size, st.mtime_ns, chunks, [self._token_ids(c) for c in chunks])
+            new[path] = None
+            pending[path] = (h, st.size, st.mtime_ns, chunks)
             reparsed += len(chunks)
             added += rec is None
             changed += rec is not None
         if progress is not None:
             progress(len(current), len(current), "")
         removed = len(old.keys() - new.keys())
-        written = bool(added or changed or removed or touched or not old or self._files is None)
-        if written:
-            self._commit(new)
-        else:
-            self._files = new
+        if loaded and not (pending or removed or touched):
+            return UpdateStats(
+                len(old), 0, 0, 0, 0, len(self.chunks), False, time.perf_counter() - t0, len(self._segments)
+            )
+        try:
+            self._apply(old, new, pending)
+        except BaseException:
+            self._files = None  # memory may be half-updated: reload from the (old) manifest
+            raise
         return UpdateStats(
-            len(new), added, changed, removed, reparsed, len(self._chunks), written, time.perf_counter() - t0
+            len(self._files or {}),
+            added,
+            changed,
+            removed,
+            reparsed,
+            len(self.chunks),
+            True,
+            time.perf_counter() - t0,
+            len(self._segments),
         )
 
-    def _token_ids(self, chunk: Chunk) -> np.ndarray:
-        """Vocabulary ids of `code_tokens(document text)`, memoised per identifier (same result)."""
-        vocab, memo = self._vocab, self._word_ids
-        if len(memo) and self._memo_vocab is not vocab:
-            memo.clear()
-        self._memo_vocab = vocab
-        out: list[int] = []
-        for word in words(_document_text(chunk)):
-            ids = memo.get(word)
-            if ids is None:
-                ids = memo[word] = tuple(vocab.setdefault(t, len(vocab)) for t in split_identifier(word))
-            out.extend(ids)
-        return np.array(out, dtype=np.int32)
+    def _apply(self, old, new, pending) -> None:
+        segs = dict(self._segments)
+        for path, rec in old.items():
+            if new.get(path) is None:  # deleted, or re-parsed into the new delta
+                segs[rec.segment].kill(rec.first, rec.n)
+        fresh: dict[str, Segment] = {}
+        files: dict[str, _FileRecord] = {}
+        if pending:
+            name = _segment_name()
+            chunks: list[Chunk] = []
+            for path, (h, size, mtime_ns, cs) in pending.items():
+                new[path] = _FileRecord(h, size, mtime_ns, name, len(chunks), len(cs))
+                chunks.extend(cs)
+            fresh[name] = segs[name] = Segment.build(name, chunks, self._lexicon)
+        files = {p: r for p, r in new.items() if r is not None}
+        segs = {name: s for name, s in segs.items() if s.alive.any()}
+        files, segs, merged = self._compact(files, segs)
+        fresh.update(merged)
+        self._write(files, segs, fresh)
+        self._files, self._segments = files, segs
+        self._refresh()
 
-    def _commit(self, files: dict[str, _FileRecord]) -> None:
-        chunks = [c for rec in files.values() for c in rec.chunks]
-        tokens = [t for rec in files.values() for t in rec.tokens]
-        lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        flat = np.concatenate(tokens).astype(np.int32) if tokens else np.zeros(0, np.int32)
-        bm25 = FlatBM25.build(flat, offsets, len(self._vocab)) if chunks else None
-        self._write(files, chunks, flat, offsets)
-        self._files, self._chunks, self._bm25 = files, chunks, bm25
+    def _compact(self, files, segs):
+        """Merge segments when there are too many or too much is dead (see the module docstring)."""
+        if len(segs) <= 1:
+            return files, segs, {}
+        live = sum(r.n for r in files.values())
+        slots = sum(len(s) for s in segs.values())
+        base = next(iter(segs))
+        outside = slots - len(segs[base])
+        if (slots - live) + outside > MERGE_FRACTION * max(live, 1):
+            chosen = list(segs)
+        elif len(segs) > MAX_SEGMENTS:
+            chosen = list(segs)[1:]
+        else:
+            return files, segs, {}
+        name = _segment_name()
+        moved = [(p, r) for p, r in files.items() if r.segment in chosen]
+        parts, first = [], 0
+        for p, r in moved:
+            parts.append((segs[r.segment], r.first, r.n))
+            files[p] = replace(r, segment=name, first=first)
+            first += r.n
+        merged = Segment.merge(name, parts, len(self._lexicon))
+        kept = {n: s for n, s in segs.items() if n not in chosen}
+        kept[name] = merged
+        return files, kept, {name: merged}
 
-    def _write(self, files, chunks, flat, offsets) -> None:
+    def _write(self, files: dict[str, _FileRecord], segs: dict[str, Segment], fresh: dict[str, Segment]):
         self.dir.mkdir(parents=True, exist_ok=True)
-        gen_id = uuid.uuid4().hex[:12]
-        tmp = self.dir / f"tmp-{gen_id}"
-        tmp.mkdir()
-        try:
-            _write_generation(tmp, self.config, files, chunks, flat, offsets, self._vocab)
-            gen = self.dir / f"gen-{gen_id}"
-            tmp.rename(gen)
-            pointer = self.dir / f"CURRENT.{gen_id}"
-            pointer.write_text(gen.name)
-            os.replace(pointer, self.dir / "CURRENT")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self._collect(keep=gen.name)
+        for name, seg in fresh.items():
+            if name not in segs:
+                continue
+            tmp = self.dir / f"tmp-{name}"
+            tmp.mkdir()
+            try:
+                seg.write(tmp, self._lexicon)
+                tmp.rename(self.dir / name)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        _write_manifest(self.dir, self.config, files, list(segs))
+        self._collect(keep=set(segs))
 
-    def _collect(self, keep: str) -> None:
+    def _collect(self, keep: set[str]) -> None:
         now = time.time()
         for entry in self.dir.iterdir():
-            stale_tmp = entry.name.startswith("tmp-") and now - entry.stat().st_mtime > _TMP_MAX_AGE_S
-            if (entry.name.startswith("gen-") and entry.name != keep) or stale_tmp:
-                shutil.rmtree(entry, ignore_errors=True)
+            name = entry.name
+            stale_tmp = name.startswith("tmp-") and now - entry.stat().st_mtime > _TMP_MAX_AGE_S
+            old_format = name.startswith("gen-") or name.startswith("CURRENT")
+            if (name.startswith("seg-") and name not in keep) or stale_tmp or old_format:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
 
-def _document_text(chunk: Chunk) -> str:
-    # The path and symbol make file and function names searchable even when the body never says them.
-    return f"{chunk.path}\n{chunk.symbol or ''}\n{chunk.header}\n{chunk.text}"
+def _segment_name() -> str:
+    return f"seg-{uuid.uuid4().hex[:12]}"
 
 
-def _write_generation(folder: Path, config, files, chunks, flat, offsets, vocab) -> None:
-    """Write every file of one generation into `folder` (which is not yet live)."""
-    manifest_files, first = {}, 0
-    for path, rec in files.items():
-        manifest_files[path] = [rec.hash, rec.size, rec.mtime_ns, first, len(rec.chunks)]
-        first += len(rec.chunks)
-    path_ids = {p: i for i, p in enumerate(files)}
-    cols = {
-        "paths": list(files),
-        "path": [path_ids[c.path] for c in chunks],
-        "start": [c.start_line for c in chunks],
-        "end": [c.end_line for c in chunks],
-        "symbol": [c.symbol for c in chunks],
-        "language": [c.language for c in chunks],
-        "hash": [c.content_hash for c in chunks],
-        "header": [c.header for c in chunks],
-    }
-    (folder / "chunks.json").write_text(json.dumps(cols))
-    texts = [c.text.encode("utf-8", "surrogatepass") for c in chunks]
-    (folder / "text.bin").write_bytes(b"".join(texts))
-    text_lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-    np.save(folder / "text_offsets.npy", np.concatenate([[0], np.cumsum(text_lengths)]).astype(np.int64))
-    np.save(folder / "tokens.npy", flat)
-    np.save(folder / "offsets.npy", offsets)
-    vocab_list = [""] * len(vocab)
-    for t, i in vocab.items():
-        vocab_list[i] = t
-    (folder / "vocab.json").write_text(json.dumps(vocab_list))
+def _write_manifest(folder: Path, config: ContextSection, files: dict[str, _FileRecord], names: list[str]):
+    """Atomically replace the manifest: the commit point of an update."""
+    index_of = {n: i for i, n in enumerate(names)}
     manifest = {
         "format": FORMAT_VERSION,
         "max_chunk_size": config.max_chunk_size,
         "created_at": time.time(),
-        "files": manifest_files,
+        "segments": names,
+        "files": {
+            p: [r.hash, r.size, r.mtime_ns, index_of[r.segment], r.first, r.n] for p, r in files.items()
+        },
     }
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-
-
-class _FlatCorpus:
-    """Token ids of all documents as one flat array plus offsets (what `FlatBM25` builds from)."""
-
-    def __init__(self, flat: np.ndarray, offsets: np.ndarray) -> None:
-        self.flat, self.offsets = flat, offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-
-class FlatBM25(bm25s.BM25):
-    """bm25s's BM25 (Lucene variant) with a vectorised `build_index_from_ids`, bm25s's own hook for
-    custom builders: one sparse matrix op instead of a Python loop per document."""
-
-    @classmethod
-    def build(cls, flat: np.ndarray, offsets: np.ndarray, n_vocab: int) -> FlatBM25:
-        bm25 = cls()
-        vocab = {i: i for i in range(n_vocab)}
-        bm25.index(
-            bm25s.tokenization.Tokenized(_FlatCorpus(flat, offsets), vocab),
-            create_empty_token=False,
-            show_progress=False,
-        )
-        return bm25
-
-    def build_index_from_ids(
-        self, unique_token_ids, corpus_token_ids, show_progress=True, leave_progress=False
-    ):
-        if self.method != "lucene" or not isinstance(corpus_token_ids, _FlatCorpus):
-            return super().build_index_from_ids(
-                unique_token_ids, corpus_token_ids, show_progress, leave_progress
-            )
-        flat, offsets = corpus_token_ids.flat, corpus_token_ids.offsets
-        n_docs, n_vocab = len(offsets) - 1, len(unique_token_ids)
-        lengths = np.diff(offsets)  # [D]
-        doc = np.repeat(np.arange(n_docs, dtype=np.int64), lengths)  # [T]
-        # [D, V] term counts, column-major; duplicates (repeated tokens) are summed.
-        counts = sp.csc_matrix((np.ones(len(flat), np.float32), (doc, flat)), shape=(n_docs, n_vocab))
-        counts.sum_duplicates()
-        df = np.diff(counts.indptr)  # [V] documents containing each token
-        idf = np.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))  # [V]
-        tf = counts.data.astype(np.float64)  # [nnz]
-        avg = lengths.mean() if n_docs else 1.0
-        norm = self.k1 * ((1 - self.b) + self.b * lengths[counts.indices] / avg)  # [nnz]
-        data = np.repeat(idf, df) * tf / (norm + tf)
-        self.nonoccurrence_array = None
-        return {
-            "data": data.astype(self.dtype),
-            "indices": counts.indices.astype(self.int_dtype),
-            "indptr": counts.indptr,
-            "num_docs": n_docs,
-        }
+    tmp = folder / f"{MANIFEST}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, folder / MANIFEST)
