@@ -6,10 +6,11 @@ A repository of `--files` generated Python modules (100 per folder, a few functi
 real `lagoon.context` retriever and snapshot manager (neural rerank off unless `--rerank`).
 Measured in one process:
 
-- step overhead: what the loop adds around a model call — validate the snapshot, render the prompt
-  within the budget (capped at the model's window, as `run_task` does), and commit the step's events
-  (model, intent, result) to the session store — p50/p95 over `--steps` steps with a growing
-  history. The reference is the naive loop that re-retrieves on every step instead of validating
+- step overhead: what the loop adds around a model call — validate the snapshot (the gate wired as
+  `run_task` wires it: a full validation per snapshot version, then stat/hash checks), render the
+  prompt within the budget (capped at the model's window, as `run_task` does; each message
+  tokenized once) and commit the step's events (model, intent, result) to the session store —
+  p50/p95 over `--steps` steps with a growing history. The reference is the naive loop that re-retrieves on every step instead of validating
   the snapshot (sampled on every 10th step).
 - stale step: a file of the snapshot changed → failed validation, re-retrieval, new version.
 - resume after kill -9: `lagoon run` with a scripted model is killed after ~`--kill-events` events;
@@ -33,8 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lagoon.agent.context_gate import ContextGate
+from lagoon.agent.context_gate import ContextGate, context_file_hash
 from lagoon.agent.memory import Memory
+from lagoon.agent.runner import fresh_for_s
 from lagoon.agent.session import SessionStore
 from lagoon.config import load_config
 from lagoon.protocols import ChatMessage, ToolCall
@@ -74,8 +76,10 @@ def step_overhead(repo: Path, cfg, steps: int) -> dict[str, list[float]]:
     manager = ContextManager(repo, cfg.context, cfg.validation)
     task = "fix the render budget of the session snapshot"
     t0 = time.perf_counter()
+    # wired as run_task wires it: the stat/hash fast path once a snapshot has passed validation
     gate = ContextGate(task, task_id="bench", retriever=retriever, manager=manager,
-                       k=cfg.context.top_k, budget_tokens=cfg.context.token_budget)
+                       k=cfg.context.top_k, budget_tokens=cfg.context.token_budget,
+                       root=repo, file_hash=context_file_hash(repo, cfg.context), fresh_for_s=fresh_for_s(cfg))
     gate.start()
     cold = time.perf_counter() - t0
     # as run_task does: the budget is capped at the model's window (32k for the scripted model)
@@ -125,6 +129,7 @@ def step_overhead(repo: Path, cfg, steps: int) -> dict[str, list[float]]:
     store.close()
     manager.close()
     out["cold"] = [cold]
+    out["counts"] = [gate.full_validations, memory.evicted, memory.counter.full_counts, memory.counter.probes]
     return out
 
 
@@ -215,6 +220,9 @@ def main() -> None:
               f"{statistics.median(naive):>10.2f}{statistics.median(naive) / statistics.median(step):>10.1f}x")
         print(f"{'stale step (fail, re-retrieve, new version)':<40}{statistics.median(ms['stale']):>10.2f}"
               f"{pct(ms['stale'], 0.95):>10.2f}")
+        full, evicted, whole, probes = res["counts"]
+        print(f"full validations {full:.0f} of {args.steps + len(ms['stale'])} checks; turns evicted {evicted:.0f}; "
+              f"whole-prompt token counts {whole:.0f}, additivity probes {probes:.0f}")
         verdict = "meets" if pct(step, 0.95) <= 20 else "misses"
         print(f"step p95 {pct(step, 0.95):.2f} ms {verdict} the 20 ms target; reference = re-retrieve every step")
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,18 +12,33 @@ the count.
 Snapshots are keyed by the session id, so a resumed session continues its version numbers. The
 reported `version` is the snapshot's own when it has one (else the gate counts). Without a manager
 there is nothing to validate and every check passes; without a retriever the prompt carries no code.
+
+Fast path (when given `file_hash`, the manager's own content hash): after a snapshot has passed one
+full validation, a check that finds every source file's stat (mtime, ctime, size, inode) unchanged —
+or, when it changed, the file's hash still equal to the one the snapshot captured — and the
+snapshot younger than `fresh_for_s` (less a second) passes without asking the manager again: a
+snapshot's assumptions and age are its only other reasons to fail, and those did not change. A
+stat is trusted only once the file is older than `_RACY_S` (as git does with its index), so two
+writes inside one timestamp tick are never missed. Anything else goes to the manager, whose
+verdict stands. The context store's audit trail therefore records full validations only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from lagoon.agent.tools.search import render_chunks
 from lagoon.protocols import ChunkLike, Retriever
 
-__all__ = ["ContextGate", "GateResult", "SnapshotManager", "ValidationReport"]
+__all__ = ["ContextGate", "GateResult", "SnapshotManager", "ValidationReport", "context_file_hash"]
+
+_RACY_S = 2.0  # a file touched this recently is hashed on every check: its stat may not show the next write
 
 
 @runtime_checkable
@@ -64,8 +79,17 @@ class ContextGate:
         max_failures: int = 3,
         k: int | None = None,
         budget_tokens: int | None = None,
+        root: str | os.PathLike[str] | None = None,
+        file_hash: Callable[[str], str | None] | None = None,
+        fresh_for_s: float = math.inf,
     ) -> None:
         self.task = task
+        self.root = Path(root) if root is not None else None
+        self.file_hash = file_hash if root is not None else None
+        self.fresh_for_s = fresh_for_s
+        self.full_validations = 0
+        self._validated: Any = None  # the snapshot that last passed a full validation
+        self._stats: dict[str, tuple[tuple[int, int, int, int], str | None]] = {}
         self.task_id = task_id
         self.retriever = retriever
         self.manager = manager
@@ -102,10 +126,15 @@ class ContextGate:
         result = GateResult(ok=True, version=self.version)
         if self.manager is None:
             return result
+        if self._unchanged_since_validated():
+            self.consecutive_failures = 0
+            return result
         while True:
+            self.full_validations += 1
             report = self.manager.validate(self.snapshot)
             if report.ok:
                 self.consecutive_failures = 0
+                self._validated = self.snapshot
                 result.ok = True
                 result.version = self.version
                 return result
@@ -120,6 +149,35 @@ class ContextGate:
             result.refreshed = True
             result.version = self.version
 
+    def _unchanged_since_validated(self) -> bool:
+        """The fast path: True only when a full validation now would pass for the same reasons."""
+        snap = self.snapshot
+        if self.file_hash is None or snap is None or snap is not self._validated:
+            return False
+        captured = getattr(snap, "source_files", None)
+        verified_at = getattr(snap, "last_verified_at", None)
+        if not isinstance(captured, dict) or verified_at is None:
+            return False
+        if time.time() - float(verified_at) >= self.fresh_for_s - 1.0:  # about to go stale: the manager decides
+            return False
+        return all(self._same_content(path, digest) for path, digest in captured.items())
+
+    def _same_content(self, path: str, captured: str | None) -> bool:
+        assert self.root is not None and self.file_hash is not None
+        try:
+            st = os.stat(self.root / path)
+        except OSError:
+            return False
+        sig = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+        known = self._stats.get(path)
+        if known is not None and known == (sig, captured):
+            return True
+        if self.file_hash(path) != captured:
+            return False
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_S * 1e9:
+            self._stats[path] = (sig, captured)
+        return True
+
     def context_texts(self) -> list[str]:
         """One rendered block per chunk, in retrieval order (memory drops from the end when over budget)."""
         return [render_chunks([c]) for c in self.chunks]
@@ -129,3 +187,20 @@ def _reason(reason: Any) -> str:
     """`code: message` for the context package's Reason objects, str() for anything else."""
     code, message = getattr(reason, "code", None), getattr(reason, "message", None)
     return f"{code}: {message}" if code and message else str(reason)
+
+
+def context_file_hash(root: str | os.PathLike[str], context: Any) -> Callable[[str], str | None] | None:
+    """The hash `lagoon.context.ContextManager` captures for a file (None: unreadable or binary),
+    for the gate's fast path; None when the context package is not installed."""
+    try:
+        from lagoon.context.chunking import content_hash
+        from lagoon.context.fileset import FileSet
+    except ImportError:
+        return None
+    files = FileSet(Path(root), context)
+
+    def file_hash(path: str) -> str | None:
+        text = files.read(path)
+        return None if text is None else content_hash(text)
+
+    return file_hash

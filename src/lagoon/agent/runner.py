@@ -23,7 +23,7 @@ from typing import Any
 
 import jinja2
 
-from lagoon.agent.context_gate import ContextGate, SnapshotManager
+from lagoon.agent.context_gate import ContextGate, SnapshotManager, context_file_hash
 from lagoon.agent.environment import LocalEnvironment
 from lagoon.agent.loop import Agent, AgentExit
 from lagoon.agent.memory import Memory
@@ -113,6 +113,14 @@ def _context_parts(root: Path, config: LagoonConfig, model: ChatModel) -> tuple[
             ContextManager(root, config.context, config.validation))
 
 
+def fresh_for_s(config: LagoonConfig) -> float:
+    """How long a validated snapshot stays fresh (`context.staleness_threshold_ms`, when
+    `validation.require_fresh_context`)."""
+    if not config.validation.require_fresh_context:
+        return float("inf")
+    return config.context.staleness_threshold_ms / 1000.0
+
+
 def _save_trajectory(store: SessionStore, session_id: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -186,7 +194,9 @@ def run_task(
                 toolbox.restore(state)
         gate = ContextGate(instruction, task_id=sid, retriever=retriever, manager=snapshot_manager,
                            max_failures=config.validation.max_consecutive_validation_failures,
-                           k=config.context.top_k, budget_tokens=config.context.token_budget)
+                           k=config.context.top_k, budget_tokens=config.context.token_budget,
+                           root=ws.root, file_hash=context_file_hash(ws.root, config.context),
+                           fresh_for_s=fresh_for_s(config))
         agent = Agent(model, toolbox, memory, gate, store, sid, config.agent, trajectory=traj,
                       persist_tool_state=persist, telemetry=telemetry, on_event=on_event)
         if not events:

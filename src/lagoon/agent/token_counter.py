@@ -44,7 +44,8 @@ class TokenCounter:
         self.count_tokens = count_tokens
         self.cache_size = cache_size
         self.additive = True
-        self.full_counts = 0  # calls of count_tokens on a whole list (for benchmarks and tests)
+        self.full_counts = 0  # calls of count_tokens on a whole prompt (benchmarks and tests read these)
+        self.probes = 0  # calls of count_tokens on a probe pair
         self._one: OrderedDict[Hashable, int] = OrderedDict()
         self._whole: OrderedDict[Hashable, int] = OrderedDict()
 
@@ -80,7 +81,7 @@ class TokenCounter:
         """Count `messages` (two or more, small) live; a count other than the sum of the single
         counts marks the counter non-additive for good. Returns `additive`."""
         if self.additive and len(messages) >= 2:
-            self.full_counts += 1
+            self.probes += 1
             if int(self.count_tokens(list(messages))) != self.many(messages):
                 self.additive = False
         return self.additive
