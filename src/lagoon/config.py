@@ -377,6 +377,23 @@ class TelemetrySection(Section):
 # ---------------------------------------------------------------------------------------------
 
 
+class OffloadSection(Section):
+    capacity: int | None = Field(None, ge=1)
+    """Routed experts per MoE layer kept resident (the fast cache); the others are read from `tier`
+    when routed to. None keeps every expert resident (no offloading)."""
+
+    tier: Literal["auto", "host", "disk"] = "auto"
+    """Where offloaded experts live: `host` memory (pinned for a GPU cache), `disk` (a memory-mapped
+    safetensors file under `dir`), or `auto` (host for a GPU cache, disk on a CPU-only machine)."""
+
+    policy: Literal["lru", "lfu", "lrfu"] = "lrfu"
+    """Expert cache eviction: `lru` (least recently used), `lfu` (least used), `lrfu` (recency-weighted
+    frequency, half-life 16 calls of the layer)."""
+
+    dir: str | None = None
+    """Folder for the disk tier's expert file; None uses a temporary folder removed at exit."""
+
+
 class MoeSection(Section):
     balance_window: int = Field(1000, ge=1)
     """Routing steps in the rolling window used for load shares and monitoring."""
@@ -389,6 +406,9 @@ class MoeSection(Section):
 
     capacity_factor: float | None = Field(None, gt=0.0)
     """Per-expert capacity as a multiple of the even share; None is dropless."""
+
+    offload: OffloadSection = Field(default_factory=OffloadSection)
+    """Expert offloading: a fixed-size cache of resident experts per layer, the rest in a slower tier."""
 
 
 class EngineSection(Section):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lagoon.config import EngineSection
+from lagoon.config import EngineSection, ModelDeploymentSection, OffloadSection
 from lagoon.engine.checkpoint import Precision, load_checkpoint
 from lagoon.engine.generate import Request, Scheduler, TextStream
 from lagoon.engine.kv_cache import make_cache
@@ -149,10 +149,16 @@ class Engine:
 
 def load_model(
     source: str | Path = EMBEDDED, *, precision: Precision | None = None, config: EngineSection | None = None,
-    paged: bool = True, name: str | None = None,
+    paged: bool = True, name: str | None = None, deployment: ModelDeploymentSection | None = None,
+    offload: OffloadSection | None = None,
 ) -> Engine:
     """A HF folder, a `.gguf` file or `embedded` → a ready `Engine` (`paged` is
-    `model_deployment.memory.kv_cache_sharding`)."""
+    `model_deployment.memory.kv_cache_sharding`).
+
+    `deployment` (``model_deployment``): its architecture / parameter declaration is checked against
+    the model (`lagoon.moe.footprint.check_declaration`) and its ``inference`` prefetch keys drive
+    offloading. `offload` (``moe.offload``): with a ``capacity``, the routed experts are offloaded
+    (`lagoon.moe.offload`; `offload_of(engine.model)` returns the manager and its stats)."""
     config = config or EngineSection()
     precision = precision or config.precision
     path = embedded_gguf_path() if str(source) == EMBEDDED else Path(source)
@@ -171,16 +177,36 @@ def load_model(
             raise CheckpointError(
                 f"{path} was quantized from {base!r}, which is not here; put that checkpoint back or re-quantize"
             )
-        model = load_quantized(load_checkpoint(base_path, "float32"), path)
+        model = _prepare(load_quantized(load_checkpoint(base_path, "float32"), path), deployment, offload)
         tokenizer = load_tokenizer(base_path)
         return Engine(model, tokenizer, name=name or path.name, config=config, paged=paged)
-    model = load_checkpoint(path, precision)
+    model = _prepare(load_checkpoint(path, precision), deployment, offload)
     tokenizer = load_tokenizer(path)
     default_name = "smollm2-135m-instruct" if str(source) == EMBEDDED else path.name.removesuffix(".gguf")
     return Engine(model, tokenizer, name=name or default_name, config=config, paged=paged)
 
 
+def _prepare(model: torch.nn.Module, deployment: ModelDeploymentSection | None,
+             offload: OffloadSection | None) -> torch.nn.Module:
+    """Check the declaration, then offload experts when `offload.capacity` is set."""
+    if deployment is not None:
+        from lagoon.moe.footprint import check_declaration
+
+        check_declaration(model, deployment)
+    if offload is not None and offload.capacity is not None:
+        from lagoon.moe.offload import offload_model
+
+        inference = (deployment or ModelDeploymentSection()).inference
+        device = next(model.parameters()).device
+        tier = offload.tier if offload.tier != "auto" else ("host" if device.type == "cuda" else "disk")
+        offload_model(model, offload.capacity, tier=tier, policy=offload.policy, path=offload.dir,
+                      async_prefetch=inference.async_expert_prefetch, speculative=inference.speculative_routing)
+    return model
+
+
 def engine_from_config(cfg: Any, *, model: str | None = None, precision: Precision | None = None) -> Engine:
-    """Build from a `LagoonConfig`: `engine.*` and `model_deployment.memory.kv_cache_sharding`."""
+    """Build from a `LagoonConfig`: `engine.*`, `model_deployment` (declaration check, prefetch keys,
+    `memory.kv_cache_sharding`) and `moe.offload`."""
     return load_model(model or cfg.engine.model, precision=precision or cfg.engine.precision, config=cfg.engine,
-                      paged=cfg.model_deployment.memory.kv_cache_sharding)
+                      paged=cfg.model_deployment.memory.kv_cache_sharding, deployment=cfg.model_deployment,
+                      offload=cfg.moe.offload)
