@@ -20,7 +20,7 @@ import pathspec
 from lagoon.config import ContextSection
 from lagoon.errors import WorkspaceError
 
-__all__ = ["FileSet", "FileStat"]
+__all__ = ["FileSet", "FileStat", "read_text"]
 
 _ALWAYS_EXCLUDED = (".lagoon/", ".git/")
 _SNIFF_BYTES = 8192
@@ -85,13 +85,18 @@ class FileSet:
 
     def read(self, rel: str) -> str | None:
         """The file's text (UTF-8, undecodable bytes replaced), or None for a binary file."""
-        try:
-            data = (self.repo / rel).read_bytes()
-        except OSError:
-            return None
-        if b"\0" in data[:_SNIFF_BYTES]:
-            return None
-        return data.decode("utf-8", errors="replace")
+        return read_text(self.repo / rel)
+
+
+def read_text(path: Path) -> str | None:
+    """A file's text (UTF-8, undecodable bytes replaced), or None for a binary or unreadable file."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if b"\0" in data[:_SNIFF_BYTES]:
+        return None
+    return data.decode("utf-8", errors="replace")
 
 
 def _ignored(active: list[tuple[str, pathspec.GitIgnoreSpec]], rel: str) -> bool:

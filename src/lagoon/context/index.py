@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,9 +45,9 @@ import numpy as np
 from lagoon.config import ContextSection
 from lagoon.context.bm25 import SegmentedBM25
 from lagoon.context.chunking import Chunk, chunk_file, content_hash
-from lagoon.context.fileset import FileSet
+from lagoon.context.fileset import FileSet, read_text
 from lagoon.context.lexicon import Lexicon
-from lagoon.context.segments import Segment
+from lagoon.context.segments import Segment, SegmentBuilder
 from lagoon.errors import IndexCorruptError
 
 __all__ = ["CodeIndex", "Hit", "UpdateStats", "FORMAT_VERSION", "MANIFEST", "index_dir"]
@@ -55,6 +58,10 @@ FORMAT_VERSION = 3
 MANIFEST = "MANIFEST.json"
 MAX_SEGMENTS = 8
 MERGE_FRACTION = 0.25
+PARALLEL_MIN_FILES = 256
+"""Below this many files to (re)parse, parsing stays in-process."""
+MAX_WORKERS = 4
+_BATCH_FILES = 32
 _TMP_MAX_AGE_S = 3600.0
 
 Progress = Callable[[int, int, str], None]
@@ -227,40 +234,46 @@ class CodeIndex:
             self._files, self._segments, self._lexicon = {}, {}, Lexicon()
         old = self._files or {}
         current = self.fileset.scan()
-        new: dict[str, _FileRecord | None] = {}
-        pending: dict[str, tuple[str, int, int, list[Chunk]]] = {}
-        added = changed = reparsed = 0
-        touched = False
-        for n, (path, st) in enumerate(current.items()):
-            if progress is not None:
-                progress(n, len(current), path)
+        new: dict[str, _FileRecord | None] = {}  # scan order; None: re-parsed (or dropped below)
+        todo: list[tuple[str, str | None]] = []
+        for path, st in current.items():
             rec = old.get(path)
             if rec is not None and rec.size == st.size and rec.mtime_ns == st.mtime_ns:
                 new[path] = rec
-                continue
-            text = self.fileset.read(path)
-            if text is None:
-                continue
-            h = content_hash(text)
-            if rec is not None and rec.hash == h:
+            else:
+                new[path] = None
+                todo.append((path, rec.hash if rec is not None else None))
+        pending: dict[str, tuple[str, int, int, int]] = {}  # path → hash, size, mtime, n chunks
+        builder = SegmentBuilder(self._lexicon)
+        added = changed = 0
+        touched = False
+        done = len(current) - len(todo)
+        for path, h, chunks in self._parse(todo):
+            if progress is not None:
+                progress(done, len(current), path)
+            done += 1
+            st, rec = current[path], old.get(path)
+            if h is None:  # binary or unreadable
+                del new[path]
+            elif chunks is None:  # same content, new mtime
+                assert rec is not None
                 new[path] = replace(rec, size=st.size, mtime_ns=st.mtime_ns)
                 touched = True
-                continue
-            chunks = chunk_file(path, text, self.config.max_chunk_size)
-            new[path] = None
-            pending[path] = (h, st.size, st.mtime_ns, chunks)
-            reparsed += len(chunks)
-            added += rec is None
-            changed += rec is not None
+            else:
+                pending[path] = (h, st.size, st.mtime_ns, len(chunks))
+                builder.add(chunks)
+                added += rec is None
+                changed += rec is not None
         if progress is not None:
             progress(len(current), len(current), "")
         removed = len(old.keys() - new.keys())
+        reparsed = len(builder)
         if loaded and not (pending or removed or touched):
             return UpdateStats(
                 len(old), 0, 0, 0, 0, len(self.chunks), False, time.perf_counter() - t0, len(self._segments)
             )
         try:
-            self._apply(old, new, pending)
+            self._apply(old, new, pending, builder)
         except BaseException:
             self._files = None  # memory may be half-updated: reload from the (old) manifest
             raise
@@ -276,20 +289,36 @@ class CodeIndex:
             len(self._segments),
         )
 
-    def _apply(self, old, new, pending) -> None:
+    def _parse(self, todo: list[tuple[str, str | None]]):
+        """(path, hash, chunks) per file of `todo`, in order: hash None for a binary file, chunks
+        None when the hash equals the old one. Big batches run in worker processes."""
+        args = (str(self.repo), self.config.max_chunk_size)
+        workers = min(MAX_WORKERS, os.cpu_count() or 1)
+        # fork is only safe with one thread (it copies other threads' locks held, never released);
+        # spawn would re-import the caller's __main__ and cost ~1 s per worker. So: fork or serial.
+        single = threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+        if len(todo) < PARALLEL_MIN_FILES or workers < 2 or not single:
+            yield from _parse_batch(*args, todo)
+            return
+        batches = [todo[i : i + _BATCH_FILES] for i in range(0, len(todo), _BATCH_FILES)]
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            for result in pool.map(_parse_batch, *zip(*[(*args, b) for b in batches], strict=True)):
+                yield from result
+
+    def _apply(self, old, new, pending, builder: SegmentBuilder) -> None:
         segs = dict(self._segments)
         for path, rec in old.items():
             if new.get(path) is None:  # deleted, or re-parsed into the new delta
                 segs[rec.segment].kill(rec.first, rec.n)
         fresh: dict[str, Segment] = {}
-        files: dict[str, _FileRecord] = {}
         if pending:
             name = _segment_name()
-            chunks: list[Chunk] = []
-            for path, (h, size, mtime_ns, cs) in pending.items():
-                new[path] = _FileRecord(h, size, mtime_ns, name, len(chunks), len(cs))
-                chunks.extend(cs)
-            fresh[name] = segs[name] = Segment.build(name, chunks, self._lexicon)
+            first = 0
+            for path, (h, size, mtime_ns, n) in pending.items():
+                new[path] = _FileRecord(h, size, mtime_ns, name, first, n)
+                first += n
+            fresh[name] = segs[name] = builder.build(name)
         files = {p: r for p, r in new.items() if r is not None}
         segs = {name: s for name, s in segs.items() if s.alive.any()}
         files, segs, merged = self._compact(files, segs)
@@ -351,6 +380,19 @@ class CodeIndex:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
+
+
+def _parse_batch(repo: str, max_chars: int, batch: list[tuple[str, str | None]]):
+    """Read, hash and chunk files (runs in worker processes for big builds)."""
+    out = []
+    for path, old_hash in batch:
+        text = read_text(Path(repo) / path)
+        if text is None:
+            out.append((path, None, None))
+            continue
+        h = content_hash(text)
+        out.append((path, h, None if h == old_hash else chunk_file(path, text, max_chars)))
+    return out
 
 
 def _segment_name() -> str:

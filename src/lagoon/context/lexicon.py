@@ -65,11 +65,17 @@ class Lexicon:
         return out
 
     def _learn(self, new_words: Iterable[str]) -> None:
-        ptr, terms, add = self._word_ptr, self._word_terms, self.add
+        ptr, word_terms, word_ids = self._word_ptr, self._word_terms, self._word_ids
+        ids, terms = self.ids, self.terms
         for w in new_words:
-            self._word_ids[w] = len(ptr) - 1
-            terms.extend(add(t) for t in split_identifier(w))
-            ptr.append(len(terms))
+            word_ids[w] = len(ptr) - 1
+            for t in split_identifier(w):
+                i = ids.get(t)
+                if i is None:
+                    i = ids[t] = len(terms)
+                    terms.append(t)
+                word_terms.append(i)
+            ptr.append(len(word_terms))
         self._arrays = None
 
     def count(self, texts: Sequence[str]) -> sp.csr_matrix:

@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from lagoon.context.chunking import Chunk
 from lagoon.context.lexicon import Lexicon
 
-__all__ = ["Segment", "document_text"]
+__all__ = ["Segment", "SegmentBuilder", "document_text"]
 
 
 def document_text(chunk: Chunk) -> str:
@@ -154,6 +154,41 @@ class Segment:
         counts = sp.csr_matrix((data, ids[local], indptr), shape=(len(chunks), len(lexicon)))
         counts.sort_indices()
         return cls(folder.name, chunks, counts)
+
+
+class SegmentBuilder:
+    """Collects chunks for a new segment, counting their terms in batches as they arrive (so a big
+    build tokenizes while worker processes are still parsing)."""
+
+    BATCH = 8192
+
+    def __init__(self, lexicon: Lexicon) -> None:
+        self.lexicon = lexicon
+        self.chunks: list[Chunk] = []
+        self._pieces: list[sp.csr_matrix] = []
+        self._counted = 0
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def add(self, chunks: Sequence[Chunk]) -> None:
+        self.chunks.extend(chunks)
+        if len(self.chunks) - self._counted >= self.BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        todo = self.chunks[self._counted :]
+        if todo:
+            self._pieces.append(self.lexicon.count([document_text(c) for c in todo]))
+            self._counted = len(self.chunks)
+
+    def build(self, name: str) -> Segment:
+        self._flush()
+        n_terms = len(self.lexicon)
+        if not self._pieces:
+            return Segment(name, [], sp.csr_matrix((0, n_terms), dtype=np.int32))
+        counts = sp.vstack([_widen(p, n_terms) for p in self._pieces], format="csr", dtype=np.int32)
+        return Segment(name, self.chunks, counts)
 
 
 def _widen(m: sp.csr_matrix, n_cols: int) -> sp.csr_matrix:
