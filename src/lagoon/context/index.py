@@ -296,8 +296,7 @@ class CodeIndex:
         workers = min(MAX_WORKERS, os.cpu_count() or 1)
         # fork is only safe with one thread (it copies other threads' locks held, never released);
         # spawn would re-import the caller's __main__ and cost ~1 s per worker. So: fork or serial.
-        single = threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
-        if len(todo) < PARALLEL_MIN_FILES or workers < 2 or not single:
+        if len(todo) < PARALLEL_MIN_FILES or workers < 2 or not _fork_is_safe():
             yield from _parse_batch(*args, todo)
             return
         batches = [todo[i : i + _BATCH_FILES] for i in range(0, len(todo), _BATCH_FILES)]
@@ -380,6 +379,10 @@ class CodeIndex:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
+
+
+def _fork_is_safe() -> bool:
+    return threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
 
 
 def _parse_batch(repo: str, max_chars: int, batch: list[tuple[str, str | None]]):
