@@ -40,6 +40,11 @@ def test_counts_match_transformers_and_survive_offloading(folders):
     off = offload_model(model, 3)  # offloaded experts are no longer parameters: counted by shape
     assert count_parameters(model) == fp
     off.close()
+    from lagoon.quant import QuantConfig, quantize_
+
+    quantized = load_checkpoint(folders["moe"], "float32")
+    quantize_(quantized, QuantConfig(scheme="int8"))  # packed buffers, not parameters: counted by shape
+    assert count_parameters(quantized) == fp
     dense_hf = AutoModelForCausalLM.from_pretrained(folders["dense"])
     dense = count_parameters(load_checkpoint(folders["dense"], "float32"))
     assert dense.total == dense.active == dense_hf.num_parameters()  # tied embeddings counted once
@@ -99,3 +104,26 @@ def test_engine_from_config_checks_the_declaration(folders):
     engine = engine_from_config(load_config(*base, "model_deployment.architecture=moe_sparse"))
     assert isinstance(engine.model.lm_head.weight, torch.Tensor)
     engine.close()
+
+
+def test_moe_info_reports_declaration_and_offload(folders):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lagoon.cli.moe_cmd import app
+
+    args = ["info", "-m", str(folders["moe"]), "-c", "engine.precision=float32", "-c", "moe.offload.capacity=3",
+            "-c", "model_deployment.variant=tiny-v1", "-c", "model_deployment.total_parameters=33.4B",
+            "-c", "model_deployment.inference.async_expert_prefetch=false", "--tokens", "4"]
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["variant"] == "tiny-v1" and data["total_parameters"]["declared"] == 33.4e9
+    assert data["active_parameters"]["actual"] < data["total_parameters"]["actual"]
+    assert data["offload"]["capacity"] == 3 and data["offload"]["speculative_accuracy"] > 0
+    assert data["decode"]["tokens"] == 4 and len(data["warnings"]) == 1
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and "off by" in res.stdout and "offload: capacity 3/8" in res.stdout
+    res = CliRunner().invoke(app, ["info", "-m", str(folders["moe"]), "-c", "model_deployment.architecture=dense"])
+    assert res.exit_code == 2 and "architecture=moe_sparse" in res.output

@@ -1,4 +1,5 @@
-"""`lagoon moe bench | placement LOADS.json | simulate`: the MoE block's speed, placement and balance."""
+"""`lagoon moe bench | placement LOADS.json | simulate | info`: the MoE block's speed, placement and balance,
+and a loaded model's parameters and expert offloading."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import typer
 
 from lagoon.cli.common import ConfigOpt, exits_cleanly, load
 
-app = typer.Typer(help="Sparse MoE: benchmark, expert placement, load-balance simulation.", no_args_is_help=True)
+app = typer.Typer(help="Sparse MoE: benchmark, expert placement, load-balance simulation, model info.", no_args_is_help=True)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -124,3 +125,60 @@ def simulate(
     if json_out is not None:
         _write_json(json_out, snap)
         typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+@exits_cleanly
+def info(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="HF folder, .gguf or `embedded` (default: engine.model).")] = None,
+    config: ConfigOpt = None,
+    tokens: Annotated[int, typer.Option(help="Decode this many tokens first (offload counters need traffic).")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+) -> None:
+    """Total / active parameters against model_deployment's declaration, and expert-offload stats."""
+    import logging
+    import time
+
+    from lagoon.engine.engine import engine_from_config
+    from lagoon.moe.footprint import check_declaration
+    from lagoon.moe.offload import offload_of
+
+    cfg = load(config)
+    quiet = logging.getLogger("lagoon.moe.footprint")
+    quiet.disabled = True  # the load checks too; the report below is the one shown
+    try:
+        engine = engine_from_config(cfg, model=model)
+    finally:
+        quiet.disabled = False
+    try:
+        report = check_declaration(engine.model, cfg.model_deployment).to_json()
+        report["model"] = engine.name
+        if tokens:
+            params = engine.params(max_new_tokens=tokens, ignore_eos=True)
+            start = time.perf_counter()
+            done = engine.complete("def fibonacci(n):", params)
+            report["decode"] = {"tokens": done.completion_tokens,
+                                "tokens_per_s": done.completion_tokens / (time.perf_counter() - start)}
+        off = offload_of(engine.model)
+        report["offload"] = off.stats() if off is not None else None
+    finally:
+        engine.close()
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"{report['model']} (variant {report['variant']}): {report['architecture']['actual']}, "
+               f"{report['moe_layers']} MoE layers x {report['num_experts']} experts, top-{report['top_k']}")
+    for kind in ("total", "active"):
+        p = report[f"{kind}_parameters"]
+        declared = "undeclared" if p["declared"] is None else f"declared {p['declared']:,.0f} (off by {p['off_by']:.1%})"
+        typer.echo(f"{kind} parameters: {p['actual']:,}  {declared}")
+    for line in report["warnings"] + report["notes"]:
+        typer.echo(f"! {line}")
+    if report.get("decode"):
+        typer.echo(f"decode: {report['decode']['tokens']} tokens, {report['decode']['tokens_per_s']:.1f} tok/s")
+    if report["offload"]:
+        s = report["offload"]
+        typer.echo(f"offload: capacity {s['capacity']}/{s['num_experts']} ({s['policy']}, {s['tier']}), hit rate "
+                   f"{s['hit_rate']:.1%}, misses {s['misses']}, prefetched {s['prefetch_loads']} "
+                   f"({s['prefetch_accuracy']:.1%} used), speculative accuracy {s['speculative_accuracy']:.1%}, "
+                   f"{s['bytes_loaded'] / 2**20:.1f} MiB moved")

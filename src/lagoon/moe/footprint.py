@@ -6,8 +6,8 @@ Counting: every parameter once (tied weights once); routed experts are counted f
 (``E × 3 × H × I`` per MoE layer) whether they are resident, offloaded (`lagoon.moe.offload`, whose
 weights are not parameters) or quantized. *Active* = total − Σ over MoE layers of (E − k) experts:
 what one token touches (embeddings, attention, router, shared experts and k routed experts per
-layer), the convention of Mixtral's "12.9B active of 46.7B". Quantized *dense* linears are counted
-by their stored tensors, so a quantized dense part undercounts; count the float model.
+layer), the convention of Mixtral's "12.9B active of 46.7B". Quantized linears (GGUF Q4_1,
+`lagoon.quant`) count as ``in_features × out_features`` (+ bias), not by their packed buffers.
 
 Checks: an architecture that disagrees with the model (``moe_sparse`` without MoE layers, or
 ``dense`` with them) raises `CheckpointError` when the config sets it explicitly, and is a note
@@ -23,6 +23,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from lagoon.errors import CheckpointError, ConfigError
@@ -63,6 +64,13 @@ def _experts_dims(experts: nn.Module) -> tuple[int, int, int]:
 def count_parameters(model: nn.Module) -> Footprint:
     """Total and per-token active parameters of `model` (see the module docstring)."""
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    for m in model.modules():  # quantized linears (GGUF Q4_1, lagoon.quant) keep packed buffers
+        if hasattr(m, "in_features") and hasattr(m, "out_features") and not isinstance(m, nn.Linear):
+            bias = getattr(m, "bias", None)
+            total += m.in_features * m.out_features + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+            total -= sum(p.numel() for p in m.parameters(recurse=False))
+        elif hasattr(m, "num_embeddings") and not isinstance(m, nn.Embedding):  # quantized embedding
+            total += m.num_embeddings * m.embedding_dim - sum(p.numel() for p in m.parameters(recurse=False))
     active_cut = routed = 0
     blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
     for b in blocks:
