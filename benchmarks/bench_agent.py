@@ -137,13 +137,14 @@ def resume_time(repo: Path, kill_events: int) -> tuple[float, float, int]:
     """(resume seconds, fresh-start seconds, events replayed)."""
     from lagoon.agent import run_task
 
-    cfg = load_config({"context": {"rerank": False}, "agent": {"step_limit": 100000}})
+    # a script is not a summariser: evicted turns get extractive summaries
+    cfg = load_config({"context": {"rerank": False}, "agent": {"step_limit": 100000, "summaries": "extractive"}})
     script = Path(tempfile.mkdtemp()) / "script.json"
     script.write_text(json.dumps([{"tool": ["view", {"path": f"pkg000/mod{i % 100:05d}.py"}]} for i in range(2000)]))
     launch = "import sys; from lagoon.cli.app import main; sys.argv[0]='lagoon'; main()"
     proc = subprocess.Popen([sys.executable, "-c", launch, "run", "resume bench", "--repo", str(repo), "--json",
                              "--model", f"scripted:{script}", "-c", "context.rerank=false",
-                             "-c", "agent.step_limit=100000"],
+                             "-c", "agent.step_limit=100000", "-c", "agent.summaries=extractive"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     db = repo / ".lagoon" / "sessions.db"
     deadline = time.monotonic() + 300

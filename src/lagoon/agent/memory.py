@@ -78,8 +78,15 @@ def score_turn(*, tool: str, arguments: str, output: str, ok: bool, edit: bool, 
 
 
 def _extract(step: int, tool: str, arguments: str, output: str, exit_code: int | None) -> str:
-    first_error = next((ln.strip() for ln in output.splitlines() if _ERROR_RE.search(ln)), "")
-    first_line = next((ln.strip() for ln in output.splitlines() if ln.strip()), "")
+    hit = _ERROR_RE.search(output)  # one scan; then the line around the first match
+    if hit is not None:
+        start = output.rfind("\n", 0, hit.start()) + 1
+        end = output.find("\n", hit.end())
+        first_error = output[start:end if end >= 0 else len(output)].strip()
+    else:
+        first_error = ""
+    stripped = output.lstrip()
+    first_line = stripped[:stripped.find("\n")].strip() if "\n" in stripped else stripped.strip()
     code = f" → exit {exit_code}" if exit_code is not None else ""
     detail = first_error or first_line
     return f"step {step}: {tool} {arguments[:120]}{code}; {detail[:160]}".rstrip("; ")
@@ -152,8 +159,8 @@ class Memory:
         )
         if file_path is not None and file_state is not None:
             self._mask_older(file_path)
+            self.files.pop(file_path, None)  # re-inserted last: the dict stays in step order
             self.files[file_path] = (step, file_state)
-            self.files = dict(sorted(self.files.items(), key=lambda kv: kv[1][0]))
         turn.tokens = self.counter.many(turn.messages)
         self.turns.append(turn)
         return turn
