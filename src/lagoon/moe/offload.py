@@ -41,6 +41,7 @@ import logging
 import queue
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,11 @@ class ExpertOffload:
         self._cuda = caches[0].gate_up.device.type == "cuda" if caches else False
         self._copy_stream = torch.cuda.Stream(caches[0].gate_up.device) if self._cuda else None
         self._calls = 0
-        if async_prefetch:
-            self._worker = threading.Thread(target=self._work, name="lagoon-expert-prefetch", daemon=True)
+        if async_prefetch:  # the thread holds only a weak reference: a dropped model stops it
+            self._worker = threading.Thread(target=_work, args=(weakref.ref(self), self._queue),
+                                            name="lagoon-expert-prefetch", daemon=True)
             self._worker.start()
+            weakref.finalize(self, self._queue.put, None)
 
     # ------------------------------------------------------------------ demand path (calling thread)
     def experts(self, layer: int, need: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -283,21 +286,13 @@ class ExpertOffload:
             cache.stats.bytes_loaded += nbytes
             self.cond.notify_all()
 
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, threading.Event):  # drain() marker: everything before it is done
-                item.set()
-                continue
-            layer, experts, clock = item
-            try:
-                with torch.no_grad():
-                    for e in experts:
-                        self._prefetch_one(layer, e, clock)
-            except Exception:  # a failed prefetch only costs a miss later; keep the thread alive
-                log.exception("prefetch of layer %d experts %s failed", layer, experts)
+    def _run_request(self, layer: int, experts: list[int], clock: int) -> None:
+        try:
+            with torch.no_grad():
+                for e in experts:
+                    self._prefetch_one(layer, e, clock)
+        except Exception:  # a failed prefetch only costs a miss later; keep the thread alive
+            log.exception("prefetch of layer %d experts %s failed", layer, experts)
 
     # ------------------------------------------------------------------ reporting and lifetime
     def stats(self) -> dict[str, Any]:
@@ -358,6 +353,22 @@ class ExpertOffload:
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
+
+
+def _work(ref: weakref.ReferenceType, requests: queue.SimpleQueue) -> None:
+    """The prefetch thread: handle requests in order until None (close, or the manager was dropped)."""
+    while True:
+        item = requests.get()
+        if item is None:
+            return
+        if isinstance(item, threading.Event):  # drain() marker: everything before it is done
+            item.set()
+            continue
+        off = ref()
+        if off is None:
+            return
+        off._run_request(*item)
+        del off
 
 
 def offload_model(
