@@ -5,15 +5,18 @@
 
 For each instance of `swebench-lite-localization.jsonl` (see its README), the project's code comes
 from the release's sdist on PyPI (`pip download --no-deps --no-binary :all: NAME==VERSION`, cached
-with its extracted tree under --cache). The issue text is the query. Three rankers, in one process:
+with its extracted tree under --cache). The issue text is the query. Rankers, in one process:
 
 - whole-file BM25 (the reference, as in the SWE-bench paper): bm25s over every `.py` file's text,
-  bm25s's default tokenizer with English stop words;
-- Lagoon BM25: `CodeIndex` over the sdist (its default file selection), the top chunks aggregated to
-  files by their best chunk, `.py` files only;
-- Lagoon BM25 + MiniLM rerank (with --rerank): the same, reranking BM25's top chunks first.
+  bm25s's default tokenizer with English stop words; also with test files left out;
+- Lagoon BM25, file = best chunk: `CodeIndex` over the sdist (its default file selection), BM25's
+  top chunks aggregated to `.py` files by their best chunk (the previous aggregation);
+- Lagoon `CodeRetriever.files` (BM25): the retriever's file ranking (decayed sum of a file's chunk
+  scores, files the issue names boosted);
+- the same with MiniLM reranking BM25's top chunks first (with --rerank).
 
-The first two also run with test files left out of the ranking (the gold file is never a test).
+Every Lagoon ranker leaves test files out (the gold file is never a test). Sdists that cannot be
+fetched are listed at the end with the reason.
 
 Reported: file-level recall@1/@5/@10 (each instance has exactly one gold file).
 """
@@ -35,12 +38,11 @@ import bm25s
 
 from lagoon.config import ContextSection
 from lagoon.context.index import CodeIndex, Hit
-from lagoon.context.retriever import CodeRetriever
+from lagoon.context.retriever import FILE_POOL, CodeRetriever, is_test_path, rank_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "swebench-lite-localization.jsonl"
 KS = (1, 5, 10)
-CHUNK_POOL = 300
 
 
 def fetch_sdist(name: str, version: str, cache: Path) -> Path:
@@ -106,26 +108,24 @@ class WholeFileBM25:
         return [self.paths[i] for i in docs[0]]
 
 
-def is_test(path: str) -> bool:
-    parts = path.split("/")
-    name = parts[-1]
-    return (
-        bool({"tests", "test", "testing"} & set(parts[:-1]))
-        or name.startswith("test_")
-        or name
-        in (
-            "conftest.py",
-            "tests.py",
-        )
-    )
-
-
-def files_from_hits(hits: list[Hit], k: int, skip_tests: bool = False) -> list[str]:
+def files_by_best_chunk(hits: list[Hit], k: int) -> list[str]:
+    """The previous aggregation, kept for comparison: a file scores its best chunk."""
     best: dict[str, float] = {}
     for h in hits:
-        if h.chunk.path.endswith(".py") and not (skip_tests and is_test(h.chunk.path)):
+        if h.chunk.path.endswith(".py") and not is_test_path(h.chunk.path):
             best[h.chunk.path] = max(best.get(h.chunk.path, float("-inf")), h.score)
     return sorted(best, key=best.__getitem__, reverse=True)[:k]
+
+
+def reranked_files(rr: CodeRetriever, query: str, pool: list[Hit], k: int) -> list[str]:
+    """MiniLM reranks BM25's top `lexical_candidates` chunks; their fused scores (in [0, 1]) are put
+    on BM25's scale (times the top BM25 score), the rest of the pool keeps its BM25 scores, then
+    files are ranked as `CodeRetriever.files` does."""
+    n = rr.config.lexical_candidates
+    head = rr.reranker.rerank(query, pool[:n]) if rr.reranker and len(pool) > 1 else pool[:n]
+    top = pool[0].score if pool else 1.0
+    hits = [Hit(h.chunk, top * h.score) for h in head] + pool[n:]
+    return [f.path for f in rank_files(hits, k, query=query, suffixes=(".py",))]
 
 
 def main() -> None:
@@ -155,14 +155,16 @@ def main() -> None:
 
     methods = [
         "whole-file BM25 (reference)",
-        "Lagoon BM25 (chunks → files)",
-        "whole-file BM25, test files left out",
-        "Lagoon BM25, test files left out",
+        "whole-file BM25, tests left out",
+        "Lagoon BM25, file = best chunk",
+        "Lagoon CodeRetriever.files (BM25)",
     ]
     if args.rerank:
-        methods.append("Lagoon BM25 + rerank, test files left out")
+        methods.append("Lagoon files, BM25 + MiniLM rerank")
+    main_methods = [methods[0], methods[3]] + ([methods[4]] if args.rerank else [])
     hits_at = {m: {k: 0 for k in KS} for m in methods}
-    per_repo: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    per_repo: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0] * len(KS)))
+    n_repo: dict[str, int] = defaultdict(int)
     skipped, done, t_start = [], 0, time.perf_counter()
     cfg = ContextSection(rerank=False)
     current = None
@@ -189,41 +191,39 @@ def main() -> None:
         _, ix, ref, rr = current
         query = row["problem_statement"]
         gold = set(row["gold_files"])
-        pool = ix.search(query, CHUNK_POOL)
+        pool = ix.search(query, FILE_POOL)
+        top = max(KS)
         ranked = {
-            methods[0]: ref.rank(query, max(KS)),
-            methods[1]: files_from_hits(pool, max(KS)),
-            methods[2]: [p for p in ref.rank(query, 200) if not is_test(p)][: max(KS)],
-            methods[3]: files_from_hits(pool, max(KS), skip_tests=True),
+            methods[0]: ref.rank(query, top),
+            methods[1]: [p for p in ref.rank(query, 200) if not is_test_path(p)][:top],
+            methods[2]: files_by_best_chunk(pool, top),
+            methods[3]: [f.path for f in rank_files(pool, top, query=query, suffixes=(".py",))],
         }
         if args.rerank:
-            reranked = (
-                rr.reranker.rerank(query, ix.search(query, cfg.lexical_candidates)) if rr.reranker else []
-            )
-            seen = {h.chunk.content_hash for h in reranked}
-            rest = [h for h in ix.search(query, CHUNK_POOL) if h.chunk.content_hash not in seen]
-            # Reranked chunks first (fused scores in [0, 1]), then the BM25 tail below them.
-            ordered = [Hit(h.chunk, 1e6 + h.score) for h in reranked] + rest
-            ranked[methods[4]] = files_from_hits(ordered, max(KS), skip_tests=True)
+            ranked[methods[4]] = reranked_files(rr, query, pool, top)
+        n_repo[row["repo"]] += 1
         for m, files in ranked.items():
-            for k in KS:
-                hits_at[m][k] += bool(gold & set(files[:k]))
-        per_repo[row["repo"]][0] += 1
-        per_repo[row["repo"]][1] += bool(gold & set(ranked[methods[1]][:5]))
+            for i, k in enumerate(KS):
+                got = bool(gold & set(files[:k]))
+                hits_at[m][k] += got
+                per_repo[row["repo"]][m][i] += got
         done += 1
 
     print(
-        f"\n{done} instances over {len(per_repo)} repos ({len(skipped)} skipped) in "
+        f"\n{done} instances over {len(n_repo)} repos ({len(skipped)} skipped) in "
         f"{time.perf_counter() - t_start:.0f} s\n"
     )
     print("| ranker | recall@1 | recall@5 | recall@10 |")
     print("|---|---|---|---|")
     for m in methods:
         print(f"| {m} | " + " | ".join(f"{hits_at[m][k] / max(1, done):.3f}" for k in KS) + " |")
-    print("\n| repo | instances | Lagoon BM25 recall@5 |")
-    print("|---|---|---|")
-    for repo, (n, h) in sorted(per_repo.items()):
-        print(f"| {repo} | {n} | {h / n:.2f} |")
+    print("\nrecall@1 / @5 / @10 per repository:\n")
+    print("| repo | n | " + " | ".join(main_methods) + " |")
+    print("|---|---|" + "---|" * len(main_methods))
+    for repo in sorted(n_repo):
+        n = n_repo[repo]
+        cells = [" / ".join(f"{h / n:.2f}" for h in per_repo[repo][m]) for m in main_methods]
+        print(f"| {repo} | {n} | " + " | ".join(cells) + " |")
     for iid, why in skipped:
         print(f"skipped {iid}: {why}")
 

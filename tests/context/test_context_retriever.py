@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lagoon.context.retriever import CodeRetriever, render
 from lagoon.protocols import Retriever
 from lagoon.testing import approx_token_count
@@ -106,3 +108,47 @@ def test_context_imports_and_retrieves_without_torch(repo):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+def test_rank_files_decayed_sum_path_boost_and_tests_left_out():
+    from lagoon.context.chunking import Chunk
+    from lagoon.context.index import Hit
+    from lagoon.context.retriever import is_test_path, names_of, rank_files
+
+    def hit(path, score, line=1):
+        return Hit(Chunk(path, line, line, None, "python", "x", f"{path}{line}"), score)
+
+    hits = [
+        hit("pkg/lucky.py", 9.5),
+        hit("pkg/many.py", 7.0, 1),
+        hit("pkg/many.py", 6.0, 2),
+        hit("tests/test_many.py", 20.0),
+        hit("pkg/named.py", 4.0),
+        hit("README.md", 30.0),
+    ]
+    ranked = rank_files(hits, 10, suffixes=(".py",))
+    assert [f.path for f in ranked] == ["pkg/many.py", "pkg/lucky.py", "pkg/named.py"]
+    assert ranked[0].score == pytest.approx(7.0 + 0.5 * 6.0)
+    assert [h.score for h in ranked[0].hits] == [7.0, 6.0]
+    # A file the query names (path or dotted module, not a longer name that merely starts with it).
+    named = rank_files(hits, 10, query='File "/x/pkg/named.py", line 3', suffixes=(".py",), path_boost=2.0)
+    assert named[0].path == "pkg/named.py" and named[0].score == pytest.approx(12.0)
+    assert (
+        rank_files(hits, 10, query="see pkg.named", suffixes=(".py",), path_boost=2.0)[0].path
+        == "pkg/named.py"
+    )
+    assert (
+        rank_files(hits, 10, query="pkg.named_other", suffixes=(".py",), path_boost=2.0)[0].path
+        == "pkg/many.py"
+    )
+    assert "tests/test_many.py" in [f.path for f in rank_files(hits, 10, include_tests=True)]
+    assert is_test_path("a/tests/b.py") and is_test_path("a/test_b.py") and is_test_path("conftest.py")
+    assert not is_test_path("a/contest.py") and not is_test_path("a/testing_utils.py")
+    assert "_pytest.python" in names_of("src/_pytest/python.py")
+
+
+def test_retriever_files_ranks_the_defining_file_first(repo, config):
+    r = CodeRetriever(repo, config)
+    files = r.files("circle radius area", 3)
+    assert files[0].path == "pkg/geometry.py"
+    assert all(f.hits for f in files)

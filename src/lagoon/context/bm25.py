@@ -6,10 +6,12 @@ the live chunks alone (tested to float32 rounding):
     idf(t)    = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))
     score(d)  = Σ_{t in query} idf(t) · tf(t, d) / (tf(t, d) + k1 · (1 - b + b · |d| / avgdl))
 
-with N, df and avgdl counted over live chunks only, and a query term counted once per occurrence.
-Because nothing per segment is precomputed from these global numbers, the scores of an index that
-was updated incrementally are *bit-identical* to those of a from-scratch build over the same files
-(tested on random edit sequences): per document, the same float operations run in the same order.
+with N, df and avgdl counted over live chunks only, and each query term's part multiplied by its
+weight (bm25s: its occurrences in the query).
+The per-posting parts that depend on avgdl are recomputed from the global numbers after every
+update (`refresh`), so the scores of an index that was updated incrementally are *bit-identical* to
+those of a from-scratch build over the same files (tested on random edit sequences): per document,
+the same float operations run in the same order.
 
 This is *not* a retriever: ranking, reranking and budgets live in `lagoon.context.retriever`.
 """
@@ -54,8 +56,9 @@ class SegmentedBM25:
             part *= s.alive[s.post_doc]
             self._tf_part.append(part)
 
-    def scores(self, query: dict[int, int]) -> np.ndarray:
-        """[slots] BM25 score of every row for `query` (term id → occurrences)."""
+    def scores(self, query: dict[int, float]) -> np.ndarray:
+        """[slots] BM25 score of every row for `query` (term id → weight: its occurrences, or any
+        other per-term factor)."""
         out = np.zeros(self.n_slots, dtype=np.float64)
         if not self.n_live:
             return out

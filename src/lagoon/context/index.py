@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -143,11 +144,16 @@ class CodeIndex:
         return list(self._segments)
 
     def search(self, query: str, k: int = 10) -> list[Hit]:
-        """The `k` best chunks by BM25 (score > 0), best first. Builds the index if there is none."""
+        """The `k` best chunks by BM25 (score > 0), best first. Builds the index if there is none.
+
+        A query term repeated n times weighs sqrt(n) (bm25s weighs it n): long queries such as issue
+        texts repeat a few words (a traceback's frames, an identifier) that would otherwise drown
+        the rest (on SWE-bench Lite localization: recall@1 +0.08). Queries without repeats score
+        exactly as bm25s does."""
         self._ensure()
         if self._bm25 is None or k <= 0:
             return []
-        q = self._lexicon.query_ids(query)
+        q = {t: math.sqrt(n) if n > 1 else 1 for t, n in self._lexicon.query_ids(query).items()}
         if not q:
             return []
         scores = self._bm25.scores(q)  # [slots]

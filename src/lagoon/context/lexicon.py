@@ -55,7 +55,8 @@ class Lexicon:
         return np.fromiter((add(t) for t in terms), dtype=np.int64, count=len(terms))
 
     def query_ids(self, text: str) -> dict[int, int]:
-        """Known term id → how often it occurs in `text` (terms never indexed are dropped)."""
+        """Known term id → how often it occurs in `text` (terms never indexed are dropped), in
+        order of first occurrence."""
         out: dict[int, int] = {}
         get = self.ids.get
         for t in code_tokens(text):

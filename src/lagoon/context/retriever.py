@@ -7,25 +7,103 @@ text fits `budget_tokens` (default `context.token_budget`). The budget is a hard
 on the output of `render()` with the retriever's token counter, and chunks that would overflow it
 are skipped in favour of later, smaller ones.
 
+`files(query, k)` ranks whole files instead (bug localization: "which file must change?"): BM25's
+top `FILE_POOL` chunks are aggregated per file as a decayed sum of their scores (best chunk + half
+the second + a quarter of the third …), so a file with several matching chunks beats one with a
+single lucky chunk; a file whose path (or dotted module name) the query spells out, as a traceback
+does, is boosted by `PATH_BOOST`; test files are left out unless asked for.
+
 This is *not* the prompt assembler: it renders retrieved code only (see `lagoon.agent.memory`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from lagoon.config import ContextSection
 from lagoon.context.chunking import Chunk
 from lagoon.context.index import CodeIndex, Hit
 from lagoon.testing import approx_token_count
 
-__all__ = ["CodeRetriever", "render"]
+__all__ = ["CodeRetriever", "FileHit", "render", "rank_files", "is_test_path", "names_of"]
 
 log = logging.getLogger(__name__)
 
 TokenCounter = Callable[[str], int]
+
+FILE_POOL = 1000
+"""Chunks (BM25's best) aggregated by `files()`."""
+FILE_DECAY = 0.5
+"""Weight ratio between a file's successive chunk scores in its decayed sum."""
+PATH_BOOST = 0.5
+"""Relative score bonus of a file the query names (``django/db/models/query.py``, ``sympy.core.expr``)."""
+_TEST_DIRS = frozenset({"tests", "test", "testing"})
+
+
+@dataclass(frozen=True)
+class FileHit:
+    path: str
+    score: float
+    hits: tuple[Hit, ...]
+    """The file's chunk hits, best first."""
+
+
+def is_test_path(path: str) -> bool:
+    """A test file by convention: under tests/, test/ or testing/, test_*.py, *_test.py, conftest.py."""
+    parts = PurePosixPath(path).parts
+    name = parts[-1] if parts else ""
+    return (
+        bool(_TEST_DIRS.intersection(parts[:-1]))
+        or name.startswith("test_")
+        or name.endswith(("_test.py", "_tests.py"))
+        or name in ("conftest.py", "tests.py")
+    )
+
+
+def names_of(path: str) -> list[str]:
+    """How a query may spell a file: its path, without a src/ or lib/ prefix, and as a module."""
+    out = [path]
+    for prefix in ("src/", "lib/"):
+        if path.startswith(prefix):
+            out.append(path[len(prefix) :])
+    stem = [n[: -len(PurePosixPath(n).suffix)] if PurePosixPath(n).suffix else n for n in out]
+    out.extend(m.replace("/", ".") for m in stem if "/" in m)
+    return out
+
+
+def rank_files(
+    hits: Sequence[Hit],
+    k: int = 10,
+    *,
+    query: str = "",
+    include_tests: bool = False,
+    suffixes: tuple[str, ...] | None = None,
+    decay: float = FILE_DECAY,
+    path_boost: float = PATH_BOOST,
+) -> list[FileHit]:
+    """Files of `hits` ranked by the decayed sum of their chunk scores (`hits` best first), times
+    ``1 + path_boost`` for a file that `query` names."""
+    per: dict[str, list[Hit]] = {}
+    for h in hits:
+        path = h.chunk.path
+        if suffixes is not None and not path.endswith(suffixes):
+            continue
+        if not include_tests and is_test_path(path):
+            continue
+        per.setdefault(path, []).append(h)
+    ranked = []
+    for path, hs in per.items():
+        hs.sort(key=lambda h: -h.score)
+        score = sum(h.score * decay**i for i, h in enumerate(hs))
+        if query and any(re.search(re.escape(n) + r"(?!\w)", query) for n in names_of(path)):
+            score *= 1.0 + path_boost
+        ranked.append(FileHit(path, score, tuple(hs)))
+    ranked.sort(key=lambda f: -f.score)
+    return ranked[:k]
 
 
 def render(chunks: Sequence[Chunk]) -> str:
@@ -80,6 +158,20 @@ class CodeRetriever:
         if reranker is not None and len(hits) > 1:
             hits = reranker.rerank(query, hits)
         return hits
+
+    def files(
+        self,
+        query: str,
+        k: int = 10,
+        *,
+        include_tests: bool = False,
+        suffixes: tuple[str, ...] | None = None,
+    ) -> list[FileHit]:
+        """The `k` files most likely to matter for `query` (see the module docstring), best first."""
+        if self.auto_update:
+            self.index.update()
+        hits = self.index.search(query, FILE_POOL)
+        return rank_files(hits, k, query=query, include_tests=include_tests, suffixes=suffixes)
 
     def retrieve(self, query: str, *, k: int | None = None, budget_tokens: int | None = None) -> list[Chunk]:
         """At most `k` chunks, best first, whose rendering takes at most `budget_tokens` tokens."""
