@@ -27,8 +27,11 @@ def tiny_moe(tmp_path_factory):
 def test_quantize_then_fidelity_json_dense(tiny_dense, tmp_path) -> None:
     out = tmp_path / "q"
     cal = ["--calibration", str(quant_cmd.HELDOUT)]
-    r = runner.invoke(app, ["quantize", "--model", str(tiny_dense), "--scheme", "int8", *cal, "--out", str(out)])
+    keep = ["--keep", r"layers\.0\.mlp\.down_proj$"]
+    r = runner.invoke(app, ["quantize", "--model", str(tiny_dense), "--scheme", "int8", *cal, *keep, "--out", str(out)])
     assert r.exit_code == 0, r.output
+    meta = json.loads((out / "quant.json").read_text())
+    assert "layers.0.mlp.down_proj" not in meta["modules"] and "layers.1.mlp.down_proj" in meta["modules"]
     r = runner.invoke(app, ["quant", "fidelity", "--model", str(tiny_dense), "--quantized", str(out), "--json", "--max-tokens", "300"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)

@@ -70,6 +70,8 @@ def quantize(
     include_lm_head: Annotated[bool, typer.Option("--include-lm-head", help="Quantize lm_head too.")] = False,
     include_embeddings: Annotated[bool, typer.Option("--include-embeddings", help="Quantize the embedding (int8 rows).")] = False,
     max_calibration_tokens: Annotated[int, typer.Option(help="Cap on calibration tokens.")] = 4096,
+    smooth_alpha: Annotated[float, typer.Option("--smooth-alpha", help="SmoothQuant strength for w8a8/fp8 with --calibration (0 = off).")] = 0.5,
+    keep: Annotated[list[str] | None, typer.Option("--keep", help="Regex of module names to leave in float (repeatable).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Quantize a float checkpoint and write a loadable quantized one."""
@@ -86,6 +88,8 @@ def quantize(
         group_size=group_size,
         include_lm_head=include_lm_head,
         include_embeddings=include_embeddings,
+        smooth_alpha=smooth_alpha,
+        keep=tuple(keep or ()),
     )
     if qc is None:
         raise QuantizationError("profile FP16 means no quantization; pass --scheme or set model_deployment.quantization.profile")

@@ -1,6 +1,8 @@
 """`calibrate`: run text through a float model and record activation ranges for static scales.
 
-For every `nn.Linear` the input absmax is kept per token type (`lagoon.quant.policy.TokenType`).
+For every `nn.Linear` the input absmax is kept per token type (`lagoon.quant.policy.TokenType`),
+and per input channel as well (``linear_channels [3, K]``: what SmoothQuant needs, see
+`lagoon.quant.smooth`).
 For every stacked experts module (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) the ranges are
 kept **per expert, from the tokens actually routed to it**: the hook reads the routing decision the
 experts receive (``indices [T, k]``), takes expert e's tokens, and records the absmax of its
@@ -8,7 +10,8 @@ gate_up input and of its down input ``act(gate)·up`` (recomputed from the float
 token count. A pooled range per module (all tokens, all experts) is kept too.
 
 `Calibration.apply(model, expert_calibration, min_expert_tokens)` writes the ranges into the
-quantized modules' ``act_absmax`` buffers:
+quantized modules' ``act_absmax`` buffers (for a smoothed layer, the range of its smoothed input
+``x / s``: max over channels of channel absmax / s):
 
 - ``expert_calibration=True``: each expert gets its own range; an expert that saw fewer than
   `min_expert_tokens` calibration tokens is *starved*: it is reported (returned, and logged) and left
@@ -63,6 +66,23 @@ def _typed_absmax(x: torch.Tensor, types: torch.Tensor | None) -> tuple[torch.Te
     return out, counts
 
 
+def _typed_channel_absmax(x: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] -> absmax per type and input channel [3, K] (NaN where a type is unseen)."""
+    out = _nan(N_TOKEN_TYPES, x.shape[-1])
+    if x.shape[0] == 0:
+        return out
+    if types is None:
+        ch = x.detach().abs().amax(0).float()  # [K]
+        for t in _STATIC_TYPES:
+            out[t] = ch
+        return out
+    for t in range(N_TOKEN_TYPES):
+        sel = x[types.to(x.device) == t]
+        if sel.shape[0]:
+            out[t] = sel.detach().abs().amax(0).float()
+    return out
+
+
 @dataclass
 class ExpertStats:
     """Per-expert ranges of one experts module."""
@@ -83,6 +103,7 @@ class Calibration:
 
     linears: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> absmax [3]
     linear_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> tokens [3]
+    linear_channels: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> absmax [3, K]
     experts: dict[str, ExpertStats] = field(default_factory=dict)
 
     def apply(self, model: nn.Module, expert_calibration: bool = True, min_expert_tokens: int = 8) -> dict[str, list[int]]:
@@ -95,8 +116,12 @@ class Calibration:
         for name, absmax in self.linears.items():
             m = mods.get(name)
             if isinstance(m, QuantizedLinear):
+                chans = self.linear_channels.get(name)
                 for t in _STATIC_TYPES:
-                    m.act_absmax[t] = absmax[t]
+                    if m.smooth is not None and chans is not None:
+                        m.act_absmax[t] = (chans[t] / m.smooth.float()).max()  # NaN stays NaN
+                    else:
+                        m.act_absmax[t] = absmax[t]
         for name, st in self.experts.items():
             m = mods.get(name)
             if not isinstance(m, QuantizedExperts):
@@ -152,6 +177,8 @@ def calibrate(
             a, n = _typed_absmax(x, current_token_types(x.shape[0]))
             cal.linears[name] = _merge_max(cal.linears.get(name, _nan(N_TOKEN_TYPES)), a)
             cal.linear_tokens[name] = cal.linear_tokens.get(name, torch.zeros(N_TOKEN_TYPES, dtype=torch.long)) + n
+            ch = _typed_channel_absmax(x, current_token_types(x.shape[0]))
+            cal.linear_channels[name] = _merge_max(cal.linear_channels.get(name, torch.full_like(ch, float("nan"))), ch)
 
         return hook
 

@@ -153,6 +153,9 @@ def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
         raise CheckpointError(f"cannot load {Path(path) / WEIGHTS}: {exc}") from exc
     for alias, name in meta.get("aliases", {}).items():
         state[alias] = state[name]
+    for name, m in model.named_modules():  # SmoothQuant factors: give the buffer a shape to load into
+        if isinstance(m, QuantizedLinear) and f"{name}.smooth" in state and m.smooth is None:
+            m.smooth = torch.ones(m.in_features)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches

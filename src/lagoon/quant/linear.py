@@ -10,6 +10,9 @@ functions serve a single Linear (tensors [N, ...]) and one expert of a stacked g
 `QuantizedLinear` stores the tensors as buffers (so `state_dict` and safetensors see them), keeps
 `act_absmax` [3] — the calibrated static input range per token type, NaN until calibrated — and counts
 which kernel path ran (`path_counts`) and how many tokens were scaled dynamically (`dynamic_tokens`).
+With SmoothQuant (`lagoon.quant.smooth`) it also keeps ``smooth`` [K]: the stored weight is
+``W · s`` and the input is divided by ``s`` before it is quantized; `dequantize` returns the weight
+in the original coordinates (``W · s / s``).
 It is *not* trainable: no gradients flow through the quantized weight.
 """
 
@@ -80,6 +83,7 @@ class QuantizedLinear(nn.Module):
         out_features: int,
         bias: torch.Tensor | None,
         dynamic_threshold: float = 0.75,
+        smooth: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.scheme = scheme
@@ -90,14 +94,20 @@ class QuantizedLinear(nn.Module):
             self.register_buffer(k, v)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("act_absmax", torch.full((N_TOKEN_TYPES,), float("nan")))
+        self.register_buffer("smooth", None if smooth is None else smooth.detach().float().clone())  # [K]
         self.path_counts: Counter[str] = Counter()
         self.dynamic_tokens = 0
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, scheme: WeightScheme, dynamic_threshold: float = 0.75) -> QuantizedLinear:
-        w = linear.weight.detach()
-        tensors = scheme.quantize(w.float())
-        return cls(scheme, tensors, linear.in_features, linear.out_features, linear.bias, dynamic_threshold)
+    def from_float(
+        cls, linear: nn.Linear, scheme: WeightScheme, dynamic_threshold: float = 0.75, smooth: torch.Tensor | None = None
+    ) -> QuantizedLinear:
+        """Quantize `linear`'s weight; with `smooth` [K], the weight is scaled by it first."""
+        w = linear.weight.detach().float()  # [N, K]
+        if smooth is not None:
+            w = w * smooth.float().unsqueeze(0)
+        tensors = scheme.quantize(w)
+        return cls(scheme, tensors, linear.in_features, linear.out_features, linear.bias, dynamic_threshold, smooth)
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -108,14 +118,19 @@ class QuantizedLinear(nn.Module):
         return ActivationArgs(static, self.dynamic_threshold, current_token_types(m))
 
     def dequantize(self) -> torch.Tensor:
-        return self.scheme.dequantize(self.tensors)
+        """The effective weight [N, K] in the input's original coordinates."""
+        w = self.scheme.dequantize(self.tensors)
+        return w if self.smooth is None else w / self.smooth.unsqueeze(0)
+
+    def _smoothed(self, x2: torch.Tensor) -> torch.Tensor:
+        return x2 if self.smooth is None else x2.float() / self.smooth  # [M, K]
 
     def weight_bytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.tensors.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # [M, K]
+        x2 = self._smoothed(x.reshape(-1, shape[-1]))  # [M, K]
         y, path, n_dyn = self.scheme.matmul(x2, self.tensors, self.act_args(x2.shape[0]))  # [M, N]
         self.path_counts[path] += 1
         self.dynamic_tokens += n_dyn
@@ -127,6 +142,8 @@ class QuantizedLinear(nn.Module):
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """fp64 output on dequantized operands (bias included), for tests and fidelity."""
         x2 = x.reshape(-1, x.shape[-1])
+        if self.smooth is not None:
+            x2 = x2.double() / self.smooth.double()
         y = self.scheme.reference(x2, self.tensors, self.act_args(x2.shape[0]))
         if self.bias is not None:
             y = y + self.bias.double()
@@ -134,5 +151,6 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.scheme.group_size}" if self.scheme.name == "int4" else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}{g}"
+        sm = ", smoothed" if self.smooth is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}{g}{sm}"
 

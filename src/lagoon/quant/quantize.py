@@ -15,7 +15,10 @@ What is swapped (qualified module names, so it works on Lagoon's `Transformer` a
 
 Schemes by short name (`SCHEMES`, imported lazily): int8, w8a8, int4, fp8, bf16. Profiles
 (`model_deployment.quantization.profile`) map to schemes with `scheme_for_profile`; FP16 means no
-quantization. A `Calibration` (from `lagoon.quant.calibrate`) sets static activation ranges.
+quantization. A `Calibration` (from `lagoon.quant.calibrate`) sets static activation ranges, and for
+activation-quantized schemes (w8a8, fp8) with ``smooth_alpha > 0`` it also gives each Linear its
+SmoothQuant factors (`lagoon.quant.smooth`). `keep` lists name patterns (regular expressions,
+searched) left in float — the sensitive layers a fidelity report points at.
 Tied embeddings: when `lm_head` shares its weight with the embedding, quantizing one leaves the
 other as it was.
 """
@@ -85,12 +88,22 @@ class QuantConfig:
     include_embeddings: bool = False
     expert_calibration: bool = True  # per-expert static ranges; False pools one range per experts module
     min_expert_tokens: int = 8  # calibration tokens an expert needs for a static range
+    smooth_alpha: float = 0.5  # SmoothQuant migration strength (w8a8/fp8 with a calibration); 0 = off
+    keep: tuple[str, ...] = ()  # regexes of module names to leave unquantized
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise QuantizationError(f"unknown quantization scheme {self.scheme!r}; valid: {', '.join(SCHEMES)}")
         if self.dynamic_threshold < 0:
             raise QuantizationError("dynamic_threshold must be >= 0 (0 = every token dynamic)")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise QuantizationError(f"smooth_alpha must be in [0, 1] (0 = no SmoothQuant); got {self.smooth_alpha}")
+        object.__setattr__(self, "keep", tuple(self.keep))
+        for pat in self.keep:
+            try:
+                re.compile(pat)
+            except re.error as exc:
+                raise QuantizationError(f"keep pattern {pat!r} is not a valid regular expression ({exc})") from None
 
     @classmethod
     def from_section(cls, section: QuantizationSection, **overrides: Any) -> QuantConfig | None:
@@ -137,6 +150,7 @@ def quantize_(
     from lagoon.quant.embedding import QuantizedEmbedding
     from lagoon.quant.experts import QuantizedExperts
     from lagoon.quant.linear import QuantizedLinear
+    from lagoon.quant.smooth import smoothing_factors
 
     scheme = get_scheme(config.scheme, config.group_size)
     report = QuantReport(config)
@@ -156,6 +170,8 @@ def quantize_(
             report.kept[name] = "embedding (include_embeddings=False)"
         elif filter_fn is not None and not filter_fn(m, name):
             report.kept[name] = "filter_fn"
+        elif any(re.search(p, name) for p in config.keep):
+            report.kept[name] = "keep"
         else:
             targets.append((name, m))
     if not targets:
@@ -167,7 +183,12 @@ def quantize_(
         if isinstance(m, nn.Embedding):
             new: nn.Module = QuantizedEmbedding.from_float(m)
         elif isinstance(m, nn.Linear):
-            new = QuantizedLinear.from_float(m, scheme, config.dynamic_threshold)
+            smooth = None
+            if scheme.activation_quantized and config.smooth_alpha > 0 and calibration is not None:
+                chans = calibration.linear_channels.get(name)
+                if chans is not None:
+                    smooth = smoothing_factors(chans, m.weight, config.smooth_alpha)
+            new = QuantizedLinear.from_float(m, scheme, config.dynamic_threshold, smooth)
         else:
             new = QuantizedExperts.from_float(m, scheme, config.dynamic_threshold)
         _set_module(model, name, new)
