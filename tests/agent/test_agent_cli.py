@@ -73,3 +73,15 @@ def test_run_through_the_router_over_loopback_servers(repo):
         wire = cheap.requests[-1]["body"]
         assert {t["function"]["name"] for t in wire["tools"]} >= {"bash", "view", "edit", "submit"}
 
+
+
+def test_live_view_and_summary_show_memory_evictions(repo, tmp_path):
+    script = tmp_path / "s.json"
+    script.write_text(json.dumps([{"bash": f"seq {i} {i + 120}"} for i in range(6)]
+                                 + [{"tool": ["submit", {"summary": "done"}]}]))
+    res = runner.invoke(app, ["run", "count", "--repo", str(repo), "--model", f"scripted:{script}",
+                              "-c", "context.rerank=false", "-c", "agent.summaries=extractive",
+                              "-c", "model_deployment.memory.context_budget=700"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("evicted") >= 2 and "extractive" in res.output
+    assert "memory summaries" in res.output and "extractive" in res.output

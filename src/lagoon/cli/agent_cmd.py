@@ -90,6 +90,10 @@ class LiveView:
             self.rows.append([str(payload.get("step", "")), payload.get("name", ""), arg.replace("\n", " ")[:60],
                               status, route_text, f"{usage.get('input_tokens', 0)}/{usage.get('output_tokens', 0)}",
                               str(self.version)])
+        elif kind == "memory":  # a turn left the prompt for long-term memory
+            source = payload.get("source", "")
+            note = f"{source} summary" + (f" ({payload.get('error', '')[:30]})" if payload.get("error") else "")
+            self.rows.append([str(payload.get("step", "")), "evicted", note, "", "", "", ""])
         elif kind == "format_error":
             self.rows.append([str(payload.get("step", "")), "format error", payload.get("error", "")[:60], "", "", "", ""])
         self.live.update(self._table())
@@ -103,6 +107,8 @@ def _summary(console: Console, result: Any) -> None:
         value = d[key]
         table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
     table.add_row("commands", str(len(d["commands"])))
+    if d.get("summaries"):
+        table.add_row("memory summaries", ", ".join(f"{k} {v}" for k, v in sorted(d["summaries"].items())))
     table.add_row("resumed", str(d["resumed"]))
     console.print(table)
 
