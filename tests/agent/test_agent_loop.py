@@ -109,6 +109,19 @@ def test_repeated_validation_failures_halt_before_any_model_call(repo, limit):
     assert "unverified" in result.exit_message and model.requests == []
 
 
+def test_real_context_package_halts_when_every_snapshot_is_stale(repo):
+    # staleness_threshold_ms=0: every snapshot is stale by the time it is validated, re-retrieval
+    # cannot help, and the gate must halt (never take its fast path on a stale snapshot)
+    cfg = load_config({"context": {"rerank": False, "staleness_threshold_ms": 0},
+                       "validation": {"max_consecutive_validation_failures": 2}})
+    model = ReplayChatModel([SUBMIT])
+    result = run_task("median textstats", repo, cfg, model=model)
+    assert result.exit_status == "validation_halt" and model.requests == []
+    assert result.validation_failures == 2 and "stale" in result.exit_message
+    events = _events(repo, result.session_id)
+    assert [e["payload"]["version"] for e in events if e["kind"] == "context"] == [1, 2]
+
+
 def test_format_errors_are_bounded_and_a_valid_reply_resets_the_count(repo):
     cfg = load_config({"context": {"rerank": False}, "agent": {"max_format_errors": 2}})
     model = ReplayChatModel(["I think", "```bash\necho ok\n```", "hmm", "```\nsubmit\n```"])

@@ -142,17 +142,17 @@ class Agent:
         for failure in gate.failures:
             self._count("lagoon_agent_validation_failures_total")
             self.emit("validation", {"ok": False, **failure})
+        if gate.refreshed:  # recorded even when the new version fails too: it exists
+            chunks = [f"{c.path}:{c.start_line}-{c.end_line}" for c in self.gate.chunks]
+            self.store.record_snapshot(self.session_id, self.gate.version, {"chunks": chunks})
+            self.emit("context", {"version": self.gate.version, "reasons": gate.failures[-1]["reasons"],
+                                  "chunks": chunks})
         if gate.halt:
             raise ValidationHalt(
                 f"context failed validation {self.gate.consecutive_failures} times in a row "
                 f"(validation.max_consecutive_validation_failures={self.gate.max_failures}); last reasons: "
                 + "; ".join(gate.failures[-1]["reasons"])
             )
-        if gate.refreshed:
-            self.store.record_snapshot(self.session_id, gate.version, {"chunks": [
-                f"{c.path}:{c.start_line}-{c.end_line}" for c in self.gate.chunks]})
-            self.emit("context", {"version": gate.version, "reasons": gate.failures[-1]["reasons"],
-                                  "chunks": [f"{c.path}:{c.start_line}-{c.end_line}" for c in self.gate.chunks]})
         record_validation = getattr(self.model, "record_validation", None)  # a Router tracks pass rates
         if callable(record_validation) and self.gate.manager is not None:
             for _ in gate.failures:
