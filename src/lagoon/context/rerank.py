@@ -89,6 +89,7 @@ class Reranker:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.cache_path, timeout=30, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL keeps the DB consistent; a cache needs no fsync per write
             db.execute("CREATE TABLE IF NOT EXISTS embedding (hash TEXT PRIMARY KEY, vec BLOB NOT NULL)")
             self._db = db
         return self._db
