@@ -60,9 +60,10 @@ def test_w8a8_kernel_choice_by_token_count(linear: nn.Linear) -> None:
     q = QuantizedLinear.from_float(linear, get_scheme("w8a8"))
     for m in (1, 2, 16, 17, 64):
         q(torch.randn(m, 256))
-    # _int_mm only outside the 2..16 floor band, and only where the CPU has a fast int8 path
-    fast = 3 if INT_MM_FAST_CPU else 0
-    assert q.path_counts == {k: v for k, v in {"int_mm": fast, "int8pack_a8": 5 - fast}.items() if v}
+    # _int_mm only outside the 2..16 floor band, and only where the CPU has a fast int8 path; without
+    # one, prefill-sized calls (>= FP32_GEMM_MIN_M = 32 tokens) take the fp32 BLAS
+    want = {"int_mm": 3, "int8pack_a8": 2} if INT_MM_FAST_CPU else {"int8pack_a8": 4, "fp32_gemm": 1}
+    assert q.path_counts == want
     assert [use_int_mm(m, torch.device("cuda")) for m in (1, 2, 16, 17)] == [True, False, False, True]
 
 
@@ -107,3 +108,18 @@ def test_weight_bytes_shrink(linear: nn.Linear) -> None:
     fp32 = 256 * 192 * 4
     got = {s: QuantizedLinear.from_float(linear, get_scheme(s, 128)).weight_bytes() for s in ("int8", "int4", "fp8")}
     assert got["int8"] < fp32 / 3.5 and got["fp8"] < fp32 / 3.5 and got["int4"] < fp32 / 6
+
+
+@pytest.mark.parametrize("scheme", ["int8", "w8a8"])
+@pytest.mark.parametrize("avx512", [False, True])
+def test_prefill_fp32_gemm_path_matches_reference(linear: nn.Linear, scheme: str, avx512: bool, monkeypatch) -> None:
+    import lagoon.quant.int8 as int8_mod
+
+    monkeypatch.setattr(int8_mod, "CPU_AVX512", avx512)  # exercise both CPU kinds' choices on any CPU
+    q = QuantizedLinear.from_float(linear, get_scheme(scheme))
+    x = torch.randn(int8_mod.FP32_GEMM_MIN_M, 256, generator=torch.Generator().manual_seed(5))
+    y = q(x)
+    assert ("fp32_gemm" in q.path_counts) is not avx512
+    assert rel(y, q.reference(x)) < TIGHT_REL
+    q(x[:4])  # decode-sized calls never take it
+    assert q.path_counts.get("fp32_gemm", 0) == (0 if avx512 else 1)

@@ -17,13 +17,17 @@ Two kernels compute it, chosen per call by token count M and by the CPU:
   Same quantized operands, so the same reference; only the output is rounded to bf16. Used in the
   2..16 band and on CPUs without AVX-512, where `_int_mm` has no fast path (measured on an AVX2
   EPYC: 45 ms at M=1 for 4096², 10-60x slower than fp32).
+- "fp32_gemm": on CPUs without AVX-512 from `FP32_GEMM_MIN_M` tokens (prefill), where neither int8
+  kernel is fast (4096², M=256 on the AVX2 EPYC: `_int_mm` 7.4 s, int8pack 0.7 s, fp32 0.22 s), the
+  int8 operands are converted to fp32 and multiplied by the fp32 BLAS. Integer products and sums
+  are exact in fp32 up to 2^24, so this is the reference up to fp32 rounding of large sums.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lagoon.quant.int8 import quantize_per_channel_int8
+from lagoon.quant.int8 import CPU_AVX512, quantize_per_channel_int8, use_fp32_gemm
 from lagoon.quant.linear import ActivationArgs, WeightScheme
 
 __all__ = ["W8A8", "INT_MM_FLOOR", "INT_MM_FAST_CPU"]
@@ -31,7 +35,7 @@ __all__ = ["W8A8", "INT_MM_FLOOR", "INT_MM_FAST_CPU"]
 INT_MM_FLOOR = (2, 16)
 """Token counts (inclusive) where `_int_mm` is slow and the int8pack kernel is taken instead."""
 
-INT_MM_FAST_CPU = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+INT_MM_FAST_CPU = CPU_AVX512
 """Whether this CPU has the vector int8 instructions `_int_mm` needs to be fast."""
 
 
@@ -68,6 +72,9 @@ class W8A8(WeightScheme):
     def matmul(self, x: torch.Tensor, t: dict[str, torch.Tensor], act: ActivationArgs) -> tuple[torch.Tensor, str, int]:
         q, scale = t["qweight"], t["scale"]
         xq, sx, n_dyn = self.quantize_activation(x, act)
+        if use_fp32_gemm(x.shape[0], x.device):
+            acc = xq.float() @ q.float().t()  # [M, N], integer-valued
+            return acc * sx * scale.float().unsqueeze(0), "fp32_gemm", n_dyn
         if use_int_mm(x.shape[0], x.device):
             acc = torch._int_mm(xq, q.t())  # [M, N] int32, exact
             return acc.float() * sx * scale.float().unsqueeze(0), "int_mm", n_dyn
