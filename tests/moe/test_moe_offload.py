@@ -263,3 +263,19 @@ def test_config_keys_reach_the_engine(moe_folder, tmp_path):
     auto = engine_from_config(load_config(*common, "moe.offload.capacity=2"))
     assert offload_of(auto.model).tier == "disk"  # auto on a CPU-only machine
     auto.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_cache_with_pinned_host_tier_matches_resident():
+    base = stack(6, layers=4).cuda()
+    model = copy.deepcopy(base)
+    off = offload_model(model, 3, tier="host", async_prefetch=True, speculative=True)
+    assert off.caches[0].gate_up.is_cuda and off.store.pinned
+    with torch.no_grad():
+        for x in inputs(8, [1, 1, 6, 1, 1, 1]):
+            x = x.cuda()
+            assert rel(model(x), base(x)) <= 1e-5  # TF32/kernel order may differ from CPU fp32
+    off.drain()
+    assert off.stats()["misses"] > 0
+    off.close()
