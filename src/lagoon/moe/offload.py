@@ -233,6 +233,8 @@ class ExpertOffload:
     @torch.no_grad()
     def after_routing(self, layer: int, indices: torch.Tensor) -> None:
         """Learn the L-1 → L co-activations; without speculation, prefetch L+1's history guess."""
+        if self.speculative or not self.async_prefetch:  # the history guess is not used
+            return
         idx = indices.detach().cpu()  # [T, k]
         prev = self._prev_indices[layer - 1] if layer > 0 else None
         if prev is not None and prev.shape[0] == idx.shape[0]:
@@ -241,7 +243,7 @@ class ExpertOffload:
             co = self._coact[layer - 1]
             co.view(-1).add_(torch.bincount(pairs.reshape(-1), minlength=co.numel()).to(co.dtype))
         self._prev_indices[layer] = idx
-        if self.speculative or not self.async_prefetch or layer + 1 >= len(self.caches):
+        if layer + 1 >= len(self.caches):
             return
         votes = self._coact[layer][idx.reshape(-1)].sum(dim=0)  # [E_next]
         want = min(self.caches[layer + 1].capacity, idx.numel())
