@@ -279,3 +279,43 @@ def test_cuda_cache_with_pinned_host_tier_matches_resident():
     off.drain()
     assert off.stats()["misses"] > 0
     off.close()
+
+
+class FlakyStore:
+    """Fails the first `failures` reads, then reads normally."""
+
+    def __init__(self, inner, failures: int) -> None:
+        self.inner, self.failures = inner, failures
+
+    def read_into(self, *args):
+        if self.failures:
+            self.failures -= 1
+            raise OSError("disk went away")
+        return self.inner.read_into(*args)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_a_failed_load_frees_its_slot():
+    base = stack(9)
+    model = copy.deepcopy(base)
+    off = offload_model(model, 2)
+    off.store = FlakyStore(off.store, 1)
+    x = inputs(10, [1])[0]
+    with torch.no_grad(), pytest.raises(OSError, match="went away"):
+        model(x)
+    with torch.no_grad():  # nothing is left claimed or pinned: the same call now succeeds
+        assert rel(model(x), base(x)) <= TOL
+    assert all(p == 0 for c in off.caches for p in c.pins)
+    prefetching = copy.deepcopy(base)
+    spec = offload_model(prefetching, 2, async_prefetch=False, speculative=True)
+    spec.store = FlakyStore(spec.store, 0)
+    with torch.no_grad():
+        prefetching(x)  # warm: the next call's guess has something to evict
+        spec.store.failures = 1  # the next read (a sync speculative prefetch or a miss) fails
+        with pytest.raises(OSError):
+            prefetching(inputs(11, [1])[0])
+        for x in inputs(12, [1, 1]):
+            assert rel(prefetching(x), base(x)) <= TOL
+    assert all(p == 0 for c in spec.caches for p in c.pins)

@@ -188,7 +188,11 @@ class ExpertOffload:
                     break
                 waited = True  # a prefetch is loading it, or every slot is busy: wait for a change
                 self.cond.wait()
-        nbytes = self._load(cache, e, v, on_copy_stream=False)
+        try:
+            nbytes = self._load(cache, e, v, on_copy_stream=False)
+        except BaseException:
+            self._abandon(cache, e, v)
+            raise
         with self.cond:
             cache.ready[v] = True
             cache.stats.misses += 1
@@ -196,6 +200,13 @@ class ExpertOffload:
             cache.use(v)
             self.cond.notify_all()
         return v
+
+    def _abandon(self, cache: ExpertCache, e: int, s: int) -> None:
+        """A load failed: give the slot back empty (a reader waiting for `e` will load it itself)."""
+        with self.cond:
+            del cache.where[e]
+            cache.expert[s], cache.pins[s], cache.prefetched[s] = -1, 0, False
+            self.cond.notify_all()
 
     def _release(self, cache: ExpertCache, s: int) -> None:
         event = None
@@ -276,10 +287,7 @@ class ExpertOffload:
         try:
             nbytes = self._load(cache, e, s, on_copy_stream=True)
         except BaseException:
-            with self.cond:  # give the slot back empty; a reader waiting for `e` loads it itself
-                del cache.where[e]
-                cache.expert[s], cache.pins[s], cache.prefetched[s] = -1, 0, False
-                self.cond.notify_all()
+            self._abandon(cache, e, s)
             raise
         with self.cond:
             cache.ready[s] = True
