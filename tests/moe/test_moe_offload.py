@@ -59,7 +59,7 @@ def test_offloaded_stack_matches_resident_and_reference(tier, async_prefetch, sp
     off = offload_model(model, 3, tier=tier, path=tmp_path, async_prefetch=async_prefetch, speculative=speculative)
     try:
         with torch.no_grad():
-            for x in inputs(1, [9, 1, 1, 5, 1, 1, 1, 32]):  # prefill, decode, a batch wider than the cache
+            for x in inputs(1, [9, 1, 1, 1, 32]):  # prefill, decode, a batch wider than the cache
                 y = model(x)
                 assert rel(y, base(x)) <= TOL and rel(y, ref(x)) <= 1e-5
         off.drain()
@@ -94,7 +94,7 @@ def _transformer(folder, capacity, *, async_prefetch, speculative, drain=False):
     return model, off
 
 
-def _decode(model, steps=12, seed=3):
+def _decode(model, steps=10, seed=3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         return [model(torch.randint(0, 300, (1, 1), generator=g)) for _ in range(steps)]
