@@ -19,9 +19,11 @@ class Counting:
 
     def __init__(self) -> None:
         self.calls: list[int] = []
+        self.chars = 0  # characters tokenized, over all calls
 
     def __call__(self, messages) -> int:
         self.calls.append(len(messages))
+        self.chars += sum(len(m.content) for m in messages)
         return sum(approx_token_count(m.content) + 4 for m in messages)
 
 
@@ -95,17 +97,49 @@ def test_budget_is_a_hard_cap_under_a_templated_counter(budget, sizes, strategy,
         assert mem.counter.additive == (not count.templated)
 
 
-def test_memory_render_tokenizes_each_message_once_across_steps():
+def test_memory_render_tokenizes_each_text_about_once_across_steps():
     count = Counting()
-    mem = Memory(count, budget=100_000, system="sys", task="task")
+    truth = Counting()
+    mem = Memory(count, budget=8_000, system="sys", task="task")
     context = [" ".join(f"c{j}" for j in range(500))]
-    for step in range(1, 51):
+    seen = len(context[0])
+    for step in range(1, 81):
         out = " ".join(f"o{step}_{j}" for j in range(200))
+        seen += len(out)
         call = ToolCall(f"c{step}", "bash", {"command": "ls"})
         mem.add_turn(step, [ChatMessage("assistant", "", tool_calls=(call,)),
                             ChatMessage("tool", out, tool_call_id=call.id)], tool="bash", output=out)
-        mem.render(context)
-    counted = sum(count.calls)
-    # 2 messages per turn, the system, task and header messages, and one small probe per render —
-    # not the whole growing prompt every step
-    assert counted <= 2 * 50 + 3 + 50 * 2 + 5, counted
+        assert truth(mem.render(context)) <= 8_000
+    assert mem.evicted > 20, "the budget forced evictions (each adds a summary line to the header)"
+    # each output, the code and each summary line is tokenized about once, plus small probes — not
+    # the whole growing prompt every step, nor the header again at every eviction
+    summaries = sum(len(t) for t in mem.known_summaries.values())
+    assert count.chars <= 1.2 * (seen + summaries) + 80 * 100, (count.chars, seen, summaries)
+    assert truth.chars > 10 * count.chars, "re-counting every prompt whole would cost this much"
+
+
+def char_count(messages) -> int:
+    """Additive over messages, not over lines (a rounded characters-per-token estimate)."""
+    return sum(-(-len(m.content) // 4) + 4 for m in messages)
+
+
+@settings(max_examples=30, deadline=None)
+@given(budget=st.integers(250, 2500), sizes=st.lists(st.integers(1, 300), min_size=1, max_size=25),
+       strategy=st.sampled_from(list(TruncationStrategy)))
+def test_budget_is_a_hard_cap_when_lines_are_not_additive(budget, sizes, strategy):
+    mem = Memory(char_count, budget=budget, strategy=strategy, system="You are a coder.", task="fix the bug")
+    context = [" ".join(f"ctx{i}_{j}" for j in range(40)) for i in range(3)]
+    for i, n in enumerate(sizes):
+        out = " ".join(f"w{i}_{j}" for j in range(n))
+        call = ToolCall(f"c{i}", "bash", {"command": f"cmd {i}"})
+        mem.add_turn(i + 1, [ChatMessage("assistant", "", tool_calls=(call,)),
+                             ChatMessage("tool", out, tool_call_id=call.id)], tool="bash", output=out)
+        assert char_count(mem.render(context)) <= budget
+    assert mem.counter.additive and mem.counter.text_additive is False
+
+
+def test_word_estimates_are_line_additive():
+    counter = TokenCounter(Counting())
+    assert counter.probe_text("user", ["Task:", "fix it"]) is True
+    pieces = ["Task:", "fix", "", "Relevant code:", "def f(x):\n    return x", "", "  indented  ", "日本語"]
+    assert counter.joined("user", pieces) == Counting()([ChatMessage("user", "\n".join(pieces))])

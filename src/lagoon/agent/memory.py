@@ -177,17 +177,23 @@ class Memory:
             turn.tokens = self.counter.many(turn.messages)
 
     # -- rendering ----------------------------------------------------------------------------
-    def _header(self, context: list[str]) -> ChatMessage:
-        parts = [f"Task:\n{self.task}"]
+    def _header_pieces(self, context: list[str]) -> list[str]:
+        """The header's lines: task, code, summaries, file states (blank pieces between sections)."""
+        pieces = ["Task:", self.task]
         if context:
-            parts.append("Relevant code:\n" + "\n".join(context))
+            pieces += ["", "Relevant code:", *context]
         if self.summaries:
-            parts.append("Earlier steps (summarised):\n" + "\n".join(self.summaries))
+            pieces += ["", "Earlier steps (summarised):", *self.summaries]
         live = {t.step for t in self.turns}
         states = [f"{p} (as of step {s}):\n{text}" for p, (s, text) in self.files.items() if s not in live]
         if states:
-            parts.append("Current state of files you touched:\n" + "\n\n".join(states))
-        return ChatMessage(role="user", content="\n\n".join(parts))
+            pieces += ["", "Current state of files you touched:"]
+            for i, state in enumerate(states):
+                pieces += [state] if i == 0 else ["", state]
+        return pieces
+
+    def _header(self, context: list[str]) -> ChatMessage:
+        return ChatMessage(role="user", content="\n".join(self._header_pieces(context)))
 
     def _evict_one(self) -> int | None:
         """Move one turn (never the newest) into long-term memory and return about how many
@@ -225,9 +231,14 @@ class Memory:
                 needed=fixed,
                 window=self.budget,
             )
+        self.counter.probe_text("user", ["Task:", self.task])
         while True:
-            header = self._header(chunks)
-            estimate = self.counter.many([*system, header]) + sum(t.tokens for t in self.turns)
+            pieces = self._header_pieces(chunks)
+            header = ChatMessage(role="user", content="\n".join(pieces))
+            # counted piece by piece when the counter is additive over lines (probed), so an
+            # eviction's new summary line does not re-tokenize the retrieved code
+            estimate = (self.counter.many(system) + self.counter.joined("user", pieces)
+                        + sum(t.tokens for t in self.turns))
             total = estimate if self.counter.additive else estimate + self._bias
             if total <= self.budget:
                 messages = [*system, header, *(m for t in self.turns for m in t.messages)]

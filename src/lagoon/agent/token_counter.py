@@ -17,6 +17,12 @@ after the first call — is caught before the next prompt is measured, and from 
 counted whole. A counter that is additive on the probe but not on other content would defeat
 this; chat templates and word estimates are not such counters.
 
+- `joined(role, pieces)`: one message whose content is `"\n".join(pieces)`, counted piece by piece
+  when the counter is also additive over lines (the count of a joined text is the sum of the pieces'
+  and the separators' counts: word estimates), else counted whole. Line additivity is probed on
+  whitespace-heavy samples (indented code, blank lines, unicode) once, and on live pieces with
+  `probe_text` on every render; one failure turns it off for good.
+
 This is *not* a tokenizer and does not estimate: every number comes from `count_tokens`.
 """
 
@@ -29,6 +35,14 @@ from collections.abc import Callable, Hashable, Sequence
 from lagoon.protocols import ChatMessage
 
 __all__ = ["TokenCounter", "message_key"]
+
+_SEP = "\n"
+# joins that break line additivity for real tokenizers (merged newlines, indentation runs, bytes)
+_TEXT_SAMPLES = (
+    ("def f(x):\n    return x", "    y = 1"),
+    ("--- a.py:1-3\nimport os\n\n", "\nclass A:\n\tpass"),
+    ("x", ""), ("", "y"), ("1.", "5 tokens"), ("héllo wörld", "日本語 テキスト"), ("a  ", "  b"),
+)
 
 
 def message_key(m: ChatMessage) -> Hashable:
@@ -46,6 +60,7 @@ class TokenCounter:
         self.additive = True
         self.full_counts = 0  # calls of count_tokens on a whole prompt (benchmarks and tests read these)
         self.probes = 0  # calls of count_tokens on a probe pair
+        self.text_additive: bool | None = None  # over lines; None until the samples are probed
         self._one: OrderedDict[Hashable, int] = OrderedDict()
         self._whole: OrderedDict[Hashable, int] = OrderedDict()
 
@@ -76,6 +91,31 @@ class TokenCounter:
             return hit
         self.full_counts += 1
         return self._remember(self._whole, key, int(self.count_tokens(list(messages))))
+
+    def _line_additive(self, role: str, a: str, b: str) -> bool:
+        empty = self.one(ChatMessage(role=role, content=""))
+        parts = (self.one(ChatMessage(role=role, content=a)) + self.one(ChatMessage(role=role, content=b))
+                 + self.one(ChatMessage(role=role, content=_SEP)) - 2 * empty)
+        self.probes += 1
+        return int(self.count_tokens([ChatMessage(role=role, content=a + _SEP + b)])) == parts
+
+    def probe_text(self, role: str, pieces: Sequence[str]) -> bool:
+        """Check line additivity on the samples (first call) and on `pieces[0]`, `pieces[1]` (small,
+        live); returns whether `joined` may count by pieces."""
+        if self.text_additive is None:
+            self.text_additive = all(self._line_additive(role, a, b) for a, b in _TEXT_SAMPLES)
+        if self.text_additive and len(pieces) >= 2:
+            self.text_additive = self._line_additive(role, pieces[0], pieces[1])
+        return bool(self.text_additive)
+
+    def joined(self, role: str, pieces: Sequence[str]) -> int:
+        """The count of one `role` message whose content is `"\\n".join(pieces)`."""
+        if not (self.additive and self.text_additive):
+            return self.one(ChatMessage(role=role, content=_SEP.join(pieces)))
+        empty = self.one(ChatMessage(role=role, content=""))
+        sep = self.one(ChatMessage(role=role, content=_SEP)) - empty
+        body = sum(self.one(ChatMessage(role=role, content=p)) for p in pieces) - empty * len(pieces)
+        return empty + body + sep * max(len(pieces) - 1, 0)
 
     def probe(self, messages: Sequence[ChatMessage]) -> bool:
         """Count `messages` (two or more, small) live; a count other than the sum of the single
