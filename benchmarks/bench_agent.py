@@ -9,7 +9,8 @@ Measured in one process:
 - step overhead: what the loop adds around a model call — validate the snapshot (the gate wired as
   `run_task` wires it: a full validation per snapshot version, then stat/hash checks), render the
   prompt within the budget (capped at the model's window, as `run_task` does; each message
-  tokenized once) and commit the step's events (model, intent, result) to the session store —
+  tokenized once) and commit the step to the session store as the loop does (model event, intent,
+  then the result with the command's terminal record and the tool state in one transaction) —
   p50/p95 over `--steps` steps with a growing history. The reference is the naive loop that re-retrieves on every step instead of validating
   the snapshot (sampled on every 10th step).
 - stale step: a file of the snapshot changed → failed validation, re-retrieval, new version.
@@ -100,7 +101,10 @@ def step_overhead(repo: Path, cfg, steps: int) -> dict[str, list[float]]:
         store.append("bench", "model", {"step": step, "calls": [call], "prompt": len(messages)})
         store.append("bench", "tool_intent", {"step": step, "call_id": call["id"]})
         output = "\n".join(f"pkg/mod{rng.randrange(10**5)}.py:{k}: items" for k in range(rng.randrange(5, 60)))
-        store.append("bench", "tool_result", {"step": step, "call_id": call["id"], "text": output})
+        with store.batch():
+            store.record_command("bench", step, call["arguments"]["command"], 0, 0.01, output)
+            store.save_tool_state("bench", {"cwd": str(repo), "env": {}, "undo": {}})
+            store.append("bench", "tool_result", {"step": step, "call_id": call["id"], "text": output})
         t3 = time.perf_counter()
         assert result.ok
         memory.add_turn(step, [ChatMessage("assistant", "", tool_calls=(ToolCall(call["id"], "bash", call["arguments"]),)),
@@ -214,7 +218,7 @@ def main() -> None:
         print(f"\nper-step overhead over {args.steps} steps (ms; rerank={'on' if args.rerank else 'off'})")
         print(f"{'measure':<40}{'p50':>10}{'p95':>10}{'ref p50':>10}{'ratio p50':>11}")
         for name, label in (("validate", "validate snapshot"), ("render", "render prompt within budget"),
-                            ("record", "commit 3 session events")):
+                            ("record", "commit the step (3 commits)")):
             print(f"{label:<40}{statistics.median(ms[name]):>10.2f}{pct(ms[name], 0.95):>10.2f}")
         step, naive = ms["step"], ms["naive"]
         print(f"{'step (validate+assemble+record)':<40}{statistics.median(step):>10.2f}{pct(step, 0.95):>10.2f}"

@@ -130,3 +130,26 @@ def test_agent_imports_without_torch():
     code = ("import sys, lagoon.agent, lagoon.cli.agent_cmd, lagoon.agent.runner; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_batch_commits_all_its_writes_or_none(store, tmp_path):
+    store.open("s1", "/r", "task")
+    store.append("s1", "tool_intent", {"step": 1, "call_id": "c1"})
+    with pytest.raises(RuntimeError), store.batch():
+        store.record_command("s1", 1, "ls", 0, 0.1, "out")
+        store.save_tool_state("s1", {"cwd": "/r"})
+        store.append("s1", "tool_result", {"step": 1, "call_id": "c1"})
+        raise RuntimeError("killed between the writes")
+    assert [e["kind"] for e in store.events("s1")] == ["tool_intent"]
+    assert store.terminal("s1") == [] and store.load_tool_state("s1") is None
+    with store.batch():
+        store.record_command("s1", 1, "ls", 0, 0.1, "out")
+        with store.batch():  # nested: still the one transaction
+            store.save_tool_state("s1", {"cwd": "/r"})
+        assert store.append("s1", "tool_result", {"step": 1, "call_id": "c1"}) == 2
+    other = SessionStore.for_workspace(tmp_path)  # a second connection sees all three
+    try:
+        assert [e["kind"] for e in other.events("s1")] == ["tool_intent", "tool_result"]
+        assert len(other.terminal("s1")) == 1 and other.load_tool_state("s1") == {"cwd": "/r"}
+    finally:
+        other.close()

@@ -90,10 +90,13 @@ class Agent:
         """Commit the event, then apply it (the same path a resume replays)."""
         clean = self.store.redactor.scrub(payload)
         seq = self.store.append(self.session_id, kind, clean)
+        self._apply(kind, clean, seq)
+        return seq
+
+    def _apply(self, kind: str, clean: dict[str, Any], seq: int) -> None:
         self.trajectory.apply(kind, clean)
         if self.on_event is not None:
             self.on_event(kind, {**clean, "seq": seq})
-        return seq
 
     def _count(self, name: str, labels: Mapping[str, str] | None = None) -> None:
         if self.telemetry is not None:
@@ -204,14 +207,18 @@ class Agent:
                                       "arguments": call["arguments"]})
             out = self.tools.run(call["name"], call["arguments"])
             self._count("lagoon_agent_tool_calls_total", {"tool": call["name"], "ok": str(out.ok).lower()})
-            if call["name"] == "bash":
-                self.store.record_command(self.session_id, step, str(call["arguments"].get("command", "")),
-                                          out.exit_code, float(out.meta.get("duration_s", 0.0)), out.text)
-            if self.persist_tool_state and call["name"] in ("bash", "edit"):
-                self.store.save_tool_state(self.session_id, self.tools.state())
-            self.emit("tool_result", {"step": step, "call_id": call["id"], "name": call["name"],
-                                      "arguments": call["arguments"], "text": out.text, "ok": out.ok,
-                                      "exit_code": out.exit_code, "files": list(out.files), "meta": dict(out.meta)})
+            result = self.store.redactor.scrub({
+                "step": step, "call_id": call["id"], "name": call["name"], "arguments": call["arguments"],
+                "text": out.text, "ok": out.ok, "exit_code": out.exit_code, "files": list(out.files),
+                "meta": dict(out.meta)})
+            with self.store.batch():  # the result, its terminal record and the tool state: one commit
+                if call["name"] == "bash":
+                    self.store.record_command(self.session_id, step, str(call["arguments"].get("command", "")),
+                                              out.exit_code, float(out.meta.get("duration_s", 0.0)), out.text)
+                if self.persist_tool_state and call["name"] in ("bash", "edit"):
+                    self.store.save_tool_state(self.session_id, self.tools.state())
+                seq = self.store.append(self.session_id, "tool_result", result)
+            self._apply("tool_result", result, seq)
             if out.submitted:
                 submitted = out.text
         if submitted is not None:

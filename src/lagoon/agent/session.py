@@ -10,8 +10,9 @@ One database per workspace, `<workspace>/<agent.state_dir>/sessions.db`, with ta
     locks      advisory file locks: path → holding session
     snapshots  context snapshot versions per session
 
-Every write is its own transaction, committed before the agent acts on it: a tool call is written
-as a `tool_intent` event, then run, then its `tool_result`. A process killed in between leaves an
+Every write is its own transaction (or one `batch()` of writes that belong together), committed
+before the agent acts on it: a tool call is written as a `tool_intent` event, then run, then its
+`tool_result` together with the command's terminal record and the tool state it left. A process killed in between leaves an
 intent without a result, which `pending_intents` finds on resume. WAL with synchronous=NORMAL
 survives the process being killed at any point (a power cut may lose the last commits).
 
@@ -23,6 +24,7 @@ a time (`open` refuses a session whose owner is still alive).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -90,6 +92,7 @@ class SessionStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.redactor = redactor or Redactor()
+        self._batch_depth = 0
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -108,8 +111,25 @@ class SessionStore:
     def _json(self, value: Any) -> str:
         return json.dumps(self.redactor.scrub(value), default=str, ensure_ascii=False)
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self.db)
+    def _tx(self) -> _Transaction | contextlib.nullcontext[None]:
+        return contextlib.nullcontext() if self._batch_depth else _Transaction(self.db)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make the writes inside one transaction: all of them are committed, or none."""
+        if self._batch_depth:
+            self._batch_depth += 1
+            try:
+                yield
+            finally:
+                self._batch_depth -= 1
+            return
+        with _Transaction(self.db):
+            self._batch_depth = 1
+            try:
+                yield
+            finally:
+                self._batch_depth = 0
 
     # -- sessions -----------------------------------------------------------------------------
     def open(self, session_id: str, repo: str, task: str, meta: Mapping[str, Any] | None = None) -> bool:
