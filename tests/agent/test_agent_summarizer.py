@@ -62,6 +62,7 @@ def test_failure_empty_reply_and_timeout_fall_back_to_the_extractive_line(reply,
     turn = _turn(5, "Traceback: boom", ok=False)
     s = ModelSummarizer(ScriptedChatModel([reply]), timeout_s=0.3).summarize(turn)
     assert s.source == "extractive" and s.text == turn.summary and error in s.error and s.asked_model
+    assert s.latency_s >= (0.3 if reply is _slow else 0.0)  # the wait is model time, not loop overhead
 
 
 class NotesModel:

@@ -166,11 +166,13 @@ class Agent:
         if self.telemetry is not None:
             self.telemetry.set("lagoon_agent_context_version", gate.version)
         messages = self.memory.render(self.gate.context_texts())
+        summarizing = 0.0  # model-written summaries are model time, not loop overhead
         for summary in self.memory.take_evictions():  # which summary each evicted turn got, and from where
             self._count("lagoon_agent_memory_summaries_total", {"source": summary.source})
+            summarizing += summary.latency_s
             self.emit("memory", summary.to_event())
         if self.telemetry is not None:
-            self.telemetry.observe("lagoon_agent_step_overhead_seconds", time.perf_counter() - t0)
+            self.telemetry.observe("lagoon_agent_step_overhead_seconds", time.perf_counter() - t0 - summarizing)
         step = self.trajectory.steps + 1
         start = time.perf_counter()
         response = self.model.chat(messages, tools=self.tools.specs())

@@ -45,10 +45,11 @@ class Summary:
     error: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
     asked_model: bool = False
+    latency_s: float = 0.0  # wall time spent getting it (model call, waiting, fitting)
 
     def to_event(self) -> dict[str, Any]:
         return {"step": self.step, "summary": self.text, "source": self.source, "error": self.error,
-                "asked_model": self.asked_model, "usage": dict(self.usage)}
+                "asked_model": self.asked_model, "usage": dict(self.usage), "latency_s": round(self.latency_s, 4)}
 
 
 def render_turn(turn: Turn) -> str:
@@ -122,6 +123,12 @@ class ModelSummarizer:
         return response.message.content.strip(), usage
 
     def summarize(self, turn: Turn) -> Summary:
+        start = time.perf_counter()
+        summary = self._summarize(turn)
+        summary.latency_s = time.perf_counter() - start
+        return summary
+
+    def _summarize(self, turn: Turn) -> Summary:
         try:
             text, usage = self._ask(turn)
         except Exception as exc:  # noqa: BLE001 — any failure falls back to the extractive line
