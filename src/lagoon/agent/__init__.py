@@ -5,7 +5,8 @@
 
 Layout: `loop.py` (the Agent and its exits), `runner.py` (wiring, resume, RunResult),
 `session.py` (SQLite store), `trajectory.py` (what events add up to), `memory.py` (prompt under
-budget), `context_gate.py` (never act on stale context), `environment.py` (commands),
+budget), `summarizer.py` (model-written long-term summaries), `token_counter.py` (prompt counts
+without re-tokenizing), `context_gate.py` (never act on stale context), `environment.py` (commands),
 `workspace.py` (path confinement), `redaction.py` (secrets), `parser.py` (text fallback),
 `tools/` (bash, view, edit, search, submit).
 
@@ -18,6 +19,8 @@ from lagoon.agent.loop import Agent, FormatError, LimitsExceeded, Submitted, Val
 from lagoon.agent.memory import Memory
 from lagoon.agent.runner import RunResult, build_model, run_task, trajectory_path
 from lagoon.agent.session import SessionStore, session_id_for
+from lagoon.agent.summarizer import ModelSummarizer, Summary
+from lagoon.agent.token_counter import TokenCounter
 from lagoon.agent.workspace import Workspace
 
 __all__ = [
@@ -34,6 +37,9 @@ __all__ = [
     "SnapshotManager",
     "LocalEnvironment",
     "Memory",
+    "ModelSummarizer",
+    "Summary",
+    "TokenCounter",
     "SessionStore",
     "session_id_for",
     "Workspace",
