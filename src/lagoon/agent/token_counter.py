@@ -102,6 +102,8 @@ class TokenCounter:
     def probe_text(self, role: str, pieces: Sequence[str]) -> bool:
         """Check line additivity on the samples (first call) and on `pieces[0]`, `pieces[1]` (small,
         live); returns whether `joined` may count by pieces."""
+        if not self.additive:  # lists are counted whole: nothing to gain from line additivity
+            return False
         if self.text_additive is None:
             self.text_additive = all(self._line_additive(role, a, b) for a, b in _TEXT_SAMPLES)
         if self.text_additive and len(pieces) >= 2:
