@@ -31,3 +31,10 @@ def test_search_table_and_bad_repo(repo, tmp_path):
     assert out.exit_code == 0 and "Cache.evict_oldest" in out.output
     bad = runner.invoke(app, ["index", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "not a directory" in bad.output
+
+
+def test_search_files_ranks_files(repo):
+    out = runner.invoke(app, ["search", str(repo), "circle radius area", "--files", "-k", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    hits = json.loads(out.output)["hits"]
+    assert hits[0]["path"] == "pkg/geometry.py" and len({h["path"] for h in hits}) == len(hits) <= 2

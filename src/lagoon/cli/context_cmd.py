@@ -1,5 +1,6 @@
 """`lagoon index REPO` (build or update the retrieval index, with a progress bar) and
-`lagoon search REPO "query" -k 5 [--json]` (print path, lines, symbol and score per hit)."""
+`lagoon search REPO "query" -k 5 [--json] [--files]` (print path, lines, symbol and score per hit;
+with --files, the ranked files instead, each with its best chunk)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def search(
     rerank: Annotated[
         bool | None, typer.Option("--rerank/--no-rerank", help="Override context.rerank.")
     ] = None,
+    files: Annotated[
+        bool, typer.Option("--files", help="Rank files (BM25 only; test files left out) instead of chunks.")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Search REPO's index (updating it first): path, lines, symbol and score per hit."""
@@ -71,7 +75,13 @@ def search(
     if rerank is not None:
         cfg = cfg.model_copy(update={"rerank": rerank})
     cfg = cfg.model_copy(update={"lexical_candidates": max(cfg.lexical_candidates, k)})
-    hits = CodeRetriever(repo, cfg).candidates(query)[:k]
+    retriever = CodeRetriever(repo, cfg)
+    if files:
+        from lagoon.context.index import Hit
+
+        hits = [Hit(f.hits[0].chunk, f.score) for f in retriever.files(query, k)]
+    else:
+        hits = retriever.candidates(query)[:k]
     rows = [
         {
             "path": h.chunk.path,
