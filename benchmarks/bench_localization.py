@@ -12,7 +12,7 @@ with its extracted tree under --cache). The issue text is the query. Rankers, in
 - Lagoon BM25, file = best chunk: `CodeIndex` over the sdist (its default file selection), BM25's
   top chunks aggregated to `.py` files by their best chunk (the previous aggregation);
 - Lagoon `CodeRetriever.files` (BM25): the retriever's file ranking (decayed sum of a file's chunk
-  scores, files the issue names boosted);
+  scores), and the same with files the issue names boosted;
 - the same with MiniLM reranking BM25's top chunks first (with --rerank).
 
 Every Lagoon ranker leaves test files out (the gold file is never a test). Sdists that cannot be
@@ -158,10 +158,11 @@ def main() -> None:
         "whole-file BM25, tests left out",
         "Lagoon BM25, file = best chunk",
         "Lagoon CodeRetriever.files (BM25)",
+        "Lagoon files, named files boosted ×1.5",
     ]
     if args.rerank:
         methods.append("Lagoon files, BM25 + MiniLM rerank")
-    main_methods = [methods[0], methods[3]] + ([methods[4]] if args.rerank else [])
+    main_methods = [methods[0], methods[3]] + ([methods[5]] if args.rerank else [])
     hits_at = {m: {k: 0 for k in KS} for m in methods}
     per_repo: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0] * len(KS)))
     n_repo: dict[str, int] = defaultdict(int)
@@ -198,9 +199,12 @@ def main() -> None:
             methods[1]: [p for p in ref.rank(query, 200) if not is_test_path(p)][:top],
             methods[2]: files_by_best_chunk(pool, top),
             methods[3]: [f.path for f in rank_files(pool, top, query=query, suffixes=(".py",))],
+            methods[4]: [
+                f.path for f in rank_files(pool, top, query=query, suffixes=(".py",), path_boost=0.5)
+            ],
         }
         if args.rerank:
-            ranked[methods[4]] = reranked_files(rr, query, pool, top)
+            ranked[methods[5]] = reranked_files(rr, query, pool, top)
         n_repo[row["repo"]] += 1
         for m, files in ranked.items():
             for i, k in enumerate(KS):
