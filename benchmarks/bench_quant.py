@@ -1,6 +1,6 @@
 """Benchmark Lagoon's quantization schemes against fp32 in the same process.
 
-    .venv/bin/python benchmarks/bench_quant.py [--quick] [--skip-model] [--threads N]
+    .venv/bin/python benchmarks/bench_quant.py [--quick] [--skip-model] [--torchao] [--threads N]
 
 1. Linear level: y = x·Wᵀ with W 4096x4096 (2048 with --quick), decode M=1 and prefill M=256;
    fp32 and bf16 `F.linear` and every scheme's `QuantizedLinear`; int8 and w8a8 also at M=8 (the `_int_mm`
@@ -10,10 +10,13 @@
    token, fp32 experts vs quantized `QuantizedExperts`.
 3. Model level (the embedded SmolLM2-135M, loaded as fp32): greedy decode tok/s through
    `lagoon.engine.Engine`, weight bytes, and over the shipped held-out text mean KL, top-1
-   agreement and perplexity delta vs the fp32 model.
+   agreement and perplexity delta vs the fp32 model (all tokens dynamically scaled, as generated
+   tokens are). `w8a8+sq` is calibrated on the shipped calibration text with SmoothQuant (α 0.5).
 
-torchao is not installed here, so there is no torchao row. Timings on a shared 2-core machine are
-noisy: read ratios, not absolute numbers, and rerun when in doubt.
+`--torchao` adds torchao 0.18 rows (`Int8DynamicActivationInt8WeightConfig` and
+`Int8WeightOnlyConfig`, `torch.compile`d; the bench extra installs it) to the linear table; each
+compile takes 15-70 s on a 2-core CPU, so they are off by default. Timings on a shared 2-core
+machine are noisy: read ratios, not absolute numbers, and rerun when in doubt.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from lagoon.quant import QuantConfig, get_scheme, quantize_
 from lagoon.quant.linear import QuantizedLinear
 
 SCHEMES = ("int8", "w8a8", "int4", "fp8")
-HELDOUT = Path(__file__).resolve().parents[1] / "src" / "lagoon" / "quant" / "data" / "heldout.txt"
+DATA = Path(__file__).resolve().parents[1] / "src" / "lagoon" / "quant" / "data"
+HELDOUT = DATA / "heldout.txt"
+CALIBRATION = DATA / "calibration.txt"
 
 
 def timeit(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
@@ -59,7 +64,24 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 
 @torch.no_grad()
-def bench_linear(n: int, reps: int) -> None:
+def torchao_modules(lin: nn.Linear) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """torchao's int8 configs on a copy of `lin`, compiled; {} when torchao is not installed."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+        from torchao.quantization import quantize_ as ao_quantize_
+    except ImportError:
+        print("torchao is not installed (pip install -e '.[bench]'): no torchao rows")
+        return {}
+    out = {}
+    for name, cfg in (("torchao w8a8 compiled", Int8DynamicActivationInt8WeightConfig()),
+                      ("torchao int8wo compiled", Int8WeightOnlyConfig())):
+        m = nn.Sequential(copy.deepcopy(lin))
+        ao_quantize_(m, cfg)
+        out[name] = torch.compile(m)
+    return out
+
+
+def bench_linear(n: int, reps: int, with_torchao: bool = False) -> None:
     torch.manual_seed(0)
     lin = nn.Linear(n, n, bias=False)
     mods: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -69,6 +91,8 @@ def bench_linear(n: int, reps: int) -> None:
     for s in SCHEMES:
         q = QuantizedLinear.from_float(lin, get_scheme(s, 128))
         mods[f"{s}{' g128' if s == 'int4' else ''}"] = q
+    if with_torchao:
+        mods.update(torchao_modules(lin))
     rows = []
     for m in (1, 8, 256):
         x = torch.randn(m, n)
@@ -77,8 +101,11 @@ def bench_linear(n: int, reps: int) -> None:
         for name, f in mods.items():
             if m == 8 and name not in ("fp32 F.linear", "bf16 F.linear", "w8a8", "int8"):
                 continue
+            if isinstance(f, QuantizedLinear):
+                f.path_counts.clear()
             ms = timeit(lambda f=f, x=x: f(x), reps)
-            rows.append([f"{m}x{n}x{n}", name, f"{ms:.2f}", f"{base / ms:.2f}x", f"{rel(f(x), ref):.1e}"])
+            kernel = f" [{f.path_counts.most_common(1)[0][0]}]" if isinstance(f, QuantizedLinear) else ""
+            rows.append([f"{m}x{n}x{n}", name + kernel, f"{ms:.2f}", f"{base / ms:.2f}x", f"{rel(f(x), ref):.1e}"])
     table(f"Linear {n}x{n} (speedup vs fp32 in the same run)", ["M x K x N", "path", "ms", "speedup", "rel err"], rows)
 
 
@@ -119,6 +146,7 @@ def bench_model(new_tokens: int, max_text_tokens: int) -> None:
     from lagoon.engine import Engine, embedded_gguf_path
     from lagoon.engine.checkpoint import load_checkpoint
     from lagoon.engine.tokenizer import load_tokenizer
+    from lagoon.quant import calibrate
     from lagoon.quant.fidelity import text_fidelity
 
     path = embedded_gguf_path()
@@ -127,13 +155,24 @@ def bench_model(new_tokens: int, max_text_tokens: int) -> None:
     ids = torch.tensor(tok.encode(HELDOUT.read_text())[:max_text_tokens])
     prompt = tok.encode("def fibonacci(n):\n    ")
     rows = []
+    cal_ids = torch.tensor(tok.encode(CALIBRATION.read_text()))
+    cal = calibrate(ref, [cal_ids[i : i + 256].unsqueeze(0) for i in range(0, cal_ids.numel(), 256)])
     variants: list[tuple[str, QuantConfig | None]] = [("fp32", None)] + [
         (s, QuantConfig(scheme=s, group_size=32 if s == "int4" else 128)) for s in ("bf16", *SCHEMES)
     ]
+    variants.insert(4, ("w8a8+sq", QuantConfig(scheme="w8a8", smooth_alpha=0.5)))
+    ref_logits: dict[bytes, torch.Tensor] = {}
+
+    def ref_fn(inp: torch.Tensor) -> torch.Tensor:  # the fp32 logits are computed once per window
+        key = inp.numpy().tobytes()
+        if key not in ref_logits:
+            ref_logits[key] = ref(inp)
+        return ref_logits[key]
+
     for name, qc in variants:
         m = ref if qc is None else copy.deepcopy(ref)
         if qc is not None:
-            quantize_(m, qc)
+            quantize_(m, qc, calibration=cal if name.endswith("+sq") else None)
         eng = Engine(m, tok, name=name)
         params = eng.params(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         eng.complete(prompt, eng.params(max_new_tokens=2, temperature=0.0, ignore_eos=True))
@@ -143,7 +182,7 @@ def bench_model(new_tokens: int, max_text_tokens: int) -> None:
         if qc is None:
             fid = "—", "—", "—"
         else:
-            tf = text_fidelity(ref, m, ids, window=256)
+            tf = text_fidelity(ref_fn, m, ids, window=256)
             fid = f"{tf.mean_kl:.4f}", f"{100 * tf.top1_agreement:.1f}%", f"{tf.ppl_delta_pct:+.2f}%"
         rows.append([name, f"{tps:.1f}", f"{model_bytes(m) / 1e6:.0f}", *fid])
         print(f"  {name}: done", flush=True)
@@ -159,11 +198,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2048² linears, fewer reps, shorter texts")
     ap.add_argument("--skip-model", action="store_true", help="skip the embedded-model section")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--torchao", action="store_true", help="add compiled torchao rows to the linear table (slow to compile)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench_linear(2048 if a.quick else 4096, 5 if a.quick else 15)
+    bench_linear(2048 if a.quick else 4096, 5 if a.quick else 15, a.torchao)
     bench_moe(5 if a.quick else 15)
     if not a.skip_model:
         bench_model(8 if a.quick else 24, 256 if a.quick else 768)
