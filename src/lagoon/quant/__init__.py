@@ -11,8 +11,9 @@ Pieces:
 - one file per scheme — `int8` (weight-only, int8pack kernel), `w8a8` (`_int_mm`, per-token
   activations), `int4` (group-wise, int4pack kernel), `fp8` (e4m3; `_scaled_mm` on CUDA), `bf16`.
 - `linear.QuantizedLinear`, `experts.QuantizedExperts` (stacked MoE experts), `embedding`.
-- `policy` — token types and the `dynamic_threshold` rule; `calibrate` — per-layer and per-expert
-  ranges, starved experts; `fidelity` — SQNR per layer / expert, KL, top-1, perplexity;
+- `policy` — token types (the engine tags prompt tokens by source message, generated tokens as
+  reasoning) and the `dynamic_threshold` rule; `calibrate` — per-layer, per-channel and per-expert
+  ranges, starved experts; `smooth` — SmoothQuant factors for w8a8 / fp8; `fidelity` — SQNR per layer / expert, KL, top-1, perplexity;
   `checkpoint` — safetensors + quant.json.
 
 Routers and gates are never quantized by default. Not here: the MoE dispatch (`lagoon.moe`) or the
