@@ -1,8 +1,8 @@
 """Context engineering: what code matters for a task, and whether what the agent knows is still true.
 
-    files ──FileSet──▶ chunking (tree-sitter, per language) ──▶ CodeIndex (bm25s, incremental,
-    on disk under .lagoon/index/) ──▶ CodeRetriever (BM25 → MiniLM rerank → top-k within a token
-    budget) ──▶ ContextManager.create_snapshot (versioned, assumptions, file hashes, complexity)
+    files ──FileSet──▶ chunking (tree-sitter, per language) ──▶ CodeIndex (term counts in LSM
+    segments on disk under .lagoon/index/, BM25 with global statistics at query time) ──▶
+    CodeRetriever (BM25 → MiniLM rerank → top-k within a token budget; or `files()`) ──▶ ContextManager.create_snapshot (versioned, assumptions, file hashes, complexity)
                  ──▶ validate / increment_version / consumed-chunk TTL ──▶ SQLite audit trail
 
 Imports without torch: the rerank stage loads sentence-transformers only when it is first used.
@@ -10,7 +10,7 @@ Imports without torch: the rerank stage loads sentence-transformers only when it
 
 from lagoon.context.chunking import Chunk, chunk_file
 from lagoon.context.index import CodeIndex, Hit, UpdateStats
-from lagoon.context.retriever import CodeRetriever, render
+from lagoon.context.retriever import CodeRetriever, FileHit, render
 from lagoon.context.snapshot import ContextManager, Reason, Snapshot, ValidationReport
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "Hit",
     "UpdateStats",
     "CodeRetriever",
+    "FileHit",
     "render",
     "ContextManager",
     "Snapshot",
