@@ -234,9 +234,19 @@ class ExpertOffload:
         """Guess `layer`'s experts by running its router on `hidden` (already normed for it) and prefetch."""
         if not self.speculative or layer >= len(self.caches):
             return
-        idx = self.routers[layer](hidden.reshape(-1, hidden.shape[-1])).indices  # [T, k]
-        guess = self._top(torch.bincount(idx.reshape(-1), minlength=self.caches[layer].num_experts),
-                          self.caches[layer].capacity)
+        router, h = self.routers[layer], hidden.reshape(-1, hidden.shape[-1])  # [T, H]
+        if router.scoring == "softmax" and router.load_balance_weight == 0 and not router.n_group > 1 \
+                and not bool(router.e_score_correction_bias.any()):
+            # softmax is monotonic: the top-k logits are the router's choice (ties aside), for a
+            # fraction of the full router's cost — this runs once per layer per decode step
+            idx = F.linear(h, router.weight.to(h.dtype)).topk(router.top_k, dim=-1).indices  # [T, k]
+        else:
+            idx = router(h).indices  # [T, k]
+        if idx.shape[0] == 1:
+            guess = idx[0].tolist()[: self.caches[layer].capacity]
+        else:
+            guess = self._top(torch.bincount(idx.reshape(-1), minlength=self.caches[layer].num_experts),
+                              self.caches[layer].capacity)
         with self.cond:
             self.caches[layer].guess = set(guess)
         self._prefetch(layer, guess)
