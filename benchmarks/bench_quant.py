@@ -16,7 +16,8 @@
 `--torchao` adds torchao 0.18 rows (`Int8DynamicActivationInt8WeightConfig` and
 `Int8WeightOnlyConfig`, `torch.compile`d; the bench extra installs it) to the linear table; each
 compile takes 15-70 s on a 2-core CPU, so they are off by default. Timings on a shared 2-core
-machine are noisy: read ratios, not absolute numbers, and rerun when in doubt.
+machine are noisy: read ratios, not absolute numbers, and rerun when in doubt. The full default
+run took 10 min there (the model section ~7 of it): use `--skip-model` or `--quick` for a short one.
 """
 
 from __future__ import annotations
