@@ -12,6 +12,8 @@ This is *not* git: untracked files that no ignore rule matches are indexed too.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +22,31 @@ import pathspec
 from lagoon.config import ContextSection
 from lagoon.errors import WorkspaceError
 
-__all__ = ["FileSet", "FileStat", "read_text"]
+__all__ = ["FileSet", "FileStat", "ignore_matcher", "read_text"]
 
 _ALWAYS_EXCLUDED = (".lagoon/", ".git/")
 _SNIFF_BYTES = 8192
+
+
+Matcher = Callable[[str], bool]
+"""True when a normalised repo-relative path (directories end in '/') is ignored."""
+
+
+def ignore_matcher(lines: list[str]) -> Matcher | None:
+    """A gitignore matcher for `lines` (git's semantics, via `pathspec`), or None when they hold no
+    pattern. Without negations ("!pattern") a path is ignored when any pattern matches, so the
+    patterns are joined into one regular expression: one `match` per path instead of one per
+    pattern (the scan is the floor of every index update; this makes it ~2× faster). With
+    negations the order matters and pathspec decides."""
+    spec = pathspec.GitIgnoreSpec.from_lines(lines)
+    patterns = [p for p in spec.patterns if p.include is not None]
+    if not patterns:
+        return None
+    if all(p.include and p.regex is not None for p in patterns):
+        # pathspec names a group in every pattern; the names would clash once joined
+        joined = "|".join(f"(?:{re.sub(r'[(][?]P<[^>]+>', '(?:', p.regex.pattern)})" for p in patterns)
+        return re.compile(joined).match  # type: ignore[return-value]
+    return spec.match_file
 
 
 @dataclass(frozen=True)
@@ -38,22 +61,23 @@ class FileSet:
         if not self.repo.is_dir():
             raise WorkspaceError(f"{repo}: not a directory; pass the root of the repository to index")
         self.config = config
-        self._exclude = pathspec.GitIgnoreSpec.from_lines([*_ALWAYS_EXCLUDED, *config.exclude])
+        self._exclude = ignore_matcher([*_ALWAYS_EXCLUDED, *config.exclude])
+        assert self._exclude is not None
 
     @staticmethod
-    def _ignore_spec(directory: Path) -> pathspec.GitIgnoreSpec | None:
+    def _ignore_spec(directory: Path) -> Matcher | None:
         try:
             lines = (directory / ".gitignore").read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
             return None
-        return pathspec.GitIgnoreSpec.from_lines(lines) if lines else None
+        return ignore_matcher(lines)
 
     def scan(self) -> dict[str, FileStat]:
         """Repo-relative path → size and mtime of every candidate file, in walk order."""
         found: dict[str, FileStat] = {}
         # Each stack entry: a directory relative to the repo ('' or ending in '/') and the
         # .gitignore specs in force there, as (base directory, spec) pairs.
-        Active = tuple[tuple[str, pathspec.GitIgnoreSpec], ...]
+        Active = tuple[tuple[str, Matcher], ...]
         stack: list[tuple[str, Active]] = [("", ())]
         while stack:
             rel_dir, active = stack.pop()
@@ -72,7 +96,7 @@ class FileSet:
                     continue
                 is_dir = entry.is_dir()
                 probe = rel + "/" if is_dir else rel
-                if self._exclude.match_file(probe) or _ignored(active, probe):
+                if self._exclude(probe) or _ignored(active, probe):
                     continue
                 if is_dir:
                     subdirs.append(rel + "/")
@@ -99,8 +123,8 @@ def read_text(path: Path) -> str | None:
     return data.decode("utf-8", errors="replace")
 
 
-def _ignored(active: list[tuple[str, pathspec.GitIgnoreSpec]], rel: str) -> bool:
-    for base, spec in active:
-        if rel.startswith(base) and spec.match_file(rel[len(base) :]):
+def _ignored(active: tuple[tuple[str, Matcher], ...], rel: str) -> bool:
+    for base, match in active:
+        if rel.startswith(base) and match(rel[len(base) :]):
             return True
     return False
