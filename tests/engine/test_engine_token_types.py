@@ -115,3 +115,21 @@ def test_bad_prompt_types_are_refused(quant_engine) -> None:
         quant_engine.submit([5, 6, 7], params, [C, C])
     with pytest.raises(BadRequestError, match="TokenType"):
         quant_engine.submit([5, 6], params, [C, 9])
+
+
+def test_local_backend_passes_the_types_to_the_engine(quant_engine) -> None:
+    """The router's local backend tags its prompts too (not all context)."""
+    from lagoon.config import RouteSection
+    from lagoon.protocols import ChatMessage
+    from lagoon.routing.backends.local import LocalBackend
+
+    backend = LocalBackend(RouteSection(model="tiny", endpoint="local", max_tokens=2, temperature=0.0))
+    backend._engine = quant_engine
+    seen: list = []
+    real = quant_engine.complete
+    quant_engine.complete = lambda ids, params, types=None: seen.append(types) or real(ids, params, types)
+    try:
+        backend.chat([ChatMessage("system", "You list files."), ChatMessage("tool", "main.py\nREADME.md")])
+    finally:
+        del quant_engine.complete
+    assert seen and seen[0] is not None and TO in seen[0] and C in seen[0]

@@ -128,8 +128,10 @@ class LocalBackend:
     ) -> ChatResponse:
         from lagoon.engine.tokenizer import parse_tool_calls
 
-        ids = self._prompt_ids(messages, tools)
-        done = engine.complete(ids, engine.params(max_new_tokens=max_tokens, temperature=temperature))
+        rendered = [m.to_openai() for m in messages]
+        # typed by source message, so a quantized model scales tool output statically (lagoon.quant.policy)
+        ids, types = engine.chat_prompt_typed(rendered, [t.to_openai() for t in tools] or None)
+        done = engine.complete(ids, engine.params(max_new_tokens=max_tokens, temperature=temperature), types)
         content, calls = parse_tool_calls(done.text) if tools else (done.text, [])
         return ChatResponse(
             message=ChatMessage(role="assistant", content=content, tool_calls=tuple(calls)),
