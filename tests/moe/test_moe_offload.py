@@ -319,3 +319,23 @@ def test_a_failed_load_frees_its_slot():
         for x in inputs(12, [1, 1]):
             assert rel(prefetching(x), base(x)) <= TOL
     assert all(p == 0 for c in spec.caches for p in c.pins)
+
+
+def test_server_publishes_offload_gauges_and_close_stops_prefetch(moe_folder):
+    from fastapi.testclient import TestClient
+
+    from lagoon.engine.server.app import create_app
+
+    engine = engine_from_config(load_config(
+        f"engine.model={moe_folder}", "engine.precision=float32", "model_deployment.routing.total_experts=16",
+        "moe.offload.capacity=3", "moe.offload.tier=host"))
+    off = offload_of(engine.model)
+    try:
+        with TestClient(create_app(engine)) as client:
+            body = {"model": engine.name, "prompt": "hello there", "max_tokens": 80, "ignore_eos": True}
+            assert client.post("/v1/completions", json=body).status_code == 200
+            text = client.get("/metrics").text
+        assert 'lagoon_moe_offload_misses{model="' in text and "lagoon_moe_offload_hit_rate" in text
+    finally:
+        engine.close()
+    assert off._worker is None  # the engine closed its offloading (prefetch thread joined)

@@ -144,7 +144,13 @@ class Engine:
         )
 
     def close(self) -> None:
+        """Stop the scheduler, then any expert offloading (its prefetch thread and temporary store)."""
         self.scheduler.close()
+        from lagoon.moe.offload import offload_of
+
+        off = offload_of(self.model)
+        if off is not None:
+            off.close()
 
 
 def load_model(

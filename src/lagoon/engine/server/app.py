@@ -59,6 +59,11 @@ def create_app(engine: Engine, server: ServerSection | None = None, telemetry: T
 
         monitor = ExpertLoadMonitor(telemetry=telemetry).attach(engine.model)
     app.state.expert_monitor = monitor
+    if engine.args.is_moe:  # offloaded experts: hit rate, bytes moved, prefetch accuracy on /metrics
+        from lagoon.moe.offload import offload_of
+
+        if (off := offload_of(engine.model)) is not None:
+            off.attach_telemetry(telemetry, model=name)
 
     @app.middleware("http")
     async def _auth_and_count(request: Request, call_next: Callable) -> Response:
