@@ -471,7 +471,8 @@ class AgentSection(Section):
     """A bash command running longer is killed with its process group."""
 
     max_output_chars: int = Field(10000, ge=200)
-    """Command output beyond this is kept as head and tail with the cut marked."""
+    """Command output, and every tool result, beyond this many characters is kept as head and
+    tail with the cut marked (a view stops at whole lines and says where to continue)."""
 
     max_format_errors: int = Field(3, ge=1)
     """Malformed model replies tolerated in a row before the run fails."""

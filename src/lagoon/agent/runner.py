@@ -161,18 +161,19 @@ def run_task(
                 traj.apply(e["kind"], e["payload"])
             return _result(sid, traj, started, resumed=True, path=traj_file)
         model = model if model is not None else build_model(config, telemetry)
+        cap = config.agent.max_output_chars
         env = environment if environment is not None else LocalEnvironment(
-            ws.root, timeout_s=config.agent.command_timeout_s, max_output_chars=config.agent.max_output_chars,
+            ws.root, timeout_s=config.agent.command_timeout_s, max_output_chars=cap - BashTool.FOOTER_ROOM,
             redactor=redactor,
         )
         if retriever is None and snapshot_manager is None:
             retriever, snapshot_manager = _context_parts(ws.root, config, model)
             owned.append(snapshot_manager)
-        tools = [BashTool(env, timeout_s=config.agent.command_timeout_s), ViewTool(ws),
+        tools = [BashTool(env, timeout_s=config.agent.command_timeout_s), ViewTool(ws, max_chars=cap),
                  EditTool(ws, SessionLocks(store, sid))]
         if retriever is not None:
             tools.append(SearchTool(retriever, budget_tokens=config.context.token_budget))
-        toolbox = ToolBox([*tools, SubmitTool()])
+        toolbox = ToolBox([*tools, SubmitTool()], max_chars=cap)
         mem_cfg = config.model_deployment.memory
         window = getattr(model, "context_window", 0) or mem_cfg.context_budget
         system = _PROMPTS.get_template("system.j2").render(

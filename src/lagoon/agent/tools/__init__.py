@@ -7,14 +7,20 @@ read and correct; an unknown tool name is the loop's `FormatError`, not a tool's
 
 Tools carry state (cwd/env for bash, undo history for edit) through `state()` / `restore()` so the
 session can persist it.
+
+Every result leaves the box capped: its text and every string in its `meta` (a view's
+`file_state` repeats the text) are cut to `max_chars` (`agent.max_output_chars`) as head and tail.
+What leaves the box is what reaches the session store, the trajectory, exports and the prompt, so
+no tool can flood them whatever it read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from lagoon.agent.environment import cut_output
 from lagoon.errors import WorkspaceError
 from lagoon.protocols import ToolSpec
 
@@ -58,10 +64,11 @@ def require_str(arguments: Mapping[str, Any], key: str, tool: str) -> str:
 
 
 class ToolBox:
-    """The tools one run offers, by name."""
+    """The tools one run offers, by name; results capped at `max_chars` characters per string."""
 
-    def __init__(self, tools: Sequence[Tool]) -> None:
+    def __init__(self, tools: Sequence[Tool], *, max_chars: int = 10000) -> None:
         self.tools = {t.name: t for t in tools}
+        self.max_chars = max_chars
 
     def specs(self) -> list[ToolSpec]:
         return [t.spec for t in self.tools.values()]
@@ -73,11 +80,20 @@ class ToolBox:
                 f"unknown tool {name!r}; the tools are: {', '.join(self.tools)}"
             )
         try:
-            return tool.run(arguments)
+            out = tool.run(arguments)
         except (ToolArgumentError, WorkspaceError) as exc:
-            return ToolOutput(text=f"error: {exc}", ok=False)
+            out = ToolOutput(text=f"error: {exc}", ok=False)
         except OSError as exc:  # permission denied, disk full …: the model can react to it
-            return ToolOutput(text=f"error: {name} failed: {exc.strerror or exc} ({exc.filename or ''})", ok=False)
+            out = ToolOutput(text=f"error: {name} failed: {exc.strerror or exc} ({exc.filename or ''})", ok=False)
+        return self.cap(out)
+
+    def cap(self, out: ToolOutput) -> ToolOutput:
+        """`out` with its text and every string in its meta within `max_chars`."""
+        text, cut = cut_output(out.text, self.max_chars)
+        meta = _cap_value(dict(out.meta), self.max_chars)
+        if not cut and meta == out.meta:
+            return out
+        return replace(out, text=text, meta=meta)
 
     def state(self) -> dict[str, Any]:
         return {n: t.state() for n, t in self.tools.items() if hasattr(t, "state")}
@@ -87,3 +103,13 @@ class ToolBox:
             tool = self.tools.get(name)
             if tool is not None and hasattr(tool, "restore"):
                 tool.restore(sub)
+
+
+def _cap_value(value: Any, limit: int) -> Any:
+    if isinstance(value, str):
+        return cut_output(value, limit)[0]
+    if isinstance(value, Mapping):
+        return {k: _cap_value(v, limit) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cap_value(v, limit) for v in value)
+    return value

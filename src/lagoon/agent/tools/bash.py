@@ -13,6 +13,9 @@ __all__ = ["BashTool"]
 
 class BashTool:
     name = "bash"
+    FOOTER_ROOM = 32
+    """Characters the exit-code line adds; give the environment `max_output_chars` less this, so
+    the ToolBox cap never cuts a command's output a second time."""
     spec = ToolSpec(
         name="bash",
         description=(

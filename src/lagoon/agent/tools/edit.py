@@ -7,7 +7,9 @@
 
 Writes are atomic (temp file + rename, mode kept). Before the first edit of a path the tool takes
 the session's advisory lock on it (`locks.acquire`), so two sessions never edit one file at once.
-The undo history is part of the tool state the session persists (last `MAX_UNDO` per path).
+The undo history is part of the tool state the session persists (last `MAX_UNDO` per path). A file
+over `MAX_UNDO_CHARS` gets no undo copy (ten of them would flood memory and the session store): its
+history is dropped and the edit's reply says so.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ __all__ = ["EditTool", "LockKeeper", "write_atomic"]
 
 MAX_UNDO = 10
 SNIPPET_CONTEXT = 3
+SNIPPET_LINE_CHARS = 500  # 7 lines of at most this: a snippet never floods the prompt
+MAX_MATCH_LINES = 20
+MAX_UNDO_CHARS = 1_000_000
 
 
 class LockKeeper(Protocol):
@@ -102,14 +107,20 @@ class EditTool:
 
     def _commit(self, path: Path, rel: str, before: str | None, after: str, around: int) -> ToolOutput:
         write_atomic(path, after)
-        stack = self.history.setdefault(rel, [])
-        stack.append(before)
-        del stack[:-MAX_UNDO]
+        note = ""
+        if before is not None and len(before) > MAX_UNDO_CHARS:
+            # an older copy would now undo two edits at once: forget them all
+            self.history.pop(rel, None)
+            note = f" (no undo kept: the file has over {MAX_UNDO_CHARS} characters; use git to revert)"
+        else:
+            stack = self.history.setdefault(rel, [])
+            stack.append(before)
+            del stack[:-MAX_UNDO]
         lines = after.splitlines()
         lo = max(0, around - SNIPPET_CONTEXT)
         hi = min(len(lines), around + SNIPPET_CONTEXT + 1)
-        snippet = numbered(lines[lo:hi], lo + 1)
-        text = f"edited {rel}; lines {lo + 1}-{hi} now read:\n{snippet}"
+        snippet = numbered(lines[lo:hi], lo + 1, line_chars=SNIPPET_LINE_CHARS)
+        text = f"edited {rel}{note}; lines {lo + 1}-{hi} now read:\n{snippet}"
         return ToolOutput(text=text, files=(rel,), meta={"file_state": text, "edit": True})
 
     def _replace(self, path: Path, rel: str, arguments: Mapping[str, Any]) -> ToolOutput:
@@ -129,11 +140,12 @@ class EditTool:
             )
         if count > 1:
             starts, pos = [], text.find(old)
-            while pos != -1:
+            while pos != -1 and len(starts) < MAX_MATCH_LINES:
                 starts.append(text.count("\n", 0, pos) + 1)
                 pos = text.find(old, pos + 1)
+            more = ", …" if count > len(starts) else ""
             return ToolOutput(
-                text=f"error: old_str occurs {count} times in {rel} (lines {', '.join(map(str, starts))}); "
+                text=f"error: old_str occurs {count} times in {rel} (lines {', '.join(map(str, starts))}{more}); "
                 "nothing changed. Include more surrounding lines so it matches exactly once.",
                 ok=False,
             )

@@ -1,7 +1,11 @@
 """`view`: a file with line numbers (optionally a line range), or a folder's listing.
 
 Paths go through `Workspace.resolve` (no escapes through `..` or symlinks). A file view is also
-the file's latest state for mid-term memory (`meta["file_state"]`)."""
+the file's latest state for mid-term memory (`meta["file_state"]`).
+
+A view is bounded in characters as well as lines: a line longer than `MAX_LINE_CHARS` is cut
+(marked), and lines stop once the view would pass `max_chars` (`agent.max_output_chars`); the
+note then says where to continue. Files over `MAX_VIEW_BYTES` are refused (use bash: head, grep)."""
 
 from __future__ import annotations
 
@@ -16,12 +20,21 @@ __all__ = ["ViewTool", "numbered"]
 
 MAX_VIEW_LINES = 400
 MAX_LISTING = 200
+MAX_LINE_CHARS = 2000
+MAX_VIEW_BYTES = 64 * 1024 * 1024  # read whole (line numbers must match edit's splitlines)
 
 
-def numbered(lines: list[str], first: int) -> str:
-    """Lines prefixed with right-aligned 1-based numbers starting at `first`."""
+def clip_line(line: str, limit: int = MAX_LINE_CHARS) -> str:
+    """`line`, or its first `limit` characters with the rest counted."""
+    if len(line) <= limit:
+        return line
+    return f"{line[:limit]} [... {len(line) - limit} more characters on this line]"
+
+
+def numbered(lines: list[str], first: int, *, line_chars: int = MAX_LINE_CHARS) -> str:
+    """Lines prefixed with right-aligned 1-based numbers starting at `first`; long lines clipped."""
     width = len(str(first + len(lines) - 1))
-    return "\n".join(f"{i:>{width}}\t{line}" for i, line in enumerate(lines, start=first))
+    return "\n".join(f"{i:>{width}}\t{clip_line(line, line_chars)}" for i, line in enumerate(lines, start=first))
 
 
 class ViewTool:
@@ -43,8 +56,9 @@ class ViewTool:
         },
     )
 
-    def __init__(self, workspace: Workspace) -> None:
+    def __init__(self, workspace: Workspace, *, max_chars: int = 10000) -> None:
         self.workspace = workspace
+        self.max_chars = max_chars
 
     def run(self, arguments: Mapping[str, Any]) -> ToolOutput:
         path = self.workspace.resolve(require_str(arguments, "path", self.name))
@@ -56,6 +70,10 @@ class ViewTool:
             return ToolOutput(text=f"{rel}/\n" + "\n".join(entries[:MAX_LISTING]) + more)
         if not path.is_file():
             raise ToolArgumentError(f"view: {rel} does not exist; list its folder with view to find the name")
+        size = path.stat().st_size
+        if size > MAX_VIEW_BYTES:
+            return ToolOutput(text=f"{rel} is {size} bytes, too large to view; use bash (head, sed -n, grep)",
+                              ok=False)
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
@@ -67,9 +85,27 @@ class ViewTool:
                 f"view: range {start}-{end} is invalid for {rel} ({len(lines)} lines); use 1 ≤ start ≤ end"
             )
         end = min(end, len(lines), start + MAX_VIEW_LINES - 1)
-        body = numbered(lines[start - 1:end], start)
-        note = f"\n[lines {start}-{end} of {len(lines)}]" if (start, end) != (1, len(lines)) else ""
-        text = f"{rel}:\n{body}{note}"
+        header = f"{rel}:\n"
+        # room for the header and the longest note; a line never takes more than half of it
+        room = self.max_chars - len(header) - 120
+        line_chars = max(min(MAX_LINE_CHARS, room // 2), 40)
+        width = len(str(end))
+        rows: list[str] = []
+        used = 0
+        for i in range(start, end + 1):
+            row = f"{i:>{width}}\t{clip_line(lines[i - 1], line_chars)}"
+            if rows and used + len(row) + 1 > room:
+                break
+            rows.append(row)
+            used += len(row) + 1
+        shown_end = start + len(rows) - 1 if rows else end
+        note = ""
+        if shown_end < end:
+            note = (f"\n[lines {start}-{shown_end} of {len(lines)}; the view is capped at {self.max_chars} "
+                    f"characters: continue with start_line={shown_end + 1}]")
+        elif (start, end) != (1, len(lines)):
+            note = f"\n[lines {start}-{end} of {len(lines)}]"
+        text = header + "\n".join(rows) + note
         return ToolOutput(text=text, files=(rel,), meta={"file_state": text})
 
 
