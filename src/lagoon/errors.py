@@ -8,6 +8,7 @@ once, at the boundary that calls the library, with ``raise Ours(...) from exc``.
     LagoonError
     ├── FatalError                     — fix the input, config or environment; retrying won't help
     │   ├── ConfigError                — bad config file, key, type or value
+    │   │   └── MissingDependencyError — the config asks for an optional extra that is not installed
     │   ├── CheckpointError            — missing, truncated or mismatched model files
     │   ├── UnsupportedModelError      — a model family or feature Lagoon cannot run
     │   ├── QuantizationError          — a scheme that cannot apply to this model or device
@@ -34,6 +35,7 @@ __all__ = [
     "FatalError",
     "RetryableError",
     "ConfigError",
+    "MissingDependencyError",
     "CheckpointError",
     "UnsupportedModelError",
     "QuantizationError",
@@ -80,6 +82,14 @@ class RetryableError(LagoonError):
 
 class ConfigError(FatalError):
     """A config file, key, type or value is wrong; the message names the key and the fix."""
+
+
+class MissingDependencyError(ConfigError):
+    """A feature needs a package from an optional extra; the message says `pip install 'lagoon-agent[EXTRA]'`."""
+
+    def __init__(self, message: str, *, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra
 
 
 class CheckpointError(FatalError):

@@ -22,6 +22,7 @@ __all__ = [
     "Usage",
     "ChatResponse",
     "ChatModel",
+    "WindowReporting",
     "CommandResult",
     "Environment",
     "ChunkLike",
@@ -140,6 +141,14 @@ class ChatModel(Protocol):
 
     @property
     def context_window(self) -> int: ...
+
+
+@runtime_checkable
+class WindowReporting(Protocol):
+    """A backend that can say its context window is a guess (the route report carries the note)."""
+
+    window_note: str | None
+    """None when the window was configured or reported by the server; else why it was assumed."""
 
 
 @dataclass(frozen=True)

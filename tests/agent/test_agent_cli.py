@@ -38,6 +38,21 @@ def test_run_then_sessions_list_show_export_resume(repo, tmp_path):
     assert res.exit_code == 0 and json.loads(res.output)["submitted"]
 
 
+def test_run_fails_loudly_when_the_context_package_cannot_be_imported(repo, tmp_path, monkeypatch):
+    """A broken `lagoon.context` must not turn into "no retrieval, every validation passes"."""
+    import sys
+
+    script = tmp_path / "s.json"
+    script.write_text(json.dumps([{"tool": ["submit", {"summary": "done"}]}]))
+    args = ["run", "read the file", "--repo", str(repo), "--model", f"scripted:{script}", "-c", "context.rerank=false"]
+    for name in [m for m in sys.modules if m == "lagoon.context" or m.startswith("lagoon.context.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lagoon.context", None)  # `import lagoon.context` now raises ImportError
+    res = runner.invoke(app, args)
+    assert isinstance(res.exception, ImportError) and "lagoon.context" in str(res.exception), res.output
+    assert "submitted" not in res.output
+
+
 def test_max_steps_and_bad_input_exit_cleanly(repo, tmp_path):
     script = tmp_path / "s.json"
     script.write_text(json.dumps([{"bash": "true"}] * 5))

@@ -187,3 +187,17 @@ def test_moe_model_serves_expert_load_gauges(tmp_path):
         assert 'lagoon_moe_balancedness{layer="layers.0.mlp"}' in text or "lagoon_moe_balancedness{" in text
     finally:
         stop()
+
+
+def test_health_says_stopped_once_the_scheduler_stopped(tmp_path):
+    engine = load_model(save_tiny_model(tmp_path / "m", "llama"))
+    base, stop = start_test_server(engine)
+    try:
+        root = base.removesuffix("/v1")
+        assert httpx.get(f"{root}/health").status_code == 200
+        engine.scheduler.close()
+        r = httpx.get(f"{root}/health")
+        assert (r.status_code, r.json()["status"]) == (503, "stopped")
+    finally:
+        stop()
+        engine.close()

@@ -136,6 +136,30 @@ def test_context_window_from_route_or_models_endpoint(server):
     assert an(server).context_window == 200_000
 
 
+def test_an_assumed_context_window_is_logged_and_in_the_route_report(server, caplog):
+    import socket
+
+    from lagoon.config import load_config
+    from lagoon.routing import build_router
+
+    with socket.socket() as s:  # a port nothing listens on: GET /models is refused
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    caplog.set_level(logging.WARNING, logger="lagoon.routing")
+    b = OpenAICompatBackend(RouteSection(model="m", endpoint=f"http://127.0.0.1:{dead}/v1", timeout_s=0.3))
+    assert b.context_window == 8192
+    assert "assumed 8192" in b.window_note and "cannot connect" in b.window_note
+    assert "assumed 8192" in caplog.text
+    assert oa(server).window_note is None  # the server reported its window: nothing to say
+
+    server.window = None  # a server that answers but reports no window
+    cfg = load_config({"routing": {"fallback": False}})
+    router = build_router(cfg, backends={"retrieval_bound": oa(server), "reasoning_bound": oa(server)})
+    reply = router.chat(MSGS)
+    notes = reply.route["notes"]
+    assert len(notes) == 1 and "assumed 8192 (the server reported none)" in notes[0], notes
+
+
 def test_api_key_comes_from_the_named_variable_and_never_leaks(server, monkeypatch, caplog):
     secret = "sk-test-SECRET-0123456789"
     caplog.set_level(logging.DEBUG)

@@ -189,14 +189,12 @@ def _reason(reason: Any) -> str:
     return f"{code}: {message}" if code and message else str(reason)
 
 
-def context_file_hash(root: str | os.PathLike[str], context: Any) -> Callable[[str], str | None] | None:
+def context_file_hash(root: str | os.PathLike[str], context: Any) -> Callable[[str], str | None]:
     """The hash `lagoon.context.ContextManager` captures for a file (None: unreadable or binary),
-    for the gate's fast path; None when the context package is not installed."""
-    try:
-        from lagoon.context.chunking import content_hash
-        from lagoon.context.fileset import FileSet
-    except ImportError:
-        return None
+    for the gate's fast path."""
+    from lagoon.context.chunking import content_hash
+    from lagoon.context.fileset import FileSet
+
     files = FileSet(Path(root), context)
 
     def file_hash(path: str) -> str | None:

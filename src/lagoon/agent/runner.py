@@ -89,22 +89,15 @@ def trajectory_path(workspace: Path, config: LagoonConfig, session_id: str) -> P
 
 
 def build_model(config: LagoonConfig, telemetry: Any = None) -> ChatModel:
-    """The router over the configured backends (imported lazily: routing may pull in SDKs)."""
-    try:
-        from lagoon.routing import build_router
-    except ImportError as exc:
-        raise ConfigError(
-            f"the routing package is not available ({exc}); pass a model explicitly (e.g. --model scripted:FILE)"
-        ) from exc
+    """The router over the configured backends (imported lazily: routing pulls in the provider SDKs)."""
+    from lagoon.routing import build_router
+
     return build_router(config, telemetry)
 
 
 def _context_parts(root: Path, config: LagoonConfig, model: ChatModel) -> tuple[Any, Any]:
     """The context package's retriever (counting in the model's tokens) and snapshot manager."""
-    try:
-        from lagoon.context import CodeRetriever, ContextManager
-    except ImportError:  # a build without the context package: no retrieval, nothing to validate
-        return None, None
+    from lagoon.context import CodeRetriever, ContextManager
 
     def count(text: str) -> int:
         return model.count_tokens([ChatMessage(role="user", content=text)])

@@ -57,6 +57,10 @@ def serve(
     config: ConfigOpt = None,
 ) -> None:
     """Serve the model over the OpenAI-compatible API (chat, completions, models, health, metrics)."""
+    from lagoon.extras import require
+
+    for module in ("fastapi", "uvicorn", "sse_starlette"):  # before the model loads, not after
+        require(module, "lagoon serve")
     from lagoon.engine.engine import engine_from_config
     from lagoon.engine.server import serve as run
     from lagoon.telemetry import Telemetry

@@ -106,6 +106,11 @@ class Scheduler:
         self._thread.join(timeout=10)
 
     @property
+    def running(self) -> bool:
+        """Whether the worker still decodes (False once closed, or if its thread died)."""
+        return not self._stop and self._thread.is_alive()
+
+    @property
     def load(self) -> int:
         return self.waiting.qsize() + len(self.pending) + len(self.active)
 

@@ -30,6 +30,7 @@ from lagoon.config import LagoonConfig
 from lagoon.errors import ConfigError, TaskSpecError
 from lagoon.eval.tasks import Task, load_suite, parse_date
 from lagoon.eval.trial import AGENTS, ModelFactory, is_held_out, run_trial
+from lagoon.extras import require
 
 __all__ = [
     "run_suite",
@@ -71,13 +72,7 @@ class RayExecutor:
     """Trials as Ray tasks: joins the cluster in RAY_ADDRESS, or starts a local one."""
 
     def __init__(self, workers: int = 1) -> None:
-        try:
-            import ray
-        except ImportError as exc:
-            raise ConfigError(
-                "eval.executor=ray needs Ray, which is not installed; pip install 'lagoon-agent[ray]' "
-                "or use --executor local"
-            ) from exc
+        ray = require("ray", "eval.executor=ray (or use --executor local)")
         self.ray = ray
         if not ray.is_initialized():
             ray.init(

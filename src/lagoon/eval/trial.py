@@ -124,10 +124,8 @@ def _agent_oracle(task: Task, sandbox: Sandbox, config: LagoonConfig, result: di
 
 
 def _agent_lagoon(task: Task, sandbox: Sandbox, config: LagoonConfig, result: dict, model: Any) -> None:
-    try:
-        from lagoon.agent import run_task
-    except ImportError as exc:
-        raise TaskSpecError(f"agent 'lagoon' is unavailable: lagoon.agent cannot be imported ({exc})") from exc
+    from lagoon.agent import run_task
+
     cfg = config.model_copy(deep=True)
     cfg.agent.time_limit_s = task.agent_timeout_s or config.eval.task_timeout_s
     agent_env = replace(sandbox, state_dir=sandbox.root.parent / "shell-state")

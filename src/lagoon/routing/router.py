@@ -14,7 +14,8 @@ Per `chat` call:
    1.5)); a `Retry-After` from the peer replaces the backoff, unless it exceeds
    `routing.max_retry_after_s`, when the router falls back at once. A fatal error moves straight on.
 4. The reply's `backend` is the route key that answered; `route` tells the story: classification,
-   chosen route, attempts, retries, fallbacks with reasons.
+   chosen route, attempts, retries, fallbacks with reasons, and `notes` (e.g. a context window the
+   backend had to assume because the server would not say).
 
 When nothing answers: every backend too small → `ContextWindowExceededError` (the agent can trim);
 only open breakers → `CircuitOpenError` (retry later); otherwise `NoBackendAvailableError` with the
@@ -53,6 +54,7 @@ from lagoon.protocols import (
     Classifier,
     TaskType,
     ToolSpec,
+    WindowReporting,
 )
 from lagoon.routing.backends.base import estimate_tokens
 from lagoon.routing.breaker import BreakerState, CircuitBreaker
@@ -187,6 +189,7 @@ class Router:
             "attempts": [],
             "retries": 0,
             "fallbacks": [],
+            "notes": [],
         }
         reasons: list[tuple[str, LagoonError | None]] = []
         for i, key in enumerate(order):
@@ -226,6 +229,8 @@ class Router:
             except LagoonError as exc:
                 attempts.append({"backend": key, "outcome": type(exc).__name__, "reason": str(exc)})
                 return None, f"unusable:{type(exc).__name__}", exc
+            if attempt == 0 and isinstance(backend, WindowReporting) and backend.window_note:
+                report["notes"].append(f"{key}: {backend.window_note}")
             if needed > window:
                 attempts.append({"backend": key, "outcome": "skipped", "reason": "context_window", "needed": needed, "window": window})
                 err = ContextWindowExceededError(

@@ -129,8 +129,11 @@ def create_app(engine: Engine, server: ServerSection | None = None, telemetry: T
                                             "owned_by": "lagoon", "max_model_len": engine.max_seq_len}]}
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "queued": engine.scheduler.load}
+    async def health() -> JSONResponse:
+        # A stopped scheduler answers nothing: a load balancer must see 503, not "ok".
+        running = engine.scheduler.running
+        return JSONResponse({"status": "ok" if running else "stopped", "model": name,
+                             "queued": engine.scheduler.load}, status_code=200 if running else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -51,6 +52,8 @@ __all__ = [
     "cost_usd",
     "RemoteBackend",
 ]
+
+log = logging.getLogger("lagoon.routing")
 
 PROVIDERS = ("openai_compat", "anthropic", "local")
 
@@ -152,6 +155,8 @@ class RemoteBackend:
         self.telemetry = telemetry or Telemetry()
         self.base_url = split_endpoint(route.endpoint, self.provider)
         self._window = route.context_window
+        self.window_note: str | None = None
+        """Set when the context window is a fallback guess, saying why (the route report carries it)."""
         self._lock = threading.Lock()
         self._cached: tuple[str, Any] | None = None
 
@@ -178,7 +183,16 @@ class RemoteBackend:
     @property
     def context_window(self) -> int:
         if self._window is None:
-            self._window = self._discover_window() or _DEFAULT_WINDOW
+            try:
+                found = self._discover_window()
+                why = "the server reported none"
+            except LagoonError as exc:
+                found, why = None, f"discovery failed: {exc}"
+            if found is None:
+                self.window_note = (f"context window assumed {_DEFAULT_WINDOW} ({why}); "
+                                    "set the route's context_window")
+                log.warning("%s: %s", self.name, self.window_note)
+            self._window = found or _DEFAULT_WINDOW
         return self._window
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
@@ -227,6 +241,7 @@ class RemoteBackend:
         raise NotImplementedError
 
     def _discover_window(self) -> int | None:
+        """The server's context window; None when it reports none (a LagoonError when asking failed)."""
         return None
 
     def __repr__(self) -> str:

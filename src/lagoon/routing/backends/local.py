@@ -20,7 +20,6 @@ from dataclasses import replace
 from typing import Any
 
 from lagoon.config import EngineSection, RouteSection
-from lagoon.errors import ConfigError
 from lagoon.protocols import ChatMessage, ChatResponse, ToolSpec, Usage
 from lagoon.routing.backends.base import cost_usd, estimate_tokens
 from lagoon.telemetry import Telemetry
@@ -39,14 +38,8 @@ def _shared_engine(source: str, config: EngineSection, backend: str) -> Any:
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            try:
-                from lagoon.engine import load_model
-            except ImportError as exc:
-                raise ConfigError(
-                    f"{backend}: the in-process engine is not available ({exc}); install Lagoon with its "
-                    "torch dependencies, or point the route's endpoint at a `lagoon serve` URL "
-                    "(http://127.0.0.1:8000/v1)"
-                ) from exc
+            from lagoon.engine import load_model
+
             engine = _ENGINES[key] = load_model(source, config=config)
         return engine
 

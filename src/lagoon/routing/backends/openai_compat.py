@@ -11,7 +11,8 @@ that need none. Every SDK/httpx error is translated here, once, into `lagoon.err
 
 The context window is the route's `context_window`, else what `GET /models` reports
 (`max_model_len` from vLLM/`lagoon serve`, `context_length`, llama.cpp's `meta.n_ctx_train`), else
-8192; the lookup is made once and its result (or its failure) cached.
+8192 — logged, and said in the route report (`notes`); the lookup is made once and its result (or
+its failure) cached.
 
 This is *not* a streaming client: replies are read whole.
 """
@@ -151,8 +152,8 @@ class OpenAICompatBackend(RemoteBackend):
             key = api_key_from_env(self.route, self.name)
             client = self._client(key).with_options(timeout=min(5.0, self.route.timeout_s))
             models = client.models.list().data
-        except Exception:  # discovery is best effort; the default window applies
-            return None
+        except openai.OpenAIError as exc:  # the caller logs it and puts it in the route report
+            raise translate_openai_error(exc, self.name, self.route.api_key_env) from exc
         for m in models:
             if m.id != self.route.model and len(models) > 1:
                 continue
