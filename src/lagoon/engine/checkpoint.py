@@ -15,7 +15,9 @@ dequantized in bf16. This module does *not* download anything.
 from __future__ import annotations
 
 import json
+import math
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,51 +40,100 @@ _ST_DTYPES = {
 }
 
 
-def _check_safetensors(path: Path) -> dict[str, Any]:
-    """Parse a safetensors header and verify every tensor lies inside the file."""
+_MAX_HEADER = 100 * 1024 * 1024  # what the safetensors library itself accepts
+
+
+@dataclass(frozen=True)
+class _StEntry:
+    """One tensor of a safetensors header, validated: its bytes lie inside the file and match its shape."""
+
+    name: str
+    dtype: torch.dtype
+    width: int
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _check_safetensors(path: Path) -> tuple[int, list[_StEntry]]:
+    """Parse and fully validate a safetensors header: (bytes before the data, its tensors).
+
+    Any malformed part (not JSON, not an object, an entry without `dtype`/`shape`/`data_offsets`,
+    begin > end, bytes past the end, a shape that does not match its byte range) raises
+    `CheckpointError` naming the tensor, so a hostile file never reaches torch."""
     size = path.stat().st_size
     try:
         with path.open("rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > size - 8:
                 raise CheckpointError(f"{path}: header is cut off (file truncated); re-download or re-save it")
+            if n > _MAX_HEADER:
+                raise CheckpointError(f"{path}: header of {n} bytes is larger than any real one; re-save the checkpoint")
             header = json.loads(f.read(n))
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not a safetensors file ({exc}); re-save the checkpoint") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object; re-save the checkpoint"
+        )
     data_len = size - 8 - n
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = meta["data_offsets"]
-        if end > data_len:
-            raise CheckpointError(
-                f"tensor {name!r} in {path.name} needs bytes {begin}..{end} but the file holds {data_len}: "
-                "the file is truncated; re-download or re-save it"
-            )
-    return header
+    entries = [_st_entry(path, name, meta, data_len) for name, meta in header.items() if name != "__metadata__"]
+    return 8 + n, entries
+
+
+def _st_entry(path: Path, name: str, meta: Any, data_len: int) -> _StEntry:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"tensor {name!r} in {path.name}: {what}; the file is corrupt, re-save the checkpoint")
+
+    if not isinstance(meta, dict):
+        raise bad(f"its header entry is a JSON {type(meta).__name__}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in meta:
+            raise bad(f"its header entry has no {key!r}")
+    dtype_name = meta["dtype"]
+    if not isinstance(dtype_name, str) or dtype_name not in _ST_DTYPES:
+        raise CheckpointError(
+            f"tensor {name!r} in {path.name} has unsupported dtype {dtype_name!r}; Lagoon reads {', '.join(_ST_DTYPES)}"
+        )
+    dtype, width = _ST_DTYPES[dtype_name]
+    shape, offsets = meta["shape"], meta["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise bad(f"data_offsets {offsets!r} is not [begin, end] (non-negative integers)")
+    begin, end = offsets
+    if begin > end:
+        raise bad(f"data_offsets begin {begin} is past end {end}")
+    if end > data_len:
+        raise CheckpointError(
+            f"tensor {name!r} in {path.name} needs bytes {begin}..{end} but the file holds {data_len}: "
+            "the file is truncated; re-download or re-save it"
+        )
+    numel = math.prod(shape)
+    if numel * width != end - begin:
+        raise bad(f"shape {shape} of {dtype_name} needs {numel * width} bytes but data_offsets span {end - begin}")
+    return _StEntry(name, dtype, width, tuple(shape), begin, end)
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Memory-map one safetensors file into tensors (views of the mapped file, no copy)."""
-    header = _check_safetensors(path)
-    n = 8 + struct.unpack("<Q", path.open("rb").read(8))[0]
+    n, entries = _check_safetensors(path)
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
     out: dict[str, torch.Tensor] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if meta["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"tensor {name!r} in {path.name} has unsupported dtype {meta['dtype']}")
-        dtype, width = _ST_DTYPES[meta["dtype"]]
-        begin, end = meta["data_offsets"]
-        shape = meta["shape"]
-        numel = (end - begin) // width
-        start = n + begin
-        if start % width == 0:
-            t = torch.tensor([], dtype=dtype).set_(storage, start // width, (numel,))
+    for e in entries:
+        numel = (e.end - e.begin) // e.width
+        start = n + e.begin
+        if numel == 0:
+            t = torch.empty(0, dtype=e.dtype)
+        elif start % e.width == 0:
+            t = torch.tensor([], dtype=e.dtype).set_(storage, start // e.width, (numel,))
         else:  # unaligned (old writers): copy this one tensor
-            t = torch.frombuffer(bytearray(bytes(storage[start : n + end])), dtype=dtype)
-        out[name] = t.view(shape)
+            t = torch.frombuffer(bytearray(bytes(storage[start : n + e.end])), dtype=e.dtype)
+        out[e.name] = t.view(e.shape)
     return out
 
 
@@ -91,8 +142,10 @@ def _hf_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index} is malformed ({exc}); re-save the checkpoint") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names; re-save the checkpoint")
         files = sorted(set(weight_map.values()))
         for name in files:
             if not (folder / name).is_file():
