@@ -72,7 +72,7 @@ def test_bad_specs_name_file_and_field_and_rest_loads(starter, tmp_path):
     assert "bad-toml/task.toml: invalid TOML" in text
     assert "field 'max_agent_timeout_sec'" in text
     assert "instances.jsonl:2: field 'base_commit'" in text
-    assert "instances.jsonl:3: not valid JSON" in text
+    assert "instances.jsonl:3: not JSON" in text
 
 
 def test_swe_repo_without_mirror_is_a_spec_error(starter, tmp_path):

@@ -14,8 +14,6 @@ many replies the session already holds (model steps plus model-written memory su
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from lagoon.agent.tools.submit import SubmitTool
 from lagoon.agent.tools.view import ViewTool
 from lagoon.agent.trajectory import Trajectory
 from lagoon.agent.workspace import Workspace
+from lagoon.atomic import write_json_atomic
 from lagoon.config import LagoonConfig
 from lagoon.errors import ConfigError
 from lagoon.protocols import ChatMessage, ChatModel, Environment, Retriever
@@ -115,10 +114,7 @@ def fresh_for_s(config: LagoonConfig) -> float:
 
 
 def _save_trajectory(store: SessionStore, session_id: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(store.export(session_id), indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, store.export(session_id), indent=1, ensure_ascii=False)
 
 
 def run_task(

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from lagoon.atomic import write_atomic
 from lagoon.cli.common import ConfigOpt, exits_cleanly, load
 
 sessions_app = typer.Typer(help="Inspect, resume and export agent sessions.", no_args_is_help=True)
@@ -218,4 +219,4 @@ def export(
     if output is None:
         typer.echo(text)
     else:
-        output.write_text(text, encoding="utf-8")
+        write_atomic(output, text)

@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from lagoon.atomic import write_json_atomic
 from lagoon.cli.common import ConfigOpt, exits_cleanly, load
 
 app = typer.Typer(help="Sparse MoE: benchmark, expert placement, load-balance simulation, model info.", no_args_is_help=True)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _read_loads(path: Path) -> list[list[float]]:
@@ -76,7 +68,7 @@ def placement(
     Console().print(table)
     typer.echo(f"balancedness: naive {plan.balancedness_before:.3f} -> planned {plan.balancedness_after:.3f}")
     if out is not None:
-        _write_json(out, plan.to_json())
+        write_json_atomic(out, plan.to_json())
         typer.echo(f"wrote {out}")
 
 
@@ -123,7 +115,7 @@ def simulate(
     if plot is not None:
         typer.echo(f"wrote {monitor.plot(plot)}")
     if json_out is not None:
-        _write_json(json_out, snap)
+        write_json_atomic(json_out, snap)
         typer.echo(f"wrote {json_out}")
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lagoon.atomic import write_atomic
 from lagoon.config import ContextSection
 from lagoon.context.bm25 import SegmentedBM25
 from lagoon.context.chunking import Chunk, chunk_file, content_hash
@@ -430,6 +431,4 @@ def _write_manifest(folder: Path, config: ContextSection, files: dict[str, _File
             p: [r.hash, r.size, r.mtime_ns, index_of[r.segment], r.first, r.n] for p, r in files.items()
         },
     }
-    tmp = folder / f"{MANIFEST}.{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, folder / MANIFEST)
+    write_atomic(folder / MANIFEST, json.dumps(manifest))

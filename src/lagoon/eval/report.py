@@ -14,20 +14,13 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lagoon.atomic import write_atomic
+
 __all__ = ["write_report", "render_html", "plots"]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _png(fig) -> str:
@@ -157,6 +150,6 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary_path, report_path = out / "summary.json", out / "report.html"
-    _atomic_write(summary_path, json.dumps(summary, indent=2, sort_keys=True, default=list) + "\n")
-    _atomic_write(report_path, render_html(results, summary, title))
+    write_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True, default=list) + "\n")
+    write_atomic(report_path, render_html(results, summary, title))
     return summary_path, report_path

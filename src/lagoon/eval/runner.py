@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -26,11 +25,13 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from lagoon.atomic import write_atomic
 from lagoon.config import LagoonConfig
 from lagoon.errors import ConfigError, TaskSpecError
 from lagoon.eval.tasks import Task, load_suite, parse_date
 from lagoon.eval.trial import AGENTS, ModelFactory, is_held_out, run_trial
 from lagoon.extras import require
+from lagoon.jsonl import JsonlRead, read_jsonl
 
 __all__ = [
     "run_suite",
@@ -145,21 +146,11 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     """Rows of a results.jsonl; a torn last line (a killed run) is dropped and the file repaired."""
     if not path.is_file():
         return []
-    rows, bad = [], False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-            if isinstance(row, dict) and "task_id" in row:
-                rows.append(row)
-                continue
-        except json.JSONDecodeError:
-            pass
-        bad = bad or bool(line.strip())
-    if bad or (path.stat().st_size and not path.read_bytes().endswith(b"\n")):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        os.replace(tmp, path)
+    seen = JsonlRead()
+    read = [row for _, row in read_jsonl(path, torn_ok=True, stats=seen)]
+    rows = [row for row in read if "task_id" in row]
+    if seen.bad or seen.torn or len(rows) < len(read):
+        write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return rows
 
 

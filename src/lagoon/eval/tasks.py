@@ -31,6 +31,7 @@ from typing import Any, Literal
 import yaml
 
 from lagoon.errors import TaskSpecError
+from lagoon.jsonl import read_jsonl
 
 __all__ = ["Task", "SweInstance", "Suite", "load_suite", "parse_date"]
 
@@ -288,17 +289,8 @@ def _swe_tasks(jsonl: Path, errors: list[TaskSpecError]) -> list[Task]:
         return []
     built: dict[str, Path] = {}
     tasks = []
-    for lineno, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{jsonl}:{lineno}"
+    for where, row in read_jsonl(jsonl, error=TaskSpecError, errors=errors):
         try:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskSpecError(f"{where}: not valid JSON ({exc.msg}); one instance object per line") from None
-            if not isinstance(row, dict):
-                raise TaskSpecError(f"{where}: expected a JSON object per line")
             for key in ("instance_id", "repo", "base_commit", "problem_statement", "test_patch"):
                 if not isinstance(row.get(key), str) or not row[key]:
                     raise TaskSpecError(f"{where}: field '{key}' is missing or not a string")

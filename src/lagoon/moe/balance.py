@@ -25,8 +25,6 @@ Not here: changing routing (`lagoon.moe.router`) or placing experts (`lagoon.moe
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from lagoon.atomic import atomic_path
 
 __all__ = ["ExpertLoadMonitor", "load_stats"]
 
@@ -195,15 +195,9 @@ class ExpertLoadMonitor:
         ax.set_title(f"expert load / even share (window {self.window})")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-        os.close(fd)
         try:
-            fig.savefig(tmp, format="png", dpi=100)
-            os.replace(tmp, path)
+            with atomic_path(path, suffix=".png") as tmp:
+                fig.savefig(tmp, format="png", dpi=100)
         finally:
             plt.close(fig)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path

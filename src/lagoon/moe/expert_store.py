@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from lagoon.atomic import atomic_path
 from lagoon.errors import CheckpointError, ConfigError
 
 __all__ = ["ExpertStore", "HostStore", "DiskStore", "STORE_TIERS", "make_store"]
@@ -104,14 +103,8 @@ class DiskStore:
             for e in range(gu.shape[0]):
                 tensors[f"{li}.{e}.gate_up"] = gu[e].detach().cpu().contiguous()
                 tensors[f"{li}.{e}.down"] = down[e].detach().cpu().contiguous()
-        fd, tmp = tempfile.mkstemp(suffix=".safetensors.tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": "pt", "lagoon": "expert-store-v1"})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "lagoon": "expert-store-v1"})
         return path
 
     def read_into(self, layer: int, expert: int, gate_up_out: torch.Tensor, down_out: torch.Tensor) -> int:

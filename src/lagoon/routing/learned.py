@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,8 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from lagoon.atomic import atomic_path
 from lagoon.config import ClassificationSection
 from lagoon.errors import ConfigError
+from lagoon.jsonl import read_jsonl
 from lagoon.protocols import Classification, TaskType
 from lagoon.routing.classify import (
     REASONING_CAPABILITIES,
@@ -74,32 +75,24 @@ def load_rows(path: str | Path) -> list[LabelledPrompt]:
     if not p.is_file():
         raise ConfigError(f"{p}: no such file; pass a JSONL file of labelled prompts")
     rows: list[LabelledPrompt] = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{p}:{n}: not JSON ({exc.msg}); write one JSON object per line") from None
-        if not isinstance(obj, dict):
-            raise ConfigError(f"{p}:{n}: expected a JSON object with 'prompt' and 'label'")
+    for where, obj in read_jsonl(p, error=ConfigError):
         prompt = obj.get("prompt", obj.get("instruction"))
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ConfigError(f"{p}:{n}: missing 'prompt' (or 'instruction') text")
+            raise ConfigError(f"{where}: missing 'prompt' (or 'instruction') text")
         if "label" in obj:
             try:
                 label = TaskType(str(obj["label"]).upper())
             except ValueError:
                 raise ConfigError(
-                    f"{p}:{n}: label {obj['label']!r} is not RETRIEVAL_BOUND or REASONING_BOUND"
+                    f"{where}: label {obj['label']!r} is not RETRIEVAL_BOUND or REASONING_BOUND"
                 ) from None
         elif isinstance(obj.get("open_weight_solved"), bool):
             label = TaskType.RETRIEVAL_BOUND if obj["open_weight_solved"] else TaskType.REASONING_BOUND
         else:
-            raise ConfigError(f"{p}:{n}: give a 'label' or an eval result's boolean 'open_weight_solved'")
+            raise ConfigError(f"{where}: give a 'label' or an eval result's boolean 'open_weight_solved'")
         ctx = obj.get("context_size", 0)
         if not isinstance(ctx, int) or ctx < 0:
-            raise ConfigError(f"{p}:{n}: context_size must be a non-negative integer (characters)")
+            raise ConfigError(f"{where}: context_size must be a non-negative integer (characters)")
         group = obj.get("template", obj.get("group", obj.get("repo")))
         rows.append(LabelledPrompt(prompt, label, ctx, None if group is None else str(group)))
     if len({r.label for r in rows}) < 2:
@@ -264,15 +257,8 @@ class LearnedClassifier:
         import joblib
 
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(out) as tmp:
             joblib.dump({"meta": self.meta, "features": self.features, "model": self.model, "threshold": self.threshold}, tmp)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return out
 
     @classmethod

@@ -14,8 +14,6 @@ history is dropped and the edit's reply says so.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,9 +21,10 @@ from typing import Any, Protocol
 from lagoon.agent.tools import ToolArgumentError, ToolOutput, require_str
 from lagoon.agent.tools.view import numbered
 from lagoon.agent.workspace import Workspace
+from lagoon.atomic import write_atomic
 from lagoon.protocols import ToolSpec
 
-__all__ = ["EditTool", "LockKeeper", "write_atomic"]
+__all__ = ["EditTool", "LockKeeper"]
 
 MAX_UNDO = 10
 SNIPPET_CONTEXT = 3
@@ -38,21 +37,6 @@ class LockKeeper(Protocol):
     def acquire(self, path: str) -> None:
         """Take (or re-take) the advisory lock on `path`; WorkspaceError when another session holds it."""
         ...
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o7777 if path.exists() else None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class EditTool:
@@ -106,7 +90,7 @@ class EditTool:
             raise ToolArgumentError(f"edit: {rel} is not UTF-8 text and cannot be edited here") from None
 
     def _commit(self, path: Path, rel: str, before: str | None, after: str, around: int) -> ToolOutput:
-        write_atomic(path, after)
+        write_atomic(path, after, keep_mode=True)
         note = ""
         if before is not None and len(before) > MAX_UNDO_CHARS:
             # an older copy would now undo two edits at once: forget them all
@@ -182,7 +166,7 @@ class EditTool:
         if before is None:
             path.unlink(missing_ok=True)
             return ToolOutput(text=f"undid the creation of {rel} (file removed)", files=(rel,), meta={"edit": True})
-        write_atomic(path, before)
+        write_atomic(path, before, keep_mode=True)
         return ToolOutput(text=f"reverted {rel} to its state before the last edit", files=(rel,), meta={"edit": True})
 
     def state(self) -> dict[str, Any]:
