@@ -74,3 +74,49 @@ def test_profile_from_config_and_clean_errors(tiny_dense, tmp_path) -> None:
     assert r.exit_code == 2 and "valid: int8" in r.output
     r = runner.invoke(app, ["quant", "fidelity", "--model", str(tiny_moe), "--quantized", str(tmp_path)])
     assert r.exit_code == 2 and "quant.json is missing" in r.output
+
+
+def test_w8a8_calibrates_by_default_and_says_when_it_does_not(tiny_dense, tmp_path) -> None:
+    r = runner.invoke(app, ["quantize", "--model", str(tiny_dense), "--scheme", "w8a8", "--out", str(tmp_path / "cal")])
+    assert r.exit_code == 0, r.output
+    assert "UNCALIBRATED" not in r.output and "calibrated on" in r.output and "calibration.txt" in r.output
+    meta = json.loads((tmp_path / "cal" / "quant.json").read_text())
+    assert meta["calibrated"] is True and meta["calibration"].endswith("calibration.txt")
+    r = runner.invoke(app, ["quantize", "--model", str(tiny_dense), "--scheme", "w8a8", "--no-calibration", "--out", str(tmp_path / "dyn")])
+    assert r.exit_code == 0, r.output
+    assert "UNCALIBRATED" in r.output and "drop --no-calibration" in r.output
+    meta = json.loads((tmp_path / "dyn" / "quant.json").read_text())
+    assert meta["calibrated"] is False and meta["calibration"] is None
+    r = runner.invoke(app, ["quant", "fidelity", "--model", str(tiny_dense), "--quantized", str(tmp_path / "dyn"), "--max-tokens", "64"])
+    assert r.exit_code == 0 and "UNCALIBRATED" in r.output, r.output
+    r = runner.invoke(
+        app, ["quantize", "--model", str(tiny_dense), "--scheme", "w8a8", "--no-calibration", "--calibration", str(quant_cmd.HELDOUT),
+              "--out", str(tmp_path / "x")],
+    )
+    assert r.exit_code == 2 and "give one of them" in r.output
+
+
+def test_int8_weight_only_runs_without_calibration_and_says_nothing_about_it(tiny_dense, tmp_path) -> None:
+    r = runner.invoke(app, ["quantize", "--model", str(tiny_dense), "--scheme", "int8", "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0 and "calibrat" not in r.output, r.output
+
+
+def test_int4_default_on_576_wide_model_loads_in_the_engine(tmp_path) -> None:
+    # SmolLM2's widths (hidden 576, intermediate 1536): 576 % 128 != 0 used to be an error
+    src = save_tiny_model(
+        tmp_path / "wide", "llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
+        num_key_value_heads=3,
+    )
+    r = runner.invoke(app, ["quantize", "--model", str(src), "--scheme", "int4", "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    sizes = json.loads((tmp_path / "q" / "quant.json").read_text())["group_sizes"]
+    assert sizes["layers.0.mlp.down_proj"] == 128 and sizes["layers.0.mlp.up_proj"] == 64
+    assert set(sizes.values()) == {64, 128}
+    from lagoon.engine import load_model
+
+    eng = load_model(tmp_path / "q")
+    try:
+        c = eng.complete(eng.tokenizer.encode("hi"), eng.params(max_new_tokens=3, temperature=0.0, ignore_eos=True))
+        assert c.completion_tokens == 3
+    finally:
+        eng.close()

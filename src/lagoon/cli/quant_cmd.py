@@ -2,6 +2,9 @@
 
 Thin: parse, merge config, load through `lagoon.engine.checkpoint`, call `lagoon.quant`.
 The scheme comes from `--scheme` or else from `model_deployment.quantization.profile`.
+Activation-quantized schemes (w8a8, fp8) calibrate by default on the shipped calibration text
+(`lagoon.quant.calibrate.CALIBRATION_TEXT`: static ranges + SmoothQuant); `--no-calibration` opts
+out and the run says it is uncalibrated (so does `quant.json` and `lagoon quant fidelity`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from lagoon.cli.common import ConfigOpt, exits_cleanly, load
 app = typer.Typer(help="Quantization: fidelity reports for quantized checkpoints.", no_args_is_help=True)
 
 HELDOUT = Path(__file__).resolve().parents[1] / "quant" / "data" / "heldout.txt"
+CALIBRATION = Path(__file__).resolve().parents[1] / "quant" / "data" / "calibration.txt"
+UNCALIBRATED = (
+    "UNCALIBRATED: every activation is scaled dynamically per token and no SmoothQuant is applied "
+    "(lower fidelity; drop --no-calibration to calibrate on the shipped text, or pass --calibration FILE)"
+)
 
 
 def _source_path(source: str) -> Path:
@@ -65,12 +73,19 @@ def quantize(
     model: Annotated[str, typer.Option("--model", help="Float checkpoint: HF folder, .gguf file or `embedded`.")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write (model.safetensors + quant.json).")],
     scheme: Annotated[str | None, typer.Option("--scheme", help="int8, w8a8, int4, fp8 or bf16 (default: the config's profile).")] = None,
-    calibration: Annotated[Path | None, typer.Option("--calibration", help="Text file for static activation ranges.")] = None,
-    group_size: Annotated[int, typer.Option("--group-size", help="int4 group size: 32, 64 or 128.")] = 128,
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", help="Text file for static activation ranges and SmoothQuant (w8a8/fp8 default: the shipped calibration text)."
+    )] = None,
+    no_calibration: Annotated[bool, typer.Option(
+        "--no-calibration", help="w8a8/fp8: skip calibration (all activations dynamic, no SmoothQuant; lower fidelity)."
+    )] = False,
+    group_size: Annotated[int | None, typer.Option(
+        "--group-size", help="int4: the largest group size tried per layer (32, 64 or 128; default 128, smaller where K needs it)."
+    )] = None,
     include_lm_head: Annotated[bool, typer.Option("--include-lm-head", help="Quantize lm_head too.")] = False,
     include_embeddings: Annotated[bool, typer.Option("--include-embeddings", help="Quantize the embedding (int8 rows).")] = False,
     max_calibration_tokens: Annotated[int, typer.Option(help="Cap on calibration tokens.")] = 4096,
-    smooth_alpha: Annotated[float, typer.Option("--smooth-alpha", help="SmoothQuant strength for w8a8/fp8 with --calibration (0 = off).")] = 0.5,
+    smooth_alpha: Annotated[float, typer.Option("--smooth-alpha", help="SmoothQuant strength for calibrated w8a8/fp8 (0 = off).")] = 0.5,
     keep: Annotated[list[str] | None, typer.Option("--keep", help="Regex of module names to leave in float (repeatable).")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -80,7 +95,10 @@ def quantize(
     from lagoon.engine.tokenizer import load_tokenizer
     from lagoon.errors import QuantizationError
     from lagoon.quant import QuantConfig, calibrate, quantize_, save_quantized
+    from lagoon.quant.quantize import scheme_class
 
+    if calibration is not None and no_calibration:
+        raise QuantizationError("--calibration and --no-calibration contradict each other; give one of them")
     cfg = load(config)
     qc = QuantConfig.from_section(
         cfg.model_deployment.quantization,
@@ -95,13 +113,19 @@ def quantize(
         raise QuantizationError("profile FP16 means no quantization; pass --scheme or set model_deployment.quantization.profile")
     path = _source_path(model)
     net = load_checkpoint(path, "float32")
+    activation_quantized = scheme_class(qc.scheme).activation_quantized
+    if calibration is None and activation_quantized and not no_calibration:
+        calibration = CALIBRATION
     cal = None
     if calibration is not None:
         tok = load_tokenizer(path)
         cal = calibrate(net, _windows(tok.encode(_read_text(calibration)), 256, max_calibration_tokens))
     report = quantize_(net, qc, calibration=cal)
-    save_quantized(net, out, source=model, extra={"calibration": str(calibration) if calibration else None})
+    extra = {"calibration": str(calibration) if calibration else None, "calibrated": report.calibrated}
+    save_quantized(net, out, source=model, extra=extra)
     typer.echo(f"{qc.scheme}: quantized {len(report.swapped)} modules, kept {len(report.kept)} ({', '.join(sorted(set(report.kept.values())))})")
+    if activation_quantized:
+        typer.echo(f"calibrated on {calibration}" if report.calibrated else UNCALIBRATED)
     if cal is not None:
         starved = {n: s["starved"] for n, s in cal.summary(qc.min_expert_tokens)["experts"].items() if s["starved"]}
         if qc.expert_calibration and starved:
@@ -139,7 +163,10 @@ def fidelity(
     report = FidelityReport(
         layers=layer_fidelity(ref, q, wins[:1]),
         text=text_fidelity(ref, q, torch.cat([w[0] for w in wins]), window=window),
-        meta={"scheme": meta["scheme"], "model": model, "quantized": str(quantized), "text": str(text)},
+        meta={
+            "scheme": meta["scheme"], "model": model, "quantized": str(quantized), "text": str(text),
+            "calibration": meta.get("calibration"),
+        },
     )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
@@ -153,8 +180,12 @@ def _print(report: Any) -> None:
 
     t = report.text
     c = Console()
+    from lagoon.quant.quantize import scheme_class
+
+    cal = report.meta.get("calibration")
+    note = f" (calibrated on {cal})" if cal else " (UNCALIBRATED)" if scheme_class(report.meta["scheme"]).activation_quantized else ""
     c.print(
-        f"scheme {report.meta['scheme']}: {t.tokens} tokens, mean KL {t.mean_kl:.5f}, top-1 agreement "
+        f"scheme {report.meta['scheme']}{note}: {t.tokens} tokens, mean KL {t.mean_kl:.5f}, top-1 agreement "
         f"{100 * t.top1_agreement:.1f}%, ppl {t.ppl_float:.3f} -> {t.ppl_quant:.3f} ({t.ppl_delta_pct:+.2f}%)"
     )
     table = Table("layer", "SQNR dB", "tokens", "worst expert")

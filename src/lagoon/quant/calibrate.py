@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +36,11 @@ from torch import nn
 
 from lagoon.quant.policy import N_TOKEN_TYPES, TokenType, current_token_types
 
-__all__ = ["Calibration", "ExpertStats", "calibrate"]
+__all__ = ["Calibration", "ExpertStats", "calibrate", "CALIBRATION_TEXT"]
+
+CALIBRATION_TEXT = Path(__file__).resolve().parent / "data" / "calibration.txt"
+"""The shipped calibration text (code, prose and tool output; disjoint from the held-out text):
+what `lagoon quantize` calibrates w8a8 / fp8 on unless given another or told not to."""
 
 log = logging.getLogger(__name__)
 _STATIC_TYPES = (TokenType.CONTEXT, TokenType.TOOL_OUTPUT)

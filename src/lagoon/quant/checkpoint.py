@@ -1,7 +1,8 @@
 """Save and load a quantized model: ``model.safetensors`` + ``quant.json``.
 
 ``quant.json`` (format_version 1) records the scheme and the whole `QuantConfig`, every swapped
-module with its type, tied tensors (stored once, listed under ``aliases``), the int4 packing layout when int4 is used, the torch version, and the
+module with its type, tied tensors (stored once, listed under ``aliases``), the int4 packing layout when int4 is used, each module's group size for grouped schemes
+(``group_sizes``: ``name`` for a Linear, ``name.gate_up`` / ``name.down`` for experts), the torch version, and the
 `source` the float model came from. The scheme is always read from this file, never guessed from a
 file name.
 
@@ -21,7 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -30,6 +31,9 @@ from torch import nn
 
 from lagoon.errors import CheckpointError, QuantizationError
 from lagoon.quant.quantize import QuantConfig, get_scheme
+
+if TYPE_CHECKING:
+    from lagoon.quant.linear import WeightScheme
 
 __all__ = ["save_quantized", "load_quantized", "read_metadata", "FORMAT_VERSION", "WEIGHTS", "METADATA"]
 
@@ -45,6 +49,20 @@ def _quantized_modules(model: nn.Module) -> dict[str, str]:
 
     kinds = (QuantizedLinear, QuantizedExperts, QuantizedEmbedding)
     return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def _group_sizes(model: nn.Module) -> dict[str, int]:
+    """Per-module group sizes of grouped schemes (int4): what `load_quantized` rebuilds with."""
+    from lagoon.quant.experts import QuantizedExperts
+    from lagoon.quant.linear import QuantizedLinear
+
+    out: dict[str, int] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, QuantizedLinear) and m.scheme.GROUP_SIZES:
+            out[n] = m.scheme.group_size
+        elif isinstance(m, QuantizedExperts) and m.scheme.GROUP_SIZES:
+            out.update({f"{n}.{p}": s.group_size for p, s in m.schemes.items()})
+    return out
 
 
 def _flat_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -73,6 +91,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, source: str | None 
         "scheme": config.scheme,
         "config": config.to_dict(),
         "modules": modules,
+        "group_sizes": _group_sizes(model),
         "torch": torch.__version__,
         "source": source,
         **(extra or {}),
@@ -132,11 +151,17 @@ def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
             raise QuantizationError(
                 f"{path} packs int4 as {meta.get('int4_layout')!r}; this build runs {LAYOUT!r}. Re-quantize from the float model here"
             )
-    scheme = get_scheme(config.scheme, config.group_size)
+    sizes: dict[str, int] = meta.get("group_sizes") or {}
+
+    def scheme(key: str) -> WeightScheme:  # the recorded group size; older files: the config's
+        return get_scheme(config.scheme, sizes.get(key, config.group_size))
+
     builders = {
-        "QuantizedLinear": lambda m: QuantizedLinear.from_float(m, scheme, config.dynamic_threshold),
-        "QuantizedExperts": lambda m: QuantizedExperts.from_float(m, scheme, config.dynamic_threshold),
-        "QuantizedEmbedding": QuantizedEmbedding.from_float,
+        "QuantizedLinear": lambda n, m: QuantizedLinear.from_float(m, scheme(n), config.dynamic_threshold),
+        "QuantizedExperts": lambda n, m: QuantizedExperts.from_float(
+            m, scheme(f"{n}.gate_up"), config.dynamic_threshold, down_scheme=scheme(f"{n}.down")
+        ),
+        "QuantizedEmbedding": lambda n, m: QuantizedEmbedding.from_float(m),
     }
     for name, kind in meta["modules"].items():
         try:
@@ -146,7 +171,7 @@ def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
         if kind not in builders:
             raise CheckpointError(f"{path} lists {name!r} as {kind!r}; known kinds: {', '.join(builders)}")
         if type(m).__name__ != kind:
-            _set_module(model, name, builders[kind](m))
+            _set_module(model, name, builders[kind](name, m))
     try:
         state = load_file(str(Path(path) / WEIGHTS))
     except (SafetensorError, OSError) as exc:

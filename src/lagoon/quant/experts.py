@@ -54,9 +54,12 @@ class QuantizedExperts(nn.Module):
         intermediate_dim: int,
         act_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         dynamic_threshold: float = 0.75,
+        down_scheme: WeightScheme | None = None,
     ) -> None:
         super().__init__()
         self.scheme = scheme
+        # grouped schemes pick a group size per K: gate_up's K is H, down's is I
+        self.schemes = {"gate_up": scheme, "down": down_scheme or scheme}
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
         self.act_fn = act_fn if act_fn is not None else F.silu
         self.dynamic_threshold = dynamic_threshold
@@ -69,13 +72,17 @@ class QuantizedExperts(nn.Module):
         self.dynamic_tokens = 0
 
     @classmethod
-    def from_float(cls, experts: nn.Module, scheme: WeightScheme, dynamic_threshold: float = 0.75) -> QuantizedExperts:
+    def from_float(
+        cls, experts: nn.Module, scheme: WeightScheme, dynamic_threshold: float = 0.75, down_scheme: WeightScheme | None = None
+    ) -> QuantizedExperts:
+        """Quantize each expert; `down_scheme` (default: `scheme`) for the down projections."""
         gu, dn = experts.gate_up_proj.detach(), experts.down_proj.detach()  # [E, 2I, H], [E, H, I]
         e, two_i, h = gu.shape
+        down_scheme = down_scheme or scheme
         gate_up = _stack([scheme.quantize(gu[i].float()) for i in range(e)])
-        down = _stack([scheme.quantize(dn[i].float()) for i in range(e)])
+        down = _stack([down_scheme.quantize(dn[i].float()) for i in range(e)])
         act = getattr(experts, "act_fn", None)
-        return cls(scheme, gate_up, down, e, h, two_i // 2, act, dynamic_threshold)
+        return cls(scheme, gate_up, down, e, h, two_i // 2, act, dynamic_threshold, down_scheme)
 
     def tensors(self, proj: str, e: int) -> dict[str, torch.Tensor]:
         """The scheme tensors of expert `e` for `proj` ('gate_up' or 'down')."""
@@ -86,14 +93,14 @@ class QuantizedExperts(nn.Module):
         return ActivationArgs(None if torch.isnan(static).all() else static, self.dynamic_threshold, types)
 
     def dequantize(self, proj: str, e: int) -> torch.Tensor:
-        return self.scheme.dequantize(self.tensors(proj, e))
+        return self.schemes[proj].dequantize(self.tensors(proj, e))
 
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if not n.endswith("act_absmax"))
 
     def expert_linear(self, e: int, proj: str, x: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         """x [n, K] -> [n, N] through expert `e`'s quantized `proj` matrix."""
-        y, path, n_dyn = self.scheme.matmul(x, self.tensors(proj, e), self.act_args(proj, e, types))
+        y, path, n_dyn = self.schemes[proj].matmul(x, self.tensors(proj, e), self.act_args(proj, e, types))
         self.path_counts[path] += 1
         self.dynamic_tokens += n_dyn
         return y.float()

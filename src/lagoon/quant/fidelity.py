@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,9 +30,11 @@ from torch import nn
 
 from lagoon.quant.policy import current_token_types, token_types
 
-__all__ = ["sqnr_db", "LayerFidelity", "TextFidelity", "layer_fidelity", "text_fidelity", "logits_of", "FORMAT_VERSION"]
+__all__ = ["HELDOUT_TEXT", "sqnr_db", "LayerFidelity", "TextFidelity", "layer_fidelity", "text_fidelity", "logits_of", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
+HELDOUT_TEXT = Path(__file__).resolve().parent / "data" / "heldout.txt"
+"""The shipped held-out text `lagoon quant fidelity` scores by default (never used to calibrate)."""
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:

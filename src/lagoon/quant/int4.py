@@ -1,5 +1,8 @@
 """`int4`: weight-only 4-bit, asymmetric, group-wise along K (group 32, 64 or 128), bf16 activations.
 
+The group size is chosen per layer by `quantize_` (the largest of 128/64/32 not above the
+configured one that divides K, so 576-wide layers get 64) and recorded per module in the checkpoint.
+
 Layout is the one torch's CPU kernel defines: codes q in 0..15 per weight, and per (group, channel)
 a bf16 scale and zero with  w = (q - 8) · scale + zero.  `scales_and_zeros` is [K/gs, N, 2];
 the codes are packed by `torch.ops.aten._convert_weight_to_int4pack_for_cpu` into an opaque
@@ -51,6 +54,8 @@ def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
 
 class Int4WeightOnly(WeightScheme):
     name = "int4"
+    GROUP_SIZES = GROUP_SIZES
+    DEFAULT_GROUP_SIZE = 128
 
     def __init__(self, group_size: int = 128) -> None:
         if group_size not in GROUP_SIZES:
@@ -62,8 +67,8 @@ class Int4WeightOnly(WeightScheme):
         gs = self.group_size
         if k % gs:
             raise QuantizationError(
-                f"int4 needs in_features divisible by group_size; {k} % {gs} != 0 (pick a smaller group_size "
-                "or leave this layer out with filter_fn)"
+                f"int4 needs in_features divisible by group_size; {k} % {gs} != 0 (quantize_ picks a fitting "
+                "group size per layer; call the scheme with one of those, or leave this layer out with --keep)"
             )
         wg = w.float().reshape(n, k // gs, gs)  # [N, G, gs]
         lo, hi = wg.amin(-1), wg.amax(-1)  # [N, G]

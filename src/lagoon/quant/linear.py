@@ -47,6 +47,8 @@ class WeightScheme:
 
     name: ClassVar[str] = ""
     activation_quantized: ClassVar[bool] = False
+    GROUP_SIZES: ClassVar[tuple[int, ...]] = ()  # group sizes along K a grouped scheme supports; () = not grouped
+    DEFAULT_GROUP_SIZE: ClassVar[int] = 0  # the largest group size tried per layer when the config names none
 
     def __init__(self, group_size: int = 128) -> None:
         self.group_size = group_size
@@ -150,7 +152,7 @@ class QuantizedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        g = f", group_size={self.scheme.group_size}" if self.scheme.name == "int4" else ""
+        g = f", group_size={self.scheme.group_size}" if self.scheme.GROUP_SIZES else ""
         sm = ", smoothed" if self.smooth is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}{g}{sm}"
 

@@ -17,8 +17,13 @@ Schemes by short name (`SCHEMES`, imported lazily): int8, w8a8, int4, fp8, bf16.
 (`model_deployment.quantization.profile`) map to schemes with `scheme_for_profile`; FP16 means no
 quantization. A `Calibration` (from `lagoon.quant.calibrate`) sets static activation ranges, and for
 activation-quantized schemes (w8a8, fp8) with ``smooth_alpha > 0`` it also gives each Linear its
-SmoothQuant factors (`lagoon.quant.smooth`). `keep` lists name patterns (regular expressions,
+SmoothQuant factors (`lagoon.quant.smooth`); without one they scale every activation dynamically
+and `QuantReport.calibrated` is False (logged: an uncalibrated w8a8 loses measurably more). `keep` lists name patterns (regular expressions,
 searched) left in float — the sensitive layers a fidelity report points at.
+Group size (grouped schemes, e.g. int4): `group_size` is the largest tried; each layer takes the
+largest of the scheme's `GROUP_SIZES` not above it that divides its K (`layer_group_size`), so a
+576-wide layer gets 64 where a 1536-wide one keeps 128. A layer no group size divides stays float
+(listed in `QuantReport.kept` with the reason). The checkpoint records each module's group size.
 Tied embeddings: when `lm_head` shares its weight with the embedding, quantizing one leaves the
 other as it was.
 """
@@ -26,6 +31,7 @@ other as it was.
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,7 +46,10 @@ if TYPE_CHECKING:
     from lagoon.quant.calibrate import Calibration
     from lagoon.quant.linear import WeightScheme
 
-__all__ = ["QuantConfig", "QuantReport", "SCHEMES", "PROFILES", "get_scheme", "scheme_for_profile", "quantize_", "is_router_name"]
+__all__ = [
+    "QuantConfig", "QuantReport", "SCHEMES", "PROFILES", "get_scheme", "scheme_class", "scheme_for_profile", "quantize_",
+    "is_router_name", "layer_group_size",
+]
 
 SCHEMES: dict[str, str] = {
     "int8": "lagoon.quant.int8:Int8WeightOnly",
@@ -49,6 +58,8 @@ SCHEMES: dict[str, str] = {
     "fp8": "lagoon.quant.fp8:Fp8",
     "bf16": "lagoon.quant.bf16:Bf16Weights",
 }
+
+log = logging.getLogger(__name__)
 
 PROFILES: dict[str, str | None] = {"FP16": None, "BF16": "bf16", "INT8": "int8", "W8A8": "w8a8", "FP8": "fp8", "INT4": "int4"}
 
@@ -60,13 +71,31 @@ def is_router_name(name: str) -> bool:
     return bool(_ROUTER_RE.search(name))
 
 
-def get_scheme(name: str, group_size: int = 128) -> WeightScheme:
-    """The scheme called `name`; QuantizationError lists the valid names."""
+def scheme_class(name: str) -> type[WeightScheme]:
+    """The class of the scheme called `name`; QuantizationError lists the valid names."""
     try:
         mod, cls = SCHEMES[name].split(":")
     except KeyError:
         raise QuantizationError(f"unknown quantization scheme {name!r}; valid: {', '.join(SCHEMES)}") from None
-    return getattr(importlib.import_module(mod), cls)(group_size)
+    return getattr(importlib.import_module(mod), cls)
+
+
+def get_scheme(name: str, group_size: int | None = None) -> WeightScheme:
+    """The scheme called `name` (group size: the scheme's default when None)."""
+    cls = scheme_class(name)
+    return cls(cls.DEFAULT_GROUP_SIZE if group_size is None else group_size)
+
+
+def layer_group_size(scheme: str, k: int, preferred: int | None = None) -> int | None:
+    """Group size for a layer with `k` inputs: the largest of the scheme's sizes not above
+    `preferred` (default: the scheme's) that divides `k`; None when none does. Ungrouped schemes
+    return their configured value unchanged."""
+    cls = scheme_class(scheme)
+    top = cls.DEFAULT_GROUP_SIZE if preferred is None else preferred
+    if not cls.GROUP_SIZES:
+        return top
+    fits = [g for g in cls.GROUP_SIZES if g <= top and k % g == 0]
+    return max(fits) if fits else None
 
 
 def scheme_for_profile(profile: str) -> str | None:
@@ -82,7 +111,7 @@ class QuantConfig:
     """What `quantize_` does. Build from the config section with `from_section`."""
 
     scheme: str
-    group_size: int = 128  # int4 only: 32, 64 or 128
+    group_size: int | None = None  # grouped schemes: the largest group tried per layer (None = the scheme's default)
     dynamic_threshold: float = 0.75  # see lagoon.quant.policy
     include_lm_head: bool = False
     include_embeddings: bool = False
@@ -94,6 +123,12 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise QuantizationError(f"unknown quantization scheme {self.scheme!r}; valid: {', '.join(SCHEMES)}")
+        sizes = scheme_class(self.scheme).GROUP_SIZES
+        if sizes and self.group_size is not None and self.group_size not in sizes:
+            raise QuantizationError(
+                f"{self.scheme} group_size {self.group_size} is not supported; use one of {sizes} (or leave it unset: "
+                "each layer then takes the largest that divides it)"
+            )
         if self.dynamic_threshold < 0:
             raise QuantizationError("dynamic_threshold must be >= 0 (0 = every token dynamic)")
         if not 0.0 <= self.smooth_alpha <= 1.0:
@@ -129,6 +164,7 @@ class QuantReport:
     config: QuantConfig
     swapped: dict[str, str] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
+    calibrated: bool = False  # a Calibration set static ranges (and SmoothQuant factors, if enabled)
 
 
 def _is_experts(m: nn.Module) -> bool:
@@ -152,8 +188,17 @@ def quantize_(
     from lagoon.quant.linear import QuantizedLinear
     from lagoon.quant.smooth import smoothing_factors
 
-    scheme = get_scheme(config.scheme, config.group_size)
-    report = QuantReport(config)
+    schemes: dict[int | None, WeightScheme] = {}
+
+    def scheme_for(k: int) -> WeightScheme | None:
+        gs = layer_group_size(config.scheme, k, config.group_size)
+        if gs is None:
+            return None
+        if gs not in schemes:
+            schemes[gs] = get_scheme(config.scheme, gs)
+        return schemes[gs]
+
+    report = QuantReport(config, calibrated=calibration is not None)
     targets: list[tuple[str, nn.Module]] = []
     for name, m in model.named_modules():
         if any(name.startswith(t + ".") for t, _ in targets):
@@ -172,6 +217,9 @@ def quantize_(
             report.kept[name] = "filter_fn"
         elif any(re.search(p, name) for p in config.keep):
             report.kept[name] = "keep"
+        elif (k := _unfit_k(m, scheme_for)) is not None:
+            sizes = scheme_class(config.scheme).GROUP_SIZES
+            report.kept[name] = f"{config.scheme}: K={k} is not a multiple of any group size in {sizes} (left float)"
         else:
             targets.append((name, m))
     if not targets:
@@ -184,19 +232,44 @@ def quantize_(
             new: nn.Module = QuantizedEmbedding.from_float(m)
         elif isinstance(m, nn.Linear):
             smooth = None
-            if scheme.activation_quantized and config.smooth_alpha > 0 and calibration is not None:
+            if scheme_class(config.scheme).activation_quantized and config.smooth_alpha > 0 and calibration is not None:
                 chans = calibration.linear_channels.get(name)
                 if chans is not None:
                     smooth = smoothing_factors(chans, m.weight, config.smooth_alpha)
-            new = QuantizedLinear.from_float(m, scheme, config.dynamic_threshold, smooth)
+            new = QuantizedLinear.from_float(m, _fit(scheme_for, m.in_features), config.dynamic_threshold, smooth)
         else:
-            new = QuantizedExperts.from_float(m, scheme, config.dynamic_threshold)
+            hidden, inter = m.gate_up_proj.shape[2], m.down_proj.shape[2]
+            new = QuantizedExperts.from_float(
+                m, _fit(scheme_for, hidden), config.dynamic_threshold, down_scheme=_fit(scheme_for, inter)
+            )
         _set_module(model, name, new)
         report.swapped[name] = type(new).__name__
+    if calibration is None and scheme_class(config.scheme).activation_quantized:
+        log.warning(
+            "%s without a calibration: every activation is scaled dynamically per token, no SmoothQuant "
+            "(uncalibrated; pass a Calibration from lagoon.quant.calibrate for static ranges)", config.scheme,
+        )
     if calibration is not None:
         calibration.apply(model, expert_calibration=config.expert_calibration, min_expert_tokens=config.min_expert_tokens)
     model.lagoon_quant = config  # type: ignore[assignment]  # read by save_quantized
     return report
+
+
+def _unfit_k(m: nn.Module, scheme_for: Callable[[int], WeightScheme | None]) -> int | None:
+    """The first K of `m`'s matrices that no group size of the scheme fits (None: all fit)."""
+    if isinstance(m, nn.Linear):
+        ks = [m.in_features]
+    elif _is_experts(m):
+        ks = [m.gate_up_proj.shape[2], m.down_proj.shape[2]]
+    else:
+        return None
+    return next((k for k in ks if scheme_for(k) is None), None)
+
+
+def _fit(scheme_for: Callable[[int], WeightScheme | None], k: int) -> WeightScheme:
+    s = scheme_for(k)
+    assert s is not None, "target selection keeps layers no group size fits"
+    return s
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
