@@ -35,7 +35,7 @@ def test_eval_config_benchmarks_and_errors(starter, tmp_path):
     assert "no bubblewrap sandbox" in ok.output  # says so when it runs without bwrap
     assert (tmp_path / "o" / "results.jsonl").is_file()  # one suite: --out is the run folder
     bad = runner.invoke(app, ["eval", str(starter), "--agent", "gpt", "-o", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "valid agents: lagoon, oracle, none" in bad.output
+    assert bad.exit_code == 2 and "unknown agent 'gpt'; valid: lagoon, oracle, none" in bad.output
     missing = runner.invoke(app, ["eval", "no-such-suite", "-o", str(tmp_path / "y")])
     assert missing.exit_code == 2 and "not found" in missing.output
 

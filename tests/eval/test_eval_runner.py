@@ -160,9 +160,9 @@ def test_scripted_lagoon_agent_every_script(tmp_path):
 
 
 def test_executor_registry_and_ray_hint(starter, tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="valid executors: local, ray"):
+    with pytest.raises(ConfigError, match="eval.executor: unknown executor 'dask'; valid: local, ray"):
         run_suite(starter, "none", load_config(), tmp_path, executor="dask", only=["js-slugify"])
-    with pytest.raises(ConfigError, match="valid agents"):
+    with pytest.raises(ConfigError, match="unknown agent 'gpt'; valid: lagoon, oracle, none"):
         run_suite(starter, "gpt", load_config(), tmp_path)
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the optional extra were not installed
     with pytest.raises(ConfigError, match=r"pip install 'lagoon-agent\[ray\]'"):

@@ -1,8 +1,7 @@
 """`lagoon run TASK --repo R` and `lagoon sessions list|show|resume|export`.
 
 Thin: parse, merge config, pick the model by spec, call `lagoon.agent.run_task`, show progress.
-Model specs: `router` (default: `lagoon.routing.build_router(config)`) and `scripted:FILE` (a
-JSON list of replies, `lagoon.testing.ReplayChatModel`, for demos and crash tests).
+Model specs (`--model`): see `lagoon.cli.model_spec`.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from rich.table import Table
 
 from lagoon.atomic import write_atomic
 from lagoon.cli.common import ConfigOpt, exits_cleanly, load
+from lagoon.cli.model_spec import ModelSpec
 
 sessions_app = typer.Typer(help="Inspect, resume and export agent sessions.", no_args_is_help=True)
 
@@ -25,35 +25,6 @@ RepoOpt = Annotated[Path, typer.Option("--repo", "-r", help="The repository (wor
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="router (default: the configured backends) or scripted:FILE.")
 ]
-
-
-def _scripted(arg: str, config: Any) -> Any:
-    from lagoon.testing import ReplayChatModel
-
-    if not arg:
-        from lagoon.errors import ConfigError
-
-        raise ConfigError("--model scripted needs a file: scripted:PATH.json")
-    return ReplayChatModel.from_file(arg)
-
-
-def _router(arg: str, config: Any) -> Any:
-    from lagoon.agent import build_model
-
-    return build_model(config)
-
-
-MODELS = {"router": _router, "scripted": _scripted}
-
-
-def make_model(spec: str, config: Any) -> Any:
-    name, _, arg = spec.partition(":")
-    factory = MODELS.get(name)
-    if factory is None:
-        from lagoon.errors import ConfigError
-
-        raise ConfigError(f"--model {spec!r}: unknown model kind {name!r}; use one of {', '.join(MODELS)}")
-    return factory(arg, config)
 
 
 class LiveView:
@@ -118,7 +89,7 @@ def _execute(task: str, repo: Path, config: Any, model_spec: str, session: str |
     from lagoon.agent import run_task
     from lagoon.telemetry import Telemetry
 
-    model = make_model(model_spec, config)
+    model = ModelSpec.parse(model_spec).model(config)
     telemetry = Telemetry(config.telemetry)
     console = Console()
     if as_json:

@@ -28,15 +28,15 @@ def eval_command(
     executor: Annotated[str | None, typer.Option("--executor", help="local (process pool) or ray (default eval.executor).")] = None,
     created_after: Annotated[str | None, typer.Option("--created-after", help="Only tasks created on/after YYYY-MM-DD.")] = None,
     attempts: Annotated[int, typer.Option("--attempts", "-k", min=1, help="Trials per task (pass@k).")] = 1,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="scripted:DIR (one TASK_ID.json script per task) for --agent lagoon.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="router (default), scripted:DIR (one TASK_ID.json script per task) or scripted:FILE, for --agent lagoon.")] = None,
     fidelity: Annotated[Path | None, typer.Option("--fidelity", help="JSON of the quantized model's fidelity numbers to include.")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", "-t", help="Run only these task ids (repeatable).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run an agent over task suites; write results.jsonl, summary.json and report.html."""
+    from lagoon.cli.model_spec import ModelSpec
     from lagoon.errors import ConfigError
     from lagoon.eval import run_suite, summarize, write_report
-    from lagoon.eval.trial import ScriptedModels
 
     cfg = load(config)
     from lagoon.eval.sandbox import bwrap_available
@@ -52,12 +52,7 @@ def eval_command(
     names = suites or list(cfg.model_deployment.evaluation.benchmarks)
     if not names:
         raise ConfigError("no suite given and evaluation.benchmarks is empty; pass a suite folder")
-    factory = None
-    if model is not None:
-        kind, _, arg = model.partition(":")
-        if kind != "scripted" or not arg:
-            raise ConfigError(f"--model {model!r}: use scripted:DIR (a folder of TASK_ID.json scripts)")
-        factory = ScriptedModels(Path(arg))
+    factory = ModelSpec.parse(model).factory() if model is not None else None
     fid = None
     if fidelity is not None:
         try:

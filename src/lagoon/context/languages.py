@@ -247,7 +247,7 @@ def language_for(path: str | PurePath) -> LanguageSpec | None:
 def parser_for(name: str) -> tree_sitter.Parser:
     """A tree-sitter parser for a language in `LANGUAGES` (one per process, per language)."""
     spec = LANGUAGES.get(name)
-    if spec is None:
+    if spec is None:  # a caller's bug, not user input (names come from LANGUAGES itself)
         raise KeyError(f"unknown language {name!r}; known: {', '.join(sorted(LANGUAGES))}")
     module = importlib.import_module(spec.module)
     return tree_sitter.Parser(tree_sitter.Language(getattr(module, spec.loader)()))

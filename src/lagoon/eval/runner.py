@@ -32,6 +32,7 @@ from lagoon.eval.tasks import Task, load_suite, parse_date
 from lagoon.eval.trial import AGENTS, ModelFactory, is_held_out, run_trial
 from lagoon.extras import require
 from lagoon.jsonl import JsonlRead, read_jsonl
+from lagoon.registry import Registry
 
 __all__ = [
     "run_suite",
@@ -92,13 +93,11 @@ class RayExecutor:
             yield self.ray.get(done[0])
 
 
-EXECUTORS: dict[str, type] = {"local": LocalExecutor, "ray": RayExecutor}
+EXECUTORS: Registry[type] = Registry("executor", {"local": LocalExecutor, "ray": RayExecutor}, where="eval.executor")
 
 
 def make_executor(name: str, workers: int = 1):
-    if name not in EXECUTORS:
-        raise ConfigError(f"unknown executor {name!r}; valid executors: {', '.join(EXECUTORS)}")
-    return EXECUTORS[name](workers)
+    return EXECUTORS.load(name)(workers)
 
 
 def resolve_suite(name: str | Path, search: Iterable[Path] = ()) -> Path:
@@ -188,8 +187,7 @@ def run_suite(
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunOutcome:
     """Run `agent` on every selected task of `suite` `attempts` times; see the module docstring."""
-    if agent not in AGENTS:
-        raise ConfigError(f"unknown agent {agent!r}; valid agents: {', '.join(AGENTS)}")
+    AGENTS.check(agent)
     if attempts < 1:
         raise ConfigError(f"attempts must be at least 1 (got {attempts})")
     split = parse_date(created_after or config.eval.created_after, "created_after")

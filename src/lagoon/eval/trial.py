@@ -32,11 +32,11 @@ from lagoon.config import LagoonConfig
 from lagoon.errors import TaskSpecError
 from lagoon.eval.sandbox import EnvironmentUnsupported, Sandbox, build_environment
 from lagoon.eval.tasks import Task
+from lagoon.registry import Registry
 
 __all__ = ["run_trial", "ScriptedModels", "AGENTS", "RESULT_FORMAT_VERSION", "parse_pytest", "is_held_out"]
 
 RESULT_FORMAT_VERSION = 1
-AGENTS = ("lagoon", "oracle", "none")
 _PYTEST_LINE = re.compile(r"^(PASSED|FAILED|ERROR|XPASS|XFAIL|SKIPPED)\s+(\S+)", re.M)
 
 ModelFactory = Callable[[Task], Any]
@@ -161,7 +161,9 @@ def _agent_lagoon(task: Task, sandbox: Sandbox, config: LagoonConfig, result: di
         result["failure_mode"] = "agent_" + status
 
 
-_AGENT_FUNCS = {"none": _agent_none, "oracle": _agent_oracle, "lagoon": _agent_lagoon}
+AGENTS: Registry[Callable[..., None]] = Registry(
+    "agent", {"lagoon": _agent_lagoon, "oracle": _agent_oracle, "none": _agent_none}, where="--agent"
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,8 +280,7 @@ def run_trial(
 ) -> dict[str, Any]:
     """Run `agent` on a fresh copy of `task` and score it with the task's tests; never raises for a
     task-level problem (it lands in the result's status, failure_mode and error)."""
-    if agent not in _AGENT_FUNCS:
-        raise TaskSpecError(f"unknown agent {agent!r}; valid agents: {', '.join(AGENTS)}")
+    play = AGENTS.load(agent)
     ev = config.eval
     with tempfile.TemporaryDirectory(prefix=f"lagoon-eval-{re.sub(r'[^A-Za-z0-9_.-]', '_', task.id)}-") as t:
         tmp = Path(t)
@@ -308,7 +309,7 @@ def run_trial(
             started = time.monotonic()
             try:
                 model = model_factory(task) if model_factory is not None else None
-                _AGENT_FUNCS[agent](task, sandbox, config, result, model)
+                play(task, sandbox, config, result, model)
             except Exception as exc:  # the agent's failure is a result, not a crash of the run
                 result["failure_mode"] = "agent_error"
                 result["error"] = f"{type(exc).__name__}: {exc}"
@@ -336,15 +337,16 @@ def run_trial(
 class ScriptedModels:
     """A picklable model factory for ``--model scripted:DIR``: task `T` replays ``DIR/T.json``
     (the `lagoon.testing.ReplayChatModel` file format); a task without a script gets an empty one,
-    so it fails at its first model call instead of reaching a real backend."""
+    so it fails at its first model call instead of reaching a real backend. Given a file instead of
+    a folder (``scripted:FILE``), every task replays that one script."""
 
-    def __init__(self, folder: Path) -> None:
-        if not Path(folder).is_dir():
-            raise TaskSpecError(f"scripted model folder {folder} does not exist; pass a folder of TASK_ID.json files")
-        self.folder = Path(folder)
+    def __init__(self, source: Path) -> None:
+        if not Path(source).exists():
+            raise TaskSpecError(f"scripted model {source} does not exist; pass a folder of TASK_ID.json files or one file")
+        self.folder = Path(source)
 
     def __call__(self, task: Task) -> Any:
         from lagoon.testing import ReplayChatModel
 
-        path = self.folder / f"{task.id}.json"
+        path = self.folder if self.folder.is_file() else self.folder / f"{task.id}.json"
         return ReplayChatModel.from_file(str(path)) if path.is_file() else ReplayChatModel([])

@@ -30,27 +30,25 @@ from torch import nn
 
 from lagoon.errors import ConfigError
 from lagoon.moe.dispatch import DispatchPlan, plan_dispatch
+from lagoon.registry import Registry
 
 __all__ = ["ACTIVATIONS", "EXPERT_IMPLS", "Experts", "ReferenceExperts", "StackedExperts", "activation"]
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+ACTIVATIONS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("activation", {
     "silu": F.silu,
     "swish": F.silu,
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
-}
+})
 
 EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The activation called `name` (HF ``hidden_act`` spelling); ConfigError lists the valid ones."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ConfigError(f"unknown activation {name!r}; valid: {', '.join(sorted(ACTIVATIONS))}") from None
+    return ACTIVATIONS.load(name)
 
 
 def _grouped_mm_ok(xs: torch.Tensor) -> bool:

@@ -23,14 +23,15 @@ This module is *not* a router: it never calls a model.
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from lagoon.config import ClassificationSection
 from lagoon.errors import ConfigError
 from lagoon.protocols import Classification, Classifier, TaskType
+from lagoon.registry import Registry
 
 __all__ = [
     "CLASSIFIERS",
@@ -40,10 +41,10 @@ __all__ = [
     "keyword_hits",
 ]
 
-CLASSIFIERS: dict[str, str] = {
+CLASSIFIERS: Registry[Any] = Registry("classifier", {
     "lexical": "lagoon.routing.classify:LexicalClassifier",
     "learned": "lagoon.routing.learned:LearnedClassifier",
-}
+}, where="classification.classifier")
 
 REASONING_CAPABILITIES = ("synthesis", "cross_module_reasoning")
 RETRIEVAL_CAPABILITIES = ("pattern_matching", "local_transformation")
@@ -104,18 +105,13 @@ def apply_safe_side(c: Classification, config: ClassificationSection) -> Classif
 
 def build_classifier(config: ClassificationSection) -> Classifier:
     """The classifier `config.classifier` names (a learned one is loaded from `config.model_path`)."""
-    target = CLASSIFIERS.get(config.classifier)
-    if target is None:
-        raise ConfigError(
-            f"classification.classifier: unknown classifier {config.classifier!r}; valid: {', '.join(CLASSIFIERS)}"
-        )
+    CLASSIFIERS.check(config.classifier)
     if config.classifier == "learned" and not config.model_path:
         raise ConfigError(
             "classification.model_path is not set but classification.classifier is 'learned'; "
             "fit one with `lagoon router fit DATA.jsonl -o router.joblib` and set model_path to it"
         )
-    module, _, cls_name = target.partition(":")
-    cls = getattr(importlib.import_module(module), cls_name)
+    cls = CLASSIFIERS.load(config.classifier)
     if config.classifier == "learned":
         return cls.load(config.model_path, config=config)
     return cls(config)

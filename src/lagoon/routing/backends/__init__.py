@@ -11,21 +11,21 @@
 
 from __future__ import annotations
 
-import importlib
+from typing import Any
 
 from lagoon.config import EngineSection, RouteSection
-from lagoon.errors import ConfigError
 from lagoon.protocols import ChatModel
+from lagoon.registry import Registry
 from lagoon.routing.backends.base import infer_provider, split_endpoint
 from lagoon.telemetry import Telemetry
 
 __all__ = ["BACKENDS", "build_backend", "infer_provider", "split_endpoint"]
 
-BACKENDS: dict[str, str] = {
+BACKENDS: Registry[Any] = Registry("backend provider", {
     "openai_compat": "lagoon.routing.backends.openai_compat:OpenAICompatBackend",
     "anthropic": "lagoon.routing.backends.anthropic:AnthropicBackend",
     "local": "lagoon.routing.backends.local:LocalBackend",
-}
+}, where="routing.*.provider")
 
 
 def build_backend(
@@ -38,9 +38,6 @@ def build_backend(
     """The backend a route describes (provider given or inferred from the endpoint); `engine_config`
     is how the `local` backend loads the in-process engine."""
     provider = infer_provider(route)
-    target = BACKENDS.get(provider)
-    if target is None:
-        raise ConfigError(f"unknown backend provider {provider!r}; valid providers: {', '.join(BACKENDS)}")
-    module, _, cls = target.partition(":")
+    cls = BACKENDS.load(provider)
     kwargs = {"engine_config": engine_config} if provider == "local" else {}
-    return getattr(importlib.import_module(module), cls)(route, name=name, telemetry=telemetry, **kwargs)
+    return cls(route, name=name, telemetry=telemetry, **kwargs)
