@@ -104,9 +104,9 @@ def test_tags_change_the_quantized_output(quant_engine) -> None:
 def test_server_chat_prompt_carries_types(quant_engine) -> None:
     serving = OpenAIServing(quant_engine, Telemetry(), "tiny")
     req = ChatCompletionRequest(model="tiny", messages=CHAT, tools=TOOLS, tool_choice="required")
-    ids, types, forced = serving._chat_prompt(req)
-    assert forced and len(ids) == len(types)
-    assert types == quant_engine.chat_prompt_typed(CHAT, TOOLS, suffix=forced)[1] and TO in types
+    ids, types, constraint = serving._chat_prompt(req)
+    assert constraint is not None and constraint.kind == "lark" and len(ids) == len(types)
+    assert types == quant_engine.chat_prompt_typed(CHAT, TOOLS)[1] and TO in types
 
 
 def test_bad_prompt_types_are_refused(quant_engine) -> None:

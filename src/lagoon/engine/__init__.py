@@ -4,6 +4,9 @@
     for piece in engine.stream("def add(a, b):", engine.params(max_new_tokens=32)):
         print(piece, end="")
 
+    done = engine.complete("A JSON user:", engine.params(max_new_tokens=64),
+                           constraint=Constraint.json_schema({"type": "object"}))   # always valid JSON
+
 The OpenAI-compatible HTTP layer is `lagoon.engine.server`.
 """
 
@@ -17,6 +20,10 @@ from lagoon.engine.engine import (
     engine_from_config,
     load_model,
 )
+from lagoon.engine.grammar import Constraint
 from lagoon.engine.sampling import SamplingParams
 
-__all__ = ["Engine", "Completion", "load_model", "engine_from_config", "embedded_gguf_path", "EMBEDDED", "SamplingParams"]
+__all__ = [
+    "Engine", "Completion", "load_model", "engine_from_config", "embedded_gguf_path", "EMBEDDED", "SamplingParams",
+    "Constraint",
+]

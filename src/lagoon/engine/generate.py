@@ -8,7 +8,9 @@ its prompt plus `max_new_tokens`; otherwise it waits.
 
 Every forward runs inside `lagoon.quant.policy.token_types`: prompt tokens carry the types given to
 `submit` (from the chat messages they came from; CONTEXT when none are given), decoded tokens are
-REASONING. Quantized layers with activation scales use the tags to choose static (calibrated) or
+REASONING. A request with a grammar (`lagoon.engine.grammar.GrammarMatcher`) samples inside that
+grammar's token mask, in the same batch as unconstrained ones, and ends when the grammar is complete.
+Quantized layers with activation scales use the tags to choose static (calibrated) or
 dynamic per-token scales; float layers ignore them. `cancel` (a stop string, a disconnected
 client) ends a request at the next step and frees its cache. This module is *not* the HTTP layer
 (see `lagoon.engine.server`).
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lagoon.engine.grammar import GrammarMatcher
 from lagoon.engine.sampling import SamplingParams, make_generator, sample
 from lagoon.errors import BadRequestError, ContextWindowExceededError, LagoonError
 from lagoon.quant.policy import TokenType, token_types
@@ -49,6 +52,7 @@ class Request:
     first_token_at: float | None = None
     generator: torch.Generator | None = None
     prompt_types: torch.Tensor | None = None  # [len(prompt_ids)] TokenType codes
+    grammar: GrammarMatcher | None = None  # constrained decoding: the allowed next tokens
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -74,9 +78,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ API
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, prompt_types: Sequence[int] | None = None
+        self, prompt_ids: Sequence[int], params: SamplingParams, prompt_types: Sequence[int] | None = None,
+        grammar: GrammarMatcher | None = None,
     ) -> Request:
-        """Queue a request; `prompt_types` tags each prompt token (TokenType codes, default CONTEXT)."""
+        """Queue a request; `prompt_types` tags each prompt token (TokenType codes, default CONTEXT);
+        `grammar` constrains what it may generate."""
         need = len(prompt_ids) + params.max_new_tokens
         if not prompt_ids:
             raise BadRequestError("the prompt is empty")
@@ -90,7 +96,7 @@ class Scheduler:
                 f"engine's window of {self.cache.max_seq_len}; shorten the prompt or lower max_tokens",
                 needed=need, window=self.cache.max_seq_len,
             )
-        req = Request(list(prompt_ids), params)
+        req = Request(list(prompt_ids), params, grammar=grammar)
         types = [int(TokenType.CONTEXT)] * len(prompt_ids) if prompt_types is None else [int(t) for t in prompt_types]
         if any(t not in TokenType._value2member_map_ for t in types):
             raise BadRequestError(f"prompt_types must be TokenType codes {[(m.name, int(m)) for m in TokenType]}")
@@ -188,24 +194,32 @@ class Scheduler:
         if req.cancelled.is_set():
             self._retire(req, "cancelled")
             return
-        tok = sample(logits, req.params, req.generator)
+        try:
+            allowed = None if req.grammar is None else req.grammar.allowed(logits.shape[-1])  # [V]
+            tok = sample(logits, req.params, req.generator, allowed)
+            is_eos = tok in self.eos_ids and not req.params.ignore_eos
+            if req.grammar is not None and not is_eos:
+                req.grammar.accept(tok)
+        except LagoonError as exc:  # this request's constraint failed alone; the batch carries on
+            self._retire(req, None, exc)
+            return
         req.output_ids.append(tok)
         if req.first_token_at is None:
             req.first_token_at = now
         if self.on_token is not None:
             self.on_token(req, now)
         req.events.put(tok)
-        if tok in self.eos_ids and not req.params.ignore_eos:
+        if is_eos or (req.grammar is not None and req.grammar.done):
             self._retire(req, "stop")
         elif len(req.output_ids) >= req.params.max_new_tokens:
             self._retire(req, "length")
 
-    def _retire(self, req: Request, reason: str) -> None:
+    def _retire(self, req: Request, reason: str | None, exc: Exception | None = None) -> None:
         if req in self.active:
             self.active.remove(req)
         # the cache holds KV for prompt + all but the last sampled token
         self.cache.free(req.id, req.prompt_ids + req.output_ids[:-1])
-        self._finish(req, reason)
+        self._finish(req, reason, exc)
 
     @staticmethod
     def _finish(req: Request, reason: str | None, exc: Exception | None = None) -> None:

@@ -1,8 +1,10 @@
 """Next-token sampling: greedy, temperature, top-k, top-p, with a per-request seeded generator.
 
-`SamplingParams` is what a request asks for (the OpenAI fields); `sample(logits, params, generator)`
-picks one token from one row of logits. Temperature 0 is greedy (argmax, no randomness). This module
-is *not* a decoding loop (see `lagoon.engine.generate`).
+`SamplingParams` is what a request asks for (the OpenAI fields); `sample(logits, params, generator,
+allowed)` picks one token from one row of logits. Temperature 0 is greedy (argmax, no randomness).
+`allowed` is a constrained request's token mask (`lagoon.engine.grammar`): everything else is set to
+-inf before temperature, top-k and top-p, so the pick is always inside the grammar. This module is
+*not* a decoding loop (see `lagoon.engine.generate`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from lagoon.errors import BadRequestError
 
-__all__ = ["SamplingParams", "sample", "make_generator"]
+__all__ = ["SamplingParams", "sample", "make_generator", "unpack_bitmask"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,27 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """logits [V] (any float dtype) → one token id."""
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 bitmask [W] (bit j of word i: token 32*i + j is allowed) → bool [vocab]. Tokens past
+    the mask's 32*W (a model vocabulary padded beyond the tokenizer's) are not allowed."""
+    bits = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().flatten()  # [W * 32]
+    if bits.numel() >= vocab:
+        return bits[:vocab]
+    return torch.cat([bits, bits.new_zeros(vocab - bits.numel())])
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+    allowed: torch.Tensor | None = None,
+) -> int:
+    """logits [V] (any float dtype), allowed bool [V] or None → one token id."""
+    if allowed is not None:
+        if not bool(allowed.any()):
+            raise BadRequestError("the output constraint allows no token here; check the grammar or schema")
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.greedy:
         return int(torch.argmax(logits))
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)

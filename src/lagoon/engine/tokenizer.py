@@ -4,13 +4,14 @@
 GGUF vocabulary is slow (~20 s), so the converted tokenizer is kept in `~/.cache/lagoon/tokenizers`
 (keyed by the file's size and mtime, written to a temp folder then renamed) and reused.
 
-`ChatFormat` renders OpenAI-style messages and tools through the checkpoint's own chat template.
-When the template ignores `tools`, the tool list and the `<tool_call>` convention are put in the
-system message instead (the Hermes/Qwen format). `ChatFormat.encode_with_roles` also says, per
-token, which message's role it came from (None for template text such as the generation prompt):
-the engine turns that into token types for quantized activations (`lagoon.quant.policy`). `parse_tool_calls` reads `<tool_call>{json}</tool_call>`
-blocks (and a bare `{"name":…,"arguments":…}` reply) back into `ToolCall`s. This module is *not* a
-tokenizer implementation.
+`ChatFormat` renders OpenAI-style messages and tools through the checkpoint's own chat template,
+and knows the family's tool-call syntax (`ChatFormat.tool_syntax`, see `lagoon.engine.tool_calls`):
+SmolLM2's JSON list when the template is SmolLM2's, else Hermes/Qwen `<tool_call>` blocks. When the
+template ignores `tools`, the tool list and that syntax are put in the system message instead.
+`ChatFormat.encode_with_roles` also says, per token, which message's role it came from (None for
+template text such as the generation prompt): the engine turns that into token types for quantized
+activations (`lagoon.quant.policy`). `parse_tool_calls` (re-exported from `tool_calls`) reads
+calls back. This module is *not* a tokenizer implementation.
 """
 
 from __future__ import annotations
@@ -18,22 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
 
+from lagoon.engine.tool_calls import HERMES, SMOLLM2, ToolSyntax, parse_tool_calls
 from lagoon.errors import CheckpointError
-from lagoon.protocols import ToolCall
 
 __all__ = ["load_tokenizer", "ChatFormat", "parse_tool_calls"]
-
-_TOOL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 
 
 def _cache_root() -> Path:
@@ -67,46 +64,28 @@ def load_tokenizer(source: str | Path) -> Any:
         raise CheckpointError(f"cannot load a tokenizer from {source} ({exc}); the checkpoint needs one") from exc
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """Split a reply into (content without tool-call blocks, parsed calls)."""
-    calls: list[ToolCall] = []
-    for m in _TOOL_RE.finditer(text):
-        call = _call_from_json(m.group(1))
-        if call is not None:
-            calls.append(call)
-    if calls:
-        return _TOOL_RE.sub("", text).strip(), calls
-    stripped = text.strip()
-    if stripped.startswith("{") and stripped.endswith("}"):
-        call = _call_from_json(stripped)
-        if call is not None:
-            return "", [call]
-    return text, []
+_TOOL_SYSTEM = {
+    "hermes": (
+        "You may call one or more functions to assist with the user query. The functions are:\n<tools>\n{tools}\n"
+        "</tools>\nTo call a function, reply with a JSON object inside <tool_call></tool_call> tags:\n"
+        '<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+    ),
+    # SmolLM2-Instruct's own tool-calling prompt (from its model card), which it was trained on
+    "smollm2": (
+        "You are an expert in composing functions. You are given a question and a set of possible functions.\n"
+        "Based on the question, you will need to make one or more function/tool calls to achieve the purpose.\n\n"
+        "You have access to the following tools:\n<tools>{tools}</tools>\n\n"
+        "The output MUST strictly adhere to the following format, and NO other text MUST be included.\n"
+        "The example format is as follows. Please make sure the parameter type is correct.\n"
+        '<tool_call>[\n{{"name": "func_name1", "arguments": {{"argument1": "value1", "argument2": "value2"}}}},\n'
+        "... (more tool calls as required)\n]</tool_call>"
+    ),
+}
 
 
-def _call_from_json(raw: str) -> ToolCall | None:
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(args, dict):
-        return None
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=obj["name"], arguments=args)
-
-
-_TOOL_SYSTEM = (
-    "You may call one or more functions to assist with the user query. The functions are:\n<tools>\n{tools}\n</tools>\n"
-    "To call a function, reply with a JSON object inside <tool_call></tool_call> tags:\n"
-    '<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
-)
+def tool_syntax_for(template: str) -> ToolSyntax:
+    """The tool-call syntax a chat template's model family was trained on."""
+    return SMOLLM2 if "SmolLM" in template else HERMES
 
 
 class ChatFormat:
@@ -118,20 +97,21 @@ class ChatFormat:
         if not template:
             raise CheckpointError("the tokenizer has no chat template; use /v1/completions or `lagoon generate` without --chat")
         self.template_takes_tools = "tools" in template
+        self.tool_syntax = tool_syntax_for(template)
 
     def _prepare(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Messages as the template gets them (tools folded into the system message when the
         template ignores `tools`) and the template's keyword arguments."""
-        msgs = [_plain(m) for m in messages]
+        msgs = [_plain(m, self.tool_syntax) for m in messages]
         kw: dict[str, Any] = {}
         if tools:
             if self.template_takes_tools:
                 kw["tools"] = list(tools)
             else:
                 spec = "\n".join(json.dumps(t.get("function", t)) for t in tools)
-                note = _TOOL_SYSTEM.format(tools=spec)
+                note = _TOOL_SYSTEM[self.tool_syntax.name].format(tools=spec)
                 if msgs and msgs[0]["role"] == "system":
                     msgs[0] = {**msgs[0], "content": f"{msgs[0]['content']}\n\n{note}"}
                 else:
@@ -195,21 +175,21 @@ class ChatFormat:
         return ids, roles
 
 
-def _plain(m: Mapping[str, Any]) -> dict[str, Any]:
-    """Content parts → text; assistant tool calls → the <tool_call> text the model would write."""
+def _plain(m: Mapping[str, Any], syntax: ToolSyntax) -> dict[str, Any]:
+    """Content parts → text; assistant tool calls → the text the model would write (its `syntax`)."""
     content = m.get("content") or ""
     if isinstance(content, list):
         content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
     out: dict[str, Any] = {"role": m["role"], "content": content}
     calls = m.get("tool_calls") or []
     if calls:
-        blocks = []
+        pairs = []
         for c in calls:
             fn = c.get("function", c)
             args = fn.get("arguments", {})
             args = json.loads(args) if isinstance(args, str) and args else args
-            blocks.append(f'<tool_call>\n{json.dumps({"name": fn.get("name"), "arguments": args})}\n</tool_call>')
-        out["content"] = (content + "\n" if content else "") + "\n".join(blocks)
+            pairs.append((fn.get("name"), args))
+        out["content"] = (content + "\n" if content else "") + syntax.render(pairs)
     if m["role"] == "tool":
         out["content"] = f"<tool_response>\n{content}\n</tool_response>"
     return out

@@ -120,7 +120,9 @@ def create_app(engine: Engine, server: ServerSection | None = None, telemetry: T
         if (bad := _check_model(req.model)) is not None:
             return bad
         if req.stream:
-            return StreamingResponse(serving.completion_stream(req), media_type="text/event-stream")
+            gen = serving.completion_stream(req)
+            first = await anext(gen)  # surface request errors as a JSON error, not a broken stream
+            return StreamingResponse(_prepend(first, gen), media_type="text/event-stream")
         return await serving.completion(req)
 
     @app.get("/v1/models")

@@ -1,8 +1,12 @@
 """The OpenAI wire format Lagoon's server accepts and returns: request models (pydantic, so bad
 fields become 400s naming the field) and builders for responses, stream chunks and error bodies.
 
-Only what the engine can honour is accepted: `n` must be 1; `logprobs` and images are refused with
-a clear 400 rather than silently ignored. Unknown extra fields are ignored, as OpenAI does.
+Only what the engine can honour is accepted: `n` must be 1, and every field Lagoon does not
+implement (`logprobs`, penalties, `logit_bias`, audio, …, or a misspelt name) is refused with a 400
+that names it (`unsupported_fields`) rather than silently dropped. Structured outputs:
+`response_format` (`json_object`, `json_schema`) and the Lagoon extension `structured_outputs`
+(`json`, `regex`, `choice`, `grammar` — a Lark grammar — as in vLLM, which also spells them
+`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`; those are accepted too).
 """
 
 from __future__ import annotations
@@ -13,11 +17,38 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ChatCompletionRequest", "CompletionRequest", "error_body", "new_id", "chunk", "usage_dict"]
+__all__ = [
+    "ChatCompletionRequest", "CompletionRequest", "StructuredOutputs", "error_body", "new_id", "chunk", "usage_dict",
+]
+
+# Fields OpenAI clients may send that change nothing here: accepted, never acted on.
+_HARMLESS = {"user", "metadata", "store", "parallel_tool_calls", "service_tier"}
+# Fields whose default value is what Lagoon does anyway; any other value is refused.
+_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "best_of": (None, 1),
+}
+
+
+class StructuredOutputs(BaseModel):
+    """The Lagoon / vLLM extension: exactly one of these constrains the output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | bool | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def given(self) -> list[str]:
+        names = {"json_": "json"}
+        return [names.get(k, k) for k in ("json_", "regex", "choice", "grammar", "json_object")
+                if getattr(self, k) not in (None, False)]
 
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -30,6 +61,35 @@ class _Req(BaseModel):
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     ignore_eos: bool = False
+    response_format: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        kind = v.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError("response_format.type must be 'text', 'json_object' or 'json_schema'")
+        if kind == "json_schema":
+            spec = v.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ValueError("response_format.json_schema must be {'name': …, 'schema': {…}, 'strict': …}")
+        return v
+
+    def unsupported_fields(self) -> list[str]:
+        """Request fields Lagoon would otherwise have to drop silently."""
+        bad = []
+        for k, v in (self.model_extra or {}).items():
+            if k in _HARMLESS or (k in _DEFAULTS and v in _DEFAULTS[k]):
+                continue
+            bad.append(k)
+        return sorted(bad)
 
     @property
     def stops(self) -> tuple[str, ...]:

@@ -1,12 +1,15 @@
-"""OpenAI semantics on top of an `Engine`: turn a chat or completion request into a prompt and
-sampling parameters, run it, and shape the reply (plain JSON or SSE chunks), with usage, tool calls
-and metrics.
+"""OpenAI semantics on top of an `Engine`: turn a chat or completion request into a prompt, sampling
+parameters and an output constraint, run it, and shape the reply (plain JSON or SSE chunks), with
+usage, tool calls and metrics.
 
-Tool calls: `tools` go through the model's chat template (`ChatFormat`); the reply is parsed for
-`<tool_call>{…}</tool_call>` blocks. `tool_choice` `none` drops the tools; `required` or a named
-function starts the assistant turn with the call's opening (`<tool_call>\\n{"name": "…`) so any
-model answers with a call. With tools, a stream holds text back until the reply is complete (a call
-cannot be told from prose earlier), then sends it as content or as tool-call deltas.
+Constraints (`lagoon.engine.grammar`): `response_format` json_object / json_schema and the
+`structured_outputs` / `guided_*` extension become a grammar the output cannot leave. Tool calls:
+`tools` go through the model's chat template (`ChatFormat`), in the family's own call syntax;
+`tool_choice` `none` drops the tools, `auto` lets the model choose, `required` or a named function
+constrain the reply to exactly one call of one of the (or the named) tools whose arguments match
+its JSON schema. The reply is parsed into `tool_calls`; a stream sends content as it comes and each
+call as OpenAI deltas (id and name first, then argument fragments) while the model writes it
+(`ToolCallStream`). Fields Lagoon does not implement are refused with a 400 naming them.
 
 The blocking engine queue is read from a worker thread; a client that disconnects mid-stream
 cancels its request (the generator's `finally`). This module is *not* the HTTP app (`app.py`).
@@ -23,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lagoon.engine.engine import Engine
 from lagoon.engine.generate import TextStream
+from lagoon.engine.grammar import Constraint
 from lagoon.engine.sampling import SamplingParams
 from lagoon.engine.server.protocol import (
     ChatCompletionRequest,
@@ -32,7 +36,7 @@ from lagoon.engine.server.protocol import (
     now,
     usage_dict,
 )
-from lagoon.engine.tokenizer import parse_tool_calls
+from lagoon.engine.tool_calls import ToolCallDelta, ToolCallStream, parse_tool_calls
 from lagoon.errors import BadRequestError
 from lagoon.telemetry import Telemetry
 
@@ -41,7 +45,6 @@ __all__ = ["OpenAIServing"]
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _END = object()
-_TOOL_CLOSE = "</tool_call>"
 
 
 class OpenAIServing:
@@ -50,6 +53,10 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ helpers
     def _params(self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int) -> SamplingParams:
+        if bad := req.unsupported_fields():
+            raise BadRequestError(
+                f"unsupported request field(s): {', '.join(bad)}; Lagoon does not implement them, remove them"
+            )
         room = self.engine.max_seq_len - prompt_len
         limit = req.limit or max(1, room)
         return SamplingParams(
@@ -83,20 +90,29 @@ class OpenAIServing:
             yield piece
 
     # ------------------------------------------------------------------ chat
-    def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], list[int], str]:
+    def _tools(self, req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+        return req.tools if req.tools and req.tool_choice != "none" else None
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], list[int], Constraint | None]:
         """Prompt ids, their token types (by source message: `Engine.chat_prompt_typed`) and the
-        forced opening of a tool call ('' when none)."""
-        tools = req.tools if req.tools and req.tool_choice != "none" else None
-        forced = ""
-        if tools and req.tool_choice == "required":
-            forced = '<tool_call>\n{"name": "'
-        elif tools and isinstance(req.tool_choice, dict):
-            name = req.tool_choice["function"]["name"]
-            if name not in {(t.get("function") or t).get("name") for t in tools}:
-                raise BadRequestError(f"tool_choice names {name!r}, which is not in tools")
-            forced = '<tool_call>\n{"name": ' + json.dumps(name) + ', "arguments": '
-        ids, types = self.engine.chat_prompt_typed(req.messages, tools, suffix=forced)
-        return ids, types, forced
+        output constraint (None when the output is free)."""
+        tools = self._tools(req)
+        if req.tool_choice in ("required",) or isinstance(req.tool_choice, dict):
+            if not tools:
+                raise BadRequestError("tool_choice asks for a tool call but the request has no tools")
+            if _output_constraint(req) is not None:
+                raise BadRequestError("give either a forced tool_choice or an output format, not both")
+            forced = tools
+            if isinstance(req.tool_choice, dict):
+                name = req.tool_choice["function"]["name"]
+                forced = [t for t in tools if (t.get("function") or t).get("name") == name]
+                if not forced:
+                    raise BadRequestError(f"tool_choice names {name!r}, which is not in tools")
+            constraint: Constraint | None = Constraint.tool_call(forced, self.engine.chat_format.tool_syntax)
+        else:
+            constraint = _output_constraint(req)
+        ids, types = self.engine.chat_prompt_typed(req.messages, tools)
+        return ids, types, constraint
 
     def _message(self, text: str, tools: bool) -> tuple[dict[str, Any], str | None]:
         msg: dict[str, Any] = {"role": "assistant", "content": text}
@@ -113,14 +129,14 @@ class OpenAIServing:
         return msg, None
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        ids, types, forced = self._chat_prompt(req)
-        r, stream = self.engine.submit(ids, self._params(req, len(ids)), types)
+        ids, types, constraint = self._chat_prompt(req)
+        r, stream = self.engine.submit(ids, self._params(req, len(ids)), types, constraint)
         try:
             text = "".join(await run_in_threadpool(list, stream))
         finally:
             r.cancel()
         self._observe("chat", stream, len(ids))
-        msg, finish = self._message(_close_forced(forced, text), bool(req.tools))
+        msg, finish = self._message(text, self._tools(req) is not None)
         return {
             "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": self.model_name,
             "choices": [{"index": 0, "message": msg, "finish_reason": finish or stream.finish_reason, "logprobs": None}],
@@ -128,33 +144,30 @@ class OpenAIServing:
         }
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        ids, types, forced = self._chat_prompt(req)
-        r, stream = self.engine.submit(ids, self._params(req, len(ids)), types)
+        ids, types, constraint = self._chat_prompt(req)
+        r, stream = self.engine.submit(ids, self._params(req, len(ids)), types, constraint)
         rid, created, model = new_id("chatcmpl"), now(), self.model_name
+        calls = ToolCallStream() if self._tools(req) is not None else None
 
         def sse(obj: dict[str, Any]) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
+        def deltas(items: Any) -> Any:
+            for item in items:
+                if isinstance(item, ToolCallDelta):
+                    yield sse(chunk(rid, model, created, {"tool_calls": [item.to_openai()]}))
+                elif item:
+                    yield sse(chunk(rid, model, created, {"content": item}))
+
         try:
             yield sse(chunk(rid, model, created, {"role": "assistant", "content": ""}))
-            held: list[str] = []
             async for piece in self._pieces(stream):
-                if req.tools:
-                    held.append(piece)
-                else:
-                    yield sse(chunk(rid, model, created, {"content": piece}))
-            finish = stream.finish_reason
-            if req.tools:
-                msg, tool_finish = self._message(_close_forced(forced, "".join(held)), True)
-                if tool_finish:
-                    finish = tool_finish
-                    deltas = [{"index": i, "id": c["id"], "type": "function", "function": c["function"]}
-                              for i, c in enumerate(msg["tool_calls"])]
-                    if msg["content"]:
-                        yield sse(chunk(rid, model, created, {"content": msg["content"]}))
-                    yield sse(chunk(rid, model, created, {"tool_calls": deltas}))
-                elif msg["content"]:
-                    yield sse(chunk(rid, model, created, {"content": msg["content"]}))
+                for out in deltas([piece] if calls is None else calls.feed(piece)):
+                    yield out
+            if calls is not None:
+                for out in deltas(calls.feed("", final=True)):
+                    yield out
+            finish = "tool_calls" if calls is not None and calls.called else stream.finish_reason
             yield sse(chunk(rid, model, created, {}, finish))
             if req.include_usage:
                 yield sse(chunk(rid, model, created, None, usage=usage_dict(len(ids), len(r.output_ids), r.cached_tokens)))
@@ -176,7 +189,7 @@ class OpenAIServing:
 
     async def completion(self, req: CompletionRequest) -> dict[str, Any]:
         ids = self._completion_prompt(req)
-        r, stream = self.engine.submit(ids, self._params(req, len(ids)))
+        r, stream = self.engine.submit(ids, self._params(req, len(ids)), None, _output_constraint(req))
         try:
             text = "".join(await run_in_threadpool(list, stream))
         finally:
@@ -192,7 +205,7 @@ class OpenAIServing:
 
     async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
         ids = self._completion_prompt(req)
-        r, stream = self.engine.submit(ids, self._params(req, len(ids)))
+        r, stream = self.engine.submit(ids, self._params(req, len(ids)), None, _output_constraint(req))
         rid, created = new_id("cmpl"), now()
 
         def sse(text: str, finish: str | None) -> str:
@@ -211,17 +224,41 @@ class OpenAIServing:
             r.cancel()
 
 
-def _close_forced(forced: str, text: str) -> str:
-    """A forced call's continuation often stops after its JSON (or runs on): keep the first JSON
-    value and close the block. Unparseable output is returned as it is (no call is invented)."""
-    if not forced:
-        return text
-    whole = forced + text
-    if _TOOL_CLOSE in text:
-        return whole
-    start = forced.rfind("{")
-    try:
-        obj, end = json.JSONDecoder().raw_decode(whole[start:].replace("\n", " "))
-    except json.JSONDecodeError:
-        return text
-    return "<tool_call>\n" + json.dumps(obj) + "\n</tool_call>" if isinstance(obj, dict) else text
+def _output_constraint(req: ChatCompletionRequest | CompletionRequest) -> Constraint | None:
+    """The constraint `response_format`, `structured_outputs` or `guided_*` asks for (at most one)."""
+    found: list[tuple[str, Constraint]] = []
+    fmt = req.response_format or {}
+    if fmt.get("type") == "json_object":
+        found.append(("response_format", Constraint.json_schema(None)))
+    elif fmt.get("type") == "json_schema":
+        found.append(("response_format", Constraint.json_schema(fmt["json_schema"].get("schema"))))
+    so = req.structured_outputs
+    if so is not None:
+        given = so.given()
+        if len(given) > 1:
+            raise BadRequestError(f"structured_outputs takes one of json, regex, choice, grammar (got {', '.join(given)})")
+        if so.json_ is not None and so.json_ is not False:
+            found.append(("structured_outputs.json", Constraint.json_schema(None if so.json_ is True else so.json_)))
+        elif so.json_object:
+            found.append(("structured_outputs.json_object", Constraint.json_schema(None)))
+        elif so.regex is not None:
+            found.append(("structured_outputs.regex", Constraint.regex(so.regex)))
+        elif so.choice is not None:
+            found.append(("structured_outputs.choice", Constraint.choice(so.choice)))
+        elif so.grammar is not None:
+            found.append(("structured_outputs.grammar", Constraint.lark(so.grammar)))
+    if req.guided_json is not None:
+        try:
+            schema = json.loads(req.guided_json) if isinstance(req.guided_json, str) else req.guided_json
+        except json.JSONDecodeError as exc:
+            raise BadRequestError(f"guided_json is not valid JSON ({exc})") from exc
+        found.append(("guided_json", Constraint.json_schema(schema)))
+    if req.guided_regex is not None:
+        found.append(("guided_regex", Constraint.regex(req.guided_regex)))
+    if req.guided_choice is not None:
+        found.append(("guided_choice", Constraint.choice(req.guided_choice)))
+    if req.guided_grammar is not None:
+        found.append(("guided_grammar", Constraint.lark(req.guided_grammar)))
+    if len(found) > 1:
+        raise BadRequestError(f"give one output constraint, not several: {', '.join(n for n, _ in found)}")
+    return found[0][1] if found else None

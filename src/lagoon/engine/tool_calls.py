@@ -1,0 +1,217 @@
+"""Tool calls in a model family's own text syntax: `ToolSyntax` (how a family writes a call),
+`parse_tool_calls` (a finished reply → content + calls) and `ToolCallStream` (a reply arriving in
+pieces → OpenAI stream deltas: content, then per call its name first and its arguments in fragments).
+
+Two syntaxes are known. Hermes/Qwen: `<tool_call>\\n{"name": …, "arguments": {…}}\\n</tool_call>`,
+one block per call. SmolLM2 (trained on it): a JSON list in one block,
+`<tool_call>[{"name": …, "arguments": {…}}, …]</tool_call>`. Both parsers read either, so a model
+that drifts to the other form is still understood; `Constraint.tool_call` makes a model write its
+own. This module is *not* the chat template (`lagoon.engine.tokenizer`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from lagoon.protocols import ToolCall
+
+__all__ = ["ToolSyntax", "HERMES", "SMOLLM2", "parse_tool_calls", "split_blocks", "ToolCallStream", "ToolCallDelta"]
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_HEAD_RE = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
+@dataclass(frozen=True)
+class ToolSyntax:
+    """How a model family writes one call: `open` + call JSON (in a list when `as_list`) + `close`."""
+
+    name: str
+    open: str
+    close: str
+    as_list: bool
+
+    def render(self, calls: list[tuple[str, Any]]) -> str:
+        """(name, arguments) pairs → the text the model would have written for them."""
+        objs = [json.dumps({"name": n, "arguments": a}) for n, a in calls]
+        if self.as_list:
+            return self.open + "[" + ", ".join(objs) + "]" + self.close
+        return "\n".join(self.open + o + self.close for o in objs)
+
+    @property
+    def open_constraint(self) -> str:
+        """Where the grammar of a single forced call starts (a list opens with `[`)."""
+        return self.open + ("[" if self.as_list else "")
+
+    @property
+    def close_constraint(self) -> str:
+        return ("]" if self.as_list else "") + self.close
+
+    def example(self) -> str:
+        return self.render([("<function-name>", {"<arg>": "<value>"})]).replace('"<function-name>"', "<function-name>")
+
+
+HERMES = ToolSyntax("hermes", "<tool_call>\n", "\n</tool_call>", as_list=False)
+SMOLLM2 = ToolSyntax("smollm2", "<tool_call>", "</tool_call>", as_list=True)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """Split a reply into (content without tool-call blocks, parsed calls). A block may hold one call
+    object or a list of them; a reply that is only a bare `{"name":…, "arguments":…}` is a call too."""
+    outside, blocks = split_blocks(text)
+    calls = [c for b in blocks for c in _calls_from_json(b)]
+    if calls:
+        return outside.strip(), calls
+    stripped = text.strip()
+    if stripped.startswith(("{", "[")) and stripped.endswith(("}", "]")):
+        calls = _calls_from_json(stripped)
+        if calls:
+            return "", calls
+    return text, []
+
+
+def split_blocks(text: str, final: bool = True) -> tuple[str, list[str]]:
+    """Text outside `<tool_call>` blocks, and each block's inside (the last may be unfinished). A
+    block ends at the `</tool_call>` after its JSON value, so the tag inside a JSON string (a
+    command that greps for it) does not cut the call short. While a reply is still growing
+    (`final=False`), a block whose JSON is not complete yet runs to the end of the text."""
+    outside, blocks, pos = [], [], 0
+    dec = json.JSONDecoder()
+    while (at := text.find(OPEN, pos)) >= 0:
+        outside.append(text[pos:at])
+        j = at + len(OPEN)
+        start = len(text) - len(text[j:].lstrip())
+        try:
+            end = dec.raw_decode(text, start)[1]
+        except json.JSONDecodeError:
+            end = None
+        if end is not None:
+            rest = text[end:].lstrip()
+            if rest.startswith(CLOSE) or CLOSE.startswith(rest):  # closed, or still on its way to close
+                blocks.append(text[j:end])
+                pos = len(text) - len(rest) + len(CLOSE) if rest.startswith(CLOSE) else len(text)
+                continue
+        close = text.find(CLOSE, j if end is None else end)  # malformed, or junk after the JSON
+        if close < 0 or (end is None and not final):
+            blocks.append(text[j:])
+            pos = len(text)
+            break
+        blocks.append(text[j:close])
+        pos = close + len(CLOSE)
+    outside.append(text[pos:])
+    return "".join(outside), blocks
+
+
+def _calls_from_json(raw: str) -> list[ToolCall]:
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError:
+        return []
+    objs = obj if isinstance(obj, list) else [obj]
+    calls = [_call(o) for o in objs]
+    return [c for c in calls if c is not None]
+
+
+def _call(obj: Any) -> ToolCall | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(id=_new_id(), name=obj["name"], arguments=args)
+
+
+def _new_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class ToolCallDelta:
+    """One OpenAI `delta.tool_calls[]` entry: the first for a call carries `id` and `name`, later
+    ones carry `arguments` fragments that concatenate to the call's arguments JSON."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+    def to_openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index}
+        fn: dict[str, Any] = {"arguments": self.arguments}
+        if self.id is not None:
+            out.update(id=self.id, type="function")
+            fn["name"] = self.name
+        out["function"] = fn
+        return out
+
+
+@dataclass
+class _Sent:
+    id: str
+    args: int = 0  # characters of the arguments text already sent
+
+
+@dataclass
+class ToolCallStream:
+    """Feed the reply's text as it grows (`feed(piece)`); each call yields what became certain:
+    content text (`str`) and `ToolCallDelta`s. Content never includes text that could still turn
+    out to open a call; a call's arguments are sent as written, so the fragments of one call join to
+    valid JSON once the call is complete."""
+
+    text: str = ""
+    _content: int = 0  # characters of content already sent (in `_outside()` coordinates)
+    _calls: list[_Sent] = field(default_factory=list)
+
+    @property
+    def called(self) -> bool:
+        return bool(self._calls)
+
+    def feed(self, piece: str, final: bool = False) -> Iterator[str | ToolCallDelta]:
+        self.text += piece
+        outside, blocks = split_blocks(self.text, final)
+        safe = len(outside) if final else _safe_len(outside)
+        if safe > self._content:
+            yield outside[self._content : safe]
+            self._content = safe
+        for i, (name, args) in enumerate(c for b in blocks for c in _scan_block(b)):
+            if i == len(self._calls):
+                self._calls.append(_Sent(_new_id()))
+                yield ToolCallDelta(i, self._calls[i].id, name)
+            sent = self._calls[i]
+            if len(args) > sent.args:
+                yield ToolCallDelta(i, arguments=args[sent.args :])
+                sent.args = len(args)
+
+
+def _safe_len(outside: str) -> int:
+    """How much of `outside` can be sent: all but a tail that may be the start of `<tool_call>`."""
+    for k in range(min(len(OPEN) - 1, len(outside)), 0, -1):
+        if OPEN.startswith(outside[-k:]):
+            return len(outside) - k
+    return len(outside)
+
+
+def _scan_block(block: str) -> Iterator[tuple[str, str]]:
+    """The calls in a (possibly unfinished) block: (name, arguments text so far). A call appears once
+    its name is complete; its arguments text is exact once the JSON value is complete, else all that
+    was written after `"arguments": ` (an unfinished JSON value has no terminator after it yet)."""
+    pos = 0
+    dec = json.JSONDecoder()
+    while (m := _HEAD_RE.search(block, pos)) is not None:
+        start = m.end()
+        try:
+            _, end = dec.raw_decode(block, start)
+        except json.JSONDecodeError:
+            yield json.loads(m.group(1)), block[start:]
+            return
+        yield json.loads(m.group(1)), block[start:end]
+        pos = end
