@@ -22,6 +22,7 @@ __all__ = [
     "Usage",
     "ChatResponse",
     "ChatModel",
+    "RoutedModel",
     "WindowReporting",
     "CommandResult",
     "Environment",
@@ -141,6 +142,20 @@ class ChatModel(Protocol):
 
     @property
     def context_window(self) -> int: ...
+
+
+@runtime_checkable
+class RoutedModel(ChatModel, Protocol):
+    """A chat model that routes between others (`lagoon.routing.Router`). The agent tells it the
+    task once, so every call of the task goes the same way, and reports each context validation."""
+
+    def set_task(self, prompt: str, context_size: int = 0) -> Classification:
+        """Classify the task once; `context_size` is the retrieved context's length in characters."""
+        ...
+
+    def record_validation(self, passed: bool) -> None: ...
+
+    def record_assumption_drift(self, n: int) -> None: ...
 
 
 @runtime_checkable

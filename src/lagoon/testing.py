@@ -123,19 +123,18 @@ def _script_entry(entry: Any) -> ScriptStep | str:
 
 
 class ReplayChatModel:
-    """A `ScriptedChatModel` whose script can come from a JSON file, and that can resume.
+    """A `ScriptedChatModel` whose script can come from a JSON file, and that can continue a session.
 
-    `resume_at(n)` makes the next reply the script's entry `n` (the agent calls it with the number
-    of replies a resumed session already holds). File format: a JSON list whose entries are a
-    string (a text reply), ``{"bash": CMD}`` or ``{"tool": [NAME, ARGS], "content": TEXT}``."""
+    `start=n` makes the first reply the script's entry `n`: a resumed session already holds `n`
+    replies (`lagoon.agent.runner.model_replies` counts them). File format: a JSON list whose
+    entries are a string (a text reply), ``{"bash": CMD}`` or ``{"tool": [NAME, ARGS], "content": TEXT}``."""
 
     def __init__(self, script: Sequence[Reply], *, name: str = "scripted", window: int = 32768,
-                 repeat_last: bool = False) -> None:
+                 repeat_last: bool = False, start: int = 0) -> None:
         self.script = list(script)
         self.name = name
-        self._kw = {"name": name, "window": window, "repeat_last": repeat_last}
-        self.inner = ScriptedChatModel(self.script, **self._kw)
-        self.offset = 0
+        self.offset = start
+        self.inner = ScriptedChatModel(self.script[start:], name=name, window=window, repeat_last=repeat_last)
 
     @classmethod
     def from_file(cls, path: str, **kw: Any) -> ReplayChatModel:
@@ -153,10 +152,6 @@ class ReplayChatModel:
 
             raise ConfigError(f"scripted model file {path}: the top level must be a JSON list of replies")
         return cls([_script_entry(e) for e in data], **kw)
-
-    def resume_at(self, n: int) -> None:
-        self.offset = n
-        self.inner = ScriptedChatModel(self.script[n:], **self._kw)
 
     @property
     def context_window(self) -> int:

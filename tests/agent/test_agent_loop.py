@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from lagoon.agent import run_task
-from lagoon.agent.session import SessionStore
+from lagoon.agent.runner import model_replies
+from lagoon.agent.session import SessionStore, session_id_for
 from lagoon.config import LagoonConfig, load_config
 from lagoon.protocols import CommandResult
 from lagoon.testing import FileHashSnapshots, ReplayChatModel, ScriptStep, WholeFileRetriever
@@ -173,7 +174,9 @@ def test_crash_mid_command_is_reported_on_resume_and_never_rerun(repo):
     script = [bash("echo first"), bash("touch boom"), bash("ls boom || echo missing"), SUBMIT]
     with pytest.raises(KeyboardInterrupt):
         run_task("crash me", repo, CFG, model=ReplayChatModel(script), environment=env)
-    model = ReplayChatModel(script)
+    done = model_replies(repo, CFG, session_id_for(repo, "crash me"))
+    assert done == 2  # `echo first`, then `touch boom` (its command was cut short)
+    model = ReplayChatModel(script, start=done)
     result = run_task("crash me", repo, CFG, model=model, environment=env)
     assert result.submitted and result.resumed
     assert env.seen.count("touch boom") == 1, "the interrupted command was re-run"
@@ -205,7 +208,8 @@ def test_tool_state_persistence_controls_whether_cwd_and_env_resume(repo, persis
     script = [bash("cd sub && export FOO=bar"), crash_once, SUBMIT]
     with pytest.raises(KeyboardInterrupt):
         run_task("state", repo, cfg, model=ReplayChatModel(script))
-    result = run_task("state", repo, cfg, model=ReplayChatModel(script))
+    done = model_replies(repo, cfg, session_id_for(repo, "state"))
+    result = run_task("state", repo, cfg, model=ReplayChatModel(script, start=done))
     assert result.submitted
     out = [e["payload"]["text"] for e in _events(repo, result.session_id) if e["kind"] == "tool_result"][1]
     if persist:

@@ -221,7 +221,10 @@ def test_rolling_day_window_expires_old_classifications():
 
 
 def test_validation_and_drift_hooks():
-    router, *_ = make()
+    from lagoon.protocols import RoutedModel
+
+    router, cheap, _ = make()
+    assert isinstance(router, RoutedModel) and not isinstance(cheap, RoutedModel)  # the agent's seam
     router.record_validation(True)
     router.record_validation(False)
     router.record_assumption_drift(3)

@@ -30,7 +30,7 @@ from lagoon.agent.tools import ToolBox
 from lagoon.agent.trajectory import Trajectory, message_to_dict
 from lagoon.config import AgentSection
 from lagoon.errors import LagoonError
-from lagoon.protocols import ChatModel
+from lagoon.protocols import ChatModel, RoutedModel
 
 __all__ = ["Agent", "AgentExit", "Submitted", "LimitsExceeded", "FormatError", "ValidationHalt"]
 
@@ -156,11 +156,10 @@ class Agent:
                 f"(validation.max_consecutive_validation_failures={self.gate.max_failures}); last reasons: "
                 + "; ".join(gate.failures[-1]["reasons"])
             )
-        record_validation = getattr(self.model, "record_validation", None)  # a Router tracks pass rates
-        if callable(record_validation) and self.gate.manager is not None:
+        if isinstance(self.model, RoutedModel) and self.gate.manager is not None:  # a Router tracks pass rates
             for _ in gate.failures:
-                record_validation(False)
-            record_validation(True)
+                self.model.record_validation(False)
+            self.model.record_validation(True)
         if gate.failures:
             self.emit("validation", {"ok": True, "version": gate.version, "reasons": [], "consecutive": 0})
         if self.telemetry is not None:

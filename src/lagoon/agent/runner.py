@@ -8,8 +8,9 @@ Resume rules: events are replayed into a fresh `Trajectory` and `Memory`; a tool
 intent but no result is recorded as `tool_interrupted` and reported to the model, never re-run;
 calls recorded but never started run first. Tool state (cwd, env, undo history) is restored only
 when `inference.tool_state_persistence` is on. A session that already has an `exit` event is not
-run again: its stored result is returned. Models that replay a script (`resume_at(n)`) are told how
-many replies the session already holds (model steps plus model-written memory summaries).
+run again: its stored result is returned. `model_replies` says how many replies a session already
+holds (model steps plus model-written memory summaries), for a caller that builds a scripted model
+to continue it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lagoon.agent.environment import LocalEnvironment
 from lagoon.agent.loop import Agent, AgentExit
 from lagoon.agent.memory import Memory
 from lagoon.agent.redaction import Redactor
-from lagoon.agent.session import FORMAT_VERSION, SessionLocks, SessionStore, session_id_for
+from lagoon.agent.session import DB_NAME, FORMAT_VERSION, SessionLocks, SessionStore, session_id_for
 from lagoon.agent.summarizer import ModelSummarizer
 from lagoon.agent.tools import ToolBox
 from lagoon.agent.tools.bash import BashTool
@@ -39,7 +40,7 @@ from lagoon.agent.workspace import Workspace
 from lagoon.atomic import write_json_atomic
 from lagoon.config import LagoonConfig
 from lagoon.errors import ConfigError
-from lagoon.protocols import ChatMessage, ChatModel, Environment, Retriever
+from lagoon.protocols import ChatMessage, ChatModel, Environment, Retriever, RoutedModel
 
 __all__ = ["run_task", "RunResult", "trajectory_path", "build_model"]
 
@@ -81,6 +82,22 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "success": self.success}
+
+
+def model_replies(workspace: Path, config: LagoonConfig, session_id: str) -> int:
+    """How many model replies (steps and model-written summaries) session `session_id` holds; 0 for
+    a session that does not exist yet."""
+    root = Path(workspace).resolve()
+    if not (root / config.agent.state_dir / DB_NAME).exists():
+        return 0
+    store = SessionStore.for_workspace(root, config.agent.state_dir)
+    try:
+        traj = Trajectory()
+        for e in store.events(session_id):
+            traj.apply(e["kind"], e["payload"])
+    finally:
+        store.close()
+    return traj.steps + traj.summary_calls
 
 
 def trajectory_path(workspace: Path, config: LagoonConfig, session_id: str) -> Path:
@@ -196,19 +213,15 @@ def run_task(
             f"{c.path}:{c.start_line}-{c.end_line}" for c in gate.chunks]})
         agent.emit("context", {"version": version, "reasons": ["resumed"] if events else [],
                                "chunks": [f"{c.path}:{c.start_line}-{c.end_line}" for c in gate.chunks]})
-        set_task = getattr(model, "set_task", None)  # a Router classifies the task once
-        if callable(set_task):
+        if isinstance(model, RoutedModel):  # a Router classifies the task once
             context_text = "\n".join(gate.context_texts())
             # context_size is in characters, as classification.context_size_threshold is (seed 001).
-            set_task(instruction, len(context_text))
+            model.set_task(instruction, len(context_text))
         interrupted, unstarted = traj.pending()
         step = traj.open_step or 0
         for call in interrupted:
             agent.emit("tool_interrupted", {"step": step, "call_id": call["id"], "name": call["name"],
                                             "arguments": call["arguments"]})
-        resume_at = getattr(model, "resume_at", None)
-        if callable(resume_at):
-            resume_at(traj.steps + traj.summary_calls)
         status = "crashed"
         try:
             outcome: AgentExit = agent.run(unstarted, step)

@@ -87,9 +87,15 @@ def _summary(console: Console, result: Any) -> None:
 
 def _execute(task: str, repo: Path, config: Any, model_spec: str, session: str | None, as_json: bool) -> None:
     from lagoon.agent import run_task
+    from lagoon.agent.runner import model_replies
+    from lagoon.agent.session import session_id_for
     from lagoon.telemetry import Telemetry
 
-    model = ModelSpec.parse(model_spec).model(config)
+    spec = ModelSpec.parse(model_spec)
+    done = 0
+    if spec.kind == "scripted" and repo.is_dir():  # a script continues a resumed session where it stopped
+        done = model_replies(repo, config, session or session_id_for(repo.resolve(), task))
+    model = spec.model(config, replies_so_far=done)
     telemetry = Telemetry(config.telemetry)
     console = Console()
     if as_json:

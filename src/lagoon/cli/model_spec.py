@@ -46,8 +46,9 @@ class ModelSpec:
             raise ConfigError(f"--model {spec!r}: {path} does not exist; pass a JSON script or a folder of them")
         return cls(kind, path)
 
-    def model(self, config: Any) -> Any:
-        """The ChatModel for one task (`lagoon run`, `sessions resume`)."""
+    def model(self, config: Any, *, replies_so_far: int = 0) -> Any:
+        """The ChatModel for one task (`lagoon run`, `sessions resume`); a script continues after the
+        `replies_so_far` a resumed session already holds."""
         if self.kind == "router":
             from lagoon.agent import build_model
 
@@ -57,7 +58,7 @@ class ModelSpec:
                               "`lagoon run` takes scripted:FILE.json")
         from lagoon.testing import ReplayChatModel
 
-        return ReplayChatModel.from_file(str(self.path))
+        return ReplayChatModel.from_file(str(self.path), start=replies_so_far)
 
     def factory(self) -> Any:
         """The per-task model factory for `lagoon eval` (None: the configured router in each trial)."""
