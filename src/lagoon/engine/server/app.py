@@ -65,25 +65,7 @@ def create_app(engine: Engine, server: ServerSection | None = None, telemetry: T
         if (off := offload_of(engine.model)) is not None:
             off.attach_telemetry(telemetry, model=name)
 
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next: Callable) -> Response:
-        path = request.url.path
-        if token is not None and path not in _OPEN_PATHS:
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-                response: Response = _err(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                                          "authentication_error", code="invalid_api_key")
-                telemetry.inc("lagoon_server_requests_total", labels={"path": path, "status": "401"},
-                              doc="HTTP requests by path and status")
-                return response
-        if path.startswith("/v1/") and request.method == "POST" and engine.scheduler.load >= server.max_queue:
-            response = _err(503, f"server busy: {server.max_queue} requests queued (server.max_queue)",
-                            "overloaded_error", code="overloaded")
-        else:
-            response = await call_next(request)
-        telemetry.inc("lagoon_server_requests_total", labels={"path": path, "status": str(response.status_code)},
-                      doc="HTTP requests by path and status")
-        return response
+    app.add_middleware(_AuthAndCount, token=token, telemetry=telemetry, engine=engine, max_queue=server.max_queue)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -149,6 +131,54 @@ def create_app(engine: Engine, server: ServerSection | None = None, telemetry: T
         return Response(telemetry.prometheus_text(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class _AuthAndCount:
+    """Bearer auth, the `server.max_queue` gate and the per-status request counter, as plain ASGI.
+
+    Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware sits between uvicorn and a
+    `StreamingResponse` and hides the client's disconnect from it, so a dropped stream went on
+    decoding to `max_tokens`. Plain ASGI passes `receive` through: the response sees the
+    disconnect, cancels the body generator, and its `finally` cancels the engine request."""
+
+    def __init__(self, app: Any, *, token: str | None, telemetry: Telemetry, engine: Engine, max_queue: int) -> None:
+        self.app, self.token, self.telemetry, self.engine, self.max_queue = app, token, telemetry, engine, max_queue
+
+    def _count(self, path: str, status: int) -> None:
+        self.telemetry.inc("lagoon_server_requests_total", labels={"path": path, "status": str(status)},
+                           doc="HTTP requests by path and status")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        refusal: JSONResponse | None = None
+        if self.token is not None and path not in _OPEN_PATHS:
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, f"Bearer {self.token}".encode()):
+                refusal = _err(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                               "authentication_error", code="invalid_api_key")
+        if refusal is None and path.startswith("/v1/") and scope["method"] == "POST" \
+                and self.engine.scheduler.load >= self.max_queue:
+            refusal = _err(503, f"server busy: {self.max_queue} requests queued (server.max_queue)",
+                           "overloaded_error", code="overloaded")
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            self._count(path, refusal.status_code)
+            return
+        status = 500  # an exception before the response starts becomes a 500 further out
+
+        async def send_counting(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counting)
+        finally:
+            self._count(path, status)
 
 
 async def _prepend(first: str, rest: Any) -> Any:
