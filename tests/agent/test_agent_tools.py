@@ -173,3 +173,21 @@ def test_os_errors_become_error_observations(ws):
     out = ToolBox([EditTool(ws)]).run("edit", {"command": "create", "path": "pkg/a.py/x.py", "file_text": "x"})
     assert not out.ok and "edit failed" in out.text
     assert (ws.root / "pkg" / "a.py").read_text().startswith("x = 1")
+
+
+def test_a_closing_fence_is_never_taken_for_an_opening_one():
+    reply = "The code:\n```python\nx = 1\n```\nNow run:\n```bash\npython -m pytest -q\n```\n"
+    calls, mode = parse_actions(ChatMessage("assistant", reply), 2)
+    assert mode == "text" and calls[0].arguments == {"command": "python -m pytest -q"}
+    # a reply that only repeats a python block holds no action at all
+    with pytest.raises(ReplyFormatError, match="no fenced block"):
+        parse_actions(ChatMessage("assistant", "```python\nx = 1\n```\n```python\ny = 2\n```"), 1)
+
+
+def test_tool_calls_written_as_text_in_either_family_syntax():
+    smol = '<tool_call>[{"name": "bash", "arguments": {"command": "ls"}}]</tool_call>'
+    hermes = '<tool_call>\n{"name": "view", "arguments": {"path": "a.py"}}\n</tool_call>'
+    for text, want in ((smol, ("bash", {"command": "ls"})), (hermes, ("view", {"path": "a.py"}))):
+        calls, mode = parse_actions(ChatMessage("assistant", text), 5)
+        assert mode == "tools" and [(c.name, dict(c.arguments)) for c in calls] == [want]
+        assert calls[0].id == "text-5-0"

@@ -12,8 +12,8 @@ import torch
 from lagoon.engine import Constraint, load_model
 from lagoon.engine.sampling import SamplingParams, sample, unpack_bitmask
 from lagoon.engine.tiny import save_tiny_model
-from lagoon.engine.tool_calls import HERMES, SMOLLM2, parse_tool_calls
 from lagoon.errors import BadRequestError
+from lagoon.tool_calls import HERMES, SMOLLM2, parse_tool_calls
 
 SCHEMA = {
     "type": "object",

@@ -83,3 +83,22 @@ def test_two_local_routes_share_one_engine(tiny_folder):
     router.chat(FIX)
     router.chat([ChatMessage("user", "design and architect a plugin system")])
     assert router.backends["retrieval_bound"].engine is router.backends["reasoning_bound"].engine
+
+
+def test_local_backend_with_tools_always_answers_one_valid_call(tmp_path):
+    import jsonschema
+
+    from lagoon.engine.tiny import save_tiny_model
+    from lagoon.protocols import ToolSpec
+
+    folder = save_tiny_model(tmp_path / "m", "llama", max_position_embeddings=1024)
+
+    bash = {"type": "object", "properties": {"command": {"type": "string", "pattern": "^[a-z ]{1,12}$"}},
+            "required": ["command"], "additionalProperties": False}
+    tools = (ToolSpec("bash", "run a command", bash), ToolSpec("submit", "finish", {"type": "object", "properties": {}}))
+    backend = LocalBackend(RouteSection(model=str(folder), endpoint="local", max_tokens=60, temperature=1.0))
+    for _ in range(4):  # a random model: only the constraint makes these calls
+        r = backend.chat(FIX, tools=tools)
+        assert r.finish_reason == "tool_calls" and r.message.content == "" and len(r.message.tool_calls) == 1
+        call = r.message.tool_calls[0]
+        jsonschema.validate(dict(call.arguments), bash if call.name == "bash" else {"type": "object"})

@@ -69,7 +69,7 @@ class Constraint:
     @classmethod
     def tool_call(cls, tools: Sequence[Mapping[str, Any]], syntax: Any) -> Constraint:
         """Exactly one call of one of `tools` (OpenAI tool dicts), written in `syntax` (a
-        `lagoon.engine.tool_calls.ToolSyntax`): the name first, then arguments valid against the
+        `lagoon.tool_calls.ToolSyntax`): the name first, then arguments valid against the
         tool's `parameters` schema."""
         if not tools:
             raise BadRequestError("a required tool call needs at least one tool")

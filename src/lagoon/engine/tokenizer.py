@@ -5,7 +5,7 @@ GGUF vocabulary is slow (~20 s), so the converted tokenizer is kept in `~/.cache
 (keyed by the file's size and mtime, written to a temp folder then renamed) and reused.
 
 `ChatFormat` renders OpenAI-style messages and tools through the checkpoint's own chat template,
-and knows the family's tool-call syntax (`ChatFormat.tool_syntax`, see `lagoon.engine.tool_calls`):
+and knows the family's tool-call syntax (`ChatFormat.tool_syntax`, see `lagoon.tool_calls`):
 SmolLM2's JSON list when the template is SmolLM2's, else Hermes/Qwen `<tool_call>` blocks. When the
 template ignores `tools`, the tool list and that syntax are put in the system message instead.
 `ChatFormat.encode_with_roles` also says, per token, which message's role it came from (None for
@@ -27,8 +27,8 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from lagoon.engine.tool_calls import HERMES, SMOLLM2, ToolSyntax, parse_tool_calls
 from lagoon.errors import CheckpointError
+from lagoon.tool_calls import HERMES, SMOLLM2, ToolSyntax, parse_tool_calls
 
 __all__ = ["load_tokenizer", "ChatFormat", "parse_tool_calls"]
 

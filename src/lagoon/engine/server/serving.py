@@ -36,9 +36,9 @@ from lagoon.engine.server.protocol import (
     now,
     usage_dict,
 )
-from lagoon.engine.tool_calls import ToolCallDelta, ToolCallStream, parse_tool_calls
 from lagoon.errors import BadRequestError
 from lagoon.telemetry import Telemetry
+from lagoon.tool_calls import ToolCallDelta, ToolCallStream, parse_tool_calls
 
 __all__ = ["OpenAIServing"]
 

