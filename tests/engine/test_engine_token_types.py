@@ -127,7 +127,8 @@ def test_local_backend_passes_the_types_to_the_engine(quant_engine) -> None:
     backend._engine = quant_engine
     seen: list = []
     real = quant_engine.complete
-    quant_engine.complete = lambda ids, params, types=None: seen.append(types) or real(ids, params, types)
+    quant_engine.complete = lambda ids, params, types=None, constraint=None: (
+        seen.append(types) or real(ids, params, types, constraint))
     try:
         backend.chat([ChatMessage("system", "You list files."), ChatMessage("tool", "main.py\nREADME.md")])
     finally:
