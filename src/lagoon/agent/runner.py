@@ -2,7 +2,9 @@
 
 Builds what the loop needs — workspace, session store, environment, tools, memory, context gate,
 model — resumes the session if it exists, runs the `Agent`, and always saves the JSON trajectory
-(`<workspace>/<state_dir>/trajectories/<session_id>.json`) in `finally`.
+(`<workspace>/<state_dir>/trajectories/<session_id>.json`) in `finally`, where it also closes what
+it built (the `LocalEnvironment` and its temp folder, the snapshot manager, the session store) on
+every exit path: normal, error or Ctrl-C.
 
 Resume rules: events are replayed into a fresh `Trajectory` and `Memory`; a tool call that has an
 intent but no result is recorded as `tool_interrupted` and reported to the model, never re-run;
@@ -15,6 +17,7 @@ to continue it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -168,10 +171,11 @@ def run_task(
             return _result(sid, traj, started, resumed=True, path=traj_file)
         model = model if model is not None else build_model(config, telemetry)
         cap = config.agent.max_output_chars
-        env = environment if environment is not None else LocalEnvironment(
-            ws.root, timeout_s=config.agent.command_timeout_s, max_output_chars=cap - BashTool.FOOTER_ROOM,
-            redactor=redactor,
-        )
+        env = environment
+        if env is None:  # ours: its private temp folder must go on every exit path
+            env = LocalEnvironment(ws.root, timeout_s=config.agent.command_timeout_s,
+                                   max_output_chars=cap - BashTool.FOOTER_ROOM, redactor=redactor)
+            owned.append(env)
         if retriever is None and snapshot_manager is None:
             retriever, snapshot_manager = _context_parts(ws.root, config, model)
             owned.append(snapshot_manager)
@@ -231,14 +235,15 @@ def run_task(
             store.release_locks(sid)
         return _result(sid, traj, started, resumed=resumed, path=traj_file)
     finally:
-        try:
-            _save_trajectory(store, sid, traj_file)
-        finally:
-            store.close()
+        # every close runs even when an earlier one (or the trajectory write) raises, and on
+        # KeyboardInterrupt: no lagoon-env-* folder, open index or database survives a run
+        with contextlib.ExitStack() as closing:
             for thing in owned:
                 close = getattr(thing, "close", None)
                 if callable(close):
-                    close()
+                    closing.callback(close)
+            closing.callback(store.close)
+            _save_trajectory(store, sid, traj_file)
 
 
 def _result(sid: str, traj: Trajectory, started: float, *, resumed: bool, path: Path) -> RunResult:
