@@ -23,7 +23,7 @@ import difflib
 import re
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
@@ -478,7 +478,8 @@ class AgentSection(Section):
     """Malformed model replies tolerated in a row before the run fails."""
 
     state_dir: str = ".lagoon"
-    """Folder under the workspace holding sessions, the index and snapshots."""
+    """Folder under the workspace holding sessions, the index and snapshots: a relative path
+    inside the repository, not its root (no absolute path, no '..', not '.')."""
 
     summaries: Literal["model", "extractive"] = "model"
     """How long-term memory summarises evicted turns: `model` asks the run's model for a short
@@ -489,6 +490,22 @@ class AgentSection(Section):
 
     summary_timeout_s: float = Field(30.0, gt=0.0)
     """Seconds to wait for a model-written summary before using the extractive one."""
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir_inside(cls, v: str) -> str:
+        # state outside the repo escapes the workspace; at its root every tool path is refused
+        fix = "use a relative folder inside the repository such as '.lagoon'"
+        if v.strip() != v or not v:
+            raise ValueError(f"must be a folder name without surrounding spaces; {fix}")
+        if v.startswith("~") or PurePosixPath(v).is_absolute() or PureWindowsPath(v).is_absolute():
+            raise ValueError(f"must be relative to the repository, not an absolute or home path; {fix}")
+        parts = PurePosixPath(v.replace("\\", "/")).parts
+        if ".." in parts:
+            raise ValueError(f"must not contain '..' (state would land outside the repository); {fix}")
+        if not parts:
+            raise ValueError(f"is the repository root itself (every tool path would be refused); {fix}")
+        return PurePosixPath(*parts).as_posix()
 
 
 class EvalSection(Section):

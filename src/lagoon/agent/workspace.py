@@ -27,7 +27,14 @@ class Workspace:
         if not path.is_dir():
             raise WorkspaceError(f"repository {path} does not exist or is not a folder; pass an existing --repo")
         self.root = path.resolve()
-        self.state_dir = self.root / state_dir
+        # real path: a state folder that is (or sits under) a symlink is still recognised, and
+        # one that leads out of the repository or onto its root is refused
+        self.state_dir = Path(os.path.realpath(self.root / state_dir))
+        if self.state_dir == self.root or self.root not in self.state_dir.parents:
+            raise WorkspaceError(
+                f"agent.state_dir {state_dir!r} resolves to {self.state_dir}, which is not a folder inside "
+                f"the repository {self.root}; set agent.state_dir to a relative folder such as '.lagoon'"
+            )
 
     def resolve(self, path: str | os.PathLike[str], *, allow_state: bool = False) -> Path:
         """The real absolute path of `path` (relative to the root), refused if it escapes the root."""
