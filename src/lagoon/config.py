@@ -398,14 +398,23 @@ class MoeSection(Section):
     balance_window: int = Field(1000, ge=1)
     """Routing steps in the rolling window used for load shares and monitoring."""
 
-    recalibration_cv: float = Field(0.15, ge=0.0)
-    """Recalibrate router bias when the coefficient of variation of expert load passes this."""
+    recalibration_cv: float | None = Field(0.15, ge=0.0)
+    """Recalibrate router bias when the coefficient of variation of expert load passes this; null
+    turns recalibration off (with load_balance_weight 0, routing never depends on other traffic)."""
 
     bias_update_rate: float = Field(1e-3, ge=0.0)
     """gamma of the aux-loss-free bias rule: bias += gamma * sign(mean_load - load)."""
 
     capacity_factor: float | None = Field(None, gt=0.0)
     """Per-expert capacity as a multiple of the even share; None is dropless."""
+
+    quarantine: list[str] = Field(default_factory=list)
+    """Experts to mask out of routing, as "LAYER:EXPERT" (LAYER = decoder layer index or `*`); top-k is
+    taken over the healthy experts and their weights renormalised."""
+
+    restore: list[str] = Field(default_factory=list)
+    """Experts ("LAYER:EXPERT") put back into routing even if a load check (non-finite weights,
+    checksum) quarantined them."""
 
     offload: OffloadSection = Field(default_factory=OffloadSection)
     """Expert offloading: a fixed-size cache of resident experts per layer, the rest in a slower tier."""

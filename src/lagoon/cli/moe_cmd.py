@@ -153,6 +153,10 @@ def info(
                                 "tokens_per_s": done.completion_tokens / (time.perf_counter() - start)}
         off = offload_of(engine.model)
         report["offload"] = off.stats() if off is not None else None
+        from lagoon.moe.runtime import runtime_of
+
+        rt = runtime_of(engine.model)
+        report["runtime"] = rt.stats() if rt is not None else None
     finally:
         engine.close()
     if json_out:
@@ -166,6 +170,12 @@ def info(
         typer.echo(f"{kind} parameters: {p['actual']:,}  {declared}")
     for line in report["warnings"] + report["notes"]:
         typer.echo(f"! {line}")
+    if report["runtime"]:
+        rt = report["runtime"]
+        typer.echo(f"routing: balancing {'on' if rt['balancing'] else 'off'} (window {rt['window']}), "
+                   f"{rt['recalibrations']} recalibrations, {len(rt['quarantined'])} experts quarantined")
+        for q in rt["quarantined"]:
+            typer.echo(f"  quarantined: layer {q['layer']} expert {q['expert']} ({q['reason']})")
     if report.get("decode"):
         typer.echo(f"decode: {report['decode']['tokens']} tokens, {report['decode']['tokens_per_s']:.1f} tok/s")
     if report["offload"]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lagoon.config import EngineSection, ModelDeploymentSection, OffloadSection
+from lagoon.config import EngineSection, ModelDeploymentSection, MoeSection, OffloadSection
 from lagoon.engine.checkpoint import Precision, load_checkpoint
 from lagoon.engine.generate import Request, Scheduler, TextStream
 from lagoon.engine.grammar import Constraint, GrammarCompiler
@@ -79,8 +79,12 @@ class Engine:
             dtype=dtype, block_size=self.config.kv_block_size, num_blocks=self.config.num_kv_blocks,
             prefix_cache=self.config.prefix_cache,
         )
+        from lagoon.moe.runtime import runtime_of
+
+        runtime = runtime_of(model)  # MoE: routing state changes only between scheduler steps
         self.scheduler = Scheduler(model, self.cache, max_batch=self.config.max_batch_size,
-                                   eos_ids=self.eos_ids, on_token=on_token)
+                                   eos_ids=self.eos_ids, on_token=on_token,
+                                   on_step=runtime.step if runtime is not None else None)
         self._chat: ChatFormat | None = None
         self._grammars: GrammarCompiler | None = None
 
@@ -169,7 +173,7 @@ class Engine:
 def load_model(
     source: str | Path = EMBEDDED, *, precision: Precision | None = None, config: EngineSection | None = None,
     paged: bool = True, name: str | None = None, deployment: ModelDeploymentSection | None = None,
-    offload: OffloadSection | None = None,
+    offload: OffloadSection | None = None, moe: MoeSection | None = None,
 ) -> Engine:
     """A HF folder, a `.gguf` file or `embedded` → a ready `Engine` (`paged` is
     `model_deployment.memory.kv_cache_sharding`).
@@ -177,7 +181,11 @@ def load_model(
     `deployment` (``model_deployment``): its architecture / parameter declaration is checked against
     the model (`lagoon.moe.footprint.check_declaration`) and its ``inference`` prefetch keys drive
     offloading. `offload` (``moe.offload``): with a ``capacity``, the routed experts are offloaded
-    (`lagoon.moe.offload`; `offload_of(engine.model)` returns the manager and its stats)."""
+    (`lagoon.moe.offload`; `offload_of(engine.model)` returns the manager and its stats). An MoE
+    model gets a `lagoon.moe.runtime.MoeRuntime` (`runtime_of(engine.model)`): `deployment.routing`
+    and `moe` reach every block (without them: the checkpoint's routing, no balancing), degraded
+    experts are quarantined."""
+    offload = offload if offload is not None else (moe.offload if moe is not None else None)
     config = config or EngineSection()
     precision = precision or config.precision
     path = embedded_gguf_path() if str(source) == EMBEDDED else Path(source)
@@ -196,22 +204,29 @@ def load_model(
             raise CheckpointError(
                 f"{path} was quantized from {base!r}, which is not here; put that checkpoint back or re-quantize"
             )
-        model = _prepare(load_quantized(load_checkpoint(base_path, "float32"), path), deployment, offload)
+        model = _prepare(load_quantized(load_checkpoint(base_path, "float32"), path), deployment, offload, moe, base_path)
         tokenizer = load_tokenizer(base_path)
         return Engine(model, tokenizer, name=name or path.name, config=config, paged=paged)
-    model = _prepare(load_checkpoint(path, precision), deployment, offload)
+    model = _prepare(load_checkpoint(path, precision), deployment, offload, moe, path)
     tokenizer = load_tokenizer(path)
     default_name = "smollm2-135m-instruct" if str(source) == EMBEDDED else path.name.removesuffix(".gguf")
     return Engine(model, tokenizer, name=name or default_name, config=config, paged=paged)
 
 
 def _prepare(model: torch.nn.Module, deployment: ModelDeploymentSection | None,
-             offload: OffloadSection | None) -> torch.nn.Module:
-    """Check the declaration, then offload experts when `offload.capacity` is set."""
+             offload: OffloadSection | None, moe: MoeSection | None = None,
+             checkpoint: Path | None = None) -> torch.nn.Module:
+    """Check the declaration, apply MoE config and health checks, then offload experts when
+    `offload.capacity` is set."""
     if deployment is not None:
         from lagoon.moe.footprint import check_declaration
 
         check_declaration(model, deployment)
+    if model.args.is_moe:
+        from lagoon.moe.runtime import MoeRuntime
+
+        MoeRuntime(model, deployment.routing if deployment is not None and moe is not None else None, moe,
+                   checkpoint=checkpoint if checkpoint is not None and checkpoint.is_dir() else None)
     if offload is not None and offload.capacity is not None:
         from lagoon.moe.offload import offload_model
 
@@ -228,4 +243,4 @@ def engine_from_config(cfg: Any, *, model: str | None = None, precision: Precisi
     `memory.kv_cache_sharding`) and `moe.offload`."""
     return load_model(model or cfg.engine.model, precision=precision or cfg.engine.precision, config=cfg.engine,
                       paged=cfg.model_deployment.memory.kv_cache_sharding, deployment=cfg.model_deployment,
-                      offload=cfg.moe.offload)
+                      moe=cfg.moe)

@@ -64,10 +64,12 @@ class Scheduler:
     def __init__(
         self, model: torch.nn.Module, cache, *, max_batch: int, eos_ids: Sequence[int],
         on_token: Callable[[Request, float], None] | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> None:
         self.model, self.cache, self.max_batch = model, cache, max_batch
         self.eos_ids = frozenset(eos_ids)
         self.on_token = on_token
+        self.on_step = on_step  # between steps: MoE routing state changes only here
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.pending: list[Request] = []
         self.active: list[Request] = []
@@ -126,9 +128,12 @@ class Scheduler:
         while not self._stop:
             try:
                 self._admit()
-                if self.active:
+                busy = bool(self.active)
+                if busy:
                     self._decode()
-                elif not self.pending:
+                if self.on_step is not None:
+                    self.on_step()
+                if not busy and not self.pending:
                     self._wake.wait(0.05)
                     self._wake.clear()
             except Exception as exc:  # never let the worker die silently: fail the requests in flight

@@ -7,11 +7,14 @@
     …gate.weight [E, H]                              → mlp.router.weight
     mlp.shared_expert(s).*, mlp.shared_expert_gate   → mlp.shared_expert.*, mlp.shared_expert_gate
 
-A missing expert raises `CheckpointError` naming it. This module is *not* a general renamer.
+An expert missing a projection while others of its layer are whole is loaded as NaN and logged
+(`lagoon.moe.runtime` quarantines it); a layer with no whole expert raises `CheckpointError`.
+This module is *not* a general renamer.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
@@ -20,6 +23,8 @@ from lagoon.errors import CheckpointError
 from lagoon.model.args import ModelArgs
 
 __all__ = ["hf_moe_state"]
+
+log = logging.getLogger("lagoon.engine.checkpoint")
 
 _EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
 _PROJ = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -41,13 +46,19 @@ def hf_moe_state(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, t
         if not args.is_moe_layer(layer) or f"layers.{layer}.mlp.experts.down_proj" in out:
             continue
         gu, down = [], []
+        shapes = {p: t for (li, _, p), t in experts.items() if li == layer}
         for e in range(args.num_experts):
-            try:
-                g, u, d = (experts[(layer, e, p)] for p in ("gate", "up", "down"))
-            except KeyError as exc:
+            missing = [p for p in ("gate", "up", "down") if (layer, e, p) not in experts]
+            if missing and len(shapes) < 3:
                 raise CheckpointError(
-                    f"expert {e} of layer {layer} lacks its {exc.args[0][2]} projection; the checkpoint is incomplete"
-                ) from None
+                    f"expert {e} of layer {layer} lacks its {missing[0]} projection and no expert of the layer has "
+                    "all three; the checkpoint is incomplete"
+                )
+            if missing:  # one broken expert: load it as NaN so the MoE runtime quarantines it
+                log.warning("expert %d of layer %d lacks its %s projection; loaded as NaN (it will be quarantined)",
+                            e, layer, "/".join(missing))
+            g, u, d = (experts.get((layer, e, p), torch.full_like(shapes[p], float("nan")))
+                       for p in ("gate", "up", "down"))
             gu.append(torch.cat([g, u], dim=0))  # [2I, H]
             down.append(d)  # [H, I]
         out[f"layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(gu)  # [E, 2I, H]

@@ -24,6 +24,13 @@ so a HF block's state dict — or a decoder layer's ``mlp.*`` tensors after tran
 checkpoint conversion — loads directly. Checkpoint files on disk that still store per-expert
 tensors (``experts.0.w1.weight``…) are stacked by the engine's checkpoint loader, not here.
 
+Degraded experts: `quarantine(experts, reason)` masks experts out of routing (`Router.exclude`:
+top-k over the healthy experts, weights renormalised), logs each expert once and counts it in
+telemetry; `restore` puts them back. With ``check_finite`` on (the serving runtime,
+`lagoon.moe.runtime`, turns it on) a forward whose output is non-finite while its input is finite
+runs each routed expert alone on its tokens, quarantines the ones that emit non-finite values and
+recomputes the call, so the request completes.
+
 Constructor defaults reproduce the checkpoint's own routing (no runtime balancing);
 `SparseMoE.from_config` / `apply_config` turn on what ``model_deployment.routing`` and ``moe``
 say. This module is *not* attention, norms or the residual: the decoder layer owns those.
@@ -31,6 +38,8 @@ say. This module is *not* attention, norms or the residual: the decoder layer ow
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
@@ -43,6 +52,8 @@ from lagoon.moe.experts import Experts, activation
 from lagoon.moe.router import Router, Routing
 
 __all__ = ["SparseMoE", "SharedExpert", "apply_config"]
+
+log = logging.getLogger("lagoon.moe.health")
 
 
 class SharedExpert(nn.Module):
@@ -114,6 +125,8 @@ class SparseMoE(nn.Module):
         self.last_counts: torch.Tensor | None = None
         self.last_dropped = 0
         self.dropped_total = 0
+        self.quarantined: dict[int, str] = {}  # expert -> reason
+        self.check_finite = False
         self.register_load_state_dict_pre_hook(_rename_hf_keys)
 
     @property
@@ -127,6 +140,11 @@ class SparseMoE(nn.Module):
         routing = self.router(x2)
         plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
         y = self.experts(x2, routing.indices, routing.weights, plan)  # [T, H]
+        if self.check_finite and not bool(torch.isfinite(y).all()) and bool(torch.isfinite(x2).all()):
+            if self.quarantine(self._nonfinite_experts(x2, routing.indices), "non-finite output"):
+                routing = self.router(x2)
+                plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
+                y = self.experts(x2, routing.indices, routing.weights, plan)
         if self.shared_expert is not None:
             shared = self.shared_expert(x2)  # [T, H]
             if self.shared_expert_gate is not None:
@@ -136,6 +154,42 @@ class SparseMoE(nn.Module):
         self.last_routing, self.last_counts, self.last_dropped = routing, plan.counts, plan.dropped
         self.dropped_total += plan.dropped
         return y.reshape(shape)
+
+    # ------------------------------------------------------------------ degraded experts
+    def quarantine(self, experts: Iterable[int], reason: str) -> list[int]:
+        """Mask `experts` out of routing; returns the newly quarantined ones (each logged once)."""
+        new = [int(e) for e in dict.fromkeys(experts) if int(e) not in self.quarantined]
+        if not new:
+            return []
+        self.router.exclude(set(self.quarantined) | set(new))  # raises before any state changes
+        for e in new:
+            self.quarantined[e] = reason
+            log.warning("%s: expert %d quarantined (%s); routing over the %d healthy experts",
+                        self.router.name, e, reason, self.num_experts - len(self.quarantined))
+            if self.router.telemetry is not None:
+                self.router.telemetry.inc("lagoon_moe_quarantined_total", labels={"layer": self.router.name, "reason": reason},
+                                          doc="Experts quarantined (masked out of routing), by layer and reason")
+        return new
+
+    def restore(self, experts: Iterable[int]) -> None:
+        """Put quarantined `experts` back into routing."""
+        for e in experts:
+            if self.quarantined.pop(int(e), None) is not None:
+                log.warning("%s: expert %d restored to routing", self.router.name, int(e))
+        self.router.exclude(set(self.quarantined))
+
+    @torch.no_grad()
+    def _nonfinite_experts(self, x: torch.Tensor, indices: torch.Tensor) -> list[int]:
+        """Routed experts whose own output on their tokens has a non-finite value."""
+        bad = []
+        for e in indices.unique().tolist():
+            rows = (indices == e).any(dim=-1)  # [T]
+            xe = x[rows]  # [n, H]
+            one = torch.full((xe.shape[0], 1), e, dtype=indices.dtype, device=indices.device)  # [n, 1]
+            ye = self.experts(xe, one, torch.ones(one.shape, dtype=x.dtype, device=x.device))
+            if not bool(torch.isfinite(ye).all()):
+                bad.append(e)
+        return bad
 
     # ------------------------------------------------------------------ builders
     @classmethod

@@ -21,6 +21,15 @@ Contract (T = tokens, H = hidden, E = experts, k = top_k):
   variation of the window's load passes ``recalibration_cv``: ``bias += mean(share) - share``
   (a proportional correction in score units), window cleared, event counted in
   ``recalibrations``, logged, and counted in telemetry when one is attached.
+* Deferred updates (serving): with ``deferred = True`` `observe` only queues the step's load and
+  `commit()` applies the queued steps in order. The engine's scheduler commits once per scheduler
+  step, so routing state (window shares, bias) never changes inside a step: every request in a
+  batched step is routed by the same state, and a prefill never sees a half-updated window.
+* Excluded experts (quarantine, `lagoon.moe.health`): `exclude(experts)` masks them out of routing.
+  For softmax scoring their logits become −inf before the softmax, so scores, top-k and mixing
+  weights are exactly those of the same router with those experts' rows removed; for sigmoid
+  scoring they are never selected and the kept weights are renormalised as usual. k shrinks to the
+  number of healthy experts when fewer than k are left.
 
 Not here: training losses (`lagoon.moe.losses`), dispatch, and cross-layer monitoring
 (`lagoon.moe.balance`).
@@ -103,6 +112,9 @@ class Router(nn.Module):
         self.recalibration_cv = recalibration_cv
         self.update_bias_in_eval = update_bias_in_eval
         self.recalibrations = 0
+        self.deferred = False
+        self._pending: list[torch.Tensor] = []
+        self._excluded: torch.Tensor | None = None  # [E] bool, True = masked out of routing
         self.telemetry = None  # a lagoon.telemetry.Telemetry, set by ExpertLoadMonitor.attach
         self.name = "router"
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # [E, H]
@@ -151,8 +163,28 @@ class Router(nn.Module):
 
     @property
     def tracking(self) -> bool:
-        """Whether `observe` has any work (penalty, bias rule or recalibration on)."""
-        return self.load_balance_weight > 0 or self.bias_update_rate > 0 or self.recalibration_cv is not None
+        """Whether `observe` has any work (penalty, recalibration, or the bias rule while it applies)."""
+        bias_rule = self.bias_update_rate > 0 and (self.training or self.update_bias_in_eval)
+        return self.load_balance_weight > 0 or bias_rule or self.recalibration_cv is not None
+
+    # ------------------------------------------------------------------ exclusion
+    def exclude(self, experts: set[int] | list[int]) -> None:
+        """Mask `experts` out of routing (all others healthy); an empty set restores them all."""
+        bad = sorted(set(int(e) for e in experts))
+        if any(not 0 <= e < self.num_experts for e in bad):
+            raise ConfigError(f"expert ids {bad} out of range 0..{self.num_experts - 1}")
+        if len(bad) == self.num_experts:
+            raise ConfigError(f"{self.name}: cannot exclude all {self.num_experts} experts; restore at least one")
+        if not bad:
+            self._excluded = None
+            return
+        mask = torch.zeros(self.num_experts, dtype=torch.bool)
+        mask[bad] = True
+        self._excluded = mask
+
+    @property
+    def excluded(self) -> list[int]:
+        return [] if self._excluded is None else self._excluded.nonzero().flatten().tolist()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> Routing:
@@ -160,7 +192,12 @@ class Router(nn.Module):
         x = x.reshape(-1, self.hidden_size)  # [T, H]
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
         z = logits / self.temperature if self.temperature != 1.0 else logits
+        excluded = None if self._excluded is None else self._excluded.to(z.device)
+        if excluded is not None and self.scoring == "softmax":
+            z = z.masked_fill(excluded, float("-inf"))  # softmax over the healthy experts only
         scores = z.softmax(dim=-1) if self.scoring == "softmax" else z.sigmoid()  # [T, E]
+        if excluded is not None and self.scoring == "sigmoid":
+            scores = scores.masked_fill(excluded, 0.0)
         choice = scores
         bias = self.e_score_correction_bias
         if self.scoring == "sigmoid" or bool(bias.any()):
@@ -169,8 +206,12 @@ class Router(nn.Module):
             choice = choice - self.load_balance_weight * self.load_share().to(choice.device)
         if self.n_group > 1:
             choice = self._group_mask(choice)
+        k = self.top_k
+        if excluded is not None:
+            choice = choice.masked_fill(excluded, float("-inf"))
+            k = min(k, self.num_experts - int(excluded.sum()))
         # stable sort: equal scores keep ascending expert order -> lower index wins ties
-        indices = torch.sort(choice, dim=-1, descending=True, stable=True)[1][:, : self.top_k]  # [T, k]
+        indices = torch.sort(choice, dim=-1, descending=True, stable=True)[1][:, :k]  # [T, k]
         weights = scores.gather(1, indices)  # [T, k]
         if self.norm_topk_prob:
             denom = weights.sum(dim=-1, keepdim=True)
@@ -192,10 +233,25 @@ class Router(nn.Module):
     # ------------------------------------------------------------------ balancing
     @torch.no_grad()
     def observe(self, counts: torch.Tensor) -> None:
-        """Record one step's routed assignments per expert ([E]) and apply the balancing rules."""
+        """Record one step's routed assignments per expert ([E]) and apply the balancing rules
+        (queued until `commit` when ``deferred``)."""
         if not self.tracking:
             return
         counts = counts.detach().to(torch.float64).cpu()  # [E]
+        if self.deferred:
+            self._pending.append(counts)
+        else:
+            self._push(counts)
+
+    @torch.no_grad()
+    def commit(self) -> int:
+        """Apply the queued steps in order; returns how many (0: routing state unchanged)."""
+        pending, self._pending = self._pending, []
+        for counts in pending:
+            self._push(counts)
+        return len(pending)
+
+    def _push(self, counts: torch.Tensor) -> None:
         w = self._balance_window
         if self._window is None:
             self._window = torch.zeros(w, self.num_experts, dtype=torch.float64, device="cpu")

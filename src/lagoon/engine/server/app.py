@@ -53,12 +53,14 @@ def create_app(engine: Engine, server: ServerSection | None = None, telemetry: T
     serving = OpenAIServing(engine, telemetry, name)
     app = FastAPI(title="Lagoon", docs_url=None, redoc_url=None)
     app.state.engine, app.state.telemetry, app.state.model_name = engine, telemetry, name
-    monitor = None
-    if engine.args.is_moe:  # expert-load gauges (balancedness, CV, …) per MoE layer on /metrics
-        from lagoon.moe.balance import ExpertLoadMonitor
+    runtime = None
+    if engine.args.is_moe:  # expert load (window: moe.balance_window), recalibrations, quarantines on /metrics
+        from lagoon.moe.runtime import runtime_of
 
-        monitor = ExpertLoadMonitor(telemetry=telemetry).attach(engine.model)
-    app.state.expert_monitor = monitor
+        runtime = runtime_of(engine.model)
+        if runtime is not None:
+            runtime.attach_telemetry(telemetry)
+    app.state.expert_monitor = runtime.monitor if runtime is not None else None
     if engine.args.is_moe:  # offloaded experts: hit rate, bytes moved, prefetch accuracy on /metrics
         from lagoon.moe.offload import offload_of
 
@@ -126,8 +128,8 @@ def create_app(engine: Engine, server: ServerSection | None = None, telemetry: T
         if hasattr(cache, "free_blocks"):
             telemetry.set("lagoon_engine_kv_free_blocks", cache.free_blocks, doc="Free KV cache blocks")
             telemetry.set("lagoon_engine_prefix_cache_hit_tokens", cache.hits, doc="Prompt tokens reused from cache")
-        if monitor is not None:
-            monitor.publish()
+        if runtime is not None:
+            runtime.publish()
         return Response(telemetry.prometheus_text(), media_type="text/plain; version=0.0.4")
 
     return app
