@@ -88,3 +88,43 @@ def test_cli_keys_lists_docstrings():
     assert result.exit_code == 0
     assert "context.max_chunk_size" in result.stdout and "Largest chunk" in result.stdout
     assert "agent.step_limit" not in result.stdout
+
+
+def _modules():
+    import ast
+
+    for path in sorted((ROOT / "src" / "lagoon").rglob("*.py")):
+        yield path.relative_to(ROOT), ast.parse(path.read_text(encoding="utf-8"))
+
+
+def test_every_protocol_lives_in_protocols_py():
+    import ast
+
+    elsewhere = [
+        f"{path}:{node.name}"
+        for path, tree in _modules() if path.name != "protocols.py"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+        and any((isinstance(b, ast.Name) and b.id == "Protocol") or (isinstance(b, ast.Attribute) and b.attr == "Protocol")
+                for b in node.bases)
+    ]
+    assert not elsewhere, f"Protocols outside lagoon/protocols.py: {elsewhere}"
+
+
+def test_no_in_package_import_falls_back_on_importerror():
+    """A broken `lagoon.*` import must propagate, never switch a feature off."""
+    import ast
+
+    bad = []
+    for path, tree in _modules():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Try):
+                continue
+            caught = {getattr(h.type, "id", None) for h in node.handlers}
+            if not caught & {"ImportError", "ModuleNotFoundError"}:
+                continue
+            for inner in (n for stmt in node.body for n in ast.walk(stmt)):
+                names = ([inner.module or ""] if isinstance(inner, ast.ImportFrom)
+                         else [a.name for a in inner.names] if isinstance(inner, ast.Import) else [])
+                bad += [f"{path}:{inner.lineno}" for n in names if n == "lagoon" or n.startswith("lagoon.")]
+    assert not bad, f"in-package imports inside `except ImportError`: {bad}"

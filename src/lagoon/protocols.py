@@ -1,8 +1,16 @@
 """The seams between Lagoon's parts, as `typing.Protocol`s, and the small value types they exchange.
 
 Implementations live in their packages (`routing.backends`, `agent.environment`, `context.retriever`,
-`agent.session`, `routing.classify`) and in `lagoon.testing` (deterministic doubles). Nothing here
-imports torch or any backend SDK.
+`agent.session`, `routing.classify`, `context.snapshot`, `agent.tools`, `engine.kv_cache`,
+`moe.expert_store`) and in `lagoon.testing` (deterministic doubles). Nothing here imports torch, the
+agent or any backend SDK at run time (annotations only).
+
+    ChatModel ─ RoutedModel, WindowReporting   what the agent calls, and what it tells a router
+    Environment, Tool, LockKeeper              where commands run; what the model may call
+    Retriever, SnapshotManager                 the code context and its validation
+    ValidationVerdict, Summarizer, SessionLog  a validation's answer; memory summaries; the event log
+    Classifier                                 the router's task classifier
+    CacheLike, ExpertStore                     the engine's KV cache and the MoE offload tiers
 
 Messages follow the OpenAI chat shape (role, content, tool_calls, tool_call_id) because every
 backend Lagoon speaks can be mapped to and from it.
@@ -13,7 +21,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # annotations only: this module imports neither torch nor the agent
+    import torch
+
+    from lagoon.agent.memory import Turn
+    from lagoon.agent.summarizer import Summary
+    from lagoon.agent.tools import ToolOutput
 
 __all__ = [
     "ChatMessage",
@@ -28,7 +43,14 @@ __all__ = [
     "Environment",
     "ChunkLike",
     "Retriever",
-    "SessionStore",
+    "SessionLog",
+    "ValidationVerdict",
+    "SnapshotManager",
+    "Summarizer",
+    "Tool",
+    "LockKeeper",
+    "CacheLike",
+    "ExpertStore",
     "TaskType",
     "Classification",
     "Classifier",
@@ -202,8 +224,8 @@ class Retriever(Protocol):
 
 
 @runtime_checkable
-class SessionStore(Protocol):
-    """Durable, append-only record of an agent session."""
+class SessionLog(Protocol):
+    """Durable, append-only record of an agent session (`lagoon.agent.session.SessionStore`)."""
 
     def append(self, session_id: str, kind: str, payload: Mapping[str, Any]) -> int:
         """Commit one event; returns its sequence number."""
@@ -230,3 +252,67 @@ class Classification:
 @runtime_checkable
 class Classifier(Protocol):
     def classify(self, prompt: str, context_size: int = 0) -> Classification: ...
+
+
+# ---------------------------------------------------------------------- agent seams
+@runtime_checkable
+class ValidationVerdict(Protocol):
+    """A snapshot validation's answer (`lagoon.context.ValidationReport`)."""
+
+    ok: bool
+    reasons: Sequence[Any]
+
+
+@runtime_checkable
+class SnapshotManager(Protocol):
+    """What the context gate needs from `lagoon.context.ContextManager`."""
+
+    def create_snapshot(self, task_id: str, chunks: Sequence[Any]) -> Any:
+        """A new snapshot of `chunks`, versioned one past `task_id`'s latest (1 for a new task)."""
+        ...
+
+    def validate(self, snapshot: Any) -> ValidationVerdict: ...
+
+
+class Summarizer(Protocol):
+    """Writes the long-term summary of a turn that memory evicts (`lagoon.agent.ModelSummarizer`)."""
+
+    def summarize(self, turn: Turn) -> Summary:
+        """The evicted turn's long-term summary (never raises: falls back to `turn.summary`)."""
+        ...
+
+
+class Tool(Protocol):
+    """One tool the model may call (`lagoon.agent.tools`)."""
+
+    name: str
+    spec: ToolSpec
+
+    def run(self, arguments: Mapping[str, Any]) -> ToolOutput: ...
+
+
+class LockKeeper(Protocol):
+    """Advisory per-file locks the edit tool takes (`lagoon.agent.session.SessionLocks`)."""
+
+    def acquire(self, path: str) -> None:
+        """Take (or re-take) the advisory lock on `path`; WorkspaceError when another session holds it."""
+        ...
+
+
+# ---------------------------------------------------------------------- engine seams
+class CacheLike(Protocol):
+    """The KV cache a transformer layer writes to and reads from (`lagoon.engine.kv_cache`)."""
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+
+
+class ExpertStore(Protocol):
+    """Where offloaded MoE experts live (`lagoon.moe.expert_store`: host memory or a disk file)."""
+
+    def read_into(self, layer: int, expert: int, gate_up_out: torch.Tensor, down_out: torch.Tensor) -> int:
+        """Copy one expert's weights into the given buffers; returns the bytes read."""
+        ...
+
+    def close(self) -> None: ...

@@ -2,7 +2,7 @@
 
 - `ScriptedChatModel`: a deterministic `ChatModel` that replays a script of replies (text or tool
   calls) and records every request it saw. Its token count is a whitespace/punctuation estimate.
-- `approx_token_count`: the estimate used where a backend has no tokenizer.
+- `approx_token_count`: re-exported from `lagoon.token_estimate` for tests.
 
 Parts that need torch add their own doubles (tiny model presets) in their packages' test helpers;
 this module imports nothing heavy.
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lagoon.protocols import ChatMessage, ChatResponse, ToolCall, ToolSpec, Usage
+from lagoon.token_estimate import approx_token_count
 
 __all__ = [
     "ScriptedChatModel",
@@ -28,14 +29,6 @@ __all__ = [
     "FileChunk",
     "HashSnapshot",
 ]
-
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
-
-
-def approx_token_count(text: str) -> int:
-    """Words and punctuation marks: close to BPE counts for code and English (within ~30%)."""
-    return len(_TOKEN_RE.findall(text))
-
 
 @dataclass(frozen=True)
 class ScriptStep:
@@ -190,7 +183,7 @@ class WholeFileRetriever:
 
     def retrieve(self, query: str, *, k: int | None = None, budget_tokens: int | None = None) -> list[FileChunk]:
         self.calls += 1
-        words = {w.lower() for w in _TOKEN_RE.findall(query) if w.isalnum()}
+        words = {w.lower() for w in re.findall(r"\w+", query) if w.isalnum()}
         scored = []
         for p in sorted(self.root.rglob(f"*{self.suffix}")):
             if any(part.startswith(".") for part in p.relative_to(self.root).parts):

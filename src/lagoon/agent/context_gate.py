@@ -28,34 +28,17 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from lagoon.agent.tools.search import render_chunks
-from lagoon.protocols import ChunkLike, Retriever
+from lagoon.protocols import ChunkLike, Retriever, SnapshotManager
 
-__all__ = ["ContextGate", "GateResult", "SnapshotManager", "ValidationReport", "context_file_hash"]
+__all__ = ["ContextGate", "GateResult", "context_file_hash"]
 
 _RACY_S = 2.0  # a file touched this recently is hashed on every check: its stat may not show the next write
-
-
-@runtime_checkable
-class ValidationReport(Protocol):
-    ok: bool
-    reasons: Sequence[str]
-
-
-@runtime_checkable
-class SnapshotManager(Protocol):
-    """What the gate needs from `lagoon.context.ContextManager`."""
-
-    def create_snapshot(self, task_id: str, chunks: Sequence[Any]) -> Any:
-        """A new snapshot of `chunks`, versioned one past `task_id`'s latest (1 for a new task)."""
-        ...
-
-    def validate(self, snapshot: Any) -> ValidationReport: ...
 
 
 @dataclass

@@ -29,14 +29,13 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 from lagoon.agent.environment import cut_output
 from lagoon.agent.summarizer import Summary
 from lagoon.agent.token_counter import TokenCounter
 from lagoon.config import TruncationStrategy
 from lagoon.errors import ContextWindowExceededError
-from lagoon.protocols import ChatMessage
+from lagoon.protocols import ChatMessage, Summarizer
 
 __all__ = ["Memory", "Turn", "Summarizer", "score_turn"]
 
@@ -90,12 +89,6 @@ def _extract(step: int, tool: str, arguments: str, output: str, exit_code: int |
     code = f" → exit {exit_code}" if exit_code is not None else ""
     detail = first_error or first_line
     return f"step {step}: {tool} {arguments[:120]}{code}; {detail[:160]}".rstrip("; ")
-
-
-class Summarizer(Protocol):
-    def summarize(self, turn: Turn) -> Summary:
-        """The evicted turn's long-term summary (never raises: falls back to `turn.summary`)."""
-        ...
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from lagoon.config import ContextSection
 from lagoon.context.chunking import Chunk
 from lagoon.context.index import CodeIndex, Hit
-from lagoon.testing import approx_token_count
+from lagoon.token_estimate import approx_token_count
 
 __all__ = ["CodeRetriever", "FileHit", "render", "rank_files", "is_test_path", "names_of"]
 

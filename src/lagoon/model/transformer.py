@@ -17,7 +17,7 @@ M = model dim, V = vocab.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +25,11 @@ from torch import nn
 
 from lagoon.errors import UnsupportedModelError
 from lagoon.model.args import ModelArgs
+from lagoon.protocols import CacheLike
 
 __all__ = ["Transformer", "RMSNorm", "Attention", "MLP", "rope_inv_freq", "CacheLike"]
 
 ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class CacheLike(Protocol):
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
 
 class RMSNorm(nn.Module):

@@ -22,12 +22,12 @@ import mmap
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from lagoon.atomic import atomic_path
 from lagoon.errors import CheckpointError, ConfigError
+from lagoon.protocols import ExpertStore
 
 __all__ = ["ExpertStore", "HostStore", "DiskStore", "STORE_TIERS", "make_store"]
 
@@ -36,12 +36,6 @@ STORE_TIERS = ("host", "disk")
 # safetensors dtype names (the format's spec) for the dtypes experts are stored in
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-class ExpertStore(Protocol):
-    def read_into(self, layer: int, expert: int, gate_up_out: torch.Tensor, down_out: torch.Tensor) -> int: ...
-
-    def close(self) -> None: ...
 
 
 class HostStore:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from lagoon.agent.environment import cut_output
 from lagoon.errors import WorkspaceError
-from lagoon.protocols import ToolSpec
+from lagoon.protocols import Tool, ToolSpec
 
 __all__ = ["Tool", "ToolBox", "ToolOutput", "ToolArgumentError", "UnknownToolError", "TOOL_NAMES"]
 
@@ -47,13 +47,6 @@ class ToolOutput:
     submitted: bool = False
     files: tuple[str, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict)
-
-
-class Tool(Protocol):
-    name: str
-    spec: ToolSpec
-
-    def run(self, arguments: Mapping[str, Any]) -> ToolOutput: ...
 
 
 def require_str(arguments: Mapping[str, Any], key: str, tool: str) -> str:

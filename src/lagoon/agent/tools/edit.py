@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from lagoon.agent.tools import ToolArgumentError, ToolOutput, require_str
 from lagoon.agent.tools.view import numbered
 from lagoon.agent.workspace import Workspace
 from lagoon.atomic import write_atomic
-from lagoon.protocols import ToolSpec
+from lagoon.protocols import LockKeeper, ToolSpec
 
 __all__ = ["EditTool", "LockKeeper"]
 
@@ -31,12 +31,6 @@ SNIPPET_CONTEXT = 3
 SNIPPET_LINE_CHARS = 500  # 7 lines of at most this: a snippet never floods the prompt
 MAX_MATCH_LINES = 20
 MAX_UNDO_CHARS = 1_000_000
-
-
-class LockKeeper(Protocol):
-    def acquire(self, path: str) -> None:
-        """Take (or re-take) the advisory lock on `path`; WorkspaceError when another session holds it."""
-        ...
 
 
 class EditTool:

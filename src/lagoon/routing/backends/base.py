@@ -39,7 +39,7 @@ from lagoon.errors import (
 )
 from lagoon.protocols import ChatMessage, ChatResponse, ToolSpec
 from lagoon.telemetry import Telemetry
-from lagoon.testing import approx_token_count
+from lagoon.token_estimate import approx_token_count
 
 __all__ = [
     "PROVIDERS",
