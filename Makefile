@@ -34,7 +34,10 @@ demo: setup
 	@# Exit 1 means "ran, did not submit" (a 135M model rarely solves it); anything else is a real failure.
 	$(BIN)/lagoon run "Fix the failing test" --repo $(DEMO_DIR) -c examples/configs/demo.yaml; rc=$$?; \
 	  [ $$rc -le 1 ] || exit $$rc
-	@echo "session and trajectory: $(DEMO_DIR)/.lagoon/ (lagoon sessions list --repo $(DEMO_DIR))"
+	@# The verdict: every pipeline stage ran and every reply was a valid action (exit 1 otherwise),
+	@# whether or not the model fixed the bug.
+	@$(BIN)/python -m lagoon.agent.run_report $(DEMO_DIR)
+	@echo "session and trajectory: $(DEMO_DIR)/.lagoon/ (lagoon sessions show ID --repo $(DEMO_DIR))"
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks
