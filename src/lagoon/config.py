@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from lagoon.errors import ConfigError
+from lagoon.yaml_loader import DuplicateKeyError, load_yaml
 
 __all__ = [
     "LagoonConfig",
@@ -702,7 +703,9 @@ def parse_override(text: str) -> dict[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form section.key=value (e.g. agent.step_limit=50)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"override {text!r}: the value names key {exc.key!r} twice; keep only one") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc.__class__.__name__})") from exc
     node: Any = value
@@ -719,9 +722,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file; pass an existing YAML file or a key=value override")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not UTF-8 text; save the config as UTF-8 YAML") from exc
+    except DuplicateKeyError as exc:  # PyYAML would keep the last one without a word
+        raise ConfigError(
+            f"{p}: key {exc.key!r} appears twice (lines {exc.context_mark.line + 1} and "
+            f"{exc.problem_mark.line + 1}); keep only one"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -59,6 +59,7 @@ def eval_command(
             fid = json.loads(fidelity.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--fidelity {fidelity}: cannot read a JSON object ({exc})") from exc
+    idle: list[str] = []
     for name in names:
         dest = out if out is not None and len(names) == 1 else (out or Path("runs/eval")) / f"{Path(name).name}-{agent}"
         outcome = run_suite(
@@ -73,6 +74,31 @@ def eval_command(
         summary["dropped_by_created_after"] = outcome.dropped
         summary_path, report_path = write_report(dest, outcome.results, summary, title=f"Lagoon eval: {name} ({agent})")
         _print(summary, outcome.resumed, report_path)
+        if not any(_ran(r) for r in outcome.results):
+            idle.append(f"{name} ({_why_idle(outcome)})")
+    if idle:  # a run where nothing ran is not a pass rate of "—": scripts and CI must see it fail
+        typer.echo(f"error: no task could run in {'; '.join(idle)}; fix the suite or the sandbox "
+                   "(the report lists each task's reason)", err=True)
+        raise typer.Exit(2)
+
+
+def _ran(row: dict) -> bool:
+    """A trial that reached its agent and tests (passed, failed or an agent error)."""
+    return row.get("status") != "environment_unsupported" and row.get("failure_mode") != "setup_error"
+
+
+def _why_idle(outcome: Any) -> str:
+    rows = outcome.results
+    parts = [f"{len(outcome.spec_errors)} spec errors"] if outcome.spec_errors else []
+    unsupported = sum(r.get("status") == "environment_unsupported" for r in rows)
+    setup = sum(r.get("failure_mode") == "setup_error" for r in rows)
+    if unsupported:
+        parts.append(f"{unsupported} environment unsupported")
+    if setup:
+        parts.append(f"{setup} setup errors")
+    if outcome.dropped:
+        parts.append(f"{len(outcome.dropped)} left out by created_after")
+    return ", ".join(parts) or "no tasks selected"
 
 
 def _print(summary: dict, resumed: int, report: Path) -> None:

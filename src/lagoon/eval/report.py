@@ -11,10 +11,13 @@ sees half a report. The HTML needs nothing but itself to render (no scripts, no 
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,28 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+@contextlib.contextmanager
+def _quiet_matplotlib() -> Iterator[None]:
+    """Keep matplotlib's warnings (Python warnings and its logger: font cache, empty legends, odd
+    limits) off the user's terminal; a report is written either way and says what it could plot."""
+    logger = logging.getLogger("matplotlib")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def plots(results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> dict[str, str]:
     """Plot title → base64 PNG. Routing share and expert load appear only when there is data."""
+    with _quiet_matplotlib():
+        return _plots(results, summary)
+
+
+def _plots(results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,13 +86,16 @@ def plots(results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> d
     out["Steps histogram"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3))
+    plotted = False
     for ok, colour, label in ((True, "#2e8b57", "passed"), (False, "#c0392b", "failed")):
         pts = [(float(r.get("cost_usd") or 0), float((r.get("tokens") or {}).get("total", 0))) for r in scored if bool(r.get("passed")) == ok]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=colour, label=label, alpha=0.8)
+            plotted = True
     ax.set_xlabel("cost per task (USD)")
     ax.set_ylabel("tokens")
-    ax.legend(loc="best")
+    if plotted:  # a legend of nothing is a matplotlib warning
+        ax.legend(loc="best")
     out["Cost vs pass"] = _png(fig)
 
     share = summary.get("routing_share") or {}

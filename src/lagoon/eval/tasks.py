@@ -32,6 +32,7 @@ import yaml
 
 from lagoon.errors import TaskSpecError
 from lagoon.jsonl import read_jsonl
+from lagoon.yaml_loader import DuplicateKeyError, load_yaml
 
 __all__ = ["Task", "SweInstance", "Suite", "load_suite", "parse_date"]
 
@@ -122,10 +123,17 @@ def _str_list(value: Any, where: str, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _twice(exc: DuplicateKeyError) -> str:
+    return (f"field {exc.key!r} appears twice (lines {exc.context_mark.line + 1} and {exc.problem_mark.line + 1}); "
+            "keep only one")
+
+
 def _tb1(folder: Path) -> Task:
     spec = folder / "task.yaml"
     try:
-        data = yaml.safe_load(spec.read_text(encoding="utf-8"))
+        data = load_yaml(spec.read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
+        raise TaskSpecError(f"{spec}: {_twice(exc)}") from None
     except yaml.YAMLError as exc:
         raise TaskSpecError(f"{spec}: invalid YAML ({exc}); fix the syntax") from None
     if not isinstance(data, dict):
@@ -243,7 +251,9 @@ def _swe_spec(jsonl: Path) -> tuple[dict[str, Path | str], dict[str, dict[str, A
             "(repo → test_cmd)"
         )
     try:
-        spec = yaml.safe_load(spec_path.read_text(encoding="utf-8")) or {}
+        spec = load_yaml(spec_path.read_text(encoding="utf-8")) or {}
+    except DuplicateKeyError as exc:
+        raise TaskSpecError(f"{spec_path}: {_twice(exc)}") from None
     except yaml.YAMLError as exc:
         raise TaskSpecError(f"{spec_path}: invalid YAML ({exc}); fix the syntax") from None
     if not isinstance(spec, dict):
