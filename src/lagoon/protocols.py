@@ -267,11 +267,21 @@ class ValidationVerdict(Protocol):
 class SnapshotManager(Protocol):
     """What the context gate needs from `lagoon.context.ContextManager`."""
 
-    def create_snapshot(self, task_id: str, chunks: Sequence[Any]) -> Any:
-        """A new snapshot of `chunks`, versioned one past `task_id`'s latest (1 for a new task)."""
+    def create_snapshot(self, task_id: str, chunks: Sequence[Any], assumptions: Sequence[Any] = (),
+                        *, reason: str = "initial") -> Any:
+        """A new snapshot of `chunks` declaring `assumptions` (`lagoon.context.Assumption`s),
+        versioned one past `task_id`'s latest (1 for a new task), recording why it was taken."""
         ...
 
     def validate(self, snapshot: Any) -> ValidationVerdict: ...
+
+    def mark_consumed(self, chunks: Sequence[Any], task_id: str | None = None) -> None:
+        """The chunks were handed to a model now (their TTL starts)."""
+        ...
+
+    def invalidate_files(self, paths: Sequence[str]) -> None:
+        """Every consumed chunk of these files is invalid at once (the files changed)."""
+        ...
 
 
 class Summarizer(Protocol):

@@ -215,19 +215,25 @@ class HashSnapshot:
     task_id: str
     version: int
     hashes: dict[str, str]
+    assumptions: tuple[Any, ...] = ()
+    reason: str = "initial"
 
 
 class FileHashSnapshots:
     """A snapshot manager double: a snapshot is the SHA-256 of each retrieved file; it is stale when
-    one changed. Versions count per task id. `always_fail` makes every validation fail."""
+    one changed, or when an assumption it declares does not hold (unless `reject_unverified` is
+    off). Versions count per task id. `always_fail` makes every validation fail. `consumed` maps
+    each chunk location handed to the model to when."""
 
-    def __init__(self, root: Any, *, always_fail: bool = False) -> None:
+    def __init__(self, root: Any, *, always_fail: bool = False, reject_unverified: bool = True) -> None:
         from pathlib import Path
 
         self.root = Path(root)
         self.always_fail = always_fail
+        self.reject_unverified = reject_unverified
         self.validations = 0
         self.latest: dict[str, int] = {}
+        self.consumed: dict[str, float] = {}
 
     def _hashes(self, paths: Iterable[str]) -> dict[str, str]:
         import hashlib
@@ -238,10 +244,21 @@ class FileHashSnapshots:
             out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else ""
         return out
 
-    def create_snapshot(self, task_id: str, chunks: Sequence[Any]) -> HashSnapshot:
+    def create_snapshot(self, task_id: str, chunks: Sequence[Any], assumptions: Sequence[Any] = (),
+                        *, reason: str = "initial") -> HashSnapshot:
         version = self.latest.get(task_id, 0) + 1
         self.latest[task_id] = version
-        return HashSnapshot(task_id, version, self._hashes(c.path for c in chunks))
+        return HashSnapshot(task_id, version, self._hashes(c.path for c in chunks), tuple(assumptions), reason)
+
+    def mark_consumed(self, chunks: Sequence[Any], task_id: str | None = None) -> None:
+        import time
+
+        for c in chunks:
+            self.consumed[f"{c.path}:{c.start_line}-{c.end_line}"] = time.time()
+
+    def invalidate_files(self, paths: Sequence[str]) -> None:
+        for key in [k for k in self.consumed if k.rsplit(":", 1)[0] in paths]:
+            del self.consumed[key]
 
     def validate(self, snapshot: HashSnapshot) -> _Report:
         self.validations += 1
@@ -249,4 +266,7 @@ class FileHashSnapshots:
             return _Report(False, ["assumption 'tests pass on main' is unverified"])
         now = self._hashes(snapshot.hashes)
         changed = [p for p, h in snapshot.hashes.items() if now.get(p) != h]
-        return _Report(not changed, [f"{p} changed since snapshot v{snapshot.version}" for p in changed])
+        reasons = [f"{p} changed since snapshot v{snapshot.version}" for p in changed]
+        if self.reject_unverified:
+            reasons += [f"unverified_assumptions: {a.name}" for a in snapshot.assumptions if a.holds is not True]
+        return _Report(not reasons, reasons)

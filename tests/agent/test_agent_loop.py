@@ -72,8 +72,9 @@ def test_scripted_model_fixes_the_sample_repo_through_the_real_tools(repo):
                 "validation_passed", "steps", "input_tokens", "output_tokens", "cost_usd", "commands",
                 "validation_failures", "backends", "session_id", "trajectory"):
         assert key in d
-    # the editor's change made the snapshot stale: the agent re-retrieved before the next step
-    assert result.context_version == 2 and result.validation_failures == 1
+    # the failing test was new evidence (v2); the editor's change broke two assumptions — the test
+    # no longer fails, textstats.py is not as read — so the agent re-retrieved before the next step
+    assert result.context_version == 3 and result.validation_failures == 1 and result.assumption_drift == 2
 
 
 def test_file_changed_behind_the_agents_back_forces_reretrieval_and_a_new_version(repo):
@@ -90,7 +91,7 @@ def test_file_changed_behind_the_agents_back_forces_reretrieval_and_a_new_versio
     assert result.submitted
     events = _events(repo, result.session_id)
     failed = [e["payload"] for e in events if e["kind"] == "validation" and not e["payload"]["ok"]]
-    assert len(failed) == 1 and "textstats.py changed" in failed[0]["reasons"][0]
+    assert len(failed) == 1 and failed[0]["reasons"][0].startswith("source_changed: file:textstats.py")
     versions = [e["payload"]["version"] for e in events if e["kind"] == "context"]
     assert versions == [1, 2]
     assert retriever.calls == 2

@@ -66,7 +66,8 @@ def test_unverified_assumptions_rejected_only_when_configured(repo, config, cloc
     assert report.reasons[0].subjects == ("api_is_stable",)
     assert _mgr(repo, config, clock, reject_unverified_assumptions=False).validate(snap).ok
     verified = m.verify_assumption(snap, "api_is_stable")
-    assert verified.assumptions["api_is_stable"] and verified.version == 2
+    assert verified.assumptions["api_is_stable"].holds is True and verified.version == 2
+    assert verified.assumptions["api_is_stable"].checked_at == clock.t
     assert m.validate(verified).ok
 
 
@@ -154,9 +155,10 @@ def test_audit_trail_export_is_versioned_json(repo, config, clock, chunks):
     m.close()
     reopened = ContextManager(repo, config, ValidationSection(), db_path=db, clock=clock)
     data = json.loads(json.dumps(reopened.export("task-7")))
-    assert data["format"] == EXPORT_FORMAT and data["format_version"] == 1
+    assert data["format"] == EXPORT_FORMAT and data["format_version"] == 2
     assert [v["version"] for v in data["versions"]] == [1, 2]
-    assert [v["assumptions"]["schema_unchanged"] for v in data["versions"]] == [False, True]
+    assert [v["assumptions"]["schema_unchanged"]["holds"] for v in data["versions"]] == [False, True]
+    assert [v["reason"] for v in data["versions"]] == ["initial", "initial"]
     kinds = [e["kind"] for e in data["events"]]
     assert kinds == ["created", "validated", "assumption_verified", "consumed"]
     assert data["events"][1]["detail"]["reasons"][0]["code"] == "unverified_assumptions"

@@ -102,6 +102,20 @@ class Agent:
         if self.telemetry is not None:
             self.telemetry.inc(name, labels=labels)
 
+    def record_snapshots(self) -> None:
+        """Each snapshot the gate took since the last call: into the session store and the events."""
+        for rec in self.gate.take_snapshots():
+            self.store.record_snapshot(self.session_id, rec.version, rec.to_dict())
+            self.emit("context", {"version": rec.version, "reasons": [rec.reason], "chunks": list(rec.chunks),
+                                  "assumptions": {a.name: a.holds for a in rec.assumptions}})
+
+    def _record_drift(self, gate: Any) -> None:
+        drifted = sum(1 for d in gate.drift if d.assumption.holds is False)
+        if drifted and self.telemetry is not None:
+            self.telemetry.inc("lagoon_agent_assumption_drift_total", drifted)
+        if isinstance(self.model, RoutedModel) and gate.drift:  # a Router keeps the daily figure
+            self.model.record_assumption_drift(drifted)
+
     # -- the loop -----------------------------------------------------------------------------
     def run(self, resume_calls: list[dict[str, Any]] | None = None, resume_step: int = 0) -> AgentExit:
         """Step until an AgentExit; record it as the `exit` event and return it.
@@ -141,15 +155,15 @@ class Agent:
     def step(self) -> None:
         self.check_limits()
         t0 = time.perf_counter()
+        checked = self.gate.version  # the version the drift was found in
         gate = self.gate.check()
+        for d in gate.drift:
+            self.emit("assumption", {**d.to_event(), "version": checked})
+        self._record_drift(gate)
         for failure in gate.failures:
             self._count("lagoon_agent_validation_failures_total")
             self.emit("validation", {"ok": False, **failure})
-        if gate.refreshed:  # recorded even when the new version fails too: it exists
-            chunks = [f"{c.path}:{c.start_line}-{c.end_line}" for c in self.gate.chunks]
-            self.store.record_snapshot(self.session_id, self.gate.version, {"chunks": chunks})
-            self.emit("context", {"version": self.gate.version, "reasons": gate.failures[-1]["reasons"],
-                                  "chunks": chunks})
+        self.record_snapshots()  # recorded even when the new version fails too: it exists
         if gate.halt:
             raise ValidationHalt(
                 f"context failed validation {self.gate.consecutive_failures} times in a row "
@@ -220,6 +234,8 @@ class Agent:
                     self.store.save_tool_state(self.session_id, self.tools.state())
                 seq = self.store.append(self.session_id, "tool_result", result)
             self._apply("tool_result", result, seq)
+            self.gate.observe(call["name"], call["arguments"], text=out.text, exit_code=out.exit_code,
+                              files=out.files, edit=bool(out.meta.get("edit")))
             if out.submitted:
                 submitted = out.text
         if submitted is not None:

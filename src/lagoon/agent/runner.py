@@ -25,6 +25,7 @@ from typing import Any
 
 import jinja2
 
+from lagoon.agent.assumptions import AssumptionBook
 from lagoon.agent.context_gate import ContextGate, SnapshotManager, context_file_hash
 from lagoon.agent.environment import LocalEnvironment
 from lagoon.agent.loop import Agent, AgentExit
@@ -33,10 +34,12 @@ from lagoon.agent.redaction import Redactor
 from lagoon.agent.session import DB_NAME, FORMAT_VERSION, SessionLocks, SessionStore, session_id_for
 from lagoon.agent.summarizer import ModelSummarizer
 from lagoon.agent.tools import ToolBox
+from lagoon.agent.tools.assume import AssumeTool
 from lagoon.agent.tools.bash import BashTool
 from lagoon.agent.tools.edit import EditTool
 from lagoon.agent.tools.search import SearchTool
 from lagoon.agent.tools.submit import SubmitTool
+from lagoon.agent.tools.verify import VerifyTool
 from lagoon.agent.tools.view import ViewTool
 from lagoon.agent.trajectory import Trajectory
 from lagoon.agent.workspace import Workspace
@@ -71,6 +74,7 @@ class RunResult:
     cost_usd: float
     commands: list[dict[str, Any]] = field(default_factory=list)
     validation_failures: int = 0
+    assumption_drift: int = 0
     backends: dict[str, int] = field(default_factory=dict)
     context_version: int = 0
     interrupted_steps: list[dict[str, Any]] = field(default_factory=list)
@@ -179,10 +183,15 @@ def run_task(
         if retriever is None and snapshot_manager is None:
             retriever, snapshot_manager = _context_parts(ws.root, config, model)
             owned.append(snapshot_manager)
+        file_hash = context_file_hash(ws.root, config.context)
+        book = AssumptionBook(ws.root, environment=env, file_hash=file_hash,
+                              timeout_s=config.agent.command_timeout_s)
+        max_assumptions = config.context.max_assumptions_per_snapshot
         tools = [BashTool(env, timeout_s=config.agent.command_timeout_s), ViewTool(ws, max_chars=cap),
                  EditTool(ws, SessionLocks(store, sid))]
         if retriever is not None:
             tools.append(SearchTool(retriever, budget_tokens=config.context.token_budget))
+        tools += [AssumeTool(book, max_assumptions=max_assumptions), VerifyTool(book)]
         toolbox = ToolBox([*tools, SubmitTool()], max_chars=cap)
         mem_cfg = config.model_deployment.memory
         window = getattr(model, "context_window", 0) or mem_cfg.context_budget
@@ -206,17 +215,17 @@ def run_task(
         gate = ContextGate(instruction, task_id=sid, retriever=retriever, manager=snapshot_manager,
                            max_failures=config.validation.max_consecutive_validation_failures,
                            k=config.context.top_k, budget_tokens=config.context.token_budget,
-                           root=ws.root, file_hash=context_file_hash(ws.root, config.context),
-                           fresh_for_s=fresh_for_s(config))
+                           root=ws.root, file_hash=file_hash, fresh_for_s=fresh_for_s(config),
+                           assumptions=book, max_assumptions=max_assumptions,
+                           reject_unverified=config.validation.reject_unverified_assumptions,
+                           chunk_ttl_s=config.context.chunk_ttl_s)
+        _replay_observations(gate, book, events)
         agent = Agent(model, toolbox, memory, gate, store, sid, config.agent, trajectory=traj,
                       persist_tool_state=persist, telemetry=telemetry, on_event=on_event)
         if not events:
             agent.emit("task", {"task": instruction, "session_id": sid, "repo": str(ws.root)})
-        version = gate.start(traj.context_version)
-        store.record_snapshot(sid, version, {"task": instruction, "chunks": [
-            f"{c.path}:{c.start_line}-{c.end_line}" for c in gate.chunks]})
-        agent.emit("context", {"version": version, "reasons": ["resumed"] if events else [],
-                               "chunks": [f"{c.path}:{c.start_line}-{c.end_line}" for c in gate.chunks]})
+        gate.start(traj.context_version, reason="resumed" if events else "initial")
+        agent.record_snapshots()
         if isinstance(model, RoutedModel):  # a Router classifies the task once
             context_text = "\n".join(gate.context_texts())
             # context_size is in characters, as classification.context_size_threshold is (seed 001).
@@ -246,6 +255,21 @@ def run_task(
             _save_trajectory(store, sid, traj_file)
 
 
+def _replay_observations(gate: ContextGate, book: AssumptionBook, events: list[dict[str, Any]]) -> None:
+    """A resumed run learns again what the crashed one had: evidence from every tool result, and the
+    assumptions the model declared (re-checked now)."""
+    for e in events:
+        if e["kind"] != "tool_result":
+            continue
+        p = e["payload"]
+        gate.observe(p["name"], p["arguments"], text=p["text"], exit_code=p.get("exit_code"),
+                     files=p.get("files") or (), edit=bool((p.get("meta") or {}).get("edit")))
+        declared = (p.get("meta") or {}).get("assumption")  # absent when the call was refused
+        if p["name"] == "assume" and declared:
+            book.declare(declared["name"], declared["claim"], declared["check"], declared["kind"],
+                         declared["watch"])
+
+
 def _result(sid: str, traj: Trajectory, started: float, *, resumed: bool, path: Path) -> RunResult:
     exit_ = traj.exit or {"status": "crashed", "message": ""}
     return RunResult(
@@ -262,6 +286,7 @@ def _result(sid: str, traj: Trajectory, started: float, *, resumed: bool, path: 
         cost_usd=traj.cost_usd,
         commands=list(traj.commands),
         validation_failures=traj.validation_failures,
+        assumption_drift=traj.assumption_drift,
         backends=dict(traj.backends),
         context_version=traj.context_version,
         interrupted_steps=list(traj.interrupted),

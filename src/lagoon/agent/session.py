@@ -8,7 +8,8 @@ One database per workspace, `<workspace>/<agent.state_dir>/sessions.db`, with ta
     terminal   every command the agent ran: step, command, exit code, duration, output tail
     tool_state the latest tool state (cwd, env changes, undo history) per session
     locks      advisory file locks: path → holding session
-    snapshots  context snapshot versions per session
+    snapshots  context snapshot versions per session: why each was taken, its chunks, and its
+               assumptions (claim, check, result, when)
 
 Every write is its own transaction (or one `batch()` of writes that belong together), committed
 before the agent acts on it: a tool call is written as a `tool_intent` event, then run, then its
@@ -236,6 +237,13 @@ class SessionStore:
                 (session_id, version, self._json(dict(payload)), time.time()),
             )
 
+    def snapshots(self, session_id: str) -> list[dict[str, Any]]:
+        """Every recorded snapshot, oldest first: version, reason, chunks, assumptions (claim, check,
+        result, when)."""
+        rows = self.db.execute(
+            "SELECT version, payload, ts FROM snapshots WHERE session_id=? ORDER BY version", (session_id,))
+        return [{"version": v, **json.loads(payload), "recorded_at": ts} for v, payload, ts in rows]
+
     def snapshot_versions(self, session_id: str) -> list[int]:
         rows = self.db.execute("SELECT version FROM snapshots WHERE session_id=? ORDER BY version", (session_id,))
         return [r[0] for r in rows]
@@ -272,6 +280,7 @@ class SessionStore:
             "events": list(self.events(session_id)),
             "terminal": self.terminal(session_id),
             "snapshot_versions": self.snapshot_versions(session_id),
+            "snapshots": self.snapshots(session_id),
         }
 
 

@@ -5,7 +5,9 @@ rebuilds exactly what the original run knew: step and token counts, cost, backen
 and exit codes, validation failures, the context version, and the memory turns. Event kinds:
 
     task              {task, session_id}
-    context           {version, reasons, chunks}             a new snapshot version
+    context           {version, reasons, chunks, assumptions}  a new snapshot version (reasons: why)
+    assumption        {name, claim, check, kind, source,       an assumption's check result changed
+                       was, holds, at, detail, version}       (drift when it no longer holds)
     validation        {ok, version, reasons, consecutive}
     model             {step, message, calls, mode, usage, backend, model, latency_s, route}
     format_error      {step, error}
@@ -62,6 +64,7 @@ class Trajectory:
     models: Counter = field(default_factory=Counter)
     commands: list[dict[str, Any]] = field(default_factory=list)
     validation_failures: int = 0
+    assumption_drift: int = 0
     last_validation_ok: bool = True
     context_version: int = 0
     format_errors_in_row: int = 0
@@ -83,6 +86,10 @@ class Trajectory:
 
     def _on_context(self, p: dict[str, Any]) -> None:
         self.context_version = int(p["version"])
+
+    def _on_assumption(self, p: dict[str, Any]) -> None:
+        if p["holds"] is False:
+            self.assumption_drift += 1
 
     def _on_validation(self, p: dict[str, Any]) -> None:
         self.last_validation_ok = bool(p["ok"])

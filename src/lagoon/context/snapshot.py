@@ -1,14 +1,18 @@
 """Versioned context snapshots with declared assumptions, their validation, and an audit trail.
 
-`ContextManager.create_snapshot(task_id, chunks, assumptions)` captures what an agent step relies on:
-the chunks, the assumptions it declares (name → verified?), when it was last verified, the content
-hash of every source file the chunks come from, and a complexity score counted on the syntax tree
-(definitions plus branching nodes, by tree-sitter — not a regex). `validate(snapshot)` lists every
+`ContextManager.create_snapshot(task_id, chunks, assumptions, reason=)` captures what an agent step
+relies on: the chunks, the assumptions it declares (each an `Assumption`: a named claim, the
+executable check that decides it, and the check's last result and time), why this version was taken,
+when it was last verified, the content hash of every source file the chunks come from, and a
+complexity score counted on the syntax tree (definitions plus branching nodes, by tree-sitter — not
+a regex). Running the checks is the agent's business (`lagoon.agent.assumptions`); this module
+records their results. `validate(snapshot)` lists every
 reason it may not be acted on, each with a machine-readable code:
 
 - ``stale``: last verified longer ago than `context.staleness_threshold_ms`
   (checked when `validation.require_fresh_context`);
-- ``unverified_assumptions``: an assumption is not verified (when `validation.reject_unverified_assumptions`);
+- ``unverified_assumptions``: an assumption's check did not pass, or never ran (when
+  `validation.reject_unverified_assumptions`);
 - ``too_many_assumptions``: more than `context.max_assumptions_per_snapshot`;
 - ``source_changed`` / ``source_deleted``: a source file differs from, or is gone since, capture.
 
@@ -39,10 +43,11 @@ from lagoon.context.complexity import complexity_score
 from lagoon.context.fileset import FileSet
 from lagoon.errors import SessionError
 
-__all__ = ["ContextManager", "Snapshot", "ValidationReport", "Reason", "EXPORT_FORMAT", "EXPORT_VERSION"]
+__all__ = ["Assumption", "ContextManager", "Snapshot", "ValidationReport", "Reason", "EXPORT_FORMAT",
+           "EXPORT_VERSION"]
 
 EXPORT_FORMAT = "lagoon.context.snapshots"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: assumptions are records (claim, check, result, when); snapshots carry a reason
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshot (
@@ -57,17 +62,64 @@ CREATE TABLE IF NOT EXISTS consumed (
 """
 
 
+@dataclass(frozen=True)
+class Assumption:
+    """A named claim and the executable check that decides it.
+
+    `kind` says how `check` runs (see `lagoon.agent.assumptions`): ``file_hash``, ``symbol``,
+    ``test_fails``, ``git_head`` and ``dependency`` are derived by code; ``shell`` and ``python``
+    are declared by the model. `holds` is the last result (None: never checked), `checked_at` when.
+    `watch` lists the files whose change may change the result (empty: anything the agent does)."""
+
+    name: str
+    claim: str
+    check: str
+    kind: str = "shell"
+    source: str = "model"
+    """``derived`` (by code from what was retrieved or observed) or ``model`` (the `assume` tool)."""
+    holds: bool | None = None
+    checked_at: float | None = None
+    watch: tuple[str, ...] = ()
+    detail: str = ""
+    """What the last check printed or found (cut short), for the model and the export."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "claim": self.claim, "check": self.check, "kind": self.kind,
+                "source": self.source, "holds": self.holds, "checked_at": self.checked_at,
+                "watch": list(self.watch), "detail": self.detail}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Any) -> Assumption:
+        if isinstance(data, bool):  # format 1 stored name → verified?
+            return cls(name=name, claim=name, check="", kind="declared", holds=data)
+        return cls(name=str(data["name"]), claim=str(data["claim"]), check=str(data["check"]),
+                   kind=str(data["kind"]), source=str(data["source"]), holds=data["holds"],
+                   checked_at=data["checked_at"], watch=tuple(data["watch"]), detail=str(data["detail"]))
+
+
+def as_assumptions(assumptions: Mapping[str, bool | Assumption] | Iterable[Assumption] | None) -> dict[str, Assumption]:
+    """Name → `Assumption`; a bare `name: bool` is a claim recorded without a check (API callers)."""
+    if assumptions is None:
+        return {}
+    if isinstance(assumptions, Mapping):
+        return {str(k): v if isinstance(v, Assumption) else Assumption.from_dict(str(k), bool(v))
+                for k, v in assumptions.items()}
+    return {a.name: a for a in assumptions}
+
+
 @dataclass(frozen=True, eq=True)
 class Snapshot:
     task_id: str
     version: int
     chunks: tuple[Chunk, ...]
-    assumptions: Mapping[str, bool]
+    assumptions: Mapping[str, Assumption]
     created_at: float
     last_verified_at: float
     source_files: Mapping[str, str | None]
     """Path → content hash at capture (None: the file did not exist then)."""
     complexity_score: int
+    reason: str = "initial"
+    """Why this version was taken: ``initial``, ``resumed``, or what made the last one unusable."""
 
     __hash__ = None  # type: ignore[assignment]  # holds mappings
 
@@ -76,11 +128,12 @@ class Snapshot:
             "task_id": self.task_id,
             "version": self.version,
             "chunks": [c.to_dict() for c in self.chunks],
-            "assumptions": dict(self.assumptions),
+            "assumptions": {k: a.to_dict() for k, a in self.assumptions.items()},
             "created_at": self.created_at,
             "last_verified_at": self.last_verified_at,
             "source_files": dict(self.source_files),
             "complexity_score": self.complexity_score,
+            "reason": self.reason,
         }
 
     @classmethod
@@ -89,11 +142,12 @@ class Snapshot:
             task_id=data["task_id"],
             version=int(data["version"]),
             chunks=tuple(Chunk.from_dict(c) for c in data["chunks"]),
-            assumptions={str(k): bool(v) for k, v in data["assumptions"].items()},
+            assumptions={str(k): Assumption.from_dict(str(k), v) for k, v in data["assumptions"].items()},
             created_at=float(data["created_at"]),
             last_verified_at=float(data["last_verified_at"]),
             source_files=dict(data["source_files"]),
             complexity_score=int(data["complexity_score"]),
+            reason=str(data.get("reason", "initial")),  # format 1 had none
         )
 
 
@@ -216,9 +270,14 @@ class ContextManager:
         return None if text is None else content_hash(text)
 
     def create_snapshot(
-        self, task_id: str, chunks: Sequence[Chunk], assumptions: Mapping[str, bool] | None = None
+        self,
+        task_id: str,
+        chunks: Sequence[Chunk],
+        assumptions: Mapping[str, bool | Assumption] | Iterable[Assumption] | None = None,
+        *,
+        reason: str = "initial",
     ) -> Snapshot:
-        """Capture a new version (1, or one past the task's latest) and record it."""
+        """Capture a new version (1, or one past the task's latest) and record it with `reason`."""
         now = self.clock()
         prev = self.latest(task_id)
         paths = sorted({c.path for c in chunks})
@@ -226,13 +285,15 @@ class ContextManager:
             task_id=task_id,
             version=(prev.version + 1) if prev else 1,
             chunks=tuple(chunks),
-            assumptions={str(k): bool(v) for k, v in (assumptions or {}).items()},
+            assumptions=as_assumptions(assumptions),
             created_at=now,
             last_verified_at=now,
             source_files={p: self._file_hash(p) for p in paths},
             complexity_score=complexity_score(chunks),
+            reason=reason,
         )
-        return self._save(snap, "created", {"chunks": len(chunks), "assumptions": dict(snap.assumptions)})
+        return self._save(snap, "created", {"chunks": len(chunks), "reason": reason,
+                                            "assumptions": {k: a.holds for k, a in snap.assumptions.items()}})
 
     def validate(self, snapshot: Snapshot) -> ValidationReport:
         """Every reason the snapshot must not be acted on (empty when ok); recorded in the trail."""
@@ -243,7 +304,7 @@ class ContextManager:
             reasons.append(
                 Reason("stale", f"last verified {age_ms / 1000:.1f} s ago; the limit is {limit / 1000:.1f} s")
             )
-        unverified = tuple(sorted(k for k, v in snapshot.assumptions.items() if not v))
+        unverified = tuple(sorted(k for k, a in snapshot.assumptions.items() if a.holds is not True))
         if self.validation.reject_unverified_assumptions and unverified:
             reasons.append(
                 Reason("unverified_assumptions", f"unverified: {', '.join(unverified)}", unverified)
@@ -282,13 +343,15 @@ class ContextManager:
         return self._reverify(snapshot, dict(snapshot.assumptions), "reverified", {})
 
     def verify_assumption(self, snapshot: Snapshot, name: str, holds: bool = True) -> Snapshot:
-        """Record the outcome of checking one assumption (declaring it if new); re-verifies the snapshot."""
-        assumptions = {**snapshot.assumptions, name: bool(holds)}
+        """Record the outcome of checking one assumption (declaring it, without a check, if new);
+        re-verifies the snapshot."""
+        old = snapshot.assumptions.get(name) or Assumption(name=name, claim=name, check="", kind="declared")
+        assumptions = {**snapshot.assumptions, name: replace(old, holds=bool(holds), checked_at=self.clock())}
         return self._reverify(
             snapshot, assumptions, "assumption_verified", {"name": name, "holds": bool(holds)}
         )
 
-    def _reverify(self, snap: Snapshot, assumptions: dict[str, bool], kind: str, detail: dict) -> Snapshot:
+    def _reverify(self, snap: Snapshot, assumptions: dict[str, Assumption], kind: str, detail: dict) -> Snapshot:
         bump = self.context.version_increment_on_validation
         latest = self.latest(snap.task_id)
         version = (max(snap.version, latest.version if latest else 0) + 1) if bump else snap.version

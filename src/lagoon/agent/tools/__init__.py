@@ -1,6 +1,6 @@
 """The agent's tools and the `ToolBox` that offers them to the model and runs its calls.
 
-Registry (short name → class): `bash`, `view`, `edit`, `search`, `submit`. A tool has a
+Registry (short name → class): `bash`, `view`, `edit`, `search`, `submit`, `assume`, `verify`. A tool has a
 `ToolSpec` (name, description, JSON-schema parameters) and `run(arguments) -> ToolOutput`. Bad
 arguments raise `ToolArgumentError`, which the box turns into an error observation the model can
 read and correct; an unknown tool name is the loop's `FormatError`, not a tool's.
@@ -26,7 +26,7 @@ from lagoon.protocols import Tool, ToolSpec
 
 __all__ = ["Tool", "ToolBox", "ToolOutput", "ToolArgumentError", "UnknownToolError", "TOOL_NAMES"]
 
-TOOL_NAMES = ("bash", "view", "edit", "search", "submit")
+TOOL_NAMES = ("bash", "view", "edit", "search", "submit", "assume", "verify")
 
 
 class ToolArgumentError(ValueError):

@@ -1,0 +1,174 @@
+"""Assumptions live in a real run (scripted model, real tools, real lagoon.context): derived ones
+drift when a command edits what they depend on, the model's own are checked before every step and
+halt the run when they keep failing, the limits in config take effect, and the session export
+shows every snapshot with its assumptions and why it was taken."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from lagoon.agent import run_task
+from lagoon.agent.assumptions import AssumptionBook
+from lagoon.agent.session import SessionStore
+from lagoon.config import load_config
+from lagoon.testing import ReplayChatModel, ScriptStep
+
+SAMPLE = Path(__file__).parents[2] / "examples" / "sample-repo"
+
+
+def cfg(**sections):
+    return load_config({"context": {"rerank": False, **sections.pop("context", {})}, **sections})
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    dst = tmp_path / "repo"
+    shutil.copytree(SAMPLE, dst, ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache", ".lagoon"))
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    return dst
+
+
+def bash(cmd: str) -> ScriptStep:
+    return ScriptStep(tool=("bash", {"command": cmd}))
+
+
+def assume(name: str, check: str, claim: str = "", **kw) -> ScriptStep:
+    return ScriptStep(tool=("assume", {"name": name, "claim": claim or name, "check": check, **kw}))
+
+
+SUBMIT = ScriptStep(tool=("submit", {"summary": "done"}))
+
+
+def _export(repo: Path, sid: str, state_dir: str = ".lagoon") -> dict:
+    store = SessionStore.for_workspace(repo, state_dir)
+    try:
+        return store.export(sid)
+    finally:
+        store.close()
+
+
+def test_a_command_editing_a_file_an_assumption_rests_on_is_drift_and_a_new_version(repo):
+    model = ReplayChatModel([bash("echo looking"), bash("sed -i 's/return/return  /' textstats.py"),
+                             bash("echo after"), SUBMIT])
+    result = run_task("median textstats mean", repo, cfg(), model=model)
+    assert result.submitted and result.assumption_drift >= 1
+    doc = _export(repo, result.session_id)
+    kinds = [e["kind"] for e in doc["events"]]
+    # the sed ran in step 2; before step 3's model call the check failed, drift was recorded and
+    # the context refreshed — all between the sed's result and the third model event
+    sed_result = max(i for i, e in enumerate(doc["events"]) if e["kind"] == "tool_result" and e["payload"]["step"] == 2)
+    third_call = [i for i, k in enumerate(kinds) if k == "model"][2]
+    between = doc["events"][sed_result + 1:third_call]
+    drift = [e["payload"] for e in between if e["kind"] == "assumption"]
+    assert any(d["name"] == "file:textstats.py" and d["was"] is True and d["holds"] is False for d in drift)
+    assert drift[0]["check"].startswith("content_hash(textstats.py) == ")
+    failed = [e["payload"] for e in between if e["kind"] == "validation" and not e["payload"]["ok"]]
+    assert failed and "file:textstats.py" in failed[0]["reasons"][0]
+    refreshed = [e["payload"] for e in between if e["kind"] == "context"]
+    assert len(refreshed) == 1 and refreshed[0]["version"] == failed[0]["version"] + 1
+    # the third call was prompted with the edited file, not the copy read before the sed
+    assert "return  " in model.requests[2][1].content and "return  " not in model.requests[1][1].content
+    # the export has every snapshot: version, why it was taken, its assumptions (claim, check, result, when)
+    snaps = doc["snapshots"]
+    assert [s["version"] for s in snaps] == list(range(1, result.context_version + 1))
+    assert snaps[0]["reason"] == "initial" and "file:textstats.py" in snaps[-1]["reason"]
+    first = {a["name"]: a for a in snaps[0]["assumptions"]}
+    a = first["file:textstats.py"]
+    assert a["claim"] == "textstats.py is as it was read" and a["holds"] is True and a["checked_at"] > 0
+    assert len(snaps[0]["assumptions"]) <= 5  # context.max_assumptions_per_snapshot
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_a_failing_model_assumption_halts_after_the_configured_failures_naming_it(repo, limit):
+    model = ReplayChatModel([assume("notes_exist", "test -f NOTES.md", "the repo has release notes"), SUBMIT])
+    result = run_task("median", repo, cfg(validation={"max_consecutive_validation_failures": limit}), model=model)
+    assert result.exit_status == "validation_halt" and not result.submitted
+    assert result.validation_failures == limit and len(model.requests) == 1  # no call after the assume
+    assert "notes_exist" in result.exit_message and "test -f NOTES.md" in result.exit_message
+    assert f"max_consecutive_validation_failures={limit}" in result.exit_message
+
+
+def test_reject_unverified_assumptions_off_records_the_drift_and_carries_on(repo):
+    model = ReplayChatModel([assume("notes_exist", "test -f NOTES.md"), bash("echo go on"), SUBMIT])
+    result = run_task("median", repo, cfg(validation={"reject_unverified_assumptions": False}), model=model)
+    assert result.submitted and result.validation_failures == 0
+    doc = _export(repo, result.session_id)
+    snap = doc["snapshots"][-1]
+    assert snap["reason"].startswith("assumptions_changed: notes_exist")
+    (mine,) = [a for a in snap["assumptions"] if a["name"] == "notes_exist"]
+    assert mine["holds"] is False and mine["check"] == "test -f NOTES.md" and mine["source"] == "model"
+    assert "[FAILED] notes_exist" in model.requests[1][1].content  # the model is told
+
+
+def test_a_model_assumption_that_starts_failing_is_caught_before_the_next_call(repo):
+    model = ReplayChatModel([
+        assume("tests_pass", "python -m pytest -q tests -k mean", watch=["textstats.py"]),
+        bash("echo 'def mean(values):\n    return 0' >> textstats.py"),
+        SUBMIT,
+    ])
+    result = run_task("mean", repo, cfg(validation={"max_consecutive_validation_failures": 2}), model=model)
+    assert result.exit_status == "validation_halt" and len(model.requests) == 2
+    drift = [e["payload"] for e in _export(repo, result.session_id)["events"] if e["kind"] == "assumption"]
+    assert any(d["name"] == "tests_pass" and d["was"] is True and d["holds"] is False for d in drift)
+
+
+def test_max_assumptions_per_snapshot_caps_the_model_and_the_derived(repo):
+    model = ReplayChatModel([assume("a", "true"), assume("b", "true"), SUBMIT])
+    result = run_task("median textstats", repo, cfg(context={"max_assumptions_per_snapshot": 1}), model=model)
+    assert result.submitted
+    doc = _export(repo, result.session_id)
+    refused = [e["payload"] for e in doc["events"] if e["kind"] == "tool_result" and e["payload"]["name"] == "assume"][1]
+    assert not refused["ok"] and "context.max_assumptions_per_snapshot" in refused["text"]
+    assert all(len(s["assumptions"]) <= 1 for s in doc["snapshots"])
+    assert [a["name"] for a in doc["snapshots"][-1]["assumptions"]] == ["a"]
+    # the default cap keeps more: the derived ones fill it
+    other = run_task("median textstats again", repo, cfg(), model=ReplayChatModel([SUBMIT]))
+    assert len(_export(repo, other.session_id)["snapshots"][0]["assumptions"]) > 1
+
+
+def test_consumed_chunks_past_their_ttl_are_retrieved_again(repo):
+    steps = [bash("echo 1"), bash("echo 2"), SUBMIT]
+    r = run_task("median", repo, cfg(context={"chunk_ttl_s": 0.0}), model=ReplayChatModel(steps))
+    reasons = [s["reason"] for s in _export(repo, r.session_id)["snapshots"]]
+    assert r.submitted and len(reasons) == 4 and all(x.startswith("chunk_ttl") for x in reasons[1:])  # before each call
+    r = run_task("median again", repo, cfg(), model=ReplayChatModel(steps))
+    assert [s["reason"] for s in _export(repo, r.session_id)["snapshots"]] == ["initial"]
+
+
+def test_checks_rerun_only_when_their_files_change(tmp_path):
+    import time
+
+    (tmp_path / "a.txt").write_text("x")
+
+    class Env:
+        root = tmp_path
+        runs = 0
+
+        def execute(self, command, *, timeout_s=None):
+            import subprocess
+
+            from lagoon.protocols import CommandResult
+
+            Env.runs += 1
+            p = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+            return CommandResult(command, p.returncode, p.stdout + p.stderr)
+
+    # checks dated 10 s on: the file is past the racy window (a stat written within it is not trusted)
+    book = AssumptionBook(tmp_path, environment=Env(), clock=lambda: time.time() + 10)
+    book.declare("has_x", "a.txt holds x", "grep -q x a.txt", watch=["a.txt"])
+    book.declare("anything", "true", "true")
+    assert Env.runs == 2
+    for _ in range(5):
+        assert book.refresh() == []
+    assert Env.runs == 2  # nothing changed: no check re-ran
+    book.touch()  # a command ran: the no-watch check is due, the watched one is not
+    assert book.refresh() == [] and Env.runs == 3
+    (tmp_path / "a.txt").write_text("y")
+    (drift,) = book.refresh()
+    assert drift.name == "has_x" and drift.was is True and drift.assumption.holds is False and Env.runs == 4
