@@ -31,6 +31,9 @@ class CountingManager:
     def mark_consumed(self, chunks, task_id=None):
         self.inner.mark_consumed(chunks, task_id)
 
+    def invalidate_files(self, paths):
+        self.inner.invalidate_files(paths)
+
     def validate(self, snapshot):
         self.validations += 1
         return self.inner.validate(snapshot)
