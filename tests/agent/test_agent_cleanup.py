@@ -62,7 +62,8 @@ def test_error_exit_leaves_no_env_folder(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="signals to a child process")
-def test_ctrl_c_during_a_command_leaves_no_env_folder_and_no_process(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_during_a_command_leaves_no_env_folder_and_no_process(tmp_path, sig):
     marker = tmp_path / "started"
     survived = tmp_path / "survived"
     proc, repo, tmp = _start(tmp_path, [{"bash": f"touch {marker}; sleep 30; touch {survived}"}])
@@ -70,10 +71,12 @@ def test_ctrl_c_during_a_command_leaves_no_env_folder_and_no_process(tmp_path):
     while not marker.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
     assert not list(tmp.glob("lagoon-env-*")), err
+    saved = list((repo / ".lagoon" / "trajectories").glob("*.json"))  # the finally ran: trajectory saved
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["events"]
     time.sleep(0.2)
     assert not survived.exists()
     _assert_clean(repo, tmp)

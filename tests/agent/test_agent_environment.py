@@ -92,3 +92,15 @@ def test_shell_state_files_do_not_outlive_the_command(tmp_path, monkeypatch):
     env.close()
     env.close()  # twice is fine
     assert not folder.exists()
+
+
+def test_an_environment_never_closed_still_removes_its_folder(tmp_path):
+    import gc
+
+    env = LocalEnvironment(tmp_path)
+    env.execute("true")
+    folder = env._state_dir
+    assert folder.is_dir()
+    del env
+    gc.collect()
+    assert not folder.exists()

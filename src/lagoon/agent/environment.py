@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,8 @@ class LocalEnvironment:
         self.env_changes: dict[str, str] = {}
         self.env_unset: list[str] = []
         self._state_dir = Path(tempfile.mkdtemp(prefix="lagoon-env-"))
+        # a caller that never calls close() (or an interpreter that exits) still removes the folder
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._state_dir, ignore_errors=True)
 
     # -- state carried between commands ------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -215,11 +219,7 @@ class LocalEnvironment:
 
     def close(self) -> None:
         """Remove the private state folder; safe to call twice."""
-        if not self._state_dir.exists():
-            return
-        for f in self._state_dir.iterdir():
-            f.unlink(missing_ok=True)
-        self._state_dir.rmdir()
+        self._cleanup()
 
     def __enter__(self) -> LocalEnvironment:
         return self

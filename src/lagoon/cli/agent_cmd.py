@@ -6,7 +6,11 @@ Model specs (`--model`): see `lagoon.cli.model_spec`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -85,6 +89,25 @@ def _summary(console: Console, result: Any) -> None:
     console.print(table)
 
 
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """SIGTERM (a timeout, `kill`) unwinds like Ctrl-C instead of killing the interpreter outright,
+    so `run_task`'s `finally` still kills the command's process group, saves the trajectory and
+    removes the environment's temp folder."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _execute(task: str, repo: Path, config: Any, model_spec: str, session: str | None, as_json: bool) -> None:
     from lagoon.agent import run_task
     from lagoon.agent.runner import model_replies
@@ -99,11 +122,12 @@ def _execute(task: str, repo: Path, config: Any, model_spec: str, session: str |
     telemetry = Telemetry(config.telemetry)
     console = Console()
     if as_json:
-        result = run_task(task, repo, config, model=model, session_id=session, telemetry=telemetry)
+        with _terminate_cleanly():
+            result = run_task(task, repo, config, model=model, session_id=session, telemetry=telemetry)
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         view = LiveView(console)
-        with view.live:
+        with _terminate_cleanly(), view.live:
             result = run_task(task, repo, config, model=model, session_id=session, telemetry=telemetry,
                               on_event=view)
         _summary(console, result)
