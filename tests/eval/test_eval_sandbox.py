@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,18 @@ def test_without_bwrap_test_dir_points_at_the_host_folder(tmp_path):
     sb = Sandbox(tmp_path / "ws", mode="none").with_mounts(tests=(tmp_path, False))
     out = sb.execute("echo $TEST_DIR; pwd").output.split()
     assert out == [str(tmp_path), str(tmp_path / "ws")]
+
+
+def test_runaway_output_is_stopped_at_the_cap_not_the_timeout(tmp_path):
+    # `yes` would write to the output file until the timeout: gigabytes of disk
+    sb = Sandbox(tmp_path, mode="none", output_limit=2000, output_cap=1 << 20, timeout_s=60)
+    marker = tmp_path / "survived"
+    start = time.monotonic()
+    r = sb.execute(f"(sleep 2; touch {marker}) & yes")
+    assert time.monotonic() - start < 20
+    assert not r.timed_out and r.truncated and r.exit_code != 0
+    assert "stopped after printing more than 1048576 bytes" in r.output and len(r.output) < 2200
+    time.sleep(2.5)
+    assert not marker.exists(), "a child outlived the cap: the group was not killed"
+    ok = sb.execute("echo fine")
+    assert ok.output == "fine\n" and ok.exit_code == 0 and not ok.truncated

@@ -187,6 +187,9 @@ class Sandbox:
     mounts: Mapping[str, tuple[Path, bool]] = field(default_factory=dict)
     timeout_s: float = 180.0
     output_limit: int = 1_000_000
+    output_cap: int = 32 * 1024 * 1024
+    """Bytes a command may print before its process group is killed: output goes to a temporary
+    file, and `yes` or `cat /dev/urandom` would otherwise fill the disk until the timeout."""
     state_dir: Path | None = None
     """When set, the working directory and exported variables carry from one command to the next
     (the agent's shell semantics); the shell's final state is kept in this host folder."""
@@ -285,13 +288,19 @@ class Sandbox:
                 env=self._environ(),
                 start_new_session=True,
             )
-            timed_out = False
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                os.killpg(proc.pid, signal.SIGKILL)
-                code = proc.wait()
+            timed_out = capped = False
+            deadline = start + timeout
+            while True:  # wait in short slices, watching the output file's size
+                try:
+                    code = proc.wait(timeout=0.05)
+                    break
+                except subprocess.TimeoutExpired:
+                    capped = os.fstat(out.fileno()).st_size > self.output_cap
+                    timed_out = not capped and time.monotonic() > deadline
+                    if capped or timed_out:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        code = proc.wait()
+                        break
             out.seek(0)
             size = os.fstat(out.fileno()).st_size
             truncated = size > self.output_limit
@@ -308,13 +317,15 @@ class Sandbox:
                 text = out.read().decode("utf-8", "replace")
         if timed_out:
             text += f"\n[timed out after {timeout:g} s]"
+        elif capped:
+            text += f"\n[stopped after printing more than {self.output_cap} bytes; its process group was killed]"
         return CommandResult(
             command=command,
             exit_code=124 if timed_out else code,
             output=text,
             duration_s=time.monotonic() - start,
             timed_out=timed_out,
-            truncated=truncated,
+            truncated=truncated or capped,
         )
 
 
