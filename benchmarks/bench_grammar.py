@@ -104,7 +104,8 @@ def main() -> None:
     print("free runs", [round(x, 1) for x in free], "constrained runs", [round(x, 1) for x in cons])
     f, c = max(free), max(cons)
     mask_ms = 1000 * spent["s"] / max(spent["n"], 1)
-    share = mask_ms * c / 1000 / max(args.batch // 2, 1)  # per constrained request, of each decode step
+    k = 1 if args.batch == 1 else (args.batch + 1) // 2  # constrained requests in the batch
+    share = mask_ms * k / (1000 * args.batch / c)  # mask time per step / step time (batch / tok/s)
     print("| model | batch | tokens | free tok/s | JSON-schema tok/s | ratio | mask ms/token | mask share of a step |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {args.model} | {args.batch} | {args.tokens} | {f:.1f} | {c:.1f} | {c / f:.3f} | {mask_ms:.3f} | "
