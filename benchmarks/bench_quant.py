@@ -11,7 +11,8 @@
 3. Model level (the embedded SmolLM2-135M, loaded as fp32): greedy decode tok/s through
    `lagoon.engine.Engine`, weight bytes, and over the shipped held-out text mean KL, top-1
    agreement and perplexity delta vs the fp32 model (all tokens dynamically scaled, as generated
-   tokens are). `w8a8+sq` is calibrated on the shipped calibration text with SmoothQuant (α 0.5).
+   tokens are). Each scheme's defaults as `lagoon quantize` applies them (w8a8 / fp8 calibrated on
+   the shipped calibration text with SmoothQuant) and the alternatives they replace.
 
 `--torchao` adds torchao 0.18 rows (`Int8DynamicActivationInt8WeightConfig` and
 `Int8WeightOnlyConfig`, `torch.compile`d; the bench extra installs it) to the linear table; each
@@ -89,9 +90,10 @@ def bench_linear(n: int, reps: int, with_torchao: bool = False) -> None:
         "fp32 F.linear": lambda x: F.linear(x, lin.weight),
         "bf16 F.linear": (lambda wb: lambda x: F.linear(x.bfloat16(), wb))(lin.weight.bfloat16()),
     }
-    for s in SCHEMES:
-        q = QuantizedLinear.from_float(lin, get_scheme(s, 128))
-        mods[f"{s}{' g128' if s == 'int4' else ''}"] = q
+    for s in SCHEMES:  # each scheme's default group size (int8 g32, int4 g128), plus per-channel int8
+        q = QuantizedLinear.from_float(lin, get_scheme(s))
+        mods[f"{s}{f' g{q.scheme.group_size}' if q.scheme.GROUP_SIZES else ''}"] = q
+    mods["int8 per-channel"] = QuantizedLinear.from_float(lin, get_scheme("int8", 0))
     if with_torchao:
         mods.update(torchao_modules(lin))
     rows = []
@@ -100,7 +102,7 @@ def bench_linear(n: int, reps: int, with_torchao: bool = False) -> None:
         ref = F.linear(x, lin.weight)
         base = timeit(lambda x=x: F.linear(x, lin.weight), reps)
         for name, f in mods.items():
-            if m == 8 and name not in ("fp32 F.linear", "bf16 F.linear", "w8a8", "int8"):
+            if m == 8 and name not in ("fp32 F.linear", "bf16 F.linear", "w8a8", "int8 per-channel"):
                 continue
             if isinstance(f, QuantizedLinear):
                 f.path_counts.clear()
@@ -158,10 +160,19 @@ def bench_model(new_tokens: int, max_text_tokens: int) -> None:
     rows = []
     cal_ids = torch.tensor(tok.encode(CALIBRATION.read_text()))
     cal = calibrate(ref, [cal_ids[i : i + 256].unsqueeze(0) for i in range(0, cal_ids.numel(), 256)])
-    variants: list[tuple[str, QuantConfig | None]] = [("fp32", None)] + [
-        (s, QuantConfig(scheme=s, group_size=32 if s == "int4" else 128)) for s in ("bf16", *SCHEMES)
+    # (row, config, calibrated): each scheme's defaults as `lagoon quantize` applies them, plus the
+    # alternatives they beat (per-channel int8, uncalibrated w8a8, int4 with 32-groups)
+    variants: list[tuple[str, QuantConfig | None, bool]] = [
+        ("fp32", None, False),
+        ("bf16", QuantConfig(scheme="bf16"), False),
+        ("int8 (default: g32)", QuantConfig(scheme="int8"), False),
+        ("int8 per-channel", QuantConfig(scheme="int8", group_size=0), False),
+        ("w8a8 (default: calibrated, SmoothQuant)", QuantConfig(scheme="w8a8"), True),
+        ("w8a8 --no-calibration", QuantConfig(scheme="w8a8"), False),
+        ("int4 (default: g128/64 by K)", QuantConfig(scheme="int4"), False),
+        ("int4 g32", QuantConfig(scheme="int4", group_size=32), False),
+        ("fp8 (default: calibrated)", QuantConfig(scheme="fp8"), True),
     ]
-    variants.insert(4, ("w8a8+sq", QuantConfig(scheme="w8a8", smooth_alpha=0.5)))
     ref_logits: dict[bytes, torch.Tensor] = {}
 
     def ref_fn(inp: torch.Tensor) -> torch.Tensor:  # the fp32 logits are computed once per window
@@ -170,10 +181,10 @@ def bench_model(new_tokens: int, max_text_tokens: int) -> None:
             ref_logits[key] = ref(inp)
         return ref_logits[key]
 
-    for name, qc in variants:
+    for name, qc, calibrated in variants:
         m = ref if qc is None else copy.deepcopy(ref)
         if qc is not None:
-            quantize_(m, qc, calibration=cal if name.endswith("+sq") else None)
+            quantize_(m, qc, calibration=cal if calibrated else None)
         eng = Engine(m, tok, name=name)
         params = eng.params(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         eng.complete(prompt, eng.params(max_new_tokens=2, temperature=0.0, ignore_eos=True))

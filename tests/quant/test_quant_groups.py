@@ -41,6 +41,7 @@ def test_layer_group_size_rule() -> None:
     assert [layer_group_size("int4", k) for k in (576, 1536, 96, 100, 4096)] == [64, 128, 32, None, 128]
     assert [layer_group_size("int4", k, 32) for k in (576, 1536)] == [32, 32]
     assert layer_group_size("int4", 576, 64) == 64 and layer_group_size("w8a8", 576) == 0  # ungrouped: unchanged
+    assert layer_group_size("int4", 576, n=8) is None and layer_group_size("int8", 576, n=8) == 0  # N % 16
 
 
 @torch.no_grad()

@@ -116,7 +116,7 @@ def test_prefill_fp32_gemm_path_matches_reference(linear: nn.Linear, scheme: str
     import lagoon.quant.int8 as int8_mod
 
     monkeypatch.setattr(int8_mod, "CPU_AVX512", avx512)  # exercise both CPU kinds' choices on any CPU
-    q = QuantizedLinear.from_float(linear, get_scheme(scheme))
+    q = QuantizedLinear.from_float(linear, get_scheme(scheme, 0))  # per-channel int8 (grouped: the int4 kernel)
     x = torch.randn(int8_mod.FP32_GEMM_MIN_M, 256, generator=torch.Generator().manual_seed(5))
     y = q(x)
     assert ("fp32_gemm" in q.path_counts) is not avx512

@@ -59,7 +59,7 @@ def _group_sizes(model: nn.Module) -> dict[str, int]:
     out: dict[str, int] = {}
     for n, m in model.named_modules():
         if isinstance(m, QuantizedLinear) and m.scheme.GROUP_SIZES:
-            out[n] = m.scheme.group_size
+            out[n] = m.scheme.group_size  # 0 = per output channel (int8)
         elif isinstance(m, QuantizedExperts) and m.scheme.GROUP_SIZES:
             out.update({f"{n}.{p}": s.group_size for p, s in m.schemes.items()})
     return out
@@ -96,7 +96,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, *, source: str | None 
         "source": source,
         **(extra or {}),
     }
-    if config.scheme == "int4":
+    if config.scheme == "int4" or any(meta["group_sizes"].values()):  # grouped int8 packs its nibbles as int4
         from lagoon.quant.int4 import LAYOUT
 
         meta["int4_layout"] = LAYOUT
@@ -144,17 +144,18 @@ def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
 
     meta = read_metadata(path)
     config = QuantConfig(**meta["config"])
-    if config.scheme == "int4":
+    sizes: dict[str, int] = meta.get("group_sizes") or {}
+    if config.scheme == "int4" or any(sizes.values()):
         from lagoon.quant.int4 import LAYOUT
 
         if meta.get("int4_layout") != LAYOUT:
             raise QuantizationError(
                 f"{path} packs int4 as {meta.get('int4_layout')!r}; this build runs {LAYOUT!r}. Re-quantize from the float model here"
             )
-    sizes: dict[str, int] = meta.get("group_sizes") or {}
+    legacy = 0 if config.scheme == "int8" and "group_sizes" not in meta else config.group_size  # older files
 
-    def scheme(key: str) -> WeightScheme:  # the recorded group size; older files: the config's
-        return get_scheme(config.scheme, sizes.get(key, config.group_size))
+    def scheme(key: str) -> WeightScheme:
+        return get_scheme(config.scheme, sizes.get(key, legacy))
 
     builders = {
         "QuantizedLinear": lambda n, m: QuantizedLinear.from_float(m, scheme(n), config.dynamic_threshold),

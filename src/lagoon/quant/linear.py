@@ -49,6 +49,8 @@ class WeightScheme:
     activation_quantized: ClassVar[bool] = False
     GROUP_SIZES: ClassVar[tuple[int, ...]] = ()  # group sizes along K a grouped scheme supports; () = not grouped
     DEFAULT_GROUP_SIZE: ClassVar[int] = 0  # the largest group size tried per layer when the config names none
+    PER_CHANNEL: ClassVar[bool] = False  # group_size 0 = per output channel, also where no group size divides K
+    GROUP_N_MULTIPLE: ClassVar[int] = 16  # grouped layouts (the int4 CPU kernel's) need N a multiple of this
 
     def __init__(self, group_size: int = 128) -> None:
         self.group_size = group_size

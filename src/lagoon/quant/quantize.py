@@ -23,7 +23,7 @@ searched) left in float — the sensitive layers a fidelity report points at.
 Group size (grouped schemes, e.g. int4): `group_size` is the largest tried; each layer takes the
 largest of the scheme's `GROUP_SIZES` not above it that divides its K (`layer_group_size`), so a
 576-wide layer gets 64 where a 1536-wide one keeps 128. A layer no group size divides stays float
-(listed in `QuantReport.kept` with the reason). The checkpoint records each module's group size.
+(listed in `QuantReport.kept` with the reason), or, for int8, takes per-channel scales (group 0). The checkpoint records each module's group size.
 Tied embeddings: when `lm_head` shares its weight with the embedding, quantizing one leaves the
 other as it was.
 """
@@ -86,16 +86,18 @@ def get_scheme(name: str, group_size: int | None = None) -> WeightScheme:
     return cls(cls.DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
 
-def layer_group_size(scheme: str, k: int, preferred: int | None = None) -> int | None:
-    """Group size for a layer with `k` inputs: the largest of the scheme's sizes not above
-    `preferred` (default: the scheme's) that divides `k`; None when none does. Ungrouped schemes
-    return their configured value unchanged."""
+def layer_group_size(scheme: str, k: int, preferred: int | None = None, n: int | None = None) -> int | None:
+    """Group size for a layer with `k` inputs (and `n` outputs): the largest of the scheme's sizes
+    not above `preferred` (default: the scheme's) that divides `k`; none fits either when none
+    divides or when `n` is not a multiple of the grouped layout's `GROUP_N_MULTIPLE`. Then 0 (per
+    output channel) for schemes that have it, else None. Ungrouped schemes return `preferred`."""
     cls = scheme_class(scheme)
     top = cls.DEFAULT_GROUP_SIZE if preferred is None else preferred
-    if not cls.GROUP_SIZES:
+    if not cls.GROUP_SIZES or top == 0:
         return top
-    fits = [g for g in cls.GROUP_SIZES if g <= top and k % g == 0]
-    return max(fits) if fits else None
+    n_ok = n is None or n % cls.GROUP_N_MULTIPLE == 0
+    fits = [g for g in cls.GROUP_SIZES if g <= top and k % g == 0 and n_ok]
+    return max(fits) if fits else 0 if cls.PER_CHANNEL else None  # 0: per output channel
 
 
 def scheme_for_profile(profile: str) -> str | None:
@@ -123,8 +125,9 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise QuantizationError(f"unknown quantization scheme {self.scheme!r}; valid: {', '.join(SCHEMES)}")
-        sizes = scheme_class(self.scheme).GROUP_SIZES
-        if sizes and self.group_size is not None and self.group_size not in sizes:
+        cls = scheme_class(self.scheme)
+        sizes = cls.GROUP_SIZES + ((0,) if cls.PER_CHANNEL else ())
+        if cls.GROUP_SIZES and self.group_size is not None and self.group_size not in sizes:
             raise QuantizationError(
                 f"{self.scheme} group_size {self.group_size} is not supported; use one of {sizes} (or leave it unset: "
                 "each layer then takes the largest that divides it)"
@@ -190,8 +193,8 @@ def quantize_(
 
     schemes: dict[int | None, WeightScheme] = {}
 
-    def scheme_for(k: int) -> WeightScheme | None:
-        gs = layer_group_size(config.scheme, k, config.group_size)
+    def scheme_for(k: int, n: int) -> WeightScheme | None:
+        gs = layer_group_size(config.scheme, k, config.group_size, n)
         if gs is None:
             return None
         if gs not in schemes:
@@ -217,9 +220,12 @@ def quantize_(
             report.kept[name] = "filter_fn"
         elif any(re.search(p, name) for p in config.keep):
             report.kept[name] = "keep"
-        elif (k := _unfit_k(m, scheme_for)) is not None:
-            sizes = scheme_class(config.scheme).GROUP_SIZES
-            report.kept[name] = f"{config.scheme}: K={k} is not a multiple of any group size in {sizes} (left float)"
+        elif (kn := _unfit(m, scheme_for)) is not None:
+            cls = scheme_class(config.scheme)
+            report.kept[name] = (
+                f"{config.scheme}: [N={kn[1]}, K={kn[0]}] needs K a multiple of one of {cls.GROUP_SIZES} and N of "
+                f"{cls.GROUP_N_MULTIPLE} (left float; int8 takes any shape)"
+            )
         else:
             targets.append((name, m))
     if not targets:
@@ -236,11 +242,13 @@ def quantize_(
                 chans = calibration.linear_channels.get(name)
                 if chans is not None:
                     smooth = smoothing_factors(chans, m.weight, config.smooth_alpha)
-            new = QuantizedLinear.from_float(m, _fit(scheme_for, m.in_features), config.dynamic_threshold, smooth)
+            new = QuantizedLinear.from_float(
+                m, _fit(scheme_for, m.in_features, m.out_features), config.dynamic_threshold, smooth
+            )
         else:
-            hidden, inter = m.gate_up_proj.shape[2], m.down_proj.shape[2]
+            _, two_i, hidden = m.gate_up_proj.shape
             new = QuantizedExperts.from_float(
-                m, _fit(scheme_for, hidden), config.dynamic_threshold, down_scheme=_fit(scheme_for, inter)
+                m, _fit(scheme_for, hidden, two_i), config.dynamic_threshold, down_scheme=_fit(scheme_for, two_i // 2, hidden)
             )
         _set_module(model, name, new)
         report.swapped[name] = type(new).__name__
@@ -255,19 +263,20 @@ def quantize_(
     return report
 
 
-def _unfit_k(m: nn.Module, scheme_for: Callable[[int], WeightScheme | None]) -> int | None:
-    """The first K of `m`'s matrices that no group size of the scheme fits (None: all fit)."""
+def _unfit(m: nn.Module, scheme_for: Callable[[int, int], WeightScheme | None]) -> tuple[int, int] | None:
+    """The first (K, N) of `m`'s matrices that no group size of the scheme fits (None: all fit)."""
     if isinstance(m, nn.Linear):
-        ks = [m.in_features]
+        kns = [(m.in_features, m.out_features)]
     elif _is_experts(m):
-        ks = [m.gate_up_proj.shape[2], m.down_proj.shape[2]]
+        _, two_i, hidden = m.gate_up_proj.shape
+        kns = [(hidden, two_i), (two_i // 2, hidden)]
     else:
         return None
-    return next((k for k in ks if scheme_for(k) is None), None)
+    return next((kn for kn in kns if scheme_for(*kn) is None), None)
 
 
-def _fit(scheme_for: Callable[[int], WeightScheme | None], k: int) -> WeightScheme:
-    s = scheme_for(k)
+def _fit(scheme_for: Callable[[int, int], WeightScheme | None], k: int, n: int) -> WeightScheme:
+    s = scheme_for(k, n)
     assert s is not None, "target selection keeps layers no group size fits"
     return s
 
