@@ -97,3 +97,24 @@ def test_a_finished_stream_is_counted_by_status(live):
     metrics = httpx.get(f"{root}/metrics", headers=headers).text
     assert re.search(r'lagoon_server_requests_total\{path="/v1/completions",status="200"\} [1-9]', metrics)
     assert re.search(r'lagoon_server_requests_total\{path="/v1/completions",status="401"\} [1-9]', metrics)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("chat/completions", {"messages": [{"role": "user", "content": "talk"}]}),
+    ("completions", {"prompt": "talk"}),
+])
+def test_a_plain_request_whose_client_gave_up_is_cancelled(live, path, body):
+    engine, base, submitted, cancelled_at = live
+    root = base.removesuffix("/v1")
+    body = {**body, "model": engine.name, "max_tokens": MAX_TOKENS, "ignore_eos": True}
+    headers = {"Authorization": "Bearer k3y-for-the-test"}
+    with pytest.raises(httpx.ReadTimeout):  # a client timeout: the connection is closed
+        httpx.post(f"{base}/{path}", json=body, headers=headers, timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.monotonic() + 20
+    while _gauges(root) != (0.0, 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _gauges(root) == (0.0, 0)
+    req = submitted[-1]
+    # 3000 paced tokens take 12 s or more; the request was stopped soon after the client left
+    assert req.id in cancelled_at and cancelled_at[req.id] < MAX_TOKENS // 3, cancelled_at.get(req.id)
+    assert len(req.output_ids) - cancelled_at[req.id] <= 1

@@ -90,24 +90,24 @@ def create_app(engine: Engine, server: ServerSection | None = None, telemetry: T
         return None
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest) -> Any:
+    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
         if (bad := _check_model(req.model)) is not None:
             return bad
         if req.stream:
             gen = serving.chat_stream(req)
             first = await anext(gen)  # surface prompt errors as a JSON error, not a broken stream
             return StreamingResponse(_prepend(first, gen), media_type="text/event-stream")
-        return await serving.chat(req)
+        return await serving.chat(req, request.is_disconnected)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, request: Request) -> Any:
         if (bad := _check_model(req.model)) is not None:
             return bad
         if req.stream:
             gen = serving.completion_stream(req)
             first = await anext(gen)  # surface request errors as a JSON error, not a broken stream
             return StreamingResponse(_prepend(first, gen), media_type="text/event-stream")
-        return await serving.completion(req)
+        return await serving.completion(req, request.is_disconnected)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

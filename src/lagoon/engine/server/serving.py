@@ -12,20 +12,23 @@ call as OpenAI deltas (id and name first, then argument fragments) while the mod
 (`ToolCallStream`). Fields Lagoon does not implement are refused with a 400 naming them.
 
 The blocking engine queue is read from a worker thread; a client that disconnects mid-stream
-cancels its request (the generator's `finally`). This module is *not* the HTTP app (`app.py`).
+cancels its request (the generator's `finally`), and one that gives up on a plain reply (a client
+timeout) cancels it too (`disconnected`, polled while the reply is generated). This module is *not*
+the HTTP app (`app.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
 from lagoon.engine.engine import Engine
-from lagoon.engine.generate import TextStream
+from lagoon.engine.generate import Request, TextStream
 from lagoon.engine.grammar import Constraint
 from lagoon.engine.sampling import SamplingParams
 from lagoon.engine.server.protocol import (
@@ -45,6 +48,10 @@ __all__ = ["OpenAIServing"]
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _END = object()
+
+
+Disconnected = Callable[[], Awaitable[bool]]
+_DISCONNECT_POLL_S = 0.05  # how often a plain (non-stream) request checks that its client is still there
 
 
 class OpenAIServing:
@@ -128,11 +135,23 @@ class OpenAIServing:
                 return msg, "tool_calls"
         return msg, None
 
-    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+    @staticmethod
+    async def _collect(r: Request, stream: TextStream, disconnected: Disconnected | None) -> str:
+        """The whole reply. A client gone meanwhile cancels `r` (the scheduler retires it within a
+        decode step, so the stream ends): a cancelled wait alone would not, it waits for the thread."""
+        work = asyncio.ensure_future(run_in_threadpool(list, stream))
+        while disconnected is not None and not work.done():
+            await asyncio.wait({work}, timeout=_DISCONNECT_POLL_S)
+            if not work.done() and await disconnected():
+                r.cancel()
+                break
+        return "".join(await work)
+
+    async def chat(self, req: ChatCompletionRequest, disconnected: Disconnected | None = None) -> dict[str, Any]:
         ids, types, constraint = self._chat_prompt(req)
         r, stream = self.engine.submit(ids, self._params(req, len(ids)), types, constraint)
         try:
-            text = "".join(await run_in_threadpool(list, stream))
+            text = await self._collect(r, stream, disconnected)
         finally:
             r.cancel()
         self._observe("chat", stream, len(ids))
@@ -187,11 +206,11 @@ class OpenAIServing:
             p = p[0]
         return self.engine.encode(p)
 
-    async def completion(self, req: CompletionRequest) -> dict[str, Any]:
+    async def completion(self, req: CompletionRequest, disconnected: Disconnected | None = None) -> dict[str, Any]:
         ids = self._completion_prompt(req)
         r, stream = self.engine.submit(ids, self._params(req, len(ids)), None, _output_constraint(req))
         try:
-            text = "".join(await run_in_threadpool(list, stream))
+            text = await self._collect(r, stream, disconnected)
         finally:
             r.cancel()
         self._observe("completions", stream, len(ids))
