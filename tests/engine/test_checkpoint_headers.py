@@ -113,6 +113,15 @@ def test_generate_and_serve_exit_2_with_one_line(folder, tmp_path, monkeypatch, 
         assert "safetensors" in line or "tensor 'w'" in line
 
 
+@pytest.mark.parametrize("raw,message", [(b"[1, 2]", "JSON list, not an object"), (b"\xff{", "not valid JSON")])
+def test_malformed_config_json_exits_2_with_one_line(tmp_path, raw, message):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_bytes(raw)
+    line = _one_line_exit_2(CliRunner().invoke(app, ["generate", "--model", str(bad), "--prompt", "x"]))
+    assert message in line
+
+
 @pytest.mark.slow  # a fresh interpreter importing torch; the CliRunner cases above cover every header
 def test_lagoon_serve_binary_exits_2_with_one_line(tmp_path, folder):
     bad = tmp_path / "bad"

@@ -133,8 +133,10 @@ class ModelArgs:
             raise CheckpointError(f"{path} not found: a HF checkpoint folder needs config.json")
         try:
             cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path} is not valid JSON ({exc}); re-export the checkpoint") from exc
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{path} is a JSON {type(cfg).__name__}, not an object; re-export the checkpoint")
         return cls.from_hf_config(cfg)
 
 
