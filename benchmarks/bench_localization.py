@@ -13,7 +13,12 @@ with its extracted tree under --cache). The issue text is the query. Rankers, in
   top chunks aggregated to `.py` files by their best chunk (the previous aggregation);
 - Lagoon `CodeRetriever.files` (BM25): the retriever's file ranking (decayed sum of a file's chunk
   scores), and the same with files the issue names boosted;
-- the same with MiniLM reranking BM25's top chunks first (with --rerank).
+- the same with MiniLM reranking BM25's top chunks first (with --rerank);
+- Lagoon `CodeRetriever.files` on the evidence-grown query the agent's gate uses
+  (`lagoon.context.evidence.Evidence`): the issue text read as tool output — traceback frames mapped
+  onto the sdist's files (innermost first, code before tests) and exception lines — appended to the
+  issue. The data holds no test run, so the failing-test part of the evidence is not exercised; the
+  rows with a traceback in the issue are also reported on their own.
 
 Every Lagoon ranker leaves test files out (the gold file is never a test). Sdists that cannot be
 fetched are listed at the end with the reason.
@@ -37,6 +42,7 @@ from pathlib import Path
 import bm25s
 
 from lagoon.config import ContextSection
+from lagoon.context.evidence import Evidence
 from lagoon.context.index import CodeIndex, Hit
 from lagoon.context.retriever import FILE_POOL, CodeRetriever, is_test_path, rank_files
 
@@ -128,6 +134,17 @@ def reranked_files(rr: CodeRetriever, query: str, pool: list[Hit], k: int) -> li
     return [f.path for f in rank_files(hits, k, query=query, suffixes=(".py",))]
 
 
+_POOLS: dict[str, list[Hit]] = {}
+
+
+def pool_of(ix: CodeIndex, query: str) -> list[Hit]:
+    """BM25's file pool for `query` (the issue text alone: searched once per instance)."""
+    if query not in _POOLS:
+        _POOLS.clear()
+        _POOLS[query] = ix.search(query, FILE_POOL)
+    return _POOLS[query]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -159,10 +176,14 @@ def main() -> None:
         "Lagoon BM25, file = best chunk",
         "Lagoon CodeRetriever.files (BM25)",
         "Lagoon files, named files boosted ×1.5",
+        "Lagoon files, evidence-grown query",
     ]
     if args.rerank:
         methods.append("Lagoon files, BM25 + MiniLM rerank")
-    main_methods = [methods[0], methods[3]] + ([methods[5]] if args.rerank else [])
+    evidence_m = methods[5]
+    main_methods = [methods[0], methods[3], evidence_m] + ([methods[6]] if args.rerank else [])
+    traced = {m: {k: 0 for k in KS} for m in (methods[3], evidence_m)}
+    n_traced = 0
     hits_at = {m: {k: 0 for k in KS} for m in methods}
     per_repo: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0] * len(KS)))
     n_repo: dict[str, int] = defaultdict(int)
@@ -185,14 +206,19 @@ def main() -> None:
                 )
                 ref = WholeFileBM25(root)
                 rr = CodeRetriever(root, cfg.model_copy(update={"rerank": True}), index=ix, auto_update=False)
-                current = (key, ix, ref, rr)
+                repo_files = frozenset(p.relative_to(root).as_posix() for p in root.rglob("*.py"))
+                current = (key, ix, ref, rr, repo_files)
         except (RuntimeError, OSError) as exc:
             skipped.append((row["instance_id"], str(exc)[:200]))
             continue
-        _, ix, ref, rr = current
+        _, ix, ref, rr, repo_files = current
         query = row["problem_statement"]
+        evidence = Evidence(root=None, files=repo_files)
+        evidence.observe_output("", query, None)
+        grown = evidence.query(query)
+        epool = ix.search(grown, FILE_POOL) if grown != query else pool_of(ix, query)
         gold = set(row["gold_files"])
-        pool = ix.search(query, FILE_POOL)
+        pool = pool_of(ix, query)
         top = max(KS)
         ranked = {
             methods[0]: ref.rank(query, top),
@@ -203,8 +229,14 @@ def main() -> None:
                 f.path for f in rank_files(pool, top, query=query, suffixes=(".py",), path_boost=0.5)
             ],
         }
+        ranked[evidence_m] = [f.path for f in rank_files(epool, top, query=grown, suffixes=(".py",))]
         if args.rerank:
-            ranked[methods[5]] = reranked_files(rr, query, pool, top)
+            ranked[methods[6]] = reranked_files(rr, query, pool, top)
+        if evidence.frames:
+            n_traced += 1
+            for m in traced:
+                for k in KS:
+                    traced[m][k] += bool(gold & set(ranked[m][:k]))
         n_repo[row["repo"]] += 1
         for m, files in ranked.items():
             for i, k in enumerate(KS):
@@ -221,6 +253,11 @@ def main() -> None:
     print("|---|---|---|---|")
     for m in methods:
         print(f"| {m} | " + " | ".join(f"{hits_at[m][k] / max(1, done):.3f}" for k in KS) + " |")
+    print(f"\n{n_traced} issues hold a traceback into the project; on those alone:\n")
+    print("| ranker | recall@1 | recall@5 | recall@10 |")
+    print("|---|---|---|---|")
+    for m in traced:
+        print(f"| {m} | " + " | ".join(f"{traced[m][k] / max(1, n_traced):.3f}" for k in KS) + " |")
     print("\nrecall@1 / @5 / @10 per repository:\n")
     print("| repo | n | " + " | ".join(main_methods) + " |")
     print("|---|---|" + "---|" * len(main_methods))

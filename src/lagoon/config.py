@@ -369,6 +369,14 @@ class TelemetrySection(Section):
     reasoning_share_alert: float = Field(0.40, ge=0.0, le=1.0)
     """Alert when reasoning-bound tasks exceed this share of the rolling day."""
 
+    persist_stats: bool = True
+    """Keep classifications, validation results and assumption drift per day in stats_path, shared by
+    every run and route, so the reasoning-share alert sees them all (`lagoon stats`)."""
+
+    stats_path: str = ""
+    """The daily stats database (SQLite); empty: $XDG_STATE_HOME/lagoon/stats.sqlite
+    (~/.local/state/lagoon/stats.sqlite)."""
+
     service_name: str = "lagoon"
     """OpenTelemetry service.name resource attribute."""
 

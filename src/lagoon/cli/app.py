@@ -15,6 +15,7 @@ from lagoon.cli import (
     moe_cmd,
     quant_cmd,
     routing_cmd,
+    stats_cmd,
 )
 
 app = typer.Typer(
@@ -37,6 +38,8 @@ app.command("search")(context_cmd.search)
 app.add_typer(moe_cmd.app, name="moe")
 app.command("quantize")(quant_cmd.quantize)
 app.add_typer(quant_cmd.app, name="quant")
+app.command("stats")(stats_cmd.stats)
+app.add_typer(stats_cmd.metrics_app, name="metrics")
 
 
 @app.callback()

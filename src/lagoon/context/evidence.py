@@ -56,9 +56,17 @@ def parse_failing_tests(output: str) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(failed)), list(dict.fromkeys(passed))
 
 
-def _relative(path: str, root: str | None) -> str | None:
-    """`path` relative to the repository, or None when it lies outside (site-packages, the stdlib)."""
+def _relative(path: str, root: str | None, files: frozenset[str] | None = None) -> str | None:
+    """`path` relative to the repository, or None when it lies outside (site-packages, the stdlib).
+    With the repository's `files`, a path elsewhere (an installed copy, another checkout, as in an
+    issue's traceback) maps to the longest tail that names one of them."""
     p = path.replace("\\", "/")
+    if files is not None:
+        parts = PurePosixPath(p).parts
+        for i in range(len(parts)):
+            tail = "/".join(parts[i:])
+            if tail in files:
+                return tail
     if root:
         r = root.rstrip("/") + "/"
         if p.startswith(r):
@@ -72,15 +80,15 @@ def _relative(path: str, root: str | None) -> str | None:
     return str(PurePosixPath(p))
 
 
-def parse_frames(output: str, root: str | None = None) -> list[Frame]:
+def parse_frames(output: str, root: str | None = None, files: frozenset[str] | None = None) -> list[Frame]:
     """Traceback frames inside the repository, innermost last (as printed)."""
     frames: list[Frame] = []
     for m in _PY_FRAME.finditer(output):
-        rel = _relative(m.group(1), root)
+        rel = _relative(m.group(1), root, files)
         if rel is not None:
             frames.append(Frame(rel, int(m.group(2)), m.group(3)))
     for m in _PYTEST_FRAME.finditer(output):
-        rel = _relative(m.group(1), root)
+        rel = _relative(m.group(1), root, files)
         if rel is not None:
             frames.append(Frame(rel, int(m.group(2)), m.group(3) or ""))
     return list(dict.fromkeys(frames))
@@ -105,6 +113,8 @@ class Evidence:
     """Failing tests, traceback frames, exception text and touched files, as observed."""
 
     root: str | None = None
+    files: frozenset[str] | None = None
+    """The repository's files, when known: frames printed with other prefixes map onto them."""
     failing: dict[str, None] = field(default_factory=dict)
     frames: dict[Frame, None] = field(default_factory=dict)
     errors: dict[str, None] = field(default_factory=dict)
@@ -127,7 +137,7 @@ class Evidence:
         new = [t for t in failed if t not in self.failing]
         for t in failed:
             self.failing[t] = None
-        new_frames = [f for f in parse_frames(output, self.root) if f not in self.frames]
+        new_frames = [f for f in parse_frames(output, self.root, self.files) if f not in self.frames]
         for f in new_frames:
             self.frames[f] = None
         for m in _EXC.finditer(output):

@@ -29,6 +29,7 @@ from lagoon.routing.backends import build_backend, infer_provider
 from lagoon.routing.breaker import BreakerState, CircuitBreaker
 from lagoon.routing.classify import LexicalClassifier, apply_safe_side, build_classifier
 from lagoon.routing.router import ROUTES, Router
+from lagoon.stats import StatsStore
 from lagoon.telemetry import Telemetry
 
 __all__ = [
@@ -51,7 +52,9 @@ def build_router(
     backends: Mapping[str, ChatModel] | None = None,
 ) -> Router:
     """A Router over `config.routing`'s two routes; `backends` overrides either by route key
-    (`retrieval_bound`, `reasoning_bound`), e.g. with `lagoon.testing.ScriptedChatModel`s."""
+    (`retrieval_bound`, `reasoning_bound`), e.g. with `lagoon.testing.ScriptedChatModel`s. Its
+    classifications, validations and drift go to the shared daily `lagoon.stats.StatsStore` unless
+    `telemetry.persist_stats` is off."""
     telemetry = telemetry or Telemetry(config.telemetry)
     given = dict(backends or {})
     unknown = set(given) - set(ROUTES)
@@ -63,4 +66,5 @@ def build_router(
         else build_backend(getattr(config.routing, key), telemetry=telemetry, engine_config=config.engine)
         for key in ROUTES
     }
-    return Router(built, build_classifier(config.classification), config, telemetry)
+    stats = StatsStore(config.telemetry.stats_path or None) if config.telemetry.persist_stats else None
+    return Router(built, build_classifier(config.classification), config, telemetry, stats=stats)

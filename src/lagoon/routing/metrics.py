@@ -22,6 +22,9 @@ Metrics (Prometheus names; the per-call GenAI span and `lagoon_model_calls_total
 
 The share alert needs `MIN_SAMPLES` classifications in the window (one task is not a distribution),
 fires once when the share goes above the limit, and re-arms when it drops back to or below it.
+Given a `lagoon.stats.StatsStore` (what `build_router` passes unless `telemetry.persist_stats` is
+off), classifications, validations and drift are also recorded there and the window, the share and
+the alert's state are the store's: every process's calls count, and only one of them fires.
 This module holds no secrets and logs names and numbers only.
 """
 
@@ -36,6 +39,7 @@ from collections.abc import Callable
 from lagoon.config import TelemetrySection
 from lagoon.protocols import Classification, TaskType, Usage
 from lagoon.routing.breaker import STATE_VALUE, BreakerState
+from lagoon.stats import StatsStore
 from lagoon.telemetry import Telemetry
 
 __all__ = ["RoutingTelemetry", "MIN_SAMPLES", "WINDOW_S"]
@@ -52,8 +56,10 @@ class RoutingTelemetry:
         telemetry: Telemetry,
         config: TelemetrySection | None = None,
         clock: Callable[[], float] = time.time,
+        store: StatsStore | None = None,
     ) -> None:
         self.telemetry = telemetry
+        self.store = store
         self.config = config or telemetry.config
         self._clock = clock
         self._lock = threading.Lock()
@@ -77,6 +83,8 @@ class RoutingTelemetry:
         self._update_share(c.type is TaskType.REASONING_BOUND)
 
     def reasoning_share(self) -> float:
+        if self.store is not None:
+            return self.store.window(WINDOW_S, now=self._clock()).reasoning_share
         with self._lock:
             self._expire()
             return self._reasoning_in_window / len(self._window) if self._window else 0.0
@@ -89,6 +97,9 @@ class RoutingTelemetry:
 
     def _update_share(self, is_reasoning: bool) -> None:
         limit = self.config.reasoning_share_alert
+        if self.store is not None:
+            self._update_shared_share(is_reasoning, limit)
+            return
         with self._lock:
             self._window.append((self._clock(), is_reasoning))
             self._reasoning_in_window += is_reasoning
@@ -107,6 +118,20 @@ class RoutingTelemetry:
                 f"reasoning-bound tasks are {share:.0%} of the last {n} in the rolling day (limit {limit:.0%}); "
                 "review routing thresholds and model budgets",
             )
+
+    def _update_shared_share(self, is_reasoning: bool, limit: float) -> None:
+        assert self.store is not None
+        now = self._clock()
+        self.store.record("classification", "reasoning_bound" if is_reasoning else "retrieval_bound", at=now)
+        w = self.store.window(WINDOW_S, now=now)
+        share, n = w.reasoning_share, w.tasks
+        self.telemetry.set("lagoon_routing_reasoning_share", share, doc="Reasoning-bound share over the rolling day")
+        message = (f"reasoning-bound tasks are {share:.0%} of the last {n} in the rolling day (limit {limit:.0%}); "
+                   "review routing thresholds and model budgets")
+        if share <= limit:
+            self.store.transition("reasoning_share", False)
+        elif n >= MIN_SAMPLES and self.store.transition("reasoning_share", True, message):
+            self.telemetry.alert("reasoning_share", message)
 
     # ------------------------------------------------------------------ backends
     def record_call(self, backend: str, *, latency_s: float, usage: Usage) -> None:
@@ -146,6 +171,8 @@ class RoutingTelemetry:
         """The agent validated a context snapshot (counts the pass rate)."""
         if not self.config.enable_assumption_drift_tracking:
             return
+        if self.store is not None:
+            self.store.record("validation", "passed" if passed else "failed", at=self._clock())
         with self._lock:
             self._validations[0] += bool(passed)
             self._validations[1] += 1
@@ -159,5 +186,7 @@ class RoutingTelemetry:
             return
         if n < 0:
             raise ValueError("assumption drift is a count of assumptions (>= 0)")
+        if self.store is not None and n:
+            self.store.record("drift", value=n, at=self._clock())
         self.telemetry.inc("lagoon_assumption_drift_total", n, doc="Assumptions found no longer true")
         self.telemetry.set("lagoon_assumption_drift_last", n, doc="Drifted assumptions at the last check")

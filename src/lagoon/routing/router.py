@@ -60,6 +60,7 @@ from lagoon.routing.backends.base import estimate_tokens
 from lagoon.routing.breaker import BreakerState, CircuitBreaker
 from lagoon.routing.classify import apply_safe_side
 from lagoon.routing.metrics import RoutingTelemetry
+from lagoon.stats import StatsStore
 from lagoon.telemetry import Telemetry
 
 __all__ = ["Router", "ROUTES"]
@@ -83,6 +84,7 @@ class Router:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        stats: StatsStore | None = None,
     ) -> None:
         unknown = set(backends) - set(ROUTES)
         missing = set(ROUTES) - set(backends)
@@ -95,7 +97,7 @@ class Router:
         self.backends = dict(backends)
         self.classifier = classifier
         self.telemetry = telemetry or Telemetry(self.config.telemetry)
-        self.metrics = RoutingTelemetry(self.telemetry, self.config.telemetry)
+        self.metrics = RoutingTelemetry(self.telemetry, self.config.telemetry, store=stats)
         self._sleep = sleep
         self._rng = rng or random.Random()
         timeout_s = self.config.validation.circuit_breaker_timeout_ms / 1000.0
