@@ -90,3 +90,12 @@ def test_report_plots_raise_no_warning_and_log_nothing(tmp_path, caplog, capfd):
         summary_path, report = write_report(tmp_path, rows, summarize(rows))
     assert seen == [] and caplog.records == [] and capfd.readouterr().err == ""
     assert report.is_file() and json.loads(summary_path.read_text())["tasks"] == 1
+
+
+def test_every_yaml_read_in_the_package_goes_through_load_yaml():
+    from pathlib import Path
+
+    src = Path(__file__).parents[2] / "src" / "lagoon"
+    offenders = [str(p.relative_to(src)) for p in src.rglob("*.py")
+                 if p.name != "yaml_loader.py" and any(s in p.read_text() for s in ("yaml.safe_load(", "yaml.load("))]
+    assert offenders == [], f"read YAML with lagoon.yaml_loader.load_yaml (duplicate keys refused): {offenders}"
