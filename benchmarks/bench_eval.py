@@ -71,7 +71,7 @@ def main() -> None:
         start = time.perf_counter()
         parallel = run_suite(STARTER, "oracle", cfg, Path(tmp) / "parallel", workers=args.workers, only=subset)
         t_parallel = time.perf_counter() - start
-        assert all(r["passed"] for r in serial.results + parallel.results)
+        assert all(r.passed for r in serial.results + parallel.results)
         rows.append((f"suite wall (s), {len(subset)} tasks", f"{args.workers} workers vs 1", t_parallel, t_serial))
 
         start = time.perf_counter()

@@ -38,7 +38,7 @@ def test_pass_at_k_equals_enumeration_over_subsets():
 
 def _row(task, passed, attempt=0, **kw):
     base = {
-        "task_id": task, "attempt": attempt, "agent": "lagoon", "status": "passed" if passed else "failed",
+        "task_id": task, "attempt": attempt, "agent": "lagoon", "format": "tb2", "status": "passed" if passed else "failed",
         "passed": passed, "category": kw.pop("category", "python"), "steps": 3,
         "commands": [{"command": "a", "exit_code": 0}, {"command": "b", "exit_code": 1}],
         "tokens": {"input": 90, "output": 10, "total": 100}, "cost_usd": 0.02, "latency_ms": 1000.0,
@@ -53,7 +53,7 @@ def test_summarize_composite_numbers():
         _row("a", True), _row("a", False, attempt=1),
         _row("b", False), _row("b", False, attempt=1, latency_ms=3000.0),
         _row("c", True, category="shell"), _row("c", True, attempt=1, category="shell", cost_usd=0.06),
-        {"task_id": "d", "attempt": 0, "agent": "lagoon", "status": "environment_unsupported", "passed": False},
+        {"task_id": "d", "attempt": 0, "agent": "lagoon", "format": "tb2", "status": "environment_unsupported", "passed": False},
     ]
     s = summarize(rows, fidelity={"sqnr_db": 31.2})
     assert s["format_version"] == SUMMARY_FORMAT_VERSION
@@ -76,3 +76,16 @@ def test_summarize_composite_numbers():
 def test_summarize_empty():
     s = summarize([])
     assert s["pass_rate"] is None and s["pass_at_k"] == {} and s["routing_share"] == {}
+
+
+def test_a_dead_or_misspelled_field_is_an_error_not_a_silent_zero():
+    from lagoon.errors import TaskSpecError
+    from lagoon.eval import TrialResult
+
+    with pytest.raises(TaskSpecError, match="'expert_loads'"):
+        summarize([_row("a", True, expert_loads=[1, 2])])
+    r = TrialResult.from_row(_row("a", True))
+    with pytest.raises(ValueError, match="expert_loads"):
+        r.expert_loads = [1, 2]  # type: ignore[attr-defined]
+    assert summarize([_row("a", True, expert_load=[3, 1]), _row("b", False, expert_load=[1, 1])])["expert_load"] == [4, 2]
+

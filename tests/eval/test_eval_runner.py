@@ -30,20 +30,20 @@ def oracle_run(tmp_path_factory):
 
 def test_oracle_passes_every_task(oracle_run):
     assert len(oracle_run.results) == len(SUBSET)
-    assert all(r["passed"] and r["status"] == "passed" for r in oracle_run.results), [
-        (r["task_id"], r["status"], r["error"], r["test_output"][-300:]) for r in oracle_run.results if not r["passed"]
+    assert all(r.passed and r.status == "passed" for r in oracle_run.results), [
+        (r.task_id, r.status, r.error, r.test_output[-300:]) for r in oracle_run.results if not r.passed
     ]
-    assert {r["format"] for r in oracle_run.results} == {"tb1", "tb2", "swebench"}
-    assert all(r["command_success_rate"] == 1.0 for r in oracle_run.results)
+    assert {r.format for r in oracle_run.results} == {"tb1", "tb2", "swebench"}
+    assert all(r.command_success_rate == 1.0 for r in oracle_run.results)
     rows = read_results(oracle_run.out_dir / "results.jsonl")
-    assert sorted(r["task_id"] for r in rows) == sorted(SUBSET)
+    assert sorted(r.task_id for r in rows) == sorted(SUBSET)
 
 
 def test_none_passes_nothing(starter, tmp_path):
     outcome = run_suite(starter, "none", load_config(), tmp_path, only=SUBSET)
     assert len(outcome.results) == len(SUBSET)
-    assert not any(r["passed"] for r in outcome.results)
-    assert all(r["status"] == "failed" and r["steps"] == 0 for r in outcome.results)
+    assert not any(r.passed for r in outcome.results)
+    assert all(r.status == "failed" and r.steps == 0 for r in outcome.results)
     summary = summarize(outcome.results)  # a 0% run still renders (error bars at the bound)
     assert summary["pass_rate"] == 0.0
     assert 'alt="Pass rate by category"' in write_report(tmp_path, outcome.results, summary)[1].read_text()
@@ -62,9 +62,30 @@ def test_report_has_plots_and_versioned_summary(oracle_run):
     assert base64.b64decode(png).startswith(b"\x89PNG")
     assert "<script" not in html and "http" not in html.replace("http-equiv", "")
     # routing share and expert load appear when the results carry them
-    rows = [dict(r, backends={"open": 3, "strong": 1}, expert_load=[5, 1, 2, 0]) for r in oracle_run.results]
+    rows = [r.model_copy(update={"backends": {"open": 3, "strong": 1}, "expert_load": [5, 1, 2, 0]})
+            for r in oracle_run.results]
     html = write_report(oracle_run.out_dir / "r2", rows, summarize(rows))[1].read_text()
     assert 'alt="Routing share"' in html and 'alt="Expert load"' in html
+
+
+def test_expert_load_of_an_in_process_moe_model_reaches_the_report(starter, tmp_path):
+    """The lagoon agent over a local tiny MoE model: the trial records the tokens its experts
+    routed, and the report draws them (no hand-made `expert_load`)."""
+    from lagoon.engine.tiny import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "moe", "qwen3_moe", max_position_embeddings=4096)  # the agent's prompt fits
+    route = {"model": str(folder), "endpoint": "local", "max_tokens": 4, "temperature": 0.0}
+    cfg = load_config({"context": {"rerank": False}, "agent": {"step_limit": 1},
+                       "routing": {"retrieval_bound": route, "reasoning_bound": route}})
+    outcome = run_suite(starter, "lagoon", cfg, tmp_path / "out", only=["js-slugify"])
+    (row,) = outcome.results
+    assert row.agent_exit == "limits_exceeded" and row.steps == 1, row  # one real model step ran
+    assert row.expert_load is not None and len(row.expert_load) == 4, row
+    assert sum(row.expert_load) > 0 and sum(row.expert_load) % 2 == 0  # top-2: each token fills 2 slots
+    summary = summarize(outcome.results)
+    assert summary["expert_load"] == row.expert_load
+    html = write_report(tmp_path / "report", outcome.results, summary)[1].read_text()
+    assert 'alt="Expert load"' in html
 
 
 def test_interrupted_run_resumes_where_it_stopped(starter, tmp_path):
@@ -72,7 +93,7 @@ def test_interrupted_run_resumes_where_it_stopped(starter, tmp_path):
     seen = []
 
     def stop_after_two(row):
-        seen.append(row["task_id"])
+        seen.append(row.task_id)
         if len(seen) == 2:
             raise KeyboardInterrupt
 
@@ -83,11 +104,11 @@ def test_interrupted_run_resumes_where_it_stopped(starter, tmp_path):
     with open(results, "a") as fh:  # a kill mid-write leaves a torn line
         fh.write('{"task_id": "js-lru-ca')
     again = []
-    outcome = run_suite(starter, "none", load_config(), tmp_path, only=subset, on_result=lambda r: again.append(r["task_id"]))
+    outcome = run_suite(starter, "none", load_config(), tmp_path, only=subset, on_result=lambda r: again.append(r.task_id))
     assert again == [t for t in subset if t not in seen]
     assert outcome.resumed == 2
     rows = read_results(results)
-    assert sorted(r["task_id"] for r in rows) == sorted(subset)
+    assert sorted(r.task_id for r in rows) == sorted(subset)
     with pytest.raises(ConfigError, match="another --out"):
         run_suite(starter, "oracle", load_config(), tmp_path, only=subset)
 
@@ -98,7 +119,7 @@ def test_broken_spec_is_reported_and_skipped(starter, tmp_path):
     shutil.copytree(starter / "tb2/js-matrix", suite / "broken")
     (suite / "broken/instruction.md").unlink()
     outcome = run_suite(suite, "oracle", load_config(), tmp_path / "out")
-    assert [r["task_id"] for r in outcome.results] == ["js-matrix"] and outcome.results[0]["passed"]
+    assert [r.task_id for r in outcome.results] == ["js-matrix"] and outcome.results[0].passed
     assert len(outcome.spec_errors) == 1 and "broken: file 'instruction.md' is missing" in outcome.spec_errors[0]
 
 
@@ -109,7 +130,7 @@ def test_unsupported_environment_is_reported_not_failed(starter, tmp_path):
     df.write_text(df.read_text() + "RUN apt-get install -y jq\n")
     outcome = run_suite(suite, "oracle", load_config(), tmp_path / "out")
     (row,) = outcome.results
-    assert row["status"] == "environment_unsupported" and "needs the network" in row["error"]
+    assert row.status == "environment_unsupported" and "needs the network" in row.error
     s = summarize(outcome.results)
     assert s["scored"] == 0 and s["environment_unsupported"] == ["needs-apt"]
 
@@ -119,14 +140,14 @@ def test_created_after_and_held_out_split(starter, tmp_path):
     kept, dropped = select_tasks(tasks, "2025-08-01")
     assert kept and dropped and all(t.created_at >= "2025-08-01" for t in kept)
     outcome = run_suite(starter, "none", load_config(), tmp_path, created_after="2025-10-01", only=["js-lru-cache", "js-slugify"])
-    assert [r["task_id"] for r in outcome.results] == ["js-lru-cache"] and "js-slugify" in outcome.dropped
+    assert [r.task_id for r in outcome.results] == ["js-lru-cache"] and "js-slugify" in outcome.dropped
 
     cfg = load_config({"eval": {"created_after": "2025-08-01"},
                        "model_deployment": {"evaluation": {"holdout_repos": ["lagoon/minicalc"]}}})
     usable, held = split_for_fitting(tasks, cfg)
     assert all(t.repo != "lagoon/minicalc" and t.created_at < "2025-08-01" for t in usable)
     assert {t.id for t in held} >= {"minicalc__mean-1", "js-lru-cache"}
-    assert outcome.results[0]["held_out"] is True  # created 2025-11-08, after the split
+    assert outcome.results[0].held_out is True  # created 2025-11-08, after the split
     off = load_config({"eval": {"created_after": "2025-08-01"}, "model_deployment": {"evaluation": {"temporal_split": False}}})
     assert split_for_fitting(tasks, off)[1] == []
     rows_usable, rows_held = split_for_fitting(outcome.results, cfg)
@@ -137,15 +158,15 @@ def _scripted_run(tmp_path, only):
     scripts = STARTER / "scripts"
     cfg = load_config("context.rerank=false")
     outcome = run_suite(STARTER, "lagoon", cfg, tmp_path, only=only, model_factory=ScriptedModels(scripts))
-    by_id = {r["task_id"]: r for r in outcome.results}
+    by_id = {r.task_id: r for r in outcome.results}
     for tid in only:
         r = by_id[tid]
         if not (scripts / f"{tid}.json").is_file():
-            assert not r["passed"] and r["failure_mode"] == "agent_error"
+            assert not r.passed and r.failure_mode == "agent_error"
             continue
-        assert r["passed"], (tid, r["error"], r["test_output"][-400:])
-        assert r["agent_exit"] == "submitted" and r["steps"] >= 3 and r["backends"] == {"scripted": r["steps"]}
-        assert r["tokens"]["total"] > 0 and r["command_success_rate"] == 1.0
+        assert r.passed, (tid, r.error, r.test_output[-400:])
+        assert r.agent_exit == "submitted" and r.steps >= 3 and r.backends == {"scripted": r.steps}
+        assert r.tokens.total > 0 and r.command_success_rate == 1.0
 
 
 def test_scripted_lagoon_agent_passes_the_tasks_it_has_scripts_for(tmp_path):
@@ -181,7 +202,7 @@ _TIMING = {"latency_ms", "test_duration_s", "test_output"}
 
 
 def _stable(rows):
-    return sorted(json.dumps({k: v for k, v in r.items() if k not in _TIMING}, sort_keys=True) for r in rows)
+    return sorted(json.dumps({k: v for k, v in r.to_row().items() if k not in _TIMING}, sort_keys=True) for r in rows)
 
 
 @pytest.mark.slow
@@ -192,7 +213,7 @@ def test_whole_starter_suite(agent, tmp_path):
     assert outcome.spec_errors == []
     assert len(outcome.results) == len(load_suite(STARTER).tasks) >= 15
     want = agent == "oracle"
-    wrong = [(r["task_id"], r["status"], r["error"]) for r in outcome.results if r["passed"] != want]
+    wrong = [(r.task_id, r.status, r.error) for r in outcome.results if r.passed != want]
     assert not wrong
 
 
@@ -206,10 +227,10 @@ def test_eval_limits_and_sandbox_keys_take_effect(starter, tmp_path):
     (task / "tests/test.sh").write_text("head -c 50000 /dev/zero | tr '\\0' x; echo; sleep 20\n")
     cfg = load_config("eval.task_timeout_s=0.5", "eval.test_timeout_s=0.5", "eval.output_limit_bytes=1024")
     (row,) = run_suite(tmp_path / "suite", "oracle", cfg, tmp_path / "out").results
-    assert row["commands"][0]["exit_code"] == 124 and row["failure_mode"] == "test_timeout"
-    assert "bytes cut" in row["test_output"] and len(row["test_output"]) < 1200
+    assert row.commands[0].exit_code == 124 and row.failure_mode == "test_timeout"
+    assert "bytes cut" in row.test_output and len(row.test_output) < 1200
     (plain,) = run_suite(starter, "none", load_config("eval.sandbox=none"), tmp_path / "plain", only=["js-slugify"]).results
-    assert plain["sandbox"] == "none" and not plain["passed"]
+    assert plain.sandbox == "none" and not plain.passed
 
 
 @pytest.mark.slow

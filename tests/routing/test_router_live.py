@@ -51,11 +51,8 @@ def test_router_falls_back_from_a_failing_server_to_the_local_engine(tiny_folder
 
 
 def test_openai_compat_against_live_lagoon_serve(tiny_folder):
-    try:
-        from lagoon.engine.server.app import start_test_server
-    except ImportError as exc:
-        print(f"SKIP reason: lagoon.engine.server is not available yet ({exc})")
-        pytest.skip(f"lagoon.engine.server.start_test_server not available: {exc}")
+    from lagoon.engine.server.app import start_test_server
+
     base_url, stop = start_test_server(tiny_folder)
     try:
         cfg = load_config({

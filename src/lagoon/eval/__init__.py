@@ -15,6 +15,7 @@ Imports no torch; the `lagoon` agent is imported only when it is asked for.
 
 from lagoon.eval.metrics import SUMMARY_FORMAT_VERSION, pass_at_k, summarize, wilson_interval
 from lagoon.eval.report import render_html, write_report
+from lagoon.eval.result import RESULT_FORMAT_VERSION, TrialResult
 from lagoon.eval.runner import (
     EXECUTORS,
     RunOutcome,
@@ -31,7 +32,7 @@ from lagoon.eval.sandbox import (
     parse_dockerfile,
 )
 from lagoon.eval.tasks import Suite, SweInstance, Task, load_suite
-from lagoon.eval.trial import AGENTS, RESULT_FORMAT_VERSION, is_held_out, run_trial
+from lagoon.eval.trial import AGENTS, is_held_out, run_trial
 
 __all__ = [
     "Task",
@@ -46,6 +47,7 @@ __all__ = [
     "run_trial",
     "AGENTS",
     "RESULT_FORMAT_VERSION",
+    "TrialResult",
     "is_held_out",
     "run_suite",
     "RunOutcome",

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from lagoon.eval.result import TrialResult
+
 __all__ = ["wilson_interval", "pass_at_k", "summarize", "SUMMARY_FORMAT_VERSION"]
 
 SUMMARY_FORMAT_VERSION = 1
@@ -52,52 +54,55 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def summarize(results: Iterable[Mapping[str, Any]], *, fidelity: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Aggregate trial result dicts (see `trial.run_trial`) into one JSON-able summary."""
-    rows = list(results)
-    unsupported = [r for r in rows if r.get("status") == "environment_unsupported"]
-    scored = [r for r in rows if r.get("status") != "environment_unsupported"]
-    passed = [r for r in scored if r.get("passed")]
+def summarize(
+    results: Iterable[TrialResult | Mapping[str, Any]], *, fidelity: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Aggregate trial results (see `trial.run_trial`; ``results.jsonl`` rows are read as
+    `TrialResult`s) into one JSON-able summary."""
+    rows = [r if isinstance(r, TrialResult) else TrialResult.from_row(r) for r in results]
+    unsupported = [r for r in rows if not r.scored]
+    scored = [r for r in rows if r.scored]
+    passed = [r for r in scored if r.passed]
     lo, hi = wilson_interval(len(passed), len(scored))
 
     per_task: dict[str, list[bool]] = defaultdict(list)
     for r in scored:
-        per_task[r["task_id"]].append(bool(r.get("passed")))
+        per_task[r.task_id].append(r.passed)
     n_min = min((len(v) for v in per_task.values()), default=0)
     pass_k = {
         str(k): float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
         for k in range(1, n_min + 1)
     }
 
-    commands = [c for r in scored for c in r.get("commands") or [] if c.get("exit_code") is not None]
-    ok_commands = sum(1 for c in commands if c["exit_code"] == 0)
-    steps = [float(r.get("steps") or 0) for r in scored]
-    tokens = [float((r.get("tokens") or {}).get("total", 0)) for r in scored]
-    costs = [float(r.get("cost_usd") or 0.0) for r in scored]
-    latency = [float(r.get("latency_ms") or 0.0) for r in scored]
+    commands = [c for r in scored for c in r.commands if c.exit_code is not None]
+    ok_commands = sum(1 for c in commands if c.exit_code == 0)
+    steps = [float(r.steps) for r in scored]
+    tokens = [float(r.tokens.total) for r in scored]
+    costs = [r.cost_usd for r in scored]
+    latency = [r.latency_ms for r in scored]
     backends: Counter[str] = Counter()
     for r in scored:
-        backends.update({str(k): int(v) for k, v in (r.get("backends") or {}).items()})
+        backends.update(r.backends)
     calls = sum(backends.values())
 
     categories: dict[str, dict[str, Any]] = {}
-    for cat in sorted({str(r.get("category")) for r in scored}):
-        group = [r for r in scored if str(r.get("category")) == cat]
-        k = sum(1 for r in group if r.get("passed"))
+    for cat in sorted({str(r.category) for r in scored}):
+        group = [r for r in scored if str(r.category) == cat]
+        k = sum(1 for r in group if r.passed)
         categories[cat] = {"n": len(group), "passed": k, "pass_rate": k / len(group), "ci95": wilson_interval(k, len(group))}
 
     expert_load = None
-    loads = [np.asarray(r["expert_load"], dtype=float) for r in scored if r.get("expert_load")]
+    loads = [np.asarray(r.expert_load, dtype=float) for r in scored if r.expert_load]
     if loads and len({x.shape for x in loads}) == 1:
         expert_load = np.sum(loads, axis=0).tolist()
 
     return {
         "format_version": SUMMARY_FORMAT_VERSION,
-        "agents": sorted({str(r.get("agent")) for r in rows}),
+        "agents": sorted({r.agent for r in rows}),
         "trials": len(rows),
-        "tasks": len({r["task_id"] for r in rows}),
+        "tasks": len({r.task_id for r in rows}),
         "scored": len(scored),
-        "environment_unsupported": sorted({r["task_id"] for r in unsupported}),
+        "environment_unsupported": sorted({r.task_id for r in unsupported}),
         "passed": len(passed),
         "pass_rate": len(passed) / len(scored) if scored else None,
         "pass_rate_ci95": [lo, hi],
@@ -113,13 +118,13 @@ def summarize(results: Iterable[Mapping[str, Any]], *, fidelity: Mapping[str, An
         },
         "latency_ms": {"p50": _pct(latency, 50), "p95": _pct(latency, 95)},
         "validation_failures": {
-            "total": int(sum(int(r.get("validation_failures") or 0) for r in scored)),
-            "mean_per_task": _mean([float(r.get("validation_failures") or 0) for r in scored]),
+            "total": sum(r.validation_failures for r in scored),
+            "mean_per_task": _mean([float(r.validation_failures) for r in scored]),
         },
         "routing_share": {b: n / calls for b, n in sorted(backends.items())} if calls else {},
         "by_category": categories,
-        "failure_modes": dict(Counter(str(r.get("failure_mode")) for r in scored if r.get("failure_mode"))),
-        "held_out": sum(1 for r in rows if r.get("held_out")),
+        "failure_modes": dict(Counter(r.failure_mode for r in scored if r.failure_mode)),
+        "held_out": sum(1 for r in rows if r.held_out),
         "expert_load": expert_load,
         "fidelity": dict(fidelity) if fidelity else None,
     }

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lagoon.atomic import write_atomic
+from lagoon.eval.result import TrialResult
 
 __all__ = ["write_report", "render_html", "plots"]
 
@@ -50,13 +51,13 @@ def _quiet_matplotlib() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def plots(results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> dict[str, str]:
+def plots(results: Sequence[TrialResult], summary: Mapping[str, Any]) -> dict[str, str]:
     """Plot title → base64 PNG. Routing share and expert load appear only when there is data."""
     with _quiet_matplotlib():
         return _plots(results, summary)
 
 
-def _plots(results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> dict[str, str]:
+def _plots(results: Sequence[TrialResult], summary: Mapping[str, Any]) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,9 +79,9 @@ def _plots(results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> 
         ax.tick_params(axis="x", rotation=30)
         out["Pass rate by category"] = _png(fig)
 
-    scored = [r for r in results if r.get("status") != "environment_unsupported"]
+    scored = [r for r in results if r.scored]
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.hist([float(r.get("steps") or 0) for r in scored] or [0], bins=min(20, max(1, len(scored))), color="#5a9e6f")
+    ax.hist([float(r.steps) for r in scored] or [0], bins=min(20, max(1, len(scored))), color="#5a9e6f")
     ax.set_xlabel("steps per task")
     ax.set_ylabel("tasks")
     out["Steps histogram"] = _png(fig)
@@ -88,7 +89,7 @@ def _plots(results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> 
     fig, ax = plt.subplots(figsize=(6, 3))
     plotted = False
     for ok, colour, label in ((True, "#2e8b57", "passed"), (False, "#c0392b", "failed")):
-        pts = [(float(r.get("cost_usd") or 0), float((r.get("tokens") or {}).get("total", 0))) for r in scored if bool(r.get("passed")) == ok]
+        pts = [(r.cost_usd, float(r.tokens.total)) for r in scored if r.passed == ok]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=colour, label=label, alpha=0.8)
             plotted = True
@@ -126,7 +127,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def render_html(results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], title: str = "Lagoon eval") -> str:
+def render_html(results: Sequence[TrialResult], summary: Mapping[str, Any], title: str = "Lagoon eval") -> str:
     e = html.escape
     ci = summary.get("pass_rate_ci95") or [None, None]
     headline = [
@@ -152,8 +153,8 @@ def render_html(results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
     )
     cols = ("task_id", "attempt", "category", "status", "reward", "steps", "command_success_rate", "cost_usd", "failure_mode")
     table = "".join(
-        "<tr>" + "".join(f"<td>{e(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
-        for r in sorted(results, key=lambda r: (str(r.get("task_id")), int(r.get("attempt", 0))))
+        "<tr>" + "".join(f"<td>{e(_fmt(getattr(r, c)))}</td>" for c in cols) + "</tr>"
+        for r in sorted(results, key=lambda r: (r.task_id, r.attempt))
     )
     head = "".join(f"<th>{e(c)}</th>" for c in cols)
     return f"""<!doctype html>
@@ -170,7 +171,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:in
 
 
 def write_report(
-    out_dir: str | Path, results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], *, title: str = "Lagoon eval"
+    out_dir: str | Path, results: Sequence[TrialResult], summary: Mapping[str, Any], *, title: str = "Lagoon eval"
 ) -> tuple[Path, Path]:
     """Write summary.json and report.html into `out_dir`; return their paths."""
     out = Path(out_dir)

@@ -28,6 +28,7 @@ from typing import Any
 from lagoon.atomic import write_atomic
 from lagoon.config import LagoonConfig
 from lagoon.errors import ConfigError, TaskSpecError
+from lagoon.eval.result import TrialResult
 from lagoon.eval.tasks import Task, load_suite, parse_date
 from lagoon.eval.trial import AGENTS, ModelFactory, is_held_out, run_trial
 from lagoon.extras import require
@@ -48,7 +49,7 @@ __all__ = [
 Job = tuple[Task, str, LagoonConfig, int, ModelFactory | None]
 
 
-def _work(job: Job) -> dict[str, Any]:
+def _work(job: Job) -> TrialResult:
     task, agent, config, attempt, factory = job
     return run_trial(task, agent, config, attempt=attempt, model_factory=factory)
 
@@ -59,7 +60,7 @@ class LocalExecutor:
     def __init__(self, workers: int = 1) -> None:
         self.workers = workers
 
-    def map_unordered(self, fn: Callable[[Job], dict], jobs: Sequence[Job]) -> Iterator[dict]:
+    def map_unordered(self, fn: Callable[[Job], TrialResult], jobs: Sequence[Job]) -> Iterator[TrialResult]:
         if self.workers <= 1 or len(jobs) <= 1:
             for job in jobs:
                 yield fn(job)
@@ -85,7 +86,7 @@ class RayExecutor:
                 log_to_driver=False,
             )
 
-    def map_unordered(self, fn: Callable[[Job], dict], jobs: Sequence[Job]) -> Iterator[dict]:
+    def map_unordered(self, fn: Callable[[Job], TrialResult], jobs: Sequence[Job]) -> Iterator[TrialResult]:
         remote = self.ray.remote(num_cpus=1)(fn)
         pending = [remote.remote(job) for job in jobs]
         while pending:
@@ -126,36 +127,36 @@ def select_tasks(tasks: Iterable[Task], created_after: str | None) -> tuple[list
 
 
 def split_for_fitting(items: Iterable[Any], config: LagoonConfig) -> tuple[list[Any], list[Any]]:
-    """(usable, held_out) for router fitting / calibration. Items are Tasks or result dicts."""
+    """(usable, held_out) for router fitting / calibration. Items are Tasks or TrialResults."""
     usable, held = [], []
     for item in items:
         if isinstance(item, Task):
             out = is_held_out(item, config)
         else:
             probe = Task(
-                id=str(item.get("task_id")), format=item.get("format", "tb2"), instruction="-", path=Path("."),
-                repo=item.get("repo"), created_at=item.get("created_at"),
+                id=item.task_id, format=item.format, instruction="-", path=Path("."),
+                repo=item.repo, created_at=item.created_at,
             )
             out = is_held_out(probe, config)
         (held if out else usable).append(item)
     return usable, held
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """Rows of a results.jsonl; a torn last line (a killed run) is dropped and the file repaired."""
+def read_results(path: Path) -> list[TrialResult]:
+    """The trials of a results.jsonl; a torn last line (a killed run) is dropped and the file
+    repaired. A whole line that is not a trial result is an error naming it (TaskSpecError)."""
     if not path.is_file():
         return []
     seen = JsonlRead()
-    read = [row for _, row in read_jsonl(path, torn_ok=True, stats=seen)]
-    rows = [row for row in read if "task_id" in row]
-    if seen.bad or seen.torn or len(rows) < len(read):
-        write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    rows = [TrialResult.from_row(row, where) for where, row in read_jsonl(path, torn_ok=True, stats=seen)]
+    if seen.bad or seen.torn:
+        write_atomic(path, "".join(json.dumps(r.to_row(), sort_keys=True) + "\n" for r in rows))
     return rows
 
 
-def _append(path: Path, row: dict[str, Any]) -> None:
+def _append(path: Path, result: TrialResult) -> None:
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, sort_keys=True) + "\n")
+        fh.write(json.dumps(result.to_row(), sort_keys=True) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -163,7 +164,7 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 @dataclass
 class RunOutcome:
     out_dir: Path
-    results: list[dict[str, Any]]
+    results: list[TrialResult]
     """Every trial of this run, including ones resumed from an earlier interrupted run."""
     spec_errors: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
@@ -184,7 +185,7 @@ def run_suite(
     model_factory: ModelFactory | None = None,
     only: Sequence[str] | None = None,
     progress: bool = False,
-    on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_result: Callable[[TrialResult], None] | None = None,
 ) -> RunOutcome:
     """Run `agent` on every selected task of `suite` `attempts` times; see the module docstring."""
     AGENTS.check(agent)
@@ -203,15 +204,15 @@ def run_suite(
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     previous = read_results(results_path)
-    agents_seen = {r.get("agent") for r in previous}
+    agents_seen = {r.agent for r in previous}
     if previous and agents_seen != {agent}:
         raise ConfigError(
             f"{results_path} holds results of agent {sorted(map(str, agents_seen))}, not {agent!r}; "
             "use another --out folder or the same agent to resume"
         )
-    done = {(r["task_id"], int(r.get("attempt", 0))) for r in previous}
+    done = {(r.task_id, r.attempt) for r in previous}
     ids = {t.id for t in tasks}
-    kept_prev = [r for r in previous if r["task_id"] in ids]
+    kept_prev = [r for r in previous if r.task_id in ids]
     jobs: list[Job] = [
         (task, agent, config, a, model_factory)
         for a in range(attempts)
@@ -240,7 +241,7 @@ def run_suite(
             if on_result is not None:
                 on_result(row)
             if bar is not None:
-                bar.update(bar_id, advance=1, description=f"eval {agent}: {row['task_id']} {row['status']}")
+                bar.update(bar_id, advance=1, description=f"eval {agent}: {row.task_id} {row.status}")
     finally:
         if bar is not None:
             bar.stop()

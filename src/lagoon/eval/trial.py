@@ -1,6 +1,6 @@
 """One trial: a fresh workspace for one task, one agent's attempt, the task's own tests, one result.
 
-`run_trial(task, agent, config)` returns a JSON-able result dict (``format_version`` 1). The agent is
+`run_trial(task, agent, config)` returns a `TrialResult` (``format_version`` 1). The agent is
 picked by short name from `AGENTS`: ``oracle`` runs the task's reference solution (proves the task
 is solvable), ``none`` does nothing (proves the tests fail first), ``lagoon`` runs
 `lagoon.agent.run_task` in the same sandbox the tests use (imported only when asked for).
@@ -30,13 +30,13 @@ from typing import Any
 
 from lagoon.config import LagoonConfig
 from lagoon.errors import TaskSpecError
+from lagoon.eval.result import RESULT_FORMAT_VERSION, CommandRecord, TokenCounts, TrialResult
 from lagoon.eval.sandbox import EnvironmentUnsupported, Sandbox, build_environment
 from lagoon.eval.tasks import Task
 from lagoon.registry import Registry
 
 __all__ = ["run_trial", "ScriptedModels", "AGENTS", "RESULT_FORMAT_VERSION", "parse_pytest", "is_held_out"]
 
-RESULT_FORMAT_VERSION = 1
 _PYTEST_LINE = re.compile(r"^(PASSED|FAILED|ERROR|XPASS|XFAIL|SKIPPED)\s+(\S+)", re.M)
 
 ModelFactory = Callable[[Task], Any]
@@ -63,36 +63,12 @@ def is_held_out(task: Task, config: LagoonConfig) -> bool:
     return False
 
 
-def _new_result(task: Task, agent: str, attempt: int, config: LagoonConfig, sandbox: Sandbox) -> dict[str, Any]:
-    return {
-        "format_version": RESULT_FORMAT_VERSION,
-        "task_id": task.id,
-        "attempt": attempt,
-        "agent": agent,
-        "format": task.format,
-        "category": task.category,
-        "difficulty": task.difficulty,
-        "repo": task.repo,
-        "created_at": task.created_at,
-        "held_out": is_held_out(task, config),
-        "sandbox": sandbox.kind,
-        "status": "failed",
-        "passed": False,
-        "reward": None,
-        "failure_mode": None,
-        "error": None,
-        "steps": 0,
-        "commands": [],
-        "command_success_rate": None,
-        "tokens": {"input": 0, "output": 0, "total": 0},
-        "cost_usd": 0.0,
-        "latency_ms": 0.0,
-        "test_duration_s": 0.0,
-        "validation_failures": 0,
-        "backends": {},
-        "tests": {},
-        "test_output": "",
-    }
+def _new_result(task: Task, agent: str, attempt: int, config: LagoonConfig, sandbox: Sandbox) -> TrialResult:
+    return TrialResult(
+        task_id=task.id, attempt=attempt, agent=agent, format=task.format, category=task.category,
+        difficulty=task.difficulty, repo=task.repo, created_at=task.created_at,
+        held_out=is_held_out(task, config), sandbox=sandbox.kind,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,31 +76,32 @@ def _new_result(task: Task, agent: str, attempt: int, config: LagoonConfig, sand
 # ------------------------------------------------------------------------------------------------
 
 
-def _agent_none(task: Task, sandbox: Sandbox, config: LagoonConfig, result: dict, model: Any) -> None:
+def _agent_none(task: Task, sandbox: Sandbox, config: LagoonConfig, result: TrialResult, model: Any) -> None:
     return None
 
 
-def _agent_oracle(task: Task, sandbox: Sandbox, config: LagoonConfig, result: dict, model: Any) -> None:
+def _agent_oracle(task: Task, sandbox: Sandbox, config: LagoonConfig, result: TrialResult, model: Any) -> None:
     if task.swe is not None:
         if not task.swe.patch:
             raise TaskSpecError(f"{task.path}: instance {task.id} has no 'patch'; the oracle needs the gold patch")
         proc = _git(sandbox.root, "apply", "--whitespace=nowarn", "-", input=task.swe.patch)
-        result["commands"].append({"command": "git apply <gold patch>", "exit_code": proc.returncode})
-        result["steps"] = 1
+        result.commands.append(CommandRecord(command="git apply <gold patch>", exit_code=proc.returncode))
+        result.steps = 1
         return
     if task.solution is None:
         raise TaskSpecError(f"{task.path}: no reference solution (solution.sh or solution/solve.sh) for the oracle")
     sb = sandbox.with_mounts(solution=(task.solution.parent, False))
     command = f"bash {sb.path_of('/solution/' + task.solution.name)}"
     out = sb.execute(command, timeout_s=task.agent_timeout_s or config.eval.task_timeout_s)
-    result["commands"].append({"command": command, "exit_code": out.exit_code})
-    result["steps"] = 1
+    result.commands.append(CommandRecord(command=command, exit_code=out.exit_code))
+    result.steps = 1
     if out.timed_out:
-        result["failure_mode"] = "agent_timeout"
+        result.failure_mode = "agent_timeout"
 
 
-def _agent_lagoon(task: Task, sandbox: Sandbox, config: LagoonConfig, result: dict, model: Any) -> None:
+def _agent_lagoon(task: Task, sandbox: Sandbox, config: LagoonConfig, result: TrialResult, model: Any) -> None:
     from lagoon.agent import run_task
+    from lagoon.routing.backends.local import expert_load_totals
 
     cfg = config.model_copy(deep=True)
     cfg.agent.time_limit_s = task.agent_timeout_s or config.eval.task_timeout_s
@@ -135,30 +112,38 @@ def _agent_lagoon(task: Task, sandbox: Sandbox, config: LagoonConfig, result: di
         f"\n\n(The workspace is {sandbox.workdir}; shell commands run there. File tools take paths "
         f"relative to it, e.g. {sandbox.workdir}/x.py is x.py.)"
     )
+    load_before = expert_load_totals()
     run = run_task(
         task.instruction + note,
         sandbox.root,
         cfg,
         model=model,
         environment=agent_env,
-        session_id=f"eval-{task.id}-{result['attempt']}",
+        session_id=f"eval-{task.id}-{result.attempt}",
     )
-    data = run.to_dict() if hasattr(run, "to_dict") else dict(run)
-    result["agent_exit"] = data.get("exit_status")
-    result["steps"] = int(data.get("steps") or 0)
-    result["commands"] = [
-        {"command": str(c.get("command", "")), "exit_code": c.get("exit_code")} for c in data.get("commands") or []
-    ]
-    tin, tout = int(data.get("input_tokens") or 0), int(data.get("output_tokens") or 0)
-    result["tokens"] = {"input": tin, "output": tout, "total": tin + tout}
-    result["cost_usd"] = float(data.get("cost_usd") or 0.0)
-    result["validation_failures"] = int(data.get("validation_failures") or 0)
-    result["backends"] = {str(k): int(v) for k, v in (data.get("backends") or {}).items()}
-    if data.get("expert_load"):
-        result["expert_load"] = list(data["expert_load"])
-    status = str(data.get("exit_status") or "")
-    if status and status != "submitted":
-        result["failure_mode"] = "agent_" + status
+    result.agent_exit = run.exit_status
+    result.steps = run.steps
+    result.commands = [CommandRecord(command=str(c.get("command", "")), exit_code=c.get("exit_code"))
+                       for c in run.commands]
+    result.tokens = TokenCounts(input=run.input_tokens, output=run.output_tokens,
+                                total=run.input_tokens + run.output_tokens)
+    result.cost_usd = run.cost_usd
+    result.validation_failures = run.validation_failures
+    result.backends = {str(k): int(v) for k, v in run.backends.items()}
+    result.expert_load = _load_delta(load_before, expert_load_totals())
+    if run.exit_status and run.exit_status != "submitted":
+        result.failure_mode = "agent_" + run.exit_status
+
+
+def _load_delta(before: list[int] | None, after: list[int] | None) -> list[int] | None:
+    """This trial's expert load: the engines' totals now minus before (an engine loaded during the
+    trial counts from zero); None when no in-process MoE model routed a token."""
+    if after is None:
+        return None
+    if before is None or len(before) != len(after):
+        before = [0] * len(after)
+    delta = [a - b for a, b in zip(after, before, strict=True)]
+    return delta if any(delta) else None
 
 
 AGENTS: Registry[Callable[..., None]] = Registry(
@@ -208,7 +193,7 @@ def _swe_release(task: Task, ws: Path) -> None:
         _git(swe.mirror, "worktree", "prune")
 
 
-def _score_swe(task: Task, sandbox: Sandbox, result: dict, timeout: float) -> None:
+def _score_swe(task: Task, sandbox: Sandbox, result: TrialResult, timeout: float) -> None:
     swe = task.swe
     assert swe is not None
     ws = sandbox.root
@@ -219,21 +204,21 @@ def _score_swe(task: Task, sandbox: Sandbox, result: dict, timeout: float) -> No
             (ws / path).unlink(missing_ok=True)
     applied = _git(ws, "apply", "--whitespace=nowarn", "-", input=swe.test_patch)
     if applied.returncode != 0:
-        result["failure_mode"] = "test_patch_failed"
-        result["test_output"] = applied.stderr[-2000:]
+        result.failure_mode = "test_patch_failed"
+        result.test_output = applied.stderr[-2000:]
         return
     tests = [*swe.fail_to_pass, *swe.pass_to_pass]
     command = swe.test_cmd.replace("{tests}", " ".join(shlex.quote(t) for t in tests))
     out = sandbox.execute(command, timeout_s=timeout)
     parsed = parse_pytest(out.output)
-    result["tests"] = {t: parsed.get(t, False) for t in tests}
-    result["passed"] = all(result["tests"].values())
-    result["test_output"] = out.output[-2000:]
+    result.tests = {t: parsed.get(t, False) for t in tests}
+    result.passed = all(result.tests.values())
+    result.test_output = out.output[-2000:]
     if out.timed_out:
-        result["failure_mode"] = "test_timeout"
+        result.failure_mode = "test_timeout"
 
 
-def _score_tb(task: Task, sandbox: Sandbox, tmp: Path, result: dict, timeout: float) -> None:
+def _score_tb(task: Task, sandbox: Sandbox, tmp: Path, result: TrialResult, timeout: float) -> None:
     assert task.tests_dir is not None and task.test_script is not None
     stage, logs = tmp / "tests", tmp / "logs"
     shutil.copytree(task.tests_dir, stage)
@@ -243,31 +228,31 @@ def _score_tb(task: Task, sandbox: Sandbox, tmp: Path, result: dict, timeout: fl
     sb = sandbox.with_mounts(tests=(stage, False), logs__verifier=(logs, True))
     script = "run-tests.sh" if task.format == "tb1" else "test.sh"
     out = sb.execute(f"bash {sb.path_of('/tests/' + script)}", timeout_s=timeout)
-    result["test_output"] = out.output[-2000:]
-    result["tests"] = parse_pytest(out.output)
+    result.test_output = out.output[-2000:]
+    result.tests = parse_pytest(out.output)
     if out.timed_out:
-        result["failure_mode"] = "test_timeout"
+        result.failure_mode = "test_timeout"
     if task.format == "tb1":
-        result["passed"] = out.exit_code == 0 and all(result["tests"].values())
-        result["reward"] = 1.0 if result["passed"] else 0.0
+        result.passed = out.exit_code == 0 and all(result.tests.values())
+        result.reward = 1.0 if result.passed else 0.0
         return
     reward: float | None = None
     if (logs / "reward.txt").is_file():
         try:
             reward = float((logs / "reward.txt").read_text().strip())
         except ValueError:
-            result["failure_mode"] = "parse_error"
+            result.failure_mode = "parse_error"
     elif (logs / "rewards.json").is_file():
         try:
             rewards = json.loads((logs / "rewards.json").read_text())
             values = [float(v) for v in rewards.values()] if isinstance(rewards, dict) else [float(rewards)]
             reward = float(rewards["reward"]) if isinstance(rewards, dict) and "reward" in rewards else min(values)
         except (ValueError, TypeError, AttributeError):
-            result["failure_mode"] = "parse_error"
-    elif not result["failure_mode"]:
-        result["failure_mode"] = "no_reward"
-    result["reward"] = reward
-    result["passed"] = reward is not None and reward >= 1.0 - 1e-9
+            result.failure_mode = "parse_error"
+    elif not result.failure_mode:
+        result.failure_mode = "no_reward"
+    result.reward = reward
+    result.passed = reward is not None and reward >= 1.0 - 1e-9
 
 
 def run_trial(
@@ -277,7 +262,7 @@ def run_trial(
     *,
     attempt: int = 0,
     model_factory: ModelFactory | None = None,
-) -> dict[str, Any]:
+) -> TrialResult:
     """Run `agent` on a fresh copy of `task` and score it with the task's tests; never raises for a
     task-level problem (it lands in the result's status, failure_mode and error)."""
     play = AGENTS.load(agent)
@@ -300,10 +285,10 @@ def run_trial(
                     )
                 sandbox = build_environment(sandbox, task.dockerfile, timeout_s=ev.task_timeout_s)
         except EnvironmentUnsupported as exc:
-            result.update(status="environment_unsupported", failure_mode="environment_unsupported", error=str(exc))
+            result.status, result.failure_mode, result.error = "environment_unsupported", "environment_unsupported", str(exc)
             return result
         except TaskSpecError as exc:
-            result.update(status="error", failure_mode="setup_error", error=str(exc))
+            result.status, result.failure_mode, result.error = "error", "setup_error", str(exc)
             return result
         try:
             started = time.monotonic()
@@ -311,23 +296,23 @@ def run_trial(
                 model = model_factory(task) if model_factory is not None else None
                 play(task, sandbox, config, result, model)
             except Exception as exc:  # the agent's failure is a result, not a crash of the run
-                result["failure_mode"] = "agent_error"
-                result["error"] = f"{type(exc).__name__}: {exc}"
-            result["latency_ms"] = (time.monotonic() - started) * 1000.0
-            codes = [c["exit_code"] for c in result["commands"] if c.get("exit_code") is not None]
-            result["command_success_rate"] = (sum(1 for c in codes if c == 0) / len(codes)) if codes else None
+                result.failure_mode = "agent_error"
+                result.error = f"{type(exc).__name__}: {exc}"
+            result.latency_ms = (time.monotonic() - started) * 1000.0
+            codes = [c.exit_code for c in result.commands if c.exit_code is not None]
+            result.command_success_rate = (sum(1 for c in codes if c == 0) / len(codes)) if codes else None
             test_start = time.monotonic()
             timeout = task.test_timeout_s or ev.test_timeout_s
             if task.swe is not None:
                 _score_swe(task, sandbox, result, timeout)
             else:
                 _score_tb(task, sandbox, tmp, result, timeout)
-            result["test_duration_s"] = time.monotonic() - test_start
+            result.test_duration_s = time.monotonic() - test_start
             if task.swe is not None:
-                result["reward"] = 1.0 if result["passed"] else 0.0
-            result["status"] = "passed" if result["passed"] else "failed"
-            if result["failure_mode"] == "agent_error" and not result["passed"]:
-                result["status"] = "error"
+                result.reward = 1.0 if result.passed else 0.0
+            result.status = "passed" if result.passed else "failed"
+            if result.failure_mode == "agent_error" and not result.passed:
+                result.status = "error"
         finally:
             if checked_out:
                 _swe_release(task, ws)

@@ -62,6 +62,7 @@ class _LayerWindow:
     def __init__(self, num_experts: int, window: int) -> None:
         self.steps: deque[tuple[np.ndarray, int]] = deque(maxlen=window)
         self.load = np.zeros(num_experts, dtype=np.int64)
+        self.total = np.zeros(num_experts, dtype=np.int64)  # since attach, not windowed (eval trials diff it)
         self.dropped = 0
 
     def push(self, counts: np.ndarray, dropped: int) -> None:
@@ -71,6 +72,7 @@ class _LayerWindow:
             self.dropped -= old_dropped
         self.steps.append((counts, dropped))
         self.load += counts
+        self.total += counts
         self.dropped += dropped
 
 
@@ -136,6 +138,14 @@ class ExpertLoadMonitor:
     def loads(self) -> np.ndarray:
         """Window load per layer and expert, ``[L, E]`` int64 (layers in attach order)."""
         return np.stack([w.load for w in self.layers.values()]) if self.layers else np.zeros((0, 0), np.int64)
+
+    def total_load(self) -> np.ndarray | None:
+        """Slots routed to each expert since attach, summed over layers, ``[E]`` int64 (None when no
+        layer recorded yet or layers differ in expert count)."""
+        totals = [w.total for w in self.layers.values()]
+        if not totals or len({t.size for t in totals}) != 1:
+            return None
+        return np.sum(totals, axis=0)
 
     def snapshot(self) -> dict[str, Any]:
         """Every layer's window load and metrics, plus the all-layer metrics; also publishes gauges."""

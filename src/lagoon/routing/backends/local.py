@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from lagoon.config import EngineSection, RouteSection
 from lagoon.protocols import ChatMessage, ChatResponse, ToolSpec, Usage
 from lagoon.routing.backends.base import cost_usd, estimate_tokens
@@ -47,6 +49,23 @@ def _shared_engine(source: str, config: EngineSection, backend: str) -> Any:
 
             engine = _ENGINES[key] = load_model(source, config=config)
         return engine
+
+
+def expert_load_totals() -> list[int] | None:
+    """Slots routed to each expert so far by this process's in-process MoE engines (summed over
+    layers and engines of the same expert count); None when none is loaded. An eval trial diffs
+    two readings to get its own expert load."""
+    from lagoon.moe.runtime import runtime_of
+
+    with _ENGINES_LOCK:
+        engines = list(_ENGINES.values())
+    total: np.ndarray | None = None
+    for engine in engines:
+        runtime = runtime_of(engine.model) if engine.args.is_moe else None
+        load = runtime.monitor.total_load() if runtime is not None else None
+        if load is not None and (total is None or total.shape == load.shape):
+            total = load if total is None else total + load
+    return None if total is None else total.tolist()
 
 
 class LocalBackend:
