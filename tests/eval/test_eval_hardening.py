@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from lagoon.cli.app import app
 from lagoon.config import load_config
 from lagoon.errors import ConfigError
-from lagoon.eval import summarize
+from lagoon.eval import TrialResult, summarize
 from lagoon.eval.report import plots, write_report
 from lagoon.eval.tasks import load_suite
 from lagoon.yaml_loader import DuplicateKeyError, load_yaml
@@ -77,7 +77,8 @@ def test_duplicate_keys_in_config_files_and_overrides_are_refused(tmp_path):
 
 def test_report_plots_raise_no_warning_and_log_nothing(tmp_path, caplog, capfd):
     caplog.set_level(logging.WARNING, logger="matplotlib")
-    rows = [{"task_id": "t", "status": "environment_unsupported", "failure_mode": "environment_unsupported"}]
+    rows = [TrialResult(task_id="t", agent="oracle", format="tb2", status="environment_unsupported",
+                        failure_mode="environment_unsupported")]
     summary = {"by_category": {"x": {"pass_rate": 0.0, "ci95": [0.0, 0.0]}}, "routing_share": {}}
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

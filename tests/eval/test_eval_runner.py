@@ -73,9 +73,10 @@ def test_expert_load_of_an_in_process_moe_model_reaches_the_report(starter, tmp_
     routed, and the report draws them (no hand-made `expert_load`)."""
     from lagoon.engine.tiny import save_tiny_model
 
-    folder = save_tiny_model(tmp_path / "moe", "qwen3_moe", max_position_embeddings=4096)  # the agent's prompt fits
+    folder = save_tiny_model(tmp_path / "moe", "qwen3_moe", max_position_embeddings=8192)
     route = {"model": str(folder), "endpoint": "local", "max_tokens": 4, "temperature": 0.0}
-    cfg = load_config({"context": {"rerank": False}, "agent": {"step_limit": 1},
+    # the agent's prompt (system, tools, task) takes ~4.4k tokens of the tiny model's tokenizer
+    cfg = load_config({"context": {"rerank": False}, "agent": {"step_limit": 1}, "engine": {"max_seq_len": 8192},
                        "routing": {"retrieval_bound": route, "reasoning_bound": route}})
     outcome = run_suite(starter, "lagoon", cfg, tmp_path / "out", only=["js-slugify"])
     (row,) = outcome.results

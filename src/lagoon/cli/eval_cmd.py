@@ -82,16 +82,16 @@ def eval_command(
         raise typer.Exit(2)
 
 
-def _ran(row: dict) -> bool:
-    """A trial that reached its agent and tests (passed, failed or an agent error)."""
-    return row.get("status") != "environment_unsupported" and row.get("failure_mode") != "setup_error"
+def _ran(row: Any) -> bool:
+    """A trial (`TrialResult`) that reached its agent and tests (passed, failed or an agent error)."""
+    return row.status != "environment_unsupported" and row.failure_mode != "setup_error"
 
 
 def _why_idle(outcome: Any) -> str:
     rows = outcome.results
     parts = [f"{len(outcome.spec_errors)} spec errors"] if outcome.spec_errors else []
-    unsupported = sum(r.get("status") == "environment_unsupported" for r in rows)
-    setup = sum(r.get("failure_mode") == "setup_error" for r in rows)
+    unsupported = sum(r.status == "environment_unsupported" for r in rows)
+    setup = sum(r.failure_mode == "setup_error" for r in rows)
     if unsupported:
         parts.append(f"{unsupported} environment unsupported")
     if setup:
