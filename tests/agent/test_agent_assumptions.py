@@ -172,3 +172,18 @@ def test_checks_rerun_only_when_their_files_change(tmp_path):
     (tmp_path / "a.txt").write_text("y")
     (drift,) = book.refresh()
     assert drift.name == "has_x" and drift.was is True and drift.assumption.holds is False and Env.runs == 4
+
+
+def test_a_failing_test_run_re_retrieves_the_code_under_test(repo):
+    # the task names no code: the first retrieval cannot find median(); the failing run's evidence can
+    model = ReplayChatModel([bash("python -m pytest -q 2>&1 | tail -5"), bash("echo next"), SUBMIT])
+    result = run_task("fix the failing test", repo, cfg(), model=model)
+    assert result.submitted
+    snaps = _export(repo, result.session_id)["snapshots"]
+    assert snaps[1]["reason"].startswith("new_evidence: test tests/test_textstats.py::test_median_even failed")
+    assert not any(c.startswith("textstats.py") for c in snaps[0]["chunks"])
+    assert any(c.startswith("textstats.py") for c in snaps[1]["chunks"])
+    assert "def median" in model.requests[1][1].content and "def median" not in model.requests[0][1].content
+    # and the failure became an assumption of the new snapshot: the test fails
+    fails = [a for a in snaps[1]["assumptions"] if a["kind"] == "test_fails"]
+    assert fails[0]["claim"] == "tests/test_textstats.py::test_median_even fails"

@@ -8,6 +8,8 @@ tools returned and keeps
   lines), forgotten when a later run reports them passed or a whole-suite run passes;
 - traceback frames (Python's ``File "x.py", line N, in f`` and pytest's ``x.py:N: in f`` /
   ``x.py:N: Error``) inside the repository, and the exception lines (``E   ...``, ``XError: ...``);
+- the functions a failing assertion calls (pytest's ``>`` and ``E`` lines: ``median([1, 2])``),
+  which name the code under test better than the test does;
 - files the agent opened or edited.
 
 `query(task)` is the task followed by those, most telling first (failing tests, then frames outside
@@ -25,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-__all__ = ["Evidence", "Frame", "parse_failing_tests", "parse_frames", "test_words"]
+__all__ = ["Evidence", "Frame", "parse_failing_tests", "parse_frames", "words_of_test"]
 
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+?::\S+?)(?: - .*)?$", re.M)
 _VERBOSE = re.compile(r"^(\S+?\.py::\S+) (FAILED|ERROR|PASSED)\b", re.M)
@@ -33,6 +35,10 @@ _PASSED = re.compile(r"^PASSED (\S+?::\S+)", re.M)
 _PY_FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (\S+)', re.M)
 _PYTEST_FRAME = re.compile(r"^([\w./-]+\.py):(\d+):(?: in (\S+)| (\w+(?:Error|Exception|Failure|Warning|Exit)))?", re.M)
 _EXC = re.compile(r"^(?:E\s+)?((?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Failure)\b:?.{0,160})$", re.M)
+_FAIL_LINE = re.compile(r"^(?:>|E)\s+(.*)$", re.M)
+_CALL = re.compile(r"\b([A-Za-z_][\w.]*)\s*\(")
+_NOT_CODE = frozenset({"assert", "print", "len", "isinstance", "str", "int", "float", "list", "dict", "set",
+                       "tuple", "repr", "type", "range", "sorted", "where", "and", "or", "not", "in"})
 _SUITE_PASSED = re.compile(r"^=*\s*\d+ passed(?:, \d+ \w+)*(?: in [\d.]+s)?\s*=*$", re.M)
 _WORD = re.compile(r"[A-Za-z][a-z0-9]+|[A-Z]+(?![a-z])")
 
@@ -94,7 +100,7 @@ def parse_frames(output: str, root: str | None = None, files: frozenset[str] | N
     return list(dict.fromkeys(frames))
 
 
-def test_words(test_id: str) -> str:
+def words_of_test(test_id: str) -> str:
     """`tests/test_stats.py::TestMedian::test_even_list[1]` → 'stats Median even list': the words a
     test's name shares with the code it tests."""
     parts = re.split(r"::|/|\.py\b|\[.*?\]", test_id)
@@ -118,6 +124,7 @@ class Evidence:
     failing: dict[str, None] = field(default_factory=dict)
     frames: dict[Frame, None] = field(default_factory=dict)
     errors: dict[str, None] = field(default_factory=dict)
+    called: dict[str, None] = field(default_factory=dict)
     edited: dict[str, None] = field(default_factory=dict)
     opened: dict[str, None] = field(default_factory=dict)
     revision: int = 0
@@ -142,6 +149,11 @@ class Evidence:
             self.frames[f] = None
         for m in _EXC.finditer(output):
             self.errors.setdefault(m.group(1).strip()[:160], None)
+        for line in _FAIL_LINE.finditer(output):
+            for name in _CALL.findall(line.group(1)):
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf not in _NOT_CODE and not leaf.startswith("test"):
+                    self.called.setdefault(leaf, None)
         if new or new_frames:
             self.revision += 1
             self.news.append(", ".join([f"test {t} failed" for t in new]
@@ -159,7 +171,8 @@ class Evidence:
     def query(self, task: str) -> str:
         """The retrieval query: `task`, then what the run learned (see the module docstring)."""
         parts = [task]
-        parts += [f"{t} {test_words(t)}" for t in self.failing]
+        parts += [f"{name} {name}" for name in list(self.called)[:10]]  # twice: weighs sqrt(2) in BM25
+        parts += [words_of_test(t) for t in self.failing]  # not the id itself: "test" would pull in every test
         code_frames = [f for f in self.frames if not _is_test(f.path)]
         test_frames = [f for f in self.frames if _is_test(f.path)]
         parts += [f"{f.path} {f.function}".strip() for f in reversed(code_frames)]  # innermost first
@@ -169,6 +182,6 @@ class Evidence:
         return "\n".join(parts)[:MAX_QUERY_CHARS]
 
     def to_dict(self) -> dict[str, object]:
-        return {"failing_tests": list(self.failing), "frames": [f"{f.path}:{f.line} {f.function}".strip()
+        return {"failing_tests": list(self.failing), "called": list(self.called), "frames": [f"{f.path}:{f.line} {f.function}".strip()
                                                                for f in self.frames],
                 "errors": list(self.errors), "edited": list(self.edited), "opened": list(self.opened)}
