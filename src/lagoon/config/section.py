@@ -1,0 +1,28 @@
+"""`Section`: the base of every config section (strict keys, snake_case and camelCase spellings,
+attribute docstrings as field descriptions)."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+_CAMEL_RE = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def _to_snake(name: str) -> str:
+    return _CAMEL_RE.sub("_", name).lower()
+
+
+class Section(BaseModel):
+    """Base of every config section: strict keys, both spellings, docstrings as descriptions."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        validate_assignment=True,
+        use_attribute_docstrings=True,
+        frozen=False,
+    )
