@@ -191,3 +191,16 @@ def test_tool_calls_written_as_text_in_either_family_syntax():
         calls, mode = parse_actions(ChatMessage("assistant", text), 5)
         assert mode == "tools" and [(c.name, dict(c.arguments)) for c in calls] == [want]
         assert calls[0].id == "text-5-0"
+
+
+def test_search_k_out_of_range_is_an_observation_not_a_crash(tmp_path):
+    from lagoon.agent.tools.search import MAX_K, SearchTool
+    from lagoon.testing import WholeFileRetriever
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    box = ToolBox([SearchTool(WholeFileRetriever(tmp_path))])
+    for bad in ("abc", [1], 0, -3, MAX_K + 1, 2.5, True):
+        out = box.run("search", {"query": "x", "k": bad})
+        assert not out.ok and f"k must be an integer from 1 to {MAX_K}" in out.text
+    for good in (1, "2", None):
+        assert box.run("search", {"query": "x", "k": good}).ok

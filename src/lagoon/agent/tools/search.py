@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lagoon.agent.tools import ToolOutput, require_str
+from lagoon.agent.tools import ToolArgumentError, ToolOutput, require_str
 from lagoon.protocols import Retriever, ToolSpec
 
 __all__ = ["SearchTool", "render_chunks"]
+
+MAX_K = 50  # more chunks than fit any prompt; a model asking for 10**9 gets told, not obeyed
 
 
 def render_chunks(chunks: Any) -> str:
@@ -28,7 +30,7 @@ class SearchTool:
             "type": "object",
             "properties": {
                 "query": {"type": "string", "description": "What you are looking for."},
-                "k": {"type": "integer", "description": "How many chunks (default from config)."},
+                "k": {"type": "integer", "description": f"How many chunks, 1 to {MAX_K} (default from config)."},
             },
             "required": ["query"],
         },
@@ -41,7 +43,11 @@ class SearchTool:
     def run(self, arguments: Mapping[str, Any]) -> ToolOutput:
         query = require_str(arguments, "query", self.name)
         k = arguments.get("k")
-        chunks = list(self.retriever.retrieve(query, k=int(k) if k else None, budget_tokens=self.budget_tokens))
+        if isinstance(k, str) and k.strip().isdigit():  # models write numbers as strings now and then
+            k = int(k)
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K):
+            raise ToolArgumentError(f"search: k must be an integer from 1 to {MAX_K} (got {k!r}); or leave it out")
+        chunks = list(self.retriever.retrieve(query, k=k, budget_tokens=self.budget_tokens))
         if not chunks:
             return ToolOutput(text=f"no code matched {query!r}")
         return ToolOutput(text=render_chunks(chunks), files=tuple(sorted({c.path for c in chunks})))
