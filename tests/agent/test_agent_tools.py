@@ -204,3 +204,12 @@ def test_search_k_out_of_range_is_an_observation_not_a_crash(tmp_path):
         assert not out.ok and f"k must be an integer from 1 to {MAX_K}" in out.text
     for good in (1, "2", None):
         assert box.run("search", {"query": "x", "k": good}).ok
+
+
+def test_arguments_that_are_not_valid_unicode_are_an_observation(ws, tmp_path):
+    box = ToolBox([ViewTool(ws), EditTool(ws), BashTool(LocalEnvironment(tmp_path))])
+    for name, args in (("view", {"path": "\ud800"}), ("bash", {"command": "echo \ud800"}),
+                       ("edit", {"command": "create", "path": "n.py", "file_text": "x = '\udfff'"})):
+        out = box.run(name, args)
+        assert not out.ok and "not valid Unicode" in out.text
+    assert not (ws.root / "n.py").exists()

@@ -73,6 +73,7 @@ class ToolBox:
                 f"unknown tool {name!r}; the tools are: {', '.join(self.tools)}"
             )
         try:
+            _check_encodable(arguments)
             out = tool.run(arguments)
         except (ToolArgumentError, WorkspaceError) as exc:
             out = ToolOutput(text=f"error: {exc}", ok=False)
@@ -106,3 +107,20 @@ def _cap_value(value: Any, limit: int) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_cap_value(v, limit) for v in value)
     return value
+
+
+def _check_encodable(value: Any, where: str = "") -> None:
+    """A JSON reply can carry a lone surrogate ("\\ud800") that no file, path or command can hold."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ToolArgumentError(
+                f"argument {where or 'value'!r} holds text that is not valid Unicode (a lone surrogate); resend it"
+            ) from None
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_encodable(v, str(k))
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _check_encodable(v, where)
