@@ -16,6 +16,7 @@ once, at the boundary that calls the library, with ``raise Ours(...) from exc``.
     │   ├── WorkspaceError             — a path outside the workspace, a held lock, a missing repo
     │   ├── SessionError               — an unknown, corrupt or concurrently used session
     │   ├── TaskSpecError              — an eval task whose files or fields are wrong
+    │   ├── ContractError              — a coordinated agent's output breaks its typed contract
     │   ├── AuthenticationError        — missing or rejected API key
     │   ├── BadRequestError            — the backend refused the request as malformed (4xx)
     │   ├── ContextWindowExceededError — the prompt does not fit the backend's window
@@ -43,6 +44,7 @@ __all__ = [
     "WorkspaceError",
     "SessionError",
     "TaskSpecError",
+    "ContractError",
     "AuthenticationError",
     "BadRequestError",
     "ContextWindowExceededError",
@@ -118,6 +120,10 @@ class SessionError(FatalError):
 
 class TaskSpecError(FatalError):
     """An eval task's files or fields are wrong; the message names the file and the field."""
+
+
+class ContractError(FatalError):
+    """A coordinated role returned something its output contract does not allow."""
 
 
 class AuthenticationError(FatalError):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from lagoon.config import LagoonConfig
 from lagoon.errors import ConfigError
 from lagoon.protocols import ChatMessage, ChatModel, Environment, Retriever, RoutedModel
 
-__all__ = ["run_task", "RunResult", "trajectory_path", "build_model"]
+__all__ = ["run_task", "RunResult", "trajectory_path", "build_model", "stored_result"]
 
 _PROMPTS = jinja2.Environment(
     loader=jinja2.PackageLoader("lagoon.agent", "prompts"),
@@ -153,8 +154,10 @@ def run_task(
     retriever: Retriever | None = None,
     snapshot_manager: SnapshotManager | None = None,
     on_event: Any = None,
+    tools: Sequence[str] | None = None,
 ) -> RunResult:
-    """Run (or resume) `instruction` in `workspace` and return how it ended."""
+    """Run (or resume) `instruction` in `workspace` and return how it ended. `tools` limits the
+    tools offered to those names (`submit` always stays): a coordinated role's toolset."""
     started = time.perf_counter()
     if not instruction.strip():
         raise ConfigError("the task is empty; say what the agent should do")
@@ -187,12 +190,14 @@ def run_task(
         book = AssumptionBook(ws.root, environment=env, file_hash=file_hash,
                               timeout_s=config.agent.command_timeout_s)
         max_assumptions = config.context.max_assumptions_per_snapshot
-        tools = [BashTool(env, timeout_s=config.agent.command_timeout_s), ViewTool(ws, max_chars=cap),
-                 EditTool(ws, SessionLocks(store, sid))]
+        offered: list[Any] = [BashTool(env, timeout_s=config.agent.command_timeout_s), ViewTool(ws, max_chars=cap),
+                              EditTool(ws, SessionLocks(store, sid))]
         if retriever is not None:
-            tools.append(SearchTool(retriever, budget_tokens=config.context.token_budget))
-        tools += [AssumeTool(book, max_assumptions=max_assumptions), VerifyTool(book)]
-        toolbox = ToolBox([*tools, SubmitTool()], max_chars=cap)
+            offered.append(SearchTool(retriever, budget_tokens=config.context.token_budget))
+        offered += [AssumeTool(book, max_assumptions=max_assumptions), VerifyTool(book)]
+        if tools is not None:
+            offered = [t for t in offered if t.name in tools]
+        toolbox = ToolBox([*offered, SubmitTool()], max_chars=cap)
         mem_cfg = config.model_deployment.memory
         window = getattr(model, "context_window", 0) or mem_cfg.context_budget
         system = _PROMPTS.get_template("system.j2").render(
@@ -268,6 +273,15 @@ def _replay_observations(gate: ContextGate, book: AssumptionBook, events: list[d
         if p["name"] == "assume" and declared:
             book.declare(declared["name"], declared["claim"], declared["check"], declared["kind"],
                          declared["watch"])
+
+
+def stored_result(store: SessionStore, session_id: str, workspace: Path, config: LagoonConfig) -> RunResult:
+    """The `RunResult` a session's recorded events add up to (nothing is run)."""
+    traj = Trajectory()
+    for e in store.events(session_id):
+        traj.apply(e["kind"], e["payload"])
+    return _result(session_id, traj, time.perf_counter(), resumed=False,
+                   path=trajectory_path(workspace, config, session_id))
 
 
 def _result(sid: str, traj: Trajectory, started: float, *, resumed: bool, path: Path) -> RunResult:

@@ -115,21 +115,35 @@ def _execute(task: str, repo: Path, config: Any, model_spec: str, session: str |
     from lagoon.telemetry import Telemetry
 
     spec = ModelSpec.parse(model_spec)
-    done = 0
-    if spec.kind == "scripted" and repo.is_dir():  # a script continues a resumed session where it stopped
-        done = model_replies(repo, config, session or session_id_for(repo.resolve(), task))
-    model = spec.model(config, replies_so_far=done)
+    coordinated = config.agent.mode == "coordinated"
+    if coordinated:
+        from lagoon.agent.coordinator import run_coordinated
+
+        role_models = spec.role_models(config)
+    else:
+        done = 0
+        if spec.kind == "scripted" and repo.is_dir():  # a script continues a resumed session where it stopped
+            done = model_replies(repo, config, session or session_id_for(repo.resolve(), task))
+        model = spec.model(config, replies_so_far=done)
     telemetry = Telemetry(config.telemetry)
     console = Console()
     if as_json:
         with _terminate_cleanly():
-            result = run_task(task, repo, config, model=model, session_id=session, telemetry=telemetry)
+            if coordinated:
+                result = run_coordinated(task, repo, config, models=role_models, session_id=session,
+                                         telemetry=telemetry)
+            else:
+                result = run_task(task, repo, config, model=model, session_id=session, telemetry=telemetry)
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         view = LiveView(console)
         with _terminate_cleanly(), view.live:
-            result = run_task(task, repo, config, model=model, session_id=session, telemetry=telemetry,
-                              on_event=view)
+            if coordinated:
+                result = run_coordinated(task, repo, config, models=role_models, session_id=session,
+                                         telemetry=telemetry, on_event=view)
+            else:
+                result = run_task(task, repo, config, model=model, session_id=session, telemetry=telemetry,
+                                  on_event=view)
         _summary(console, result)
     if not result.submitted:
         raise typer.Exit(1)

@@ -3,7 +3,8 @@
     router          the configured backends behind the router (`lagoon.agent.build_model`); the default
     scripted:FILE   a JSON list of replies (`lagoon.testing.ReplayChatModel`): the same script for
                     the one task of `lagoon run`, or for every task of `lagoon eval`
-    scripted:DIR    `lagoon eval` only: task T replays DIR/T.json (`lagoon.eval.trial.ScriptedModels`)
+    scripted:DIR    `lagoon eval`: task T replays DIR/T.json (`lagoon.eval.trial.ScriptedModels`);
+                    `lagoon run` with agent.mode=coordinated: role R replays DIR/R.json
 
 A wrong kind lists the valid ones; a scripted path that does not exist says so.
 """
@@ -59,6 +60,27 @@ class ModelSpec:
         from lagoon.testing import ReplayChatModel
 
         return ReplayChatModel.from_file(str(self.path), start=replies_so_far)
+
+    def role_models(self, config: Any) -> Any:
+        """`models(role, replies_so_far)` for `agent.mode: coordinated`: one router for every role, or
+        a script per role (DIR/retriever.json, DIR/coder.json, DIR/verifier.json)."""
+        if self.kind == "router":
+            from lagoon.agent import build_model
+
+            router = build_model(config)
+            return lambda role, replies_so_far: router
+        if self.path is None or not self.path.is_dir():
+            raise ConfigError(f"--model scripted:{self.path}: coordinated mode scripts one model per role; "
+                              "pass a folder holding retriever.json, coder.json and verifier.json")
+        from lagoon.testing import ReplayChatModel
+
+        folder = self.path
+        missing = [r for r in ("retriever", "coder", "verifier") if not (folder / f"{r}.json").is_file()]
+        if missing:
+            raise ConfigError(f"--model scripted:{folder}: no script for {', '.join(missing)} "
+                              f"(expected {', '.join(f'{r}.json' for r in missing)})")
+        return lambda role, replies_so_far: ReplayChatModel.from_file(str(folder / f"{role}.json"),
+                                                                      start=replies_so_far, name=role)
 
     def factory(self) -> Any:
         """The per-task model factory for `lagoon eval` (None: the configured router in each trial)."""

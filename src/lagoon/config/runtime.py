@@ -134,6 +134,13 @@ class AgentSection(Section):
     summary_timeout_s: float = Field(30.0, gt=0.0)
     """Seconds to wait for a model-written summary before using the extractive one."""
 
+    mode: Literal["single", "coordinated"] = "single"
+    """`single`: one agent does the whole task. `coordinated`: a coordinator runs a retriever, a
+    coder and a verifier, each a small agent with a typed input/output contract (`lagoon run`)."""
+
+    coordinator_rounds: int = Field(3, ge=1)
+    """In coordinated mode, how many times the verifier may send the coder back before the run fails."""
+
     @field_validator("state_dir")
     @classmethod
     def _state_dir_inside(cls, v: str) -> str:
