@@ -52,7 +52,7 @@ def gate(tmp_path):
     manager = CountingManager(inner)
     g = ContextGate("median of an even list textstats", task_id="t", manager=manager, k=5,
                     retriever=CodeRetriever(repo, CFG.context), root=repo,
-                    file_hash=context_file_hash(repo, CFG.context), fresh_for_s=300.0)
+                    file_hash=context_file_hash(repo, CFG.context, CFG.agent.state_dir), fresh_for_s=300.0)
     g.start()
     assert g.chunks, "the sample task retrieves code"
     yield g, manager, repo

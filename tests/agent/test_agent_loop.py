@@ -307,6 +307,22 @@ def test_agent_section_keys_take_effect(repo):
     assert (repo / "agent-state" / "sessions.db").exists() and "agent-state/trajectories" in r.trajectory
 
 
+def test_agent_state_dir_holds_index_snapshots_and_sessions_and_is_never_indexed(repo):
+    from lagoon.context.fileset import FileSet
+
+    cfg = load_config({"context": {"rerank": False}, "agent": {"state_dir": "agent-state"}})
+    run_task("first run", repo, cfg, model=ReplayChatModel([SUBMIT]))
+    r = run_task("show the trajectories and sessions of the first run", repo, cfg, model=ReplayChatModel([SUBMIT]))
+    state = repo / "agent-state"
+    assert (state / "index").is_dir() and (state / "context.sqlite").is_file() and (state / "sessions.db").is_file()
+    assert not (repo / ".lagoon").exists(), "a component still hard-codes .lagoon"
+    assert (state / "trajectories").is_dir()
+    assert not any(p.startswith("agent-state/") for p in FileSet(repo, cfg.context, state_dir="agent-state").scan())
+    events = json.loads(Path(r.trajectory).read_text())["events"]
+    chunks = [c for e in events if e["kind"] == "context" for c in e["payload"]["chunks"]]
+    assert chunks and not any(c.startswith("agent-state/") for c in chunks)
+
+
 def test_context_budget_caps_every_prompt_the_model_sees(repo):
     for strategy in ("semantic_importance", "fifo"):
         cfg = load_config({"context": {"rerank": False}, "agent": {"summaries": "extractive"},

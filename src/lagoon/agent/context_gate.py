@@ -319,13 +319,13 @@ def _reason(reason: Any) -> str:
     return f"{code}: {message}" if code and message else str(reason)
 
 
-def context_file_hash(root: str | os.PathLike[str], context: Any) -> Callable[[str], str | None]:
+def context_file_hash(root: str | os.PathLike[str], context: Any, state_dir: str) -> Callable[[str], str | None]:
     """The hash `lagoon.context.ContextManager` captures for a file (None: unreadable or binary),
     for the gate's fast path."""
     from lagoon.context.chunking import content_hash
     from lagoon.context.fileset import FileSet
 
-    files = FileSet(Path(root), context)
+    files = FileSet(Path(root), context, state_dir=state_dir)
 
     def file_hash(path: str) -> str | None:
         text = files.read(path)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lagoon.agent.session import DB_NAME, SessionStore
+from lagoon.config import DEFAULT_STATE_DIR
 from lagoon.errors import SessionError
 
 __all__ = ["RunReport", "main"]
@@ -42,9 +43,10 @@ class RunReport:
     results: list[dict[str, Any]] = field(default_factory=list)  # per tool result: name, ok, exit code
     format_errors: list[str] = field(default_factory=list)
     validation_failures: int = 0
+    state_dir: str = DEFAULT_STATE_DIR
 
     @classmethod
-    def from_workspace(cls, repo: str | Path, state_dir: str = ".lagoon") -> RunReport:
+    def from_workspace(cls, repo: str | Path, state_dir: str = DEFAULT_STATE_DIR) -> RunReport:
         root = Path(repo).resolve() / state_dir
         if not (root / DB_NAME).is_file():
             raise SessionError(f"no session in {repo} (no {root / DB_NAME}); run `lagoon run TASK --repo {repo}` first")
@@ -58,7 +60,8 @@ class RunReport:
         finally:
             store.close()
         index = root / "index"
-        report = cls(info["id"], info["task"], "running", "", index.is_dir() and any(index.iterdir()))
+        report = cls(info["id"], info["task"], "running", "", index.is_dir() and any(index.iterdir()),
+                     state_dir=state_dir)
         for e in events:
             report._apply(e["kind"], e["payload"])
         return report
@@ -96,7 +99,7 @@ class RunReport:
         """The stages that broke; empty when the whole pipeline worked."""
         out = []
         if not self.index_built:
-            out.append("index: the repository was not indexed (no .lagoon/index)")
+            out.append(f"index: the repository was not indexed (no {self.state_dir}/index)")
         if not self.snapshots or not self.snapshot_chunks:
             out.append("context: no snapshot with retrieved chunks was recorded")
         if not self.steps:
@@ -129,7 +132,7 @@ class RunReport:
             f"  5. actions    {self.actions} valid action(s), {len(self.format_errors)} format error(s): "
             + ", ".join(f"{n}×{c}" for n, c in tools.most_common()),
             f"  6. tools      {len(self.results)} tool run(s), {sum(r['ok'] for r in self.results)} succeeded",
-            f"  7. session    recorded to .lagoon/sessions.db; ended {self.exit_status!r}",
+            f"  7. session    recorded to {self.state_dir}/{DB_NAME}; ended {self.exit_status!r}",
             f"  8. telemetry  {tokens_in} prompt / {tokens_out} completion tokens, "
             f"{sum(s['latency_s'] for s in self.steps):.0f} s in the model",
             "",

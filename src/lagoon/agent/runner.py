@@ -126,8 +126,9 @@ def _context_parts(root: Path, config: LagoonConfig, model: ChatModel) -> tuple[
     def count(text: str) -> int:
         return model.count_tokens([ChatMessage(role="user", content=text)])
 
-    return (CodeRetriever(root, config.context, token_counter=count),
-            ContextManager(root, config.context, config.validation))
+    state = config.agent.state_dir
+    return (CodeRetriever(root, config.context, token_counter=count, state_dir=state),
+            ContextManager(root, config.context, config.validation, state_dir=state))
 
 
 def fresh_for_s(config: LagoonConfig) -> float:
@@ -186,7 +187,7 @@ def run_task(
         if retriever is None and snapshot_manager is None:
             retriever, snapshot_manager = _context_parts(ws.root, config, model)
             owned.append(snapshot_manager)
-        file_hash = context_file_hash(ws.root, config.context)
+        file_hash = context_file_hash(ws.root, config.context, config.agent.state_dir)
         book = AssumptionBook(ws.root, environment=env, file_hash=file_hash,
                               timeout_s=config.agent.command_timeout_s)
         max_assumptions = config.context.max_assumptions_per_snapshot

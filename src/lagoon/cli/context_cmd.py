@@ -26,11 +26,11 @@ def index(
     ] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Build or incrementally update REPO's index under REPO/.lagoon/index/."""
+    """Build or incrementally update REPO's index under REPO/<agent.state_dir>/index/."""
     from lagoon.context.index import CodeIndex
 
     cfg = load(config)
-    ix = CodeIndex(repo, cfg.context)
+    ix = CodeIndex(repo, cfg.context, state_dir=cfg.agent.state_dir)
     console = Console(stderr=True)
     columns = (
         TextColumn("indexing"),
@@ -71,11 +71,12 @@ def search(
     """Search REPO's index (updating it first): path, lines, symbol and score per hit."""
     from lagoon.context.retriever import CodeRetriever
 
-    cfg = load(config).context
+    full = load(config)
+    cfg = full.context
     if rerank is not None:
         cfg = cfg.model_copy(update={"rerank": rerank})
     cfg = cfg.model_copy(update={"lexical_candidates": max(cfg.lexical_candidates, k)})
-    retriever = CodeRetriever(repo, cfg)
+    retriever = CodeRetriever(repo, cfg, state_dir=full.agent.state_dir)
     if files:
         from lagoon.context.index import Hit
 

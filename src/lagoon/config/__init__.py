@@ -57,6 +57,7 @@ from lagoon.config.pipeline import (
     ValidationSection,
 )
 from lagoon.config.runtime import (
+    DEFAULT_STATE_DIR,
     AgentSection,
     EngineSection,
     EvalSection,
@@ -94,6 +95,7 @@ __all__ = [
     "EngineSection",
     "ServerSection",
     "AgentSection",
+    "DEFAULT_STATE_DIR",
     "EvalSection",
     "_submodel",
 ]

@@ -10,6 +10,9 @@ from pydantic import Field, field_validator
 
 from lagoon.config.section import Section
 
+DEFAULT_STATE_DIR = ".lagoon"
+"""`agent.state_dir`'s default; components that take a `state_dir` keyword default to it."""
+
 
 class OffloadSection(Section):
     capacity: int | None = Field(None, ge=1)
@@ -120,7 +123,7 @@ class AgentSection(Section):
     max_format_errors: int = Field(3, ge=1)
     """Malformed model replies tolerated in a row before the run fails."""
 
-    state_dir: str = ".lagoon"
+    state_dir: str = DEFAULT_STATE_DIR
     """Folder under the workspace holding sessions, the index and snapshots: a relative path
     inside the repository, not its root (no absolute path, no '..', not '.')."""
 

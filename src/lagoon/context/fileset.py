@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pathspec
 
-from lagoon.config import ContextSection
+from lagoon.config import DEFAULT_STATE_DIR, ContextSection
 from lagoon.errors import WorkspaceError
 
 __all__ = ["FileSet", "FileStat", "ignore_matcher", "read_text"]
@@ -56,12 +56,13 @@ class FileStat:
 
 
 class FileSet:
-    def __init__(self, repo: Path, config: ContextSection) -> None:
+    def __init__(self, repo: Path, config: ContextSection, *, state_dir: str = DEFAULT_STATE_DIR) -> None:
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
             raise WorkspaceError(f"{repo}: not a directory; pass the root of the repository to index")
         self.config = config
-        self._exclude = ignore_matcher([*_ALWAYS_EXCLUDED, *config.exclude])
+        # the state folder holds trajectories and sessions: never code, whatever agent.state_dir says
+        self._exclude = ignore_matcher([*_ALWAYS_EXCLUDED, f"/{state_dir.rstrip('/')}/", *config.exclude])
         assert self._exclude is not None
 
     @staticmethod

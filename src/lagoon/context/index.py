@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from lagoon.atomic import write_atomic
-from lagoon.config import ContextSection
+from lagoon.config import DEFAULT_STATE_DIR, ContextSection
 from lagoon.context.bm25 import SegmentedBM25
 from lagoon.context.chunking import Chunk, chunk_file, content_hash
 from lagoon.context.fileset import FileSet, read_text
@@ -69,8 +69,8 @@ _TMP_MAX_AGE_S = 3600.0
 Progress = Callable[[int, int, str], None]
 
 
-def index_dir(repo: Path) -> Path:
-    return Path(repo).resolve() / ".lagoon" / "index"
+def index_dir(repo: Path, state_dir: str = DEFAULT_STATE_DIR) -> Path:
+    return Path(repo).resolve() / state_dir / "index"
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,11 @@ class _FileRecord:
 class CodeIndex:
     """BM25 over a repository's chunks, kept current by `update()`."""
 
-    def __init__(self, repo: Path, config: ContextSection) -> None:
+    def __init__(self, repo: Path, config: ContextSection, *, state_dir: str = DEFAULT_STATE_DIR) -> None:
         self.repo = Path(repo).resolve()
         self.config = config
-        self.dir = index_dir(self.repo)
-        self.fileset = FileSet(self.repo, config)
+        self.dir = index_dir(self.repo, state_dir)
+        self.fileset = FileSet(self.repo, config, state_dir=state_dir)
         self._files: dict[str, _FileRecord] | None = None
         self._segments: dict[str, Segment] = {}
         self._lexicon = Lexicon()

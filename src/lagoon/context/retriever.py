@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from lagoon.config import ContextSection
+from lagoon.config import DEFAULT_STATE_DIR, ContextSection
 from lagoon.context.chunking import Chunk
 from lagoon.context.index import CodeIndex, Hit
 from lagoon.token_estimate import approx_token_count
@@ -129,11 +129,13 @@ class CodeRetriever:
         token_counter: TokenCounter | None = None,
         index: CodeIndex | None = None,
         auto_update: bool = True,
+        state_dir: str = DEFAULT_STATE_DIR,
     ) -> None:
         self.repo = Path(repo).resolve()
         self.config = config
+        self.state_dir = state_dir
         self.count_tokens: TokenCounter = token_counter or approx_token_count
-        self.index = index or CodeIndex(self.repo, config)
+        self.index = index or CodeIndex(self.repo, config, state_dir=state_dir)
         self.auto_update = auto_update
         self._reranker = None
 
@@ -147,7 +149,7 @@ class CodeRetriever:
 
             if not reranker_available():
                 return None
-            self._reranker = Reranker(self.repo / ".lagoon" / "embeddings.sqlite", self.config.rerank_weight)
+            self._reranker = Reranker(self.repo / self.state_dir / "embeddings.sqlite", self.config.rerank_weight)
         self._reranker.weight = self.config.rerank_weight
         return self._reranker
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lagoon.config import ContextSection, ValidationSection
+from lagoon.config import DEFAULT_STATE_DIR, ContextSection, ValidationSection
 from lagoon.context.chunking import Chunk, content_hash
 from lagoon.context.complexity import complexity_score
 from lagoon.context.fileset import FileSet
@@ -189,11 +189,12 @@ class ContextManager:
         db_path: Path | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        state_dir: str = DEFAULT_STATE_DIR,
     ) -> None:
         self.repo = Path(repo).resolve()
         self.context, self.validation, self.clock = context, validation, clock
-        self.files = FileSet(self.repo, context)
-        self.db_path = Path(db_path) if db_path else self.repo / ".lagoon" / "context.sqlite"
+        self.files = FileSet(self.repo, context, state_dir=state_dir)
+        self.db_path = Path(db_path) if db_path else self.repo / state_dir / "context.sqlite"
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         try:
