@@ -187,3 +187,27 @@ def test_a_failing_test_run_re_retrieves_the_code_under_test(repo):
     # and the failure became an assumption of the new snapshot: the test fails
     fails = [a for a in snaps[1]["assumptions"] if a["kind"] == "test_fails"]
     assert fails[0]["claim"] == "tests/test_textstats.py::test_median_even fails"
+
+
+def test_derived_dependencies_and_the_room_left_by_the_cap(tmp_path, monkeypatch):
+    from lagoon.agent.environment import LocalEnvironment
+    from lagoon.testing import FileChunk
+
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    (tmp_path / "mod.py").write_text("import os\nimport pytest\nimport mod2\n\ndef f():\n    return pytest\n")
+    (tmp_path / "mod2.py").write_text("X = 1\n")
+    chunk = FileChunk("mod.py", 1, 6, "f", (tmp_path / "mod.py").read_text())
+    env = LocalEnvironment(tmp_path)
+    try:
+        book = AssumptionBook(tmp_path, environment=env, file_hash=lambda p: "h")
+        book.derive([chunk])
+        dep = book.derived["dependency:pytest"]  # not os (stdlib), not mod2 (the repo's own)
+        assert [a.kind for a in book.derived.values()] == ["file_hash", "dependency", "symbol"]
+        import pytest as installed
+
+        assert dep.claim == f"pytest is installed at {installed.__version__} (imported as pytest)"
+        assert book.verify("dependency:pytest").assumption.holds is True
+        book.derive([chunk], room=1)
+        assert list(book.derived) == ["file:mod.py"]
+    finally:
+        env.close()

@@ -7,6 +7,8 @@ Code derives some from what the gate retrieved and what the run observed (`deriv
     symbol      "<name> is defined at <path>:<line>"        the chunk's first lines still name the symbol
     test_fails  "<test id> fails"                           `python -m pytest -q <id>` exits non-zero
     git_head    "the working tree is on commit <sha>"       `git rev-parse HEAD` prints <sha>
+    dependency  "<dist> is installed at <version>"          `importlib.metadata.version(dist)` says so
+                (for the third-party imports of the retrieved chunks, as the workspace's python sees them)
 
 and the model declares its own through the `assume` tool (`declare`):
 
@@ -21,7 +23,9 @@ files re-runs after any tool call that may have changed the workspace (`touch()`
 differs from the last one comes back as a `Drift`.
 
 `select(cap)` is what a snapshot declares: every model assumption, then derived ones by priority
-(failing tests, commit, files by retrieval rank, symbols) up to `context.max_assumptions_per_snapshot`.
+(failing tests, commit, files by retrieval rank, dependencies, symbols) up to
+`context.max_assumptions_per_snapshot`; `derive(..., room=)` keeps only the derived ones that fit, so
+no check runs for a claim the snapshot does not make.
 
 Shell and Python checks run through the agent's `Environment` (the same sandbox as its commands)
 in a subshell, so a check's `cd` or `export` never leaks into the agent's shell state. This module
@@ -30,9 +34,11 @@ is *not* a sandbox of its own and does not decide what a failed check means (`Co
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -47,7 +53,18 @@ __all__ = ["AssumptionBook", "Drift", "RACY_S", "MODEL_KINDS"]
 RACY_S = 2.0
 MODEL_KINDS = ("shell", "python")
 _DETAIL_CHARS = 400
-_PRIORITY = {"test_fails": 0, "git_head": 1, "file_hash": 2, "symbol": 3}
+_PRIORITY = {"test_fails": 0, "git_head": 1, "file_hash": 2, "dependency": 3, "symbol": 4}
+_IMPORT = re.compile(r"^\s*(?:from\s+([A-Za-z_]\w*)[\w.]*\s+import|import\s+([A-Za-z_]\w*))", re.M)
+_VERSIONS = (  # run by the workspace's python: import name → [distribution, version, metadata path]
+    "import importlib.metadata as m, json, sys\n"
+    "names = sys.argv[1:]; dists = m.packages_distributions(); out = {}\n"
+    "for n in names:\n"
+    "    for d in dists.get(n, [])[:1]:\n"
+    "        try:\n"
+    "            dist = m.distribution(d); out[n] = [d, dist.version, str(getattr(dist, '_path', ''))]\n"
+    "        except Exception:\n"
+    "            pass\n"
+    "print(json.dumps(out))\n")
 _Sig = tuple[int, int, int, int] | None
 
 
@@ -116,8 +133,10 @@ class AssumptionBook:
         return [*self.declared.values(), *derived][: max(cap, len(self.declared))]
 
     # -- deriving -------------------------------------------------------------------------------
-    def derive(self, chunks: Sequence[ChunkLike], evidence: Evidence | None = None) -> None:
-        """Replace the derived assumptions with those of `chunks` and `evidence`, as of now."""
+    def derive(self, chunks: Sequence[ChunkLike], evidence: Evidence | None = None, *,
+               room: int | None = None) -> None:
+        """Replace the derived assumptions with those of `chunks` and `evidence`, as of now; only the
+        `room` most telling are kept (None: all)."""
         now = self.clock()
         out: dict[str, Assumption] = {}
         for test in (evidence.failing if evidence else ()):
@@ -141,6 +160,8 @@ class AssumptionBook:
                     name=f"file:{path}", claim=f"{path} is as it was read",
                     check=f"content_hash({path}) == {digest}", kind="file_hash", source="derived",
                     holds=digest is not None, checked_at=now, watch=(path,))
+        if room is None or len(out) < room:
+            out.update(self._dependencies(chunks, now))
         for c in chunks:
             if c.symbol:
                 name = f"symbol:{c.path}:{c.symbol}"
@@ -148,7 +169,9 @@ class AssumptionBook:
                     name=name, claim=f"{c.symbol} is defined at {c.path}:{c.start_line}",
                     check=f"symbol_at({c.path}, {c.start_line}, {c.symbol})", kind="symbol", source="derived",
                     holds=self._symbol_at(c.path, c.start_line, c.symbol), checked_at=now, watch=(c.path,))
-        self.derived = out
+        ranked = sorted(out.values(), key=lambda a: _PRIORITY.get(a.kind, 9))
+        self.derived = {a.name: a for a in (ranked if room is None else ranked[:max(room, 0)])}
+        out = self.derived
         for name in list(self._seen):
             if name not in self.declared:
                 del self._seen[name]
@@ -181,6 +204,31 @@ class AssumptionBook:
         if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
             return None
         return commit, tuple(watch)
+
+    def _dependencies(self, chunks: Sequence[ChunkLike], now: float) -> dict[str, Assumption]:
+        """Installed versions of the third-party packages the chunks import (one command)."""
+        names = sorted({m.group(1) or m.group(2) for c in chunks for m in _IMPORT.finditer(c.text)}
+                       - set(sys.stdlib_module_names))
+        names = [n for n in names if not ((self.root / n).exists() or (self.root / f"{n}.py").exists()
+                                          or (self.root / "src" / n).exists())]  # the repo's own modules
+        if not names or self.environment is None:
+            return {}
+        args = " ".join(shlex.quote(n) for n in names[:20])
+        root = shlex.quote(str(self.root))
+        result = self.environment.execute(f"( cd {root} && python -c {shlex.quote(_VERSIONS)} {args} )",
+                                          timeout_s=self.timeout_s)
+        try:
+            found = json.loads(result.output.strip().splitlines()[-1]) if result.exit_code == 0 else {}
+        except (ValueError, IndexError):
+            found = {}
+        out = {}
+        for module, (dist, version, meta) in sorted(found.items()):
+            code = f"import importlib.metadata as m; assert m.version({dist!r}) == {version!r}"
+            out[f"dependency:{dist}"] = Assumption(
+                name=f"dependency:{dist}", claim=f"{dist} is installed at {version} (imported as {module})",
+                check=code, kind="dependency", source="derived", holds=True, checked_at=now,
+                watch=(meta,) if meta else ())
+        return out
 
     def _symbol_at(self, path: str, line: int, symbol: str) -> bool:
         try:
@@ -272,7 +320,7 @@ class AssumptionBook:
             return ok, "found" if ok else f"{m.group(3)} is no longer at {m.group(1)}:{m.group(2)}"
         if self.environment is None:
             return False, "no environment to run the check in"
-        command = a.check if a.kind != "python" else f"python -c {shlex.quote(a.check)}"
+        command = a.check if a.kind not in ("python", "dependency") else f"python -c {shlex.quote(a.check)}"
         root = shlex.quote(str(self.root))
         result = self.environment.execute(f"( cd {root} && {command} )", timeout_s=self.timeout_s)
         tail = result.output.strip()

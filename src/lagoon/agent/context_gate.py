@@ -149,7 +149,7 @@ class ContextGate:
         self.chunks = self._retrieve()
         self._evidence_seen = self.evidence.revision
         if self.book is not None:
-            self.book.derive(self.chunks, self.evidence)
+            self.book.derive(self.chunks, self.evidence, room=self.max_assumptions - len(self.book.declared))
             self.book.reverify_declared()
             self._declared_seen = {n: a.holds for n, a in self.book.declared.items()}
         assumptions = self.declared_assumptions()
