@@ -70,6 +70,12 @@ class LiveView:
             source = payload.get("source", "")
             note = f"{source} summary" + (f" ({payload.get('error', '')[:30]})" if payload.get("error") else "")
             self.rows.append([str(payload.get("step", "")), "evicted", note, "", "", "", ""])
+        elif kind == "assumption" and payload.get("holds") is False:  # drift: a claim stopped holding
+            self.rows.append(["", "drift", f"{payload.get('name', '')}: {payload.get('claim', '')}"[:60], "", "", "",
+                              str(self.version)])
+        elif kind == "hop_result":  # coordinated mode: a role's validated output
+            self.rows.append(["", f"hop {payload.get('role', '')}", json.dumps(payload.get("output", {}))[:60], "",
+                              "", "", str(payload.get("version", ""))])
         elif kind == "format_error":
             self.rows.append([str(payload.get("step", "")), "format error", payload.get("error", "")[:60], "", "", "", ""])
         self.live.update(self._table())
