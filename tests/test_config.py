@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from lagoon.config import LagoonConfig, _submodel, load_config, parse_override
+from lagoon.config import LagoonConfig, _submodel, describe_key, load_config, parse_override
 from lagoon.errors import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -19,8 +19,8 @@ def test_seed_000_is_taken_as_written():
     md = cfg.model_deployment
     assert md.variant == "laguna_xs2" and md.total_parameters == "33.4B"
     assert md.quantization.profile == "FP8" and md.quantization.dynamic_threshold == 0.75
-    assert md.routing.total_experts == 64 and md.routing.active_per_token == 2
-    assert md.routing.load_balance_weight == 0.15 and md.routing.temperature == 0.8
+    assert md.expert_routing.total_experts == 64 and md.expert_routing.active_per_token == 2
+    assert md.expert_routing.load_balance_weight == 0.15 and md.expert_routing.temperature == 0.8
     assert md.memory.context_budget == 128000 and md.memory.truncation_strategy == "semantic_importance"
     assert md.evaluation.benchmarks == ["swe_bench_verified", "swe_bench_multilingual", "terminal_bench_2.0"]
     assert md.evaluation.holdout_repos == ["enterprise_internal_alpha", "multilingual_open_source_beta"]
@@ -31,9 +31,9 @@ def test_seed_001_is_taken_as_written_in_camel_case():
     cfg = load_config(EXAMPLES / "seed-001.yaml")
     assert cfg.context.max_chunk_size == 4096 and cfg.context.staleness_threshold_ms == 300000
     assert cfg.classification.retrieval_keywords == ["fix", "test", "lint", "format", "extract"]
-    assert cfg.routing.retrieval_bound.model == "deepseek-coder-6.7b"
-    assert cfg.routing.reasoning_bound.endpoint == "https://api.anthropic.com/v1/messages"
-    assert cfg.routing.reasoning_bound.max_tokens == 4096
+    assert cfg.router.retrieval_bound.model == "deepseek-coder-6.7b"
+    assert cfg.router.reasoning_bound.endpoint == "https://api.anthropic.com/v1/messages"
+    assert cfg.router.reasoning_bound.max_tokens == 4096
     assert cfg.validation.circuit_breaker_timeout_ms == 60000
     assert cfg.telemetry.metrics_endpoint.endswith("/agent-pipeline")
 
@@ -65,14 +65,14 @@ def test_unknown_key_names_path_valid_keys_and_suggestion():
 
 
 def test_unknown_section_suggests_nearest():
-    with pytest.raises(ConfigError, match="Did you mean 'routing'"):
+    with pytest.raises(ConfigError, match="Did you mean 'router'"):
         load_config({"routng": {}})
 
 
 def test_wrong_type_and_out_of_range_name_key_and_fix():
     with pytest.raises(ConfigError) as exc:
         load_config({"model_deployment": {"routing": {"total_experts": "many"}}})
-    assert "model_deployment.routing.total_experts" in str(exc.value) and "Fix:" in str(exc.value)
+    assert "model_deployment.expert_routing.total_experts" in str(exc.value) and "Fix:" in str(exc.value)
     with pytest.raises(ConfigError) as exc:
         load_config({"classification": {"confidenceThreshold": 1.5}})
     assert "classification.confidence_threshold" in str(exc.value) and "range" in str(exc.value)
@@ -161,11 +161,11 @@ def test_random_yaml_text_gives_config_or_clean_error(tmp_path_factory, text):
 @settings(max_examples=80, deadline=None)
 @given(yaml_values)
 def test_random_section_values_give_config_or_clean_error(value):
-    for section in ("context", "routing", "model_deployment"):
+    for section, named in (("context", "context"), ("router", "router"), ("routing", "router"), ("model_deployment", "model_deployment")):
         try:
             load_config({section: value})
         except ConfigError as exc:
-            assert section in str(exc) or "top level" in str(exc)
+            assert named in str(exc) or "top level" in str(exc)
 
 
 def test_seed_files_are_valid_yaml_with_same_keys_as_seed():
@@ -176,3 +176,23 @@ def test_seed_files_are_valid_yaml_with_same_keys_as_seed():
     }
     seed001 = yaml.safe_load((EXAMPLES / "seed-001.yaml").read_text())
     assert set(seed001) == {"context", "classification", "routing", "validation", "telemetry"}
+
+
+def test_seed_spellings_load_into_the_renamed_keys():
+    """`routing` (the task router), `model_deployment.routing` (MoE experts) and
+    `model_deployment.inference.tool_state_persistence` (the agent's) got names that say what they
+    do; the seed spellings, snake or camel, still load into them."""
+    cfg = load_config(EXAMPLES / "seed-000.yaml", EXAMPLES / "seed-001.yaml")
+    assert cfg.router.reasoning_bound.max_tokens == 4096 and cfg.model_deployment.expert_routing.temperature == 0.8
+    seed = load_config({"routing": {"maxRetries": 5}, "modelDeployment": {"routing": {"totalExperts": 8},
+                        "inference": {"toolStatePersistence": False}}})
+    new = load_config({"router": {"max_retries": 5}, "model_deployment": {"expert_routing": {"total_experts": 8}},
+                       "agent": {"persist_tool_state": False}})
+    assert seed == new and seed.router.max_retries == 5 and seed.agent.persist_tool_state is False
+    assert load_config("model_deployment.inference.tool_state_persistence=false").agent.persist_tool_state is False
+    assert load_config("routing.fallback=false").router.fallback is False
+    with pytest.raises(ConfigError, match="disagree; keep agent.persist_tool_state"):
+        load_config({"agent": {"persist_tool_state": True},
+                     "model_deployment": {"inference": {"tool_state_persistence": False}}})
+    assert describe_key("routing.fallback") == describe_key("router.fallback") != ""
+

@@ -62,7 +62,7 @@ def test_cli_validate_bad_file_exits_2_with_key_and_fix(tmp_path):
     result = runner.invoke(app, ["config", "validate", str(bad)])
     assert result.exit_code == 2
     assert "context.maxChunkSzie" in result.output and "Did you mean 'maxChunkSize'" in result.output
-    assert "model_deployment.routing.temperature" in result.output and "Fix:" in result.output
+    assert "model_deployment.expert_routing.temperature" in result.output and "Fix:" in result.output
 
 
 def test_cli_show_merges_layers_and_prints_no_secrets(tmp_path, monkeypatch):

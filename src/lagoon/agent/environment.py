@@ -4,7 +4,7 @@ Each command is its own `bash -c` process (a long-lived shell proved flaky elsew
 its own process group with stdin closed and stdout+stderr merged. State a shell would keep is
 carried across commands instead: an EXIT trap writes the final `pwd` and `env -0` to a private
 temp folder, and the next command starts in that folder with that environment. `state()` /
-`restore()` move that state in and out of the session store (`inference.tool_state_persistence`).
+`restore()` move that state in and out of the session store (`agent.persist_tool_state`).
 
 Output is read as it comes, never whole: the first bytes are kept, later ones go through a tail
 ring buffer, so memory stays a few times `max_output_chars` however much a command prints. What is

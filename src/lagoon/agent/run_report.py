@@ -150,7 +150,7 @@ class RunReport:
             lines.append("The pipeline worked: every stage ran and every reply was one valid action.")
             lines.append("The bug was fixed and submitted." if solved else
                          f"The model did not fix the bug ({self.exit_message}). That is the model, not the "
-                         "pipeline: a 135M model rarely solves it; point routing.* at a stronger model for real work.")
+                         "pipeline: a 135M model rarely solves it; point router.* at a stronger model for real work.")
         return "\n".join(lines)
 
 

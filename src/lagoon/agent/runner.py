@@ -9,7 +9,7 @@ every exit path: normal, error or Ctrl-C.
 Resume rules: events are replayed into a fresh `Trajectory` and `Memory`; a tool call that has an
 intent but no result is recorded as `tool_interrupted` and reported to the model, never re-run;
 calls recorded but never started run first. Tool state (cwd, env, undo history) is restored only
-when `inference.tool_state_persistence` is on. A session that already has an `exit` event is not
+when `agent.persist_tool_state` is on. A session that already has an `exit` event is not
 run again: its stored result is returned. `model_replies` says how many replies a session already
 holds (model steps plus model-written memory summaries), for a caller that builds a scripted model
 to continue it.
@@ -213,7 +213,7 @@ def run_task(
         traj = Trajectory(memory=memory)
         for e in events:
             traj.apply(e["kind"], e["payload"])
-        persist = config.model_deployment.inference.tool_state_persistence
+        persist = config.agent.persist_tool_state
         if persist and resumed:
             state = store.load_tool_state(sid)
             if state:

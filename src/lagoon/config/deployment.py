@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -93,17 +93,19 @@ class EvaluationSection(Section):
 
 
 class InferenceSection(Section):
+    """Seed 000's `inference.tool_state_persistence` moved to `agent.persist_tool_state` (it is the
+    agent's, not the engine's); the seed key still loads (`lagoon.config.loader.MOVED`)."""
+
     async_expert_prefetch: bool = True
     """Prefetch offloaded experts for the next layer on a background thread."""
 
     speculative_routing: bool = True
     """Guess the next layer's experts from the current hidden state to start prefetch early."""
 
-    tool_state_persistence: bool = True
-    """Persist agent tool state (cwd, env, locks) in the session store and resume it."""
 
 
 class ModelDeploymentSection(Section):
+    renamed: ClassVar[dict[str, str]] = {"routing": "expert_routing"}
     architecture: Literal["moe_sparse", "dense"] = "moe_sparse"
     """Model family shape: sparse mixture-of-experts or dense."""
 
@@ -120,8 +122,9 @@ class ModelDeploymentSection(Section):
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     """Weight and activation quantization."""
 
-    routing: MoeRoutingSection = Field(default_factory=MoeRoutingSection)
-    """Expert routing inside MoE layers."""
+    expert_routing: MoeRoutingSection = Field(default_factory=MoeRoutingSection)
+    """Expert routing inside MoE layers (seed spelling: `routing`; not the task router, which is the
+    top-level `router` section)."""
 
     memory: MemorySection = Field(default_factory=MemorySection)
     """Agent memory budget and KV cache layout."""

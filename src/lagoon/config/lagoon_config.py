@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -19,6 +19,7 @@ from lagoon.config.section import Section
 
 
 class LagoonConfig(Section):
+    renamed: ClassVar[dict[str, str]] = {"routing": "router"}
     """The whole configuration. Seed 000's block lives under `model_deployment`; seed 001's
     PipelineConfig keys are top-level sections."""
 
@@ -31,8 +32,9 @@ class LagoonConfig(Section):
     classification: ClassificationSection = Field(default_factory=ClassificationSection)
     """Seed 001: the task classifier."""
 
-    routing: RoutingSection = Field(default_factory=RoutingSection)
-    """Seed 001: the two backends and the router's resilience."""
+    router: RoutingSection = Field(default_factory=RoutingSection)
+    """Seed 001: the task router's two backends and its resilience (seed spelling: `routing`; not
+    MoE expert routing, which is `model_deployment.expert_routing`)."""
 
     validation: ValidationSection = Field(default_factory=ValidationSection)
     """Seed 001: the gates before every model call."""

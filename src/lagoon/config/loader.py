@@ -29,14 +29,45 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
 
 
 def _field_for(model: type[BaseModel], key: str) -> str | None:
-    """The field name a key spells (snake or camel), or None."""
+    """The field name a key spells (snake or camel, or a renamed seed key), or None."""
     if key in model.model_fields:
         return key
     for name, info in model.model_fields.items():
         if info.alias == key:
             return name
     snake = _to_snake(key)
-    return snake if snake in model.model_fields else None
+    if snake in model.model_fields:
+        return snake
+    renamed: dict[str, str] = getattr(model, "renamed", {})
+    return renamed.get(snake)
+
+
+MOVED: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("model_deployment", "inference", "tool_state_persistence"): ("agent", "persist_tool_state"),
+}
+"""Seed keys Lagoon moved to another section (old path → new path); a layer may use either."""
+
+
+def _move_seed_keys(layer: dict[str, Any], source: str) -> dict[str, Any]:
+    """Rewrite the `MOVED` seed paths of one normalized layer to their new place."""
+    for old, new in MOVED.items():
+        *parents, leaf = old
+        node: Any = layer
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        spelled = [k for k in node if _to_snake(str(k)) == leaf] if isinstance(node, dict) else []
+        if not spelled:
+            continue
+        value = node.pop(spelled[0])
+        target = layer
+        for part in new[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{source}: {'.'.join(new[:-1])} must be a mapping of keys")
+        if new[-1] in target and target[new[-1]] != value:
+            raise ConfigError(f"{source}: {'.'.join(old)} (seed spelling) and {'.'.join(new)} disagree; keep {'.'.join(new)}")
+        target[new[-1]] = value
+    return layer
 
 
 def _normalize(data: Any, model: type[BaseModel], path: tuple[str, ...] = ()) -> Any:
@@ -184,7 +215,7 @@ def load_config(*layers: str | Path | Mapping[str, Any]) -> LagoonConfig:
         else:
             data = parse_override(str(layer))
         try:
-            normalized = _normalize(data, LagoonConfig)
+            normalized = _move_seed_keys(_normalize(data, LagoonConfig), source)
             _deep_merge(merged, normalized)
             LagoonConfig.model_validate(merged)
         except ValidationError as exc:

@@ -127,6 +127,10 @@ class AgentSection(Section):
     """Folder under the workspace holding sessions, the index and snapshots: a relative path
     inside the repository, not its root (no absolute path, no '..', not '.')."""
 
+    persist_tool_state: bool = True
+    """Keep the tools' state (cwd, env, undo history) in the session store and restore it when a
+    session resumes (seed spelling: `model_deployment.inference.tool_state_persistence`)."""
+
     summaries: Literal["model", "extractive"] = "model"
     """How long-term memory summarises evicted turns: `model` asks the run's model for a short
     summary (the extractive line when that fails or times out), `extractive` never asks."""

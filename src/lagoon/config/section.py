@@ -4,6 +4,7 @@ attribute docstrings as field descriptions)."""
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
@@ -16,7 +17,12 @@ def _to_snake(name: str) -> str:
 
 
 class Section(BaseModel):
-    """Base of every config section: strict keys, both spellings, docstrings as descriptions."""
+    """Base of every config section: strict keys, both spellings, docstrings as descriptions.
+
+    `renamed` maps a seed key that Lagoon renamed (snake_case) to the field that replaced it; the
+    loader accepts the seed key as an alias (in either spelling)."""
+
+    renamed: ClassVar[dict[str, str]] = {}
 
     model_config = ConfigDict(
         extra="forbid",

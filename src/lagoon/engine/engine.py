@@ -182,7 +182,7 @@ def load_model(
     the model (`lagoon.moe.footprint.check_declaration`) and its ``inference`` prefetch keys drive
     offloading. `offload` (``moe.offload``): with a ``capacity``, the routed experts are offloaded
     (`lagoon.moe.offload`; `offload_of(engine.model)` returns the manager and its stats). An MoE
-    model gets a `lagoon.moe.runtime.MoeRuntime` (`runtime_of(engine.model)`): `deployment.routing`
+    model gets a `lagoon.moe.runtime.MoeRuntime` (`runtime_of(engine.model)`): `deployment.expert_routing`
     and `moe` reach every block (without them: the checkpoint's routing, no balancing), degraded
     experts are quarantined."""
     offload = offload if offload is not None else (moe.offload if moe is not None else None)
@@ -225,7 +225,7 @@ def _prepare(model: torch.nn.Module, deployment: ModelDeploymentSection | None,
     if model.args.is_moe:
         from lagoon.moe.runtime import MoeRuntime
 
-        MoeRuntime(model, deployment.routing if deployment is not None and moe is not None else None, moe,
+        MoeRuntime(model, deployment.expert_routing if deployment is not None and moe is not None else None, moe,
                    checkpoint=checkpoint if checkpoint is not None and checkpoint.is_dir() else None)
     if offload is not None and offload.capacity is not None:
         from lagoon.moe.offload import offload_model

@@ -18,7 +18,7 @@ One MoE block (`SparseMoE`) is four stages::
       └─ combine   y[t] = Σ_j weights[t, j] · expert_out[t, j]   (+ shared expert, optionally gated)
                    → y [T, H]; counts [E] go back to the Router's window (observe)
 
-Balancing: the runtime load penalty λ (``model_deployment.routing.load_balance_weight``) and the
+Balancing: the runtime load penalty λ (``model_deployment.expert_routing.load_balance_weight``) and the
 aux-loss-free bias rule (``moe.bias_update_rate``) change *selection* only; recalibration fires
 when the window's load CV passes ``moe.recalibration_cv``. Training losses live in `losses`.
 `ExpertLoadMonitor` watches every block of a model (gauges, snapshot, heat map) and

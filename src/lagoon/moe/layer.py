@@ -32,7 +32,7 @@ runs each routed expert alone on its tokens, quarantines the ones that emit non-
 recomputes the call, so the request completes.
 
 Constructor defaults reproduce the checkpoint's own routing (no runtime balancing);
-`SparseMoE.from_config` / `apply_config` turn on what ``model_deployment.routing`` and ``moe``
+`SparseMoE.from_config` / `apply_config` turn on what ``model_deployment.expert_routing`` and ``moe``
 say. This module is *not* attention, norms or the residual: the decoder layer owns those.
 """
 
@@ -234,29 +234,29 @@ class SparseMoE(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Any, *, hidden_size: int, intermediate_size: int, **kwargs: Any) -> SparseMoE:
-        """A block sized by ``model_deployment.routing`` with ``moe`` balancing/dispatch settings.
+        """A block sized by ``model_deployment.expert_routing`` with ``moe`` balancing/dispatch settings.
 
-        `cfg` is a `LagoonConfig` (or anything with ``.model_deployment.routing`` and ``.moe``);
+        `cfg` is a `LagoonConfig` (or anything with ``.model_deployment.expert_routing`` and ``.moe``);
         `kwargs` are the model's own constructor arguments (scoring, shared experts, act …).
         """
-        routing = cfg.model_deployment.routing
+        routing = cfg.model_deployment.expert_routing
         moe = cls(hidden_size, intermediate_size, routing.total_experts, routing.active_per_token, **kwargs)
         return apply_config(moe, cfg)
 
 
 def apply_config(model: nn.Module, cfg: Any) -> nn.Module:
-    """Apply ``model_deployment.routing.*`` and ``moe.*`` to every `SparseMoE` in `model`.
+    """Apply ``model_deployment.expert_routing.*`` and ``moe.*`` to every `SparseMoE` in `model`.
 
     ``total_experts`` must equal each block's expert count (CheckpointError otherwise);
     ``active_per_token`` becomes k; temperature, load penalty, window, bias rate, recalibration
     threshold and capacity factor are set on each block's router/dispatch. Returns `model`.
     """
-    routing, moe_cfg = cfg.model_deployment.routing, cfg.moe
+    routing, moe_cfg = cfg.model_deployment.expert_routing, cfg.moe
     blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
     for i, block in enumerate(blocks):
         if block.num_experts != routing.total_experts:
             raise CheckpointError(
-                f"MoE block {i} has {block.num_experts} experts but model_deployment.routing.total_experts is "
+                f"MoE block {i} has {block.num_experts} experts but model_deployment.expert_routing.total_experts is "
                 f"{routing.total_experts}; set total_experts={block.num_experts} to match the checkpoint"
             )
         if routing.active_per_token > block.num_experts:

@@ -4,7 +4,7 @@ state changes at scheduler-step boundaries, the load monitor, and degraded-exper
 `lagoon.engine.load_model` builds one for every model with `SparseMoE` blocks (`runtime_of(model)`
 finds it) and the engine's scheduler calls `step()` after each scheduler step.
 
-Config (``model_deployment.routing`` and ``moe``) reaches every MoE block:
+Config (``model_deployment.expert_routing`` and ``moe``) reaches every MoE block:
 
 * ``total_experts`` / ``active_per_token``, when set explicitly, are checked against / applied to
   the checkpoint (a mismatch of ``total_experts`` is a `CheckpointError`); left at their defaults,
@@ -126,7 +126,7 @@ class MoeRuntime:
         for name, block in self.blocks:
             if "total_experts" in explicit and block.num_experts != routing.total_experts:
                 raise CheckpointError(
-                    f"{name} has {block.num_experts} experts but model_deployment.routing.total_experts is "
+                    f"{name} has {block.num_experts} experts but model_deployment.expert_routing.total_experts is "
                     f"{routing.total_experts}; set total_experts={block.num_experts} or leave it unset"
                 )
             r = block.router

@@ -10,7 +10,7 @@ proprietary one, and survive the failures of either.
 
 Use:
 
-    router = build_router(config)                 # backends from config.routing, or pass `backends=`
+    router = build_router(config)                 # backends from config.router, or pass `backends=`
     router.set_task(task_prompt, context_size)    # classify the agent's task once
     reply = router.chat(messages, tools=tools)    # reply.backend, reply.route say who answered and why
     router.record_validation(True); router.record_assumption_drift(0)
@@ -51,7 +51,7 @@ def build_router(
     telemetry: Telemetry | None = None,
     backends: Mapping[str, ChatModel] | None = None,
 ) -> Router:
-    """A Router over `config.routing`'s two routes; `backends` overrides either by route key
+    """A Router over `config.router`'s two routes; `backends` overrides either by route key
     (`retrieval_bound`, `reasoning_bound`), e.g. with `lagoon.testing.ScriptedChatModel`s. Its
     classifications, validations and drift go to the shared daily `lagoon.stats.StatsStore` unless
     `telemetry.persist_stats` is off."""
@@ -63,7 +63,7 @@ def build_router(
     built = {
         key: given[key]
         if key in given
-        else build_backend(getattr(config.routing, key), telemetry=telemetry, engine_config=config.engine)
+        else build_backend(getattr(config.router, key), telemetry=telemetry, engine_config=config.engine)
         for key in ROUTES
     }
     stats = StatsStore(config.telemetry.stats_path or None) if config.telemetry.persist_stats else None

@@ -7,12 +7,12 @@ Per `chat` call:
    messages' characters as the context size. Below `classification.confidence_threshold` the task
    goes to `classification.safe_side`.
 2. **Order** — the chosen route first (`retrieval_bound` or `reasoning_bound`), then the other one
-   when `routing.fallback` is on.
+   when `router.fallback` is on.
 3. **For each backend**: check the prompt + completion fits its context window (before *every* call,
    fallbacks included) → ask its circuit breaker → call it. A retryable error is retried up to
-   `routing.max_retries` times after a jittered exponential backoff (`backoff_base_s` · 2^n · U(0.5,
+   `router.max_retries` times after a jittered exponential backoff (`backoff_base_s` · 2^n · U(0.5,
    1.5)); a `Retry-After` from the peer replaces the backoff, unless it exceeds
-   `routing.max_retry_after_s`, when the router falls back at once. A fatal error moves straight on.
+   `router.max_retry_after_s`, when the router falls back at once. A fatal error moves straight on.
 4. The reply's `backend` is the route key that answered; `route` tells the story: classification,
    chosen route, attempts, retries, fallbacks with reasons, and `notes` (e.g. a context window the
    backend had to assume because the server would not say).
@@ -104,7 +104,7 @@ class Router:
         self.breakers = {
             key: CircuitBreaker(
                 key,
-                fail_max=self.config.routing.breaker_fail_max,
+                fail_max=self.config.router.breaker_fail_max,
                 reset_timeout_s=timeout_s,
                 clock=clock,
                 on_change=self.metrics.record_breaker,
@@ -141,7 +141,7 @@ class Router:
         """Route keys to try, in order, for a classification."""
         first = _ROUTE_OF[c.type]
         other = next(k for k in ROUTES if k != first)
-        return [first, other] if self.config.routing.fallback else [first]
+        return [first, other] if self.config.router.fallback else [first]
 
     def _classify_messages(self, messages: Sequence[ChatMessage]) -> tuple[Classification, str]:
         if self._task is not None:
@@ -165,7 +165,7 @@ class Router:
         return max(b.count_tokens(messages) for b in self.backends.values())
 
     def _route_config(self, key: str) -> RouteSection:
-        return getattr(self.config.routing, key)
+        return getattr(self.config.router, key)
 
     def chat(
         self,
@@ -223,7 +223,7 @@ class Router:
         budget = route.max_tokens if max_tokens is None else max_tokens
         breaker = self.breakers[key]
         attempts: list[dict[str, Any]] = report["attempts"]
-        routing = self.config.routing
+        routing = self.config.router
         for attempt in range(routing.max_retries + 1):
             try:
                 window = backend.context_window
@@ -288,7 +288,7 @@ class Router:
         raise AssertionError("unreachable: the retry loop always returns")
 
     def _delay(self, attempt: int, retry_after: float | None) -> float | None:
-        routing = self.config.routing
+        routing = self.config.router
         if retry_after is not None:
             return retry_after if retry_after <= routing.max_retry_after_s else None
         return routing.backoff_base_s * (2**attempt) * self._rng.uniform(0.5, 1.5)

@@ -25,7 +25,7 @@ BACKENDS: Registry[Any] = Registry("backend provider", {
     "openai_compat": "lagoon.routing.backends.openai_compat:OpenAICompatBackend",
     "anthropic": "lagoon.routing.backends.anthropic:AnthropicBackend",
     "local": "lagoon.routing.backends.local:LocalBackend",
-}, where="routing.*.provider")
+}, where="router.*.provider")
 
 
 def build_backend(

@@ -118,7 +118,7 @@ def api_key_from_env(route: RouteSection, backend: str) -> str | None:
     if not value:
         raise AuthenticationError(
             f"{backend}: environment variable {route.api_key_env} is not set; export it with the API key "
-            f"(routing.*.api_key_env names it)",
+            f"(router.*.api_key_env names it)",
             backend=backend,
         )
     return value
@@ -278,7 +278,7 @@ def error_for_status(backend: str, status: int, headers: Any, detail: str, key_e
     """One HTTP error status from any provider's SDK → the Lagoon error the router acts on."""
     after = retry_after_seconds(headers)
     if status in (401, 403):
-        hint = f"check the key in {key_env}" if key_env else "set routing.*.api_key_env to the variable holding a key"
+        hint = f"check the key in {key_env}" if key_env else "set router.*.api_key_env to the variable holding a key"
         return AuthenticationError(f"{backend}: the server rejected the credentials (HTTP {status}); {hint}", backend=backend)
     if status == 429:
         return RateLimitError(f"{backend}: rate limited (HTTP 429)", backend=backend, retry_after=after)
