@@ -63,7 +63,7 @@ class Timed:
 
 def router_config(cheap, strong, breaker_ms=300):
     return load_config({
-        "routing": {
+        "router": {
             "retrieval_bound": {"model": "coder", "endpoint": cheap.url + "/v1/chat/completions", "timeout_s": 0.15,
                                 "context_window": 32768, "price_input_per_mtok": 0.2, "price_output_per_mtok": 0.6},
             "reasoning_bound": {"model": "claude", "endpoint": strong.url + "/v1/messages", "timeout_s": 0.15,
@@ -137,7 +137,7 @@ def fault_run(n_calls: int, prompts: list[str]) -> None:
 def overhead_run(n: int) -> None:
     with FaultServer() as cheap, FaultServer() as strong:
         cfg = router_config(cheap, strong)
-        direct = build_backend(cfg.routing.retrieval_bound)
+        direct = build_backend(cfg.router.retrieval_bound)
         router = build_router(cfg)
         msgs = [ChatMessage("user", "fix the failing lint test in parser.py")]
         for _ in range(5):  # warm both paths
