@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -68,6 +69,18 @@ def _check_log(repo: Path) -> dict:
     return {"events": events, "ran": ran}
 
 
+def _kinds(repo: Path) -> list[str]:
+    """The event kinds recorded so far (read-only, while the run may be writing)."""
+    db = repo / ".lagoon" / "sessions.db"
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return [k for (k,) in conn.execute("SELECT kind FROM events ORDER BY seq")]
+    except sqlite3.OperationalError:  # created but its tables not yet
+        return []
+
+
 def _trial(tmp_path: Path, rng: random.Random, kills: int) -> dict:
     repo = tmp_path / "repo"
     repo.mkdir(parents=True)
@@ -76,10 +89,16 @@ def _trial(tmp_path: Path, rng: random.Random, kills: int) -> dict:
     _script(script)
     for _ in range(kills):
         proc = _launch(repo, script)
-        time.sleep(rng.uniform(0.2, 3.0))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
+        before = _kinds(repo)
+        started = before.count("model")
+        while _kinds(repo).count("model") <= started:  # the run has started a (new) model step
+            assert proc.poll() is None, f"the run ended before a step started: {proc.communicate()[1][-2000:]}"
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))  # each later step sleeps 0.15 s: the run is mid-way here
+        assert proc.poll() is None, "the run finished before the kill: the test would prove nothing"
+        os.kill(proc.pid, signal.SIGKILL)
         proc.communicate()
+        assert "exit" not in _kinds(repo), "the killed run recorded an end"
     final = _launch(repo, script)
     out, err = final.communicate(timeout=240)
     assert final.returncode == 0, err[-2000:]

@@ -33,6 +33,15 @@ class _Collector(BaseHTTPRequestHandler):
         pass
 
 
+WANTED = {"lagoon_routing_classifications_total", "lagoon_routing_backend_calls_total", "lagoon_model_calls_total"}
+
+
+def _names(received) -> set[str]:
+    return {m.name for p, b in list(received) if p == "/v1/metrics"
+            for rm in ExportMetricsServiceRequest.FromString(b).resource_metrics
+            for sm in rm.scope_metrics for m in sm.metrics}
+
+
 def test_router_metrics_and_spans_reach_the_collector_on_the_interval():
     _Collector.received = []
     collector = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
@@ -47,13 +56,24 @@ def test_router_metrics_and_spans_reach_the_collector_on_the_interval():
             router = build_router(cfg)
             router.chat([ChatMessage("user", "fix the failing lint test")])
             deadline = time.monotonic() + 20  # no flush: the periodic reader must push on its own
-            while time.monotonic() < deadline and not any(p == "/v1/metrics" for p, _ in _Collector.received):
+            while time.monotonic() < deadline and not _names(_Collector.received) >= WANTED:
                 time.sleep(0.05)
-            router.telemetry.flush()
+            on_interval = [b for p, b in _Collector.received if p == "/v1/metrics"]  # before any flush
+            router.telemetry.flush()  # spans are batched: flush them (metrics were checked above)
             router.telemetry.shutdown()
+            first_batch = list(_Collector.received)
+
+            # the contrast: a 60 s interval pushes nothing in the same kind of wait
+            _Collector.received = []
+            slow = load_config(cfg.model_dump(), "telemetry.export_interval_s=60")
+            quiet = build_router(slow)
+            quiet.chat([ChatMessage("user", "fix the failing lint test")])
+            time.sleep(0.8)
+            assert not any(p == "/v1/metrics" for p, _ in _Collector.received), "pushed before the interval"
+            quiet.telemetry.shutdown()
     finally:
         collector.shutdown()
-    metrics = [ExportMetricsServiceRequest.FromString(b) for p, b in _Collector.received if p == "/v1/metrics"]
+    metrics = [ExportMetricsServiceRequest.FromString(b) for b in on_interval]
     assert metrics, "no metrics pushed within the export interval"
     names, services = set(), set()
     for req in metrics:
@@ -62,7 +82,7 @@ def test_router_metrics_and_spans_reach_the_collector_on_the_interval():
             for sm in rm.scope_metrics:
                 names.update(m.name for m in sm.metrics)
     assert services == {"lagoon-routing-test"}
-    assert {"lagoon_routing_classifications_total", "lagoon_routing_backend_calls_total", "lagoon_model_calls_total"} <= names
-    spans = [s for p, b in _Collector.received if p == "/v1/traces"
+    assert WANTED <= names
+    spans = [s for p, b in first_batch if p == "/v1/traces"
              for rs in ExportTraceServiceRequest.FromString(b).resource_spans for ss in rs.scope_spans for s in ss.spans]
     assert any(s.name == "chat coder" for s in spans)
