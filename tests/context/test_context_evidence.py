@@ -58,12 +58,14 @@ def test_frames_outside_the_repo_map_onto_its_files_or_are_dropped():
     files = frozenset({"django/db/models/query.py", "django/db/models/sql/compiler.py", "manage.py"})
     frames = parse_frames(TRACEBACK, files=files)
     assert [f.path for f in frames] == ["manage.py", "django/db/models/query.py", "django/db/models/sql/compiler.py"]
-    ev = Evidence(files=files)
+    ev = Evidence(files=files, max_frames=None)
     ev.observe_output("", TRACEBACK, None)
     q = ev.query("issue")
     # innermost frame first, and the exception line
     assert q.index("django/db/models/sql/compiler.py execute_sql") < q.index("django/db/models/query.py get")
     assert "FieldError: Cannot resolve keyword" in q
+    ev.max_frames = 1  # the default: the innermost code frame only
+    assert "compiler.py execute_sql" in ev.query("issue") and "query.py get" not in ev.query("issue")
 
 
 def test_touched_files_join_the_query_without_forcing_a_refresh():
