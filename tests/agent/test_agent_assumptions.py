@@ -211,3 +211,33 @@ def test_derived_dependencies_and_the_room_left_by_the_cap(tmp_path, monkeypatch
         assert list(book.derived) == ["file:mod.py"]
     finally:
         env.close()
+
+
+def test_a_modified_files_consumed_chunks_are_invalidated_at_once(repo):
+    import sqlite3
+
+    model = ReplayChatModel([bash("sed -i 's/return/return  /' textstats.py"), SUBMIT])
+    assert run_task("median textstats mean", repo, cfg(), model=model).submitted
+    db = sqlite3.connect(repo / ".lagoon" / "context.sqlite")
+    rows = db.execute("SELECT invalidated_at FROM consumed WHERE path = 'textstats.py'").fetchall()
+    db.close()
+    assert rows and any(r[0] is not None for r in rows)  # the chunks read before the sed
+
+
+def test_a_resumed_run_keeps_the_models_assumptions_and_the_evidence(repo):
+    from lagoon.agent.runner import model_replies
+
+    script = [assume("readme_there", "test -f README.md"), bash("python -m pytest -q 2>&1 | tail -5")]
+    with pytest.raises(IndexError):  # the script runs out: the process "dies" mid-run
+        run_task("fix the failing test", repo, cfg(), model=ReplayChatModel(script))
+    from lagoon.agent.session import session_id_for
+
+    sid = session_id_for(repo.resolve(), "fix the failing test")
+    done = model_replies(repo, cfg(), sid)
+    resumed = run_task("fix the failing test", repo, cfg(), model=ReplayChatModel([*script, SUBMIT], start=done))
+    assert resumed.submitted and resumed.resumed
+    snap = _export(repo, sid)["snapshots"][-1]
+    assert snap["reason"] == "resumed"
+    names = [a["name"] for a in snap["assumptions"]]
+    assert "readme_there" in names and "fails:tests/test_textstats.py::test_median_even" in names
+    assert any(c.startswith("textstats.py") for c in snap["chunks"])  # the evidence survived the crash
