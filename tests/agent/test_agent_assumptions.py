@@ -108,14 +108,14 @@ def test_reject_unverified_assumptions_off_records_the_drift_and_carries_on(repo
 
 def test_a_model_assumption_that_starts_failing_is_caught_before_the_next_call(repo):
     model = ReplayChatModel([
-        assume("tests_pass", "python -m pytest -q tests -k mean", watch=["textstats.py"]),
-        bash("echo 'def mean(values):\n    return 0' >> textstats.py"),
+        assume("mean_not_stubbed", "! grep -q 'return 0' textstats.py", watch=["textstats.py"]),
+        bash("printf 'def mean(values):\\n    return 0\\n' >> textstats.py"),
         SUBMIT,
     ])
     result = run_task("mean", repo, cfg(validation={"max_consecutive_validation_failures": 2}), model=model)
     assert result.exit_status == "validation_halt" and len(model.requests) == 2
     drift = [e["payload"] for e in _export(repo, result.session_id)["events"] if e["kind"] == "assumption"]
-    assert any(d["name"] == "tests_pass" and d["was"] is True and d["holds"] is False for d in drift)
+    assert any(d["name"] == "mean_not_stubbed" and d["was"] is True and d["holds"] is False for d in drift)
 
 
 def test_max_assumptions_per_snapshot_caps_the_model_and_the_derived(repo):

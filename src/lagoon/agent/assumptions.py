@@ -115,6 +115,7 @@ class AssumptionBook:
         self._seen: dict[str, dict[str, _Sig]] = {}  # name → watched path → stat at the last check
         self._dirty: set[str] = set()  # no-watch checks to re-run (the workspace may have changed)
         self.checks_run = 0
+        self._deps: dict[str, tuple[str, str, str] | None] = {}  # import name → (dist, version, metadata path)
 
     # -- the set --------------------------------------------------------------------------------
     def all(self) -> list[Assumption]:
@@ -213,16 +214,22 @@ class AssumptionBook:
                                           or (self.root / "src" / n).exists())]  # the repo's own modules
         if not names or self.environment is None:
             return {}
-        args = " ".join(shlex.quote(n) for n in names[:20])
-        root = shlex.quote(str(self.root))
-        result = self.environment.execute(f"( cd {root} && python -c {shlex.quote(_VERSIONS)} {args} )",
-                                          timeout_s=self.timeout_s)
-        try:
-            found = json.loads(result.output.strip().splitlines()[-1]) if result.exit_code == 0 else {}
-        except (ValueError, IndexError):
-            found = {}
+        names = names[:20]
+        # one python per snapshot is the cost; a module looked up before whose metadata is unchanged is not asked again
+        ask = [n for n in names if n not in self._deps or (self._deps[n] and _sig(Path(self._deps[n][2])) is None)]
+        if ask:
+            args = " ".join(shlex.quote(n) for n in ask)
+            root = shlex.quote(str(self.root))
+            result = self.environment.execute(f"( cd {root} && python -c {shlex.quote(_VERSIONS)} {args} )",
+                                              timeout_s=self.timeout_s)
+            try:
+                found = json.loads(result.output.strip().splitlines()[-1]) if result.exit_code == 0 else {}
+            except (ValueError, IndexError):
+                found = {}
+            for n in ask:
+                self._deps[n] = tuple(found[n]) if n in found else None
         out = {}
-        for module, (dist, version, meta) in sorted(found.items()):
+        for module, (dist, version, meta) in sorted((n, self._deps[n]) for n in names if self._deps.get(n)):
             code = f"import importlib.metadata as m; assert m.version({dist!r}) == {version!r}"
             out[f"dependency:{dist}"] = Assumption(
                 name=f"dependency:{dist}", claim=f"{dist} is installed at {version} (imported as {module})",
