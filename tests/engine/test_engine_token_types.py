@@ -94,7 +94,7 @@ def test_tags_change_the_quantized_output(quant_engine) -> None:
             dynamic = quant_engine.model(x).float()
     # static ranges (calibrated on other text) round differently from per-token ones: close, not equal
     rel = ((typed - dynamic).norm() / dynamic.norm()).item()
-    assert 0 < rel < 0.2, rel
+    assert 0.01 < rel < 0.12, rel  # measured 0.085 (int8 static vs per-token scales on this model)
     # the reasoning-tagged positions before the first static token see the same computation
     first_static = next(i for i, t in enumerate(types) if t != R)
     if first_static:

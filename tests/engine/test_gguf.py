@@ -113,17 +113,25 @@ def _random_q4_1(n_blocks: int, g: torch.Generator) -> torch.Tensor:
     return torch.cat([d.view(torch.uint8), m.view(torch.uint8), packed], dim=1).reshape(-1)  # 20 bytes a block
 
 
-def test_q4_1_linear_matches_dequantized_weight():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_q4_1_dequant_and_linear_match_the_gguf_reference(seed):
+    """The code under test (`dequant_q4_1`, and `Q4_1Linear`, the path a Q4_1 GGUF runs through) on
+    fresh random blocks, against the `gguf` package's own dequantizer as the independent oracle."""
+    import gguf
+
     from lagoon.engine.checkpoint import q4_1_fields
     from lagoon.engine.gguf_linear import Q4_1Linear
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     N, K = 96, 128
     raw = _random_q4_1(N * K // 32, g)
-    w = dequant_q4_1(raw).reshape(N, K)
+    oracle = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType.Q4_1)
+    ref_w = torch.from_numpy(np.array(oracle, dtype=np.float32)).reshape(N, K)
+    assert torch.equal(dequant_q4_1(raw).reshape(N, K), ref_w)  # bit-exact
     layer = Q4_1Linear(*q4_1_fields(raw), N, K)
     x = torch.randn(5, K, generator=g)
-    ref = x @ w.t()
+    ref = x @ ref_w.t()
     got = layer(x)
     assert got.dtype == torch.float32
-    assert float((got - ref).norm() / ref.norm()) <= 1e-2  # bf16 activations and scales
+    # bf16 activations and scales: measured 0.0030-0.0045 relative error over five seeds
+    assert float((got - ref).norm() / ref.norm()) <= 6e-3

@@ -35,7 +35,9 @@ def test_quantize_then_fidelity_json_dense(tiny_dense, tmp_path) -> None:
     r = runner.invoke(app, ["quant", "fidelity", "--model", str(tiny_dense), "--quantized", str(out), "--json", "--max-tokens", "300"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
-    assert rep["meta"]["scheme"] == "int8" and rep["text"]["tokens"] == 299 and rep["text"]["top1_agreement"] > 0.5
+    assert rep["meta"]["scheme"] == "int8" and rep["text"]["tokens"] == 299
+    # measured: top-1 0.960, mean KL 0.0009 (group-wise int8 on the tiny llama, down_proj 0 kept float)
+    assert rep["text"]["top1_agreement"] > 0.93 and rep["text"]["mean_kl"] < 0.003
     assert {lf["kind"] for lf in rep["layers"]} == {"QuantizedLinear"} and rep["worst_layer"]
     r = runner.invoke(app, ["quant", "fidelity", "--model", str(tiny_dense), "--quantized", str(out), "--max-tokens", "100"])
     assert r.exit_code == 0 and "top-1 agreement" in r.output

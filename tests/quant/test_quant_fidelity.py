@@ -74,7 +74,8 @@ def test_text_fidelity_identity_and_quantized() -> None:
     q = tiny_lm()
     quantize_(q, QuantConfig(scheme="int4", group_size=32, include_lm_head=True))
     got = text_fidelity(f, q, ids, window=40)
-    assert 0.0 < got.mean_kl < 0.5 and 0.5 < got.top1_agreement <= 1.0
+    # measured over seeds: mean KL 0.00075-0.0008, top-1 0.92-0.94 (int4, group 32, lm_head included)
+    assert 0.0 < got.mean_kl < 0.003 and 0.85 < got.top1_agreement <= 1.0
     assert got.ppl_float == pytest.approx(same.ppl_float)
     report = FidelityReport(layers=layer_fidelity(f, q, [ids[None, :40]]), text=got)
     d = json.loads(json.dumps(report.to_dict()))
