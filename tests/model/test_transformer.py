@@ -25,7 +25,9 @@ def _hf(folder):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
-def check_family(tmp_path, family: str, **config) -> None:
+def check_family(tmp_path, family: str, steps: int = 8, prefix: bool = True, **config) -> None:
+    """Prefill + `steps` cached greedy decode steps against transformers, through the contiguous
+    cache, the paged cache, and the paged cache serving the prompts from its prefix cache."""
     folder = save_tiny_model(tmp_path / family, family, **config)
     ref = _hf(folder)
     ours = load_checkpoint(folder, "float32")
@@ -34,34 +36,60 @@ def check_family(tmp_path, family: str, **config) -> None:
     with torch.no_grad():
         expect = ref(prompts).logits
         got = ours(prompts)
-    assert rel(got, expect) <= 1e-4
+    assert rel(got, expect) <= 1e-4, family
 
-    for paged in (False, True):
+    greedy = None
+    for paged, reuse in ((False, False), (True, False), (True, True))[: 3 if prefix else 2]:
         cache = make_cache(ours.args, paged=paged, max_batch=3, max_seq_len=64, dtype=torch.float32, block_size=4)
-        seqs = prompts.tolist()
-        with torch.no_grad():
+        if reuse:  # run the prompts once and free them, so the second run finds their blocks cached
+            _decode(ours, cache, prompts, 0)
             for i in range(3):
-                cache.allocate(i, seqs[i])
-                cache.ensure(i, 12)
-            pos = torch.arange(12).expand(3, 12)
-            cache.prepare([0, 1, 2], pos)
-            logits = ours(prompts, pos, cache)
-            assert rel(logits, expect) <= 1e-4
-            for step in range(4):  # batched cached decode, greedy continuation
-                nxt = logits[:, -1].argmax(-1)
-                for i in range(3):
-                    seqs[i].append(int(nxt[i]))
-                    cache.ensure(i, len(seqs[i]))
-                p = torch.full((3, 1), 12 + step)
-                cache.prepare([0, 1, 2], p)
-                logits = ours(nxt[:, None], p, cache)
+                cache.free(i, prompts[i].tolist())
+        tokens = _decode(ours, cache, prompts, steps, ref=ref, expect=expect, label=(family, paged, reuse))
+        if reuse:
+            assert cache.hits >= 3 * 8, "the prefix cache served no prompt blocks"
+        greedy = tokens if greedy is None else greedy
+        assert tokens == greedy, (family, paged, reuse)
+    seqs = prompts
+    with torch.no_grad():  # transformers' own greedy continuation, uncached
+        for _ in range(steps + 1):
+            seqs = torch.cat([seqs, ref(seqs).logits[:, -1:].argmax(-1)], dim=1)
+    assert seqs[:, 12:].tolist() == greedy, family
+
+
+def _decode(ours, cache, prompts, steps, *, ref=None, expect=None, label=None) -> list[list[int]]:
+    """Prefill `prompts` into `cache`, then `steps` batched greedy decode steps; returns the 1 + steps
+    greedy tokens of each row. With `ref`, every step's logits are checked against transformers."""
+    B, T = prompts.shape
+    seqs = prompts.tolist()
+    with torch.no_grad():
+        for i in range(B):
+            n = cache.allocate(i, seqs[i])
+            cache.ensure(i, T)
+        pos = torch.arange(n, T).expand(B, T - n)
+        cache.prepare(list(range(B)), pos)
+        logits = ours(prompts[:, n:], pos, cache)
+        if ref is not None:
+            assert rel(logits, expect[:, n:]) <= 1e-4, label
+        for step in range(steps):  # batched cached decode, greedy continuation
+            nxt = logits[:, -1].argmax(-1)
+            for i in range(B):
+                seqs[i].append(int(nxt[i]))
+                cache.ensure(i, len(seqs[i]))
+            p = torch.full((B, 1), T + step)
+            cache.prepare(list(range(B)), p)
+            logits = ours(nxt[:, None], p, cache)
+            if ref is not None:
                 full = ref(torch.tensor(seqs)).logits[:, -1:]
-                assert rel(logits, full) <= 1e-4, (family, paged, step)
+                assert rel(logits, full) <= 1e-4, (*label, step)
+        for i in range(B):
+            seqs[i].append(int(logits[i, -1].argmax()))
+    return [s[T:] for s in seqs]
 
 
 @pytest.mark.parametrize("family", DENSE)
 def test_dense_family_matches_transformers(tmp_path, family):
-    check_family(tmp_path, family)
+    check_family(tmp_path, family, steps=4, prefix=False)
 
 
 @pytest.mark.slow  # the inv_freq test below covers the formula; this runs the whole model
@@ -93,4 +121,4 @@ def test_unknown_family_lists_known_ones():
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_moe_family_matches_transformers(tmp_path, family):
-    check_family(tmp_path, family)
+    check_family(tmp_path, family, steps=4, prefix=False)

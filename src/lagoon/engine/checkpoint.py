@@ -26,7 +26,7 @@ import torch
 
 from lagoon.errors import CheckpointError, UnsupportedModelError
 from lagoon.model.args import ModelArgs
-from lagoon.model.transformer import Transformer, rope_inv_freq
+from lagoon.model.transformer import Transformer
 
 __all__ = ["load_checkpoint", "load_hf_folder", "load_gguf", "Precision", "read_safetensors"]
 
@@ -215,7 +215,7 @@ def _assemble(
     state = {k: _cast(v, precision, native) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=not args.tie_word_embeddings)
     model.tie_weights()
-    model.inv_freq = rope_inv_freq(args)
+    model.reset_rope()
     for module in model.modules():  # runtime-only buffers (e.g. a router's selection bias) start at zero
         for bname, buf in list(module.named_buffers(recurse=False)):
             if buf is not None and buf.is_meta:

@@ -5,11 +5,13 @@
     mlp.experts.E.gate_proj/up_proj/down_proj       ├→ mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]
     mlp.experts.gate_up_proj / down_proj (stacked)  ┘   (already stacked: kept)
     …gate.weight [E, H]                              → mlp.router.weight
+    …gate.e_score_correction_bias, …experts.e_score_correction_bias (Laguna) → mlp.router.e_score_correction_bias
     mlp.shared_expert(s).*, mlp.shared_expert_gate   → mlp.shared_expert.*, mlp.shared_expert_gate
 
 An expert missing a projection while others of its layer are whole is loaded as NaN and logged
 (`lagoon.moe.runtime` quarantines it); a layer with no whole expert raises `CheckpointError`.
-This module is *not* a general renamer.
+Layers past `n_layers` (GLM-4.5's multi-token-prediction layers) are dropped by name: Lagoon
+decodes one token at a time. This module is *not* a general renamer.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = ["hf_moe_state"]
 
 log = logging.getLogger("lagoon.engine.checkpoint")
 
+_LAYER = re.compile(r"^layers\.(\d+)\.")
 _EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
 _PROJ = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
@@ -34,12 +37,16 @@ def hf_moe_state(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, int, str], torch.Tensor] = {}
     for name, t in state.items():
+        layer = _LAYER.match(name)
+        if layer and int(layer.group(1)) >= args.n_layers:
+            continue  # a multi-token-prediction layer (GLM-4.5 `num_nextn_predict_layers`): unused
         name = name.replace(".block_sparse_moe.", ".mlp.").replace(".shared_experts.", ".shared_expert.")
+        name = name.replace(".mlp.experts.e_score_correction_bias", ".mlp.router.e_score_correction_bias")
         m = _EXPERT.match(name)
         if m and m.group(3) in _PROJ:
             experts[(int(m.group(1)), int(m.group(2)), _PROJ[m.group(3)])] = t
             continue
-        if re.match(r"^layers\.\d+\.mlp\.gate\.weight$", name):
+        if re.match(r"^layers\.\d+\.mlp\.gate\.(weight|e_score_correction_bias)$", name):
             name = name.replace(".mlp.gate.", ".mlp.router.")
         out[name] = t
     for layer in range(args.n_layers):

@@ -66,6 +66,24 @@ def _config(family: str, vocab: int, **over: Any) -> Any:
         "qwen2_moe": (tf.Qwen2MoeConfig, {**moe, "shared_expert_intermediate_size": 48}),
         "qwen3_moe": (tf.Qwen3MoeConfig, {**moe, "norm_topk_prob": True, "head_dim": 16}),
         "olmoe": (tf.OlmoeConfig, {**moe, "intermediate_size": 32}),
+        # 3 layers, the first dense; grouped sigmoid router (2 groups of 4, 1 kept); half-rotary heads
+        "glm4_moe": (tf.Glm4MoeConfig, {
+            "num_hidden_layers": 3, "head_dim": 16, "n_routed_experts": 8, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 24, "n_shared_experts": 1, "n_group": 2, "topk_group": 1,
+            "first_k_dense_replace": 1, "routed_scaling_factor": 1.5, "use_qk_norm": True, "intermediate_size": 72,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
+        # sliding (window 5) / full layers with their own RoPE (full: YaRN, half rotary), per-layer
+        # query heads, softcapped sigmoid router, shared expert, dense first layer
+        "laguna": (tf.LagunaConfig, {
+            "num_hidden_layers": 4, "head_dim": 16, "num_experts": 6, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 20, "shared_expert_intermediate_size": 24, "intermediate_size": 72,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            "num_attention_heads_per_layer": [4, 6, 2, 4], "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+            "sliding_window": 5, "moe_router_logit_softcapping": 2.0, "moe_routed_scaling_factor": 1.5,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "partial_rotary_factor": 0.5,
+                                   "factor": 4.0, "original_max_position_embeddings": 128},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
     }
     if family not in table:
         raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(table)}")
@@ -73,7 +91,7 @@ def _config(family: str, vocab: int, **over: Any) -> Any:
     return cls(**{**common, **extra, **over})
 
 
-TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna")
 
 
 def save_tiny_model(folder: str | Path, family: str = "llama", *, seed: int = 0, vocab: int = 320, **config: Any) -> Path:
@@ -89,6 +107,9 @@ def save_tiny_model(folder: str | Path, family: str = "llama", *, seed: int = 0,
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.2)
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("e_score_correction_bias"):  # HF starts it at zero: make selection depend on it
+                t.normal_(0, 0.1)
     model.save_pretrained(str(folder))
     byte_tokenizer().save_pretrained(str(folder))
     return folder

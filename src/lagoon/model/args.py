@@ -1,11 +1,14 @@
 """`ModelArgs`: the frozen shape of a decoder-only transformer, read from a HF `config.json`.
 
-Covers the dense families `llama`, `qwen2`, `qwen3` and the MoE families `mixtral`, `qwen2_moe`,
-`qwen3_moe`, `olmoe`. Anything else raises `UnsupportedModelError` naming the known families.
-RoPE scaling is read from `rope_parameters` (transformers 5) or `rope_scaling` (older files).
+Whole-model fields (vocab, width, norms, the MoE router's rule) live on `ModelArgs`; everything that
+may differ from one layer to the next lives in one `LayerSpec` per layer (attention kind, heads,
+sliding window, which RoPE table, output gate, attention sinks, dense or MoE MLP), so the model code
+reads a spec instead of branching on the family. RoPE tables (`lagoon.model.rope.RopeSpec`) are
+named: most families have one (``default``), Laguna one per layer type.
 
-This module is *not* a config loader for Lagoon itself (see `lagoon.config`); it only describes
-the network a checkpoint holds.
+Per-family knowledge (which config keys mean what) lives in `lagoon.model.families`; a `model_type`
+it does not know raises `UnsupportedModelError` naming the known families. This module is *not* a
+config loader for Lagoon itself (see `lagoon.config`); it only describes the network a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -13,15 +16,33 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from lagoon.errors import CheckpointError, UnsupportedModelError
+from lagoon.errors import CheckpointError
+from lagoon.model.rope import RopeSpec, rope_spec
 
-__all__ = ["ModelArgs", "FAMILIES", "MOE_FAMILIES"]
+__all__ = ["ModelArgs", "LayerSpec", "FAMILIES", "MOE_FAMILIES", "ATTENTION_KINDS"]
 
 DENSE_FAMILIES = ("llama", "qwen2", "qwen3")
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna")
 FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
+ATTENTION_KINDS = ("gqa",)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one decoder layer is. `window`: sliding-window length (None = full attention);
+    `output_gate`: Laguna's softplus gate on the attention output, per ``head`` or per ``element``."""
+
+    attention: str = "gqa"
+    n_heads: int = 0
+    n_kv_heads: int = 0
+    head_dim: int = 0
+    window: int | None = None
+    rope: str = "default"
+    output_gate: Literal["head", "element"] | None = None
+    sinks: bool = False
+    mlp: Literal["dense", "moe"] = "dense"
 
 
 @dataclass(frozen=True)
@@ -46,24 +67,52 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"
     # MoE (num_experts == 0 means dense)
     num_experts: int = 0
     top_k: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     shared_intermediate_size: int = 0
+    shared_expert_gate: bool = False  # Qwen2-MoE gates its shared expert with a sigmoid
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    router_softcap: float = 0.0
+    # per layer (filled from the fields above when empty) and the named RoPE tables
+    layers: tuple[LayerSpec, ...] = ()
+    ropes: tuple[tuple[str, RopeSpec], ...] = ()
     extra: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.ropes:
+            params = {**dict(self.rope_scaling), "rope_theta": self.rope_theta}
+            spec = rope_spec(params, self.head_dim, self.max_position_embeddings)
+            object.__setattr__(self, "ropes", (("default", spec),))
+        if not self.layers:
+            object.__setattr__(self, "layers", tuple(
+                LayerSpec(n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                          mlp="moe" if self._sparse_by_step(i) else "dense")
+                for i in range(self.n_layers)
+            ))
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    def is_moe_layer(self, layer: int) -> bool:
+    def _sparse_by_step(self, layer: int) -> bool:
         if not self.is_moe or layer in self.mlp_only_layers:
             return False
         return (layer + 1) % max(self.decoder_sparse_step, 1) == 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.layers[layer].mlp == "moe"
+
+    def rope_table(self, name: str) -> RopeSpec:
+        return dict(self.ropes)[name]
 
     @property
     def rope(self) -> dict[str, Any]:
@@ -71,56 +120,11 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
+        from lagoon.model.families import family_fields
+
         family = cfg.get("model_type")
-        if family not in FAMILIES:
-            raise UnsupportedModelError(
-                f"model_type {family!r} is not supported; Lagoon runs: {', '.join(FAMILIES)}"
-            )
         try:
-            dim = int(cfg["hidden_size"])
-            n_heads = int(cfg["num_attention_heads"])
-            rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-            theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            rope["rope_type"] = rope_type
-            rope.pop("type", None)
-            eos = cfg.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-            moe: dict[str, Any] = {}
-            if family in MOE_FAMILIES:
-                n_exp = cfg.get("num_local_experts", cfg.get("num_experts"))
-                moe = {
-                    "num_experts": int(n_exp),
-                    "top_k": int(cfg["num_experts_per_tok"]),
-                    "moe_intermediate_size": int(cfg.get("moe_intermediate_size", cfg["intermediate_size"])),
-                    "norm_topk_prob": bool(cfg.get("norm_topk_prob", family == "mixtral")),
-                    "shared_intermediate_size": int(cfg.get("shared_expert_intermediate_size", 0) or 0),
-                    "decoder_sparse_step": int(cfg.get("decoder_sparse_step", 1) or 1),
-                    "mlp_only_layers": tuple(cfg.get("mlp_only_layers", ()) or ()),
-                }
-            return cls(
-                family=family,
-                vocab_size=int(cfg["vocab_size"]),
-                dim=dim,
-                n_layers=int(cfg["num_hidden_layers"]),
-                n_heads=n_heads,
-                n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-                head_dim=int(cfg.get("head_dim") or dim // n_heads),
-                intermediate_size=int(cfg["intermediate_size"]),
-                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=tuple(sorted(rope.items())),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-                qkv_bias=_qkv_bias(family, cfg),
-                o_bias=family in ("llama", "qwen3", "qwen3_moe", "olmoe") and bool(cfg.get("attention_bias", False)),
-                clip_qkv=cfg.get("clip_qkv"),
-                qk_norm=family in ("qwen3", "qwen3_moe", "olmoe"),
-                qk_norm_full=family == "olmoe",
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                bos_token_id=cfg.get("bos_token_id"),
-                eos_token_ids=eos_ids,
-                **moe,
-            )
+            return cls(**family_fields(family, cfg))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(
                 f"config.json for {family!r} lacks or mistypes a field ({exc!r}); re-export it with transformers"
@@ -138,11 +142,3 @@ class ModelArgs:
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{path} is a JSON {type(cfg).__name__}, not an object; re-export the checkpoint")
         return cls.from_hf_config(cfg)
-
-
-def _qkv_bias(family: str, cfg: dict[str, Any]) -> bool:
-    if family == "qwen2":
-        return True
-    if family == "qwen2_moe":
-        return bool(cfg.get("qkv_bias", True))
-    return bool(cfg.get("attention_bias", False))

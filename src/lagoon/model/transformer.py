@@ -1,35 +1,36 @@
-"""A plain decoder-only `Transformer` (gpt-fast style) for the llama / qwen2 / qwen3 families and,
-through `lagoon.moe.SparseMoE`, their MoE cousins.
+"""A plain decoder-only `Transformer` (gpt-fast style): one model definition for every family
+Lagoon runs, each layer built from its `LayerSpec` (see `lagoon.model.args`) — dense or MoE MLP
+(`lagoon.moe.SparseMoE`), full or sliding-window attention, optional softplus output gate, its own
+RoPE table (partial rotary allowed).
 
 Module names follow the HF checkpoints (`embed_tokens`, `layers.N.self_attn.q_proj`, `mlp.gate_proj`,
 `input_layernorm` …) so a HF state dict maps onto it with the `model.` prefix dropped.
 
 The KV cache is injected: `forward(tokens, input_pos, cache)` where `cache` (see
 `lagoon.engine.kv_cache`) has been `prepare`d for this step and each attention layer calls
-`cache.update(layer, k, v) -> (k_all, v_all, mask)`. Without a cache the layer attends causally
-within `tokens` only. The model never branches on quantization, offloading or compile; those swap
-modules from outside.
+`cache.update(layer, k, v) -> (k_all, v_all, mask)`; key j of what it returns is absolute position
+j, so a sliding-window layer narrows the mask itself and every cache serves it unchanged. Without a
+cache the layer attends causally within `tokens` only. The model never branches on quantization,
+offloading or compile; those swap modules from outside.
 
 Shapes: B = batch, T = new tokens, S = attended keys, H = heads, K = kv heads, D = head dim,
-M = model dim, V = vocab.
+R = rotated channels, M = model dim, V = vocab.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lagoon.errors import UnsupportedModelError
 from lagoon.model.args import ModelArgs
+from lagoon.model.rope import apply_rope, attention_scaling, inv_freq
 from lagoon.protocols import CacheLike
 
-__all__ = ["Transformer", "RMSNorm", "Attention", "MLP", "rope_inv_freq", "CacheLike"]
-
-ROPE_TYPES = ("default", "linear", "llama3")
+__all__ = ["Transformer", "RMSNorm", "Attention", "MLP", "Step", "rope_inv_freq", "CacheLike"]
 
 
 class RMSNorm(nn.Module):
@@ -45,57 +46,57 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies [D/2] for the checkpoint's RoPE variant."""
-    d = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    rope = args.rope
-    kind = rope.get("rope_type", "default")
-    if kind == "default":
-        return inv
-    if kind == "linear":
-        return inv / float(rope["factor"])
-    if kind == "llama3":
-        factor = float(rope["factor"])
-        low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
-        old_ctx = float(rope["original_max_position_embeddings"])
-        low_wl, high_wl = old_ctx / low, old_ctx / high
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
-        return torch.where(medium, smoothed, scaled)
-    raise UnsupportedModelError(f"RoPE type {kind!r} is not supported; Lagoon runs: {', '.join(ROPE_TYPES)}")
+def rope_inv_freq(args: ModelArgs, table: str | None = None) -> torch.Tensor:
+    """Inverse frequencies [R/2] of one of the checkpoint's RoPE tables (the first by default)."""
+    return inv_freq(args.rope_table(table) if table else args.ropes[0][1])
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B, H, T, D]; cos/sin [B, 1, T, D] (HF "rotate_half" layout)
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
+@dataclass
+class Step:
+    """What every layer of one forward step shares: absolute positions [B, T] and, per RoPE table,
+    (cos, sin) [B, 1, T, R]."""
+
+    positions: torch.Tensor
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def window_mask(self, window: int, n_keys: int) -> torch.Tensor:
+        """Keys (absolute positions 0..n_keys-1) within `window` of each query: [B, 1, T, S] bool."""
+        keys = torch.arange(n_keys, device=self.positions.device)
+        return (keys[None, None, :] > self.positions[:, :, None] - window)[:, None]
+
+    def local_mask(self, window: int | None) -> torch.Tensor:
+        """Causal (and windowed) mask among the step's own tokens: [B, 1, T, T] bool."""
+        p = self.positions
+        keep = p[:, None, :] <= p[:, :, None]  # [B, T, T]
+        if window is not None:
+            keep = keep & (p[:, None, :] > p[:, :, None] - window)
+        return keep[:, None]
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
-        self.layer = layer
-        self.n_heads, self.n_kv, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        spec = args.layers[layer]
+        self.layer, self.window, self.rope = layer, spec.window, spec.rope
+        self.n_heads, self.n_kv, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        q_out, kv_out = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
         self.clip_qkv = args.clip_qkv
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.q_proj = nn.Linear(args.dim, q_out, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, kv_out, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, kv_out, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(q_out, args.dim, bias=args.o_bias)
         self.qk_norm_full = args.qk_norm_full
         if args.qk_norm:
-            qd, kd = (args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim) if args.qk_norm_full else (
-                args.head_dim, args.head_dim)
+            qd, kd = (q_out, kv_out) if args.qk_norm_full else (spec.head_dim, spec.head_dim)
             self.q_norm: nn.Module | None = RMSNorm(qd, args.norm_eps)
             self.k_norm: nn.Module | None = RMSNorm(kd, args.norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.gate_per_head = spec.output_gate == "head"
+        self.g_proj = None if spec.output_gate is None else nn.Linear(
+            args.dim, spec.n_heads if self.gate_per_head else q_out, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheLike | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, cache: CacheLike | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*D], [B, T, K*D] x2
         if self.clip_qkv is not None:
@@ -107,52 +108,70 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = step.rope[self.rope]
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, K, T, D]
         v = v.transpose(1, 2)
+        gqa = self.n_kv != self.n_heads
         if cache is not None:
             k, v, mask = cache.update(self.layer, k, v)  # [B, K, S, D] x2, [B, 1, T, S] bool
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            if self.window is not None:
+                mask = mask & step.window_mask(self.window, k.shape[2])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif self.window is not None and T > 1:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.local_mask(self.window), enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(out)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        out = out.transpose(1, 2)  # [B, T, H, D]
+        if self.g_proj is not None:  # Laguna: softplus gate on each head (or each channel) of the output
+            gate = F.softplus(self.g_proj(x).float()).to(out.dtype)
+            out = out * (gate.unsqueeze(-1) if self.gate_per_head else gate.view(B, T, self.n_heads, self.head_dim))
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, act: str = "silu") -> None:
         super().__init__()
+        from lagoon.moe.experts import activation  # lazy: model <- moe
+
+        self.act_fn = activation(act)
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _moe_block(args: ModelArgs) -> nn.Module:
     from lagoon.moe import SparseMoE  # lazy: model <- moe
 
     kw: dict[str, Any] = {
-        "scoring": "softmax",
+        "scoring": args.scoring,
         "norm_topk_prob": args.norm_topk_prob,
+        "n_group": args.n_group,
+        "topk_group": args.topk_group,
+        "routed_scaling_factor": args.routed_scaling_factor,
+        "act": args.hidden_act,
     }
     if args.shared_intermediate_size:
         kw["shared_intermediate_size"] = args.shared_intermediate_size
-        kw["shared_expert_gate"] = True
-    return SparseMoE(args.dim, args.moe_intermediate_size, args.num_experts, args.top_k, **kw)
+        kw["shared_expert_gate"] = args.shared_expert_gate
+    moe = SparseMoE(args.dim, args.moe_intermediate_size, args.num_experts, args.top_k, **kw)
+    moe.router.logit_softcap = args.router_softcap
+    return moe
 
 
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer)
-        self.mlp = _moe_block(args) if args.is_moe_layer(layer) else MLP(args.dim, args.intermediate_size)
+        self.mlp = _moe_block(args) if args.is_moe_layer(layer) else MLP(args.dim, args.intermediate_size, args.hidden_act)
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheLike | None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, step: Step, cache: CacheLike | None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), step, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -164,16 +183,25 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.rope_scale = {name: attention_scaling(spec) for name, spec in args.ropes}
+        for name, spec in args.ropes:
+            self.register_buffer(f"inv_freq_{name}", inv_freq(spec), persistent=False)
+
+    def reset_rope(self) -> None:
+        """Recompute the RoPE buffers (after building on the meta device)."""
+        for name, spec in self.args.ropes:
+            setattr(self, f"inv_freq_{name}", inv_freq(spec))
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def rope(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = input_pos[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+    def rope(self, input_pos: torch.Tensor, dtype: torch.dtype, table: str = "default") -> tuple[torch.Tensor, torch.Tensor]:
+        inv = getattr(self, f"inv_freq_{table}")
+        freqs = input_pos[..., None].float() * inv.float()  # [B, T, R/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, R]
+        scale = self.rope_scale[table]
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
     def forward(
         self,
@@ -188,9 +216,9 @@ class Transformer(nn.Module):
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.embed_tokens(tokens)  # [B, T, M]
-        cos, sin = self.rope(input_pos, x.dtype)
+        step = Step(input_pos, {name: self.rope(input_pos, x.dtype, name) for name, _ in self.args.ropes})
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
+            x = layer(x, step, cache)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # [B, T, V]

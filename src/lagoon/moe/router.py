@@ -3,8 +3,9 @@
 Contract (T = tokens, H = hidden, E = experts, k = top_k):
 
 * ``forward(x [T, H]) -> Routing(logits [T, E], scores [T, E], weights [T, k], indices [T, k])``.
-* Scoring: ``softmax`` (Mixtral, Qwen2/3-MoE, OLMoE) or ``sigmoid`` (DeepSeek-V3), both of the
-  fp32 logits divided by ``temperature``.
+* Scoring: ``softmax`` (Mixtral, Qwen2/3-MoE, OLMoE) or ``sigmoid`` (DeepSeek-V3, GLM-4.5, Laguna),
+  both of the fp32 logits divided by ``temperature``; with ``logit_softcap`` c > 0 (Laguna) the
+  logits are first squashed to c·tanh(logits / c).
 * Selection score = ``scores + bias - load_balance_weight * share`` where ``bias`` is the
   ``e_score_correction_bias`` buffer (DeepSeek-V3's, nudged by the aux-loss-free rule and by
   recalibration) and ``share`` is each expert's share of routed assignments over the rolling
@@ -106,6 +107,7 @@ class Router(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor = routed_scaling_factor
+        self.logit_softcap = 0.0  # > 0: logits = c·tanh(logits / c) before scoring (Laguna)
         self.temperature = temperature
         self.load_balance_weight = load_balance_weight
         self.bias_update_rate = bias_update_rate
@@ -191,6 +193,8 @@ class Router(nn.Module):
         # T = tokens, H = hidden, E = experts, G = groups, k = top_k
         x = x.reshape(-1, self.hidden_size)  # [T, H]
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        if self.logit_softcap > 0:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         z = logits / self.temperature if self.temperature != 1.0 else logits
         excluded = None if self._excluded is None else self._excluded.to(z.device)
         if excluded is not None and self.scoring == "softmax":
