@@ -19,7 +19,7 @@ backend Lagoon speaks can be mapped to and from it.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -36,6 +36,9 @@ __all__ = [
     "ToolSpec",
     "Usage",
     "ChatResponse",
+    "RouteReport",
+    "RouteAttempt",
+    "RouteFallback",
     "ChatModel",
     "RoutedModel",
     "WindowReporting",
@@ -126,6 +129,64 @@ class Usage:
         )
 
 
+@dataclass
+class RouteAttempt:
+    """One try of one backend: `outcome` is ``ok``, ``skipped`` or the error class name."""
+
+    backend: str
+    outcome: str
+    reason: str | None = None
+    latency_s: float | None = None
+    needed: int | None = None
+    """Prompt + completion tokens, when skipped for the context window."""
+    window: int | None = None
+    retry_after_s: float | None = None
+    waited_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class RouteFallback:
+    source: str
+    """The route key given up on."""
+    target: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from": self.source, "to": self.target, "reason": self.reason}
+
+
+@dataclass
+class RouteReport:
+    """The router's account of one call: how the task was classified, which route it chose, every
+    attempt, retry and fallback, who answered, and notes (e.g. an assumed context window)."""
+
+    classification: Classification
+    source: str
+    """What was classified: the agent's ``task`` (`set_task`) or this call's last ``message``."""
+    chosen: str
+    attempts: list[RouteAttempt] = field(default_factory=list)
+    retries: int = 0
+    fallbacks: list[RouteFallback] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    backend: str = ""
+    """The route key that answered ("" while none has)."""
+    backend_name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape recorded in trajectories and printed by `lagoon route --json`."""
+        c = self.classification
+        return {
+            "classification": {"type": c.type.value, "confidence": round(c.confidence, 4), "decided_by": c.decided_by,
+                               "required_capabilities": list(c.required_capabilities), "source": self.source},
+            "chosen": self.chosen, "attempts": [a.to_dict() for a in self.attempts], "retries": self.retries,
+            "fallbacks": [f.to_dict() for f in self.fallbacks], "notes": list(self.notes),
+            "backend": self.backend, "backend_name": self.backend_name,
+        }
+
+
 @dataclass(frozen=True)
 class ChatResponse:
     """A model's reply. `backend` names who answered; `route` carries the router's account of why
@@ -137,10 +198,12 @@ class ChatResponse:
     finish_reason: str = "stop"
     backend: str = ""
     latency_s: float = 0.0
-    route: Mapping[str, Any] | None = None
+    route: RouteReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(replace(self, route=None))
+        out["route"] = self.route.to_dict() if self.route is not None else None
+        return out
 
 
 @runtime_checkable

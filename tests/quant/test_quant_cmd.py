@@ -56,7 +56,8 @@ def test_quantize_then_fidelity_json_moe(tiny_moe, tmp_path) -> None:
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
     assert rep["meta"]["scheme"] == "w8a8" and rep["text"]["tokens"] == 299
-    assert 0.0 <= rep["text"]["mean_kl"] and 0.0 < rep["text"]["top1_agreement"] <= 1.0
+    # measured: top-1 0.950, mean KL 0.0045 (w8a8 on the tiny qwen3_moe)
+    assert 0.0 < rep["text"]["mean_kl"] < 0.015 and rep["text"]["top1_agreement"] > 0.9
     experts = [lf for lf in rep["layers"] if lf["kind"] == "QuantizedExperts"]
     assert len(experts) == 2 and all(lf["worst_expert"] is not None for lf in experts)
     assert not any(".router" in lf["name"] for lf in rep["layers"])

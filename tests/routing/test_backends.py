@@ -156,7 +156,7 @@ def test_an_assumed_context_window_is_logged_and_in_the_route_report(server, cap
     cfg = load_config({"routing": {"fallback": False}})
     router = build_router(cfg, backends={"retrieval_bound": oa(server), "reasoning_bound": oa(server)})
     reply = router.chat(MSGS)
-    notes = reply.route["notes"]
+    notes = reply.route.to_dict()["notes"]
     assert len(notes) == 1 and "assumed 8192 (the server reported none)" in notes[0], notes
 
 

@@ -64,10 +64,10 @@ def test_routes_by_classification_and_reports_why():
     router, cheap, strong = make()
     r = router.chat(FIX)
     assert r.backend == "retrieval_bound" and r.message.content == "ok from cheap"
-    assert r.route["classification"]["type"] == "RETRIEVAL_BOUND" and r.route["fallbacks"] == []
+    assert r.route.to_dict()["classification"]["type"] == "RETRIEVAL_BOUND" and r.route.to_dict()["fallbacks"] == []
     assert router.chat(DESIGN).backend == "reasoning_bound"
     low = router.chat([ChatMessage("user", "fix it")])  # confidence 0.5 → safe side
-    assert low.backend == "reasoning_bound" and low.route["classification"]["decided_by"].startswith("safe_side")
+    assert low.backend == "reasoning_bound" and low.route.to_dict()["classification"]["decided_by"].startswith("safe_side")
 
 
 def test_set_task_classifies_once_for_all_calls():
@@ -76,7 +76,7 @@ def test_set_task_classifies_once_for_all_calls():
     assert c.type is TaskType.RETRIEVAL_BOUND
     for text in ["now design a whole new architecture", "refactor everything"]:
         r = router.chat([ChatMessage("user", text)])
-        assert r.backend == "retrieval_bound" and r.route["classification"]["source"] == "task"
+        assert r.backend == "retrieval_bound" and r.route.to_dict()["classification"]["source"] == "task"
     assert router.telemetry.value(
         "lagoon_routing_classifications_total", {"type": "RETRIEVAL_BOUND", "decided_by": "lexical:keywords"}
     ) == 1
@@ -88,7 +88,7 @@ def test_retries_with_backoff_then_succeeds():
     cheap = Faulty("cheap", [BackendUnavailableError("503"), BackendUnavailableError("503")])
     router, *_ = make(cheap=cheap, max_retries=2, backoff_base_s=0.1)
     r = router.chat(FIX)
-    assert r.backend == "retrieval_bound" and r.route["retries"] == 2 and cheap.calls == 3
+    assert r.backend == "retrieval_bound" and r.route.to_dict()["retries"] == 2 and cheap.calls == 3
     assert len(router.slept) == 2 and 0.05 <= router.slept[0] <= 0.15 and 0.1 <= router.slept[1] <= 0.3
     assert router.telemetry.value("lagoon_routing_retries_total", {"backend": "retrieval_bound"}) == 2
 
@@ -101,7 +101,7 @@ def test_retry_after_wins_and_a_long_one_falls_back():
     router, _, strong = make(cheap=cheap, max_retry_after_s=30.0)
     r = router.chat(FIX)
     assert r.backend == "reasoning_bound" and router.slept == []
-    assert r.route["fallbacks"][0]["reason"] == "retry_after_too_long:RateLimitError"
+    assert r.route.to_dict()["fallbacks"][0]["reason"] == "retry_after_too_long:RateLimitError"
 
 
 def test_breaker_opens_half_opens_and_closes(monkeypatch):
@@ -144,10 +144,10 @@ def test_fallback_when_open_or_failing_and_not_when_disabled():
     cheap = Faulty("cheap", [BackendUnavailableError("down")] * 10)
     router, _, strong = make(cheap=cheap, max_retries=1, breaker_fail_max=2)
     r = router.chat(FIX)
-    assert r.backend == "reasoning_bound" and r.route["chosen"] == "retrieval_bound"
-    assert r.route["fallbacks"] == [{"from": "retrieval_bound", "to": "reasoning_bound", "reason": "error:BackendUnavailableError"}]
+    assert r.backend == "reasoning_bound" and r.route.to_dict()["chosen"] == "retrieval_bound"
+    assert r.route.to_dict()["fallbacks"] == [{"from": "retrieval_bound", "to": "reasoning_bound", "reason": "error:BackendUnavailableError"}]
     r = router.chat(FIX)  # now open: skipped without a call
-    assert r.route["fallbacks"][0]["reason"] == "circuit_open" and cheap.calls == 2
+    assert r.route.to_dict()["fallbacks"][0]["reason"] == "circuit_open" and cheap.calls == 2
     assert router.telemetry.value("lagoon_routing_fallbacks_total", {"reason": "circuit_open"}) == 1
     cheap = Faulty("cheap", [BackendUnavailableError("down")])
     router, *_ = make(cheap=cheap, max_retries=0, fallback=False)
@@ -160,7 +160,7 @@ def test_fatal_errors_are_not_retried():
     cheap = Faulty("cheap", [AuthenticationError("CHEAP_KEY is not set")])
     router, *_ = make(cheap=cheap, max_retries=3)
     r = router.chat(FIX)
-    assert cheap.calls == 1 and r.route["retries"] == 0 and r.backend == "reasoning_bound"
+    assert cheap.calls == 1 and r.route.to_dict()["retries"] == 0 and r.backend == "reasoning_bound"
 
 
 def test_context_window_checked_before_every_call_including_fallbacks():
@@ -170,7 +170,7 @@ def test_context_window_checked_before_every_call_including_fallbacks():
     router, *_ = make(cfg, cheap=small, strong=large)
     r = router.chat(big)
     assert r.backend == "reasoning_bound" and small.calls == 0
-    assert r.route["fallbacks"][0]["reason"] == "context_window"
+    assert r.route.to_dict()["fallbacks"][0]["reason"] == "context_window"
     huge = [ChatMessage("user", "fix the failing lint test " + "word " * 9000)]
     with pytest.raises(ContextWindowExceededError) as info:
         router.chat(huge)

@@ -46,8 +46,8 @@ def test_router_falls_back_from_a_failing_server_to_the_local_engine(tiny_folder
         })
         router = build_router(cfg)
         r = router.chat([ChatMessage("user", "design and architect a plugin system")])
-        assert r.backend == "retrieval_bound" and r.route["fallbacks"][0]["reason"] == "error:BackendUnavailableError"
-        assert r.route["retries"] == 2 and len(strong.requests) == 3
+        assert r.backend == "retrieval_bound" and r.route.to_dict()["fallbacks"][0]["reason"] == "error:BackendUnavailableError"
+        assert r.route.to_dict()["retries"] == 2 and len(strong.requests) == 3
 
 
 def test_openai_compat_against_live_lagoon_serve(tiny_folder):
@@ -64,7 +64,7 @@ def test_openai_compat_against_live_lagoon_serve(tiny_folder):
         })
         router = build_router(cfg)
         r = router.chat(FIX)
-        assert r.backend == "retrieval_bound" and r.route["attempts"][-1]["outcome"] == "ok"
+        assert r.backend == "retrieval_bound" and r.route.to_dict()["attempts"][-1]["outcome"] == "ok"
         assert r.usage.input_tokens > 0 and r.usage.output_tokens >= 1
         assert router.backends["retrieval_bound"].context_window > 0
     finally:

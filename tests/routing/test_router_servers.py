@@ -46,9 +46,9 @@ def test_retries_then_answers_through_the_sdk(servers, monkeypatch):
     monkeypatch.setenv("LAGOON_ROUTER_TEST_KEY", SECRET)
     router = build_router(config(cheap, strong))
     r = router.chat(FIX)
-    assert r.message.content == "cheap answer" and r.backend == "retrieval_bound" and r.route["retries"] == 2
-    assert [a["outcome"] for a in r.route["attempts"]] == ["BackendUnavailableError", "RateLimitError", "ok"]
-    assert r.route["attempts"][1]["waited_s"] == pytest.approx(0.01)  # the server's Retry-After
+    assert r.message.content == "cheap answer" and r.backend == "retrieval_bound" and r.route.to_dict()["retries"] == 2
+    assert [a["outcome"] for a in r.route.to_dict()["attempts"]] == ["BackendUnavailableError", "RateLimitError", "ok"]
+    assert r.route.to_dict()["attempts"][1]["waited_s"] == pytest.approx(0.01)  # the server's Retry-After
     assert router.telemetry.value("lagoon_model_calls_total", {"operation": "chat", "model": "coder", "provider": "openai_compat"}) == 3
     assert router.telemetry.value("lagoon_routing_backend_cost_usd_total", {"backend": "retrieval_bound"}) > 0
 
@@ -61,11 +61,11 @@ def test_fallback_to_anthropic_and_breaker_opens(servers, monkeypatch, caplog):
     router = build_router(config(cheap, strong, max_retries=2, breaker_fail_max=3))
     r = router.chat(FIX)
     assert r.backend == "reasoning_bound" and r.message.content == "strong answer"
-    assert r.route["fallbacks"] == [{"from": "retrieval_bound", "to": "reasoning_bound", "reason": "error:MalformedResponseError"}]
+    assert r.route.to_dict()["fallbacks"] == [{"from": "retrieval_bound", "to": "reasoning_bound", "reason": "error:MalformedResponseError"}]
     assert router.breakers["retrieval_bound"].state is BreakerState.OPEN
     assert router.telemetry.value("lagoon_routing_breaker_state", {"backend": "retrieval_bound"}) == 2
     r2 = router.chat(FIX)
-    assert r2.route["fallbacks"][0]["reason"] == "circuit_open" and len(cheap.requests) == 3
+    assert r2.route.to_dict()["fallbacks"][0]["reason"] == "circuit_open" and len(cheap.requests) == 3
     assert r.usage.cost_usd == pytest.approx(3 * 15.0 / 1e6)
     text = caplog.text + json.dumps(r.to_dict()) + json.dumps(r2.to_dict()) + router.telemetry.prometheus_text().decode()
     assert SECRET not in text
@@ -86,5 +86,5 @@ def test_context_window_fallback_with_real_backends(servers, monkeypatch):
     router = build_router(config(cheap, strong))
     big = [ChatMessage("user", "fix the failing lint test " + "tok " * 4000)]
     r = router.chat(big)
-    assert r.backend == "reasoning_bound" and r.route["fallbacks"][0]["reason"] == "context_window"
+    assert r.backend == "reasoning_bound" and r.route.to_dict()["fallbacks"][0]["reason"] == "context_window"
     assert cheap.requests == []

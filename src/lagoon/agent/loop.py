@@ -198,7 +198,7 @@ class Agent:
             "backend": response.backend or response.model,
             "model": response.model,
             "latency_s": response.latency_s or latency,
-            "route": dict(response.route) if response.route else None,
+            "route": response.route.to_dict() if response.route else None,
             "prompt_messages": len(messages),
         }
         try:

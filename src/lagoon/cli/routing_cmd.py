@@ -88,15 +88,17 @@ def chat(
             "model": r.model,
             "usage": {"input_tokens": r.usage.input_tokens, "output_tokens": r.usage.output_tokens, "cost_usd": r.usage.cost_usd},
             "latency_s": round(r.latency_s, 4),
-            **(r.route or {}),
+            **(r.route.to_dict() if r.route else {}),
         }
         typer.echo(json.dumps(out, indent=2))
         return
     typer.echo(r.message.content)
-    route_info = r.route or {}
-    note = f"[{r.backend}, {route_info.get('classification', {}).get('type')}, retries {route_info.get('retries', 0)}"
-    for f in route_info.get("fallbacks", []):
-        note += f", fell back from {f['from']}: {f['reason']}"
+    route = r.route
+    note = f"[{r.backend}, {route.classification.type.value if route else None}, retries {route.retries if route else 0}"
+    for f in route.fallbacks if route else []:
+        note += f", fell back from {f.source}: {f.reason}"
+    for n in route.notes if route else []:
+        note += f", note: {n}"
     typer.echo(note + "]", err=True)
 
 

@@ -33,7 +33,6 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
 
 from lagoon.config import LagoonConfig, RouteSection
 from lagoon.errors import (
@@ -52,6 +51,9 @@ from lagoon.protocols import (
     ChatResponse,
     Classification,
     Classifier,
+    RouteAttempt,
+    RouteFallback,
+    RouteReport,
     TaskType,
     ToolSpec,
     WindowReporting,
@@ -179,31 +181,18 @@ class Router:
             raise ValueError("chat() needs at least one message")
         classification, source = self._classify_messages(messages)
         order = self.route_for(classification)
-        report: dict[str, Any] = {
-            "classification": {
-                "type": classification.type.value,
-                "confidence": round(classification.confidence, 4),
-                "decided_by": classification.decided_by,
-                "required_capabilities": list(classification.required_capabilities),
-                "source": source,
-            },
-            "chosen": order[0],
-            "attempts": [],
-            "retries": 0,
-            "fallbacks": [],
-            "notes": [],
-        }
+        report = RouteReport(classification, source, chosen=order[0])
         reasons: list[tuple[str, LagoonError | None]] = []
         for i, key in enumerate(order):
             if i > 0:
                 reason = reasons[-1][0]
-                report["fallbacks"].append({"from": order[i - 1], "to": key, "reason": reason})
+                report.fallbacks.append(RouteFallback(order[i - 1], key, reason))
                 self.metrics.record_fallback(reason.split(":")[0])
                 log.info("falling back from %s to %s: %s", order[i - 1], key, reason)
             response, reason, err = self._try_backend(key, messages, tools, max_tokens, temperature, report)
             if response is not None:
-                report["backend"] = key
-                report["backend_name"] = response.backend or self.backends[key].name
+                report.backend = key
+                report.backend_name = response.backend or self.backends[key].name
                 return replace(response, backend=key, route=report)
             reasons.append((reason, err))
         raise self._exhausted(reasons, report)
@@ -216,25 +205,25 @@ class Router:
         tools: Sequence[ToolSpec],
         max_tokens: int | None,
         temperature: float | None,
-        report: dict[str, Any],
+        report: RouteReport,
     ) -> tuple[ChatResponse | None, str, LagoonError | None]:
         backend = self.backends[key]
         route = self._route_config(key)
         budget = route.max_tokens if max_tokens is None else max_tokens
         breaker = self.breakers[key]
-        attempts: list[dict[str, Any]] = report["attempts"]
+        attempts = report.attempts
         routing = self.config.router
         for attempt in range(routing.max_retries + 1):
             try:
                 window = backend.context_window
                 needed = backend.count_tokens(messages) + estimate_tokens((), tools) + budget
             except LagoonError as exc:
-                attempts.append({"backend": key, "outcome": type(exc).__name__, "reason": str(exc)})
+                attempts.append(RouteAttempt(key, type(exc).__name__, str(exc)))
                 return None, f"unusable:{type(exc).__name__}", exc
             if attempt == 0 and isinstance(backend, WindowReporting) and backend.window_note:
-                report["notes"].append(f"{key}: {backend.window_note}")
+                report.notes.append(f"{key}: {backend.window_note}")
             if needed > window:
-                attempts.append({"backend": key, "outcome": "skipped", "reason": "context_window", "needed": needed, "window": window})
+                attempts.append(RouteAttempt(key, "skipped", "context_window", needed=needed, window=window))
                 err = ContextWindowExceededError(
                     f"{key}: prompt + completion need {needed} tokens, the window is {window}",
                     backend=key, needed=needed, window=window,
@@ -242,7 +231,7 @@ class Router:
                 return None, "context_window", err
             if not breaker.allow():
                 wait = breaker.retry_after()
-                attempts.append({"backend": key, "outcome": "skipped", "reason": "circuit_open", "retry_after_s": round(wait, 3)})
+                attempts.append(RouteAttempt(key, "skipped", "circuit_open", retry_after_s=round(wait, 3)))
                 return None, "circuit_open", CircuitOpenError(f"{key}: circuit breaker open", backend=key, retry_after=wait)
             start = time.perf_counter()
             try:
@@ -250,23 +239,23 @@ class Router:
             except RetryableError as exc:
                 breaker.record_failure()
                 self.metrics.record_error(key, exc, retryable=True)
-                entry = {"backend": key, "outcome": type(exc).__name__, "reason": str(exc)}
+                entry = RouteAttempt(key, type(exc).__name__, str(exc))
                 attempts.append(entry)
                 if attempt == routing.max_retries or breaker.state is BreakerState.OPEN:
                     return None, f"error:{type(exc).__name__}", exc
                 delay = self._delay(attempt, exc.retry_after)
                 if delay is None:
-                    entry["retry_after_s"] = exc.retry_after
+                    entry.retry_after_s = exc.retry_after
                     return None, f"retry_after_too_long:{type(exc).__name__}", exc
-                entry["waited_s"] = round(delay, 4)
-                report["retries"] += 1
+                entry.waited_s = round(delay, 4)
+                report.retries += 1
                 self.metrics.record_retry(key)
                 self._sleep(delay)
                 continue
             except (ContextWindowExceededError, BadRequestError) as exc:
                 breaker.record_success()  # the backend answered; the request was the problem
                 self.metrics.record_error(key, exc, retryable=False)
-                attempts.append({"backend": key, "outcome": type(exc).__name__, "reason": str(exc)})
+                attempts.append(RouteAttempt(key, type(exc).__name__, str(exc)))
                 kind = "context_window" if isinstance(exc, ContextWindowExceededError) else f"error:{type(exc).__name__}"
                 return None, kind, exc
             except LagoonError as exc:
@@ -275,7 +264,7 @@ class Router:
                 else:
                     breaker.release()
                 self.metrics.record_error(key, exc, retryable=False)
-                attempts.append({"backend": key, "outcome": type(exc).__name__, "reason": str(exc)})
+                attempts.append(RouteAttempt(key, type(exc).__name__, str(exc)))
                 return None, f"error:{type(exc).__name__}", exc
             except BaseException:
                 breaker.release()
@@ -283,7 +272,7 @@ class Router:
             breaker.record_success()
             latency = time.perf_counter() - start
             self.metrics.record_call(key, latency_s=latency, usage=response.usage)
-            attempts.append({"backend": key, "outcome": "ok", "latency_s": round(latency, 4)})
+            attempts.append(RouteAttempt(key, "ok", latency_s=round(latency, 4)))
             return response, "ok", None
         raise AssertionError("unreachable: the retry loop always returns")
 
@@ -293,7 +282,7 @@ class Router:
             return retry_after if retry_after <= routing.max_retry_after_s else None
         return routing.backoff_base_s * (2**attempt) * self._rng.uniform(0.5, 1.5)
 
-    def _exhausted(self, reasons: list[tuple[str, LagoonError | None]], report: dict[str, Any]) -> LagoonError:
+    def _exhausted(self, reasons: list[tuple[str, LagoonError | None]], report: RouteReport) -> LagoonError:
         kinds = {r for r, _ in reasons}
         if kinds == {"context_window"}:
             errs = [e for _, e in reasons if isinstance(e, ContextWindowExceededError)]
@@ -308,11 +297,11 @@ class Router:
             return CircuitOpenError(
                 f"every backend's circuit breaker is open; retry in {wait:.1f}s", retry_after=wait
             )
-        summary = "; ".join(f"{a['backend']}: {a.get('reason') or a['outcome']}" for a in report["attempts"])
-        return NoBackendAvailableError(f"no backend answered ({summary})", attempts=list(report["attempts"]))
+        summary = "; ".join(f"{a.backend}: {a.reason or a.outcome}" for a in report.attempts)
+        return NoBackendAvailableError(f"no backend answered ({summary})", attempts=[a.to_dict() for a in report.attempts])
 
-    def route_for_keys(self, report: dict[str, Any]) -> list[str]:
-        return [report["chosen"]] + [f["to"] for f in report["fallbacks"]]
+    def route_for_keys(self, report: RouteReport) -> list[str]:
+        return [report.chosen] + [f.target for f in report.fallbacks]
 
     # ------------------------------------------------------------------ agent hooks
     def record_validation(self, passed: bool) -> None:
