@@ -119,12 +119,15 @@ def test_kill_9_mid_hop_resumes_without_losing_or_repeating_a_tool_step(repo, tm
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)  # kill -9 while round 2 of the coder runs its command
     proc.wait()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    sid = coordinated_session_id(repo.resolve(), TASK)
+    # `sessions resume` finds the mode in the session: no -c agent.mode needed
+    resume = [sys.executable, "-c", LAUNCH, "sessions", "resume", sid, "--repo", str(repo), "--json",
+              "--model", f"scripted:{folder}", "-c", "context.rerank=false"]
+    out = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert result["submitted"] and result["interrupted_steps"]
     assert (repo / "ran.log").read_text().split() == ["coder-step"]  # the cut command was not re-run
-    sid = coordinated_session_id(repo.resolve(), TASK)
     doc = _export(repo, sid)
     hops = [(e["payload"]["role"], e["payload"]["round"]) for e in doc["events"] if e["kind"] == "hop_result"]
     assert hops == [("retriever", 1), ("coder", 1), ("verifier", 1), ("coder", 2), ("verifier", 2)]

@@ -218,12 +218,15 @@ def resume(
     model: ModelOpt = "router",
     as_json: Annotated[bool, typer.Option("--json", help="Print the RunResult as JSON.")] = False,
 ) -> None:
-    """Resume a session where it stopped (a crashed command is reported, not re-run)."""
+    """Resume a session where it stopped (a crashed command is reported, not re-run); a coordinated
+    session resumes coordinated (its mode is recorded with it)."""
     cfg = load(config)
     store = _store(repo, cfg)
-    task = store.get(session_id)["task"]
+    info = store.get(session_id)
     store.close()
-    _execute(task, repo, cfg, model, session_id, as_json)
+    if info["meta"].get("mode") == "coordinated":
+        cfg = cfg.model_copy(update={"agent": cfg.agent.model_copy(update={"mode": "coordinated"})})
+    _execute(info["task"], repo, cfg, model, session_id, as_json)
 
 
 @sessions_app.command()
