@@ -8,31 +8,9 @@ The names below are the public API; anything else is internal. Torch-backed part
 
 from importlib.metadata import PackageNotFoundError, version
 
+from lagoon import errors as _errors
 from lagoon.config import LagoonConfig, load_config
-from lagoon.errors import (
-    AuthenticationError,
-    BackendTimeoutError,
-    BackendUnavailableError,
-    BadRequestError,
-    CheckpointError,
-    CircuitOpenError,
-    ConfigError,
-    ContextWindowExceededError,
-    ContractError,
-    FatalError,
-    IndexCorruptError,
-    LagoonError,
-    MalformedResponseError,
-    MissingDependencyError,
-    NoBackendAvailableError,
-    QuantizationError,
-    RateLimitError,
-    RetryableError,
-    SessionError,
-    TaskSpecError,
-    UnsupportedModelError,
-    WorkspaceError,
-)
+from lagoon.errors import *  # noqa: F403  (the error tree: listed once, in errors.__all__)
 from lagoon.protocols import (
     ChatMessage,
     ChatModel,
@@ -76,27 +54,6 @@ __all__ = [
     "Usage",
     # telemetry
     "Telemetry",
-    # errors
-    "LagoonError",
-    "FatalError",
-    "RetryableError",
-    "ConfigError",
-    "MissingDependencyError",
-    "CheckpointError",
-    "UnsupportedModelError",
-    "QuantizationError",
-    "IndexCorruptError",
-    "WorkspaceError",
-    "SessionError",
-    "TaskSpecError",
-    "ContractError",
-    "AuthenticationError",
-    "BadRequestError",
-    "ContextWindowExceededError",
-    "NoBackendAvailableError",
-    "RateLimitError",
-    "BackendUnavailableError",
-    "BackendTimeoutError",
-    "MalformedResponseError",
-    "CircuitOpenError",
+    # errors (every name of lagoon.errors.__all__)
+    *_errors.__all__,
 ]

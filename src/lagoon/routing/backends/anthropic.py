@@ -18,20 +18,16 @@ This is *not* a streaming client and does not use prompt caching or extended thi
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import anthropic
 
 from lagoon.errors import (
-    BackendTimeoutError,
-    BackendUnavailableError,
     LagoonError,
     MalformedResponseError,
 )
 from lagoon.protocols import ChatMessage, ChatResponse, ToolCall, ToolSpec, Usage
-from lagoon.routing.backends.base import RemoteBackend, error_for_status
-from lagoon.routing.backends.openai_compat import cut_midway
+from lagoon.routing.backends.base import RemoteBackend, translate_sdk_error
 
 __all__ = ["AnthropicBackend", "to_messages_api", "translate_anthropic_error"]
 
@@ -67,23 +63,14 @@ def to_messages_api(messages: list[ChatMessage]) -> tuple[str, list[dict[str, An
 
 def translate_anthropic_error(exc: Exception, backend: str, key_env: str | None) -> LagoonError:
     """One `anthropic`/`httpx` exception → the matching `lagoon.errors` class."""
-    if isinstance(exc, anthropic.APITimeoutError):
-        return BackendTimeoutError(f"{backend}: no answer within the timeout", backend=backend)
-    if isinstance(exc, anthropic.APIConnectionError):
-        if cut_midway(exc):
-            return MalformedResponseError(f"{backend}: the reply was cut off midway", backend=backend)
-        return BackendUnavailableError(f"{backend}: cannot connect", backend=backend)
-    if isinstance(exc, anthropic.APIResponseValidationError | json.JSONDecodeError | ValueError):
-        return MalformedResponseError(f"{backend}: the reply is not a valid Messages response", backend=backend)
-    if isinstance(exc, anthropic.APIStatusError):
-        status = exc.status_code
-        body = exc.body if isinstance(exc.body, dict) else {}
-        err = body.get("error", {}) if isinstance(body.get("error"), dict) else {}
-        detail = str(err.get("message", exc.message))
-        return error_for_status(backend, status, exc.response.headers, detail, key_env)
-    if isinstance(exc, anthropic.AnthropicError):
-        return BackendUnavailableError(f"{backend}: {type(exc).__name__}", backend=backend)
-    return MalformedResponseError(f"{backend}: unexpected reply ({type(exc).__name__})", backend=backend)
+    return translate_sdk_error(exc, anthropic, backend, key_env, reply="Messages response", detail=_detail,
+                               base_error=anthropic.AnthropicError)
+
+
+def _detail(exc: anthropic.APIStatusError) -> str:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    err = body.get("error", {}) if isinstance(body.get("error"), dict) else {}
+    return str(err.get("message", exc.message))
 
 
 class AnthropicBackend(RemoteBackend):

@@ -21,7 +21,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -35,6 +35,7 @@ from lagoon.errors import (
     ConfigError,
     ContextWindowExceededError,
     LagoonError,
+    MalformedResponseError,
     RateLimitError,
 )
 from lagoon.protocols import ChatMessage, ChatResponse, ToolSpec
@@ -51,6 +52,9 @@ __all__ = [
     "estimate_tokens",
     "cost_usd",
     "RemoteBackend",
+    "traced_chat",
+    "translate_sdk_error",
+    "cut_midway",
 ]
 
 log = logging.getLogger("lagoon.routing")
@@ -142,6 +146,32 @@ def cost_usd(route: RouteSection, input_tokens: int, output_tokens: int) -> floa
     return (input_tokens * route.price_input_per_mtok + output_tokens * route.price_output_per_mtok) / 1e6
 
 
+def traced_chat(
+    call: Callable[[], ChatResponse],
+    *,
+    name: str,
+    route: RouteSection,
+    provider: str,
+    telemetry: Telemetry,
+    max_tokens: int,
+    temperature: float | None,
+) -> ChatResponse:
+    """The call path every backend shares (remote SDKs and the in-process engine): a GenAI span
+    around `call()`, the route's cost on the usage, who answered and how long it took.
+    `temperature` is None when the protocol does not take one (it is then not on the span)."""
+    start = time.perf_counter()
+    with telemetry.model_call_span(
+        operation="chat", model=route.model, provider=provider, max_tokens=max_tokens, temperature=temperature
+    ) as record:
+        response = call()
+        record.input_tokens = response.usage.input_tokens
+        record.output_tokens = response.usage.output_tokens
+        record.response_model = response.model
+        record.finish_reason = response.finish_reason
+    usage = replace(response.usage, cost_usd=cost_usd(route, response.usage.input_tokens, response.usage.output_tokens))
+    return replace(response, usage=usage, backend=name, latency_s=time.perf_counter() - start)
+
+
 class RemoteBackend:
     """Shared call path of the SDK-backed backends; subclasses define `provider` and `_call`."""
 
@@ -211,23 +241,11 @@ class RemoteBackend:
         key = api_key_from_env(self.route, self.name)
         max_tokens = self.route.max_tokens if max_tokens is None else max_tokens
         temperature = self.route.temperature if temperature is None else temperature
-        start = time.perf_counter()
-        with self.telemetry.model_call_span(
-            operation="chat",
-            model=self.route.model,
-            provider=self.provider,
-            max_tokens=max_tokens,
-            temperature=temperature if self.sends_temperature else None,
-        ) as record:
-            response = self._call(key, list(messages), list(tools), max_tokens, temperature)
-            record.input_tokens = response.usage.input_tokens
-            record.output_tokens = response.usage.output_tokens
-            record.response_model = response.model
-            record.finish_reason = response.finish_reason
-        usage = replace(
-            response.usage, cost_usd=cost_usd(self.route, response.usage.input_tokens, response.usage.output_tokens)
+        return traced_chat(
+            lambda: self._call(key, list(messages), list(tools), max_tokens, temperature),
+            name=self.name, route=self.route, provider=self.provider, telemetry=self.telemetry,
+            max_tokens=max_tokens, temperature=temperature if self.sends_temperature else None,
         )
-        return replace(response, usage=usage, backend=self.name, latency_s=time.perf_counter() - start)
 
     # ------------------------------------------------------------------ subclass hooks
     def _call(
@@ -272,6 +290,40 @@ def retry_after_seconds(headers: Any) -> float | None:
         except (TypeError, ValueError):
             return None
         return max(0.0, when.timestamp() - time.time())
+
+
+def translate_sdk_error(
+    exc: Exception, sdk: Any, backend: str, key_env: str | None, *, reply: str, detail: Callable[[Any], str],
+    base_error: type[Exception],
+) -> LagoonError:
+    """One exception of an official SDK (`openai` or `anthropic`: both name their errors alike) or
+    of httpx → the matching `lagoon.errors` class. `reply` names what a valid answer is (for the
+    message); `detail` reads the provider's error text out of an `APIStatusError`."""
+    if isinstance(exc, sdk.APITimeoutError):
+        return BackendTimeoutError(f"{backend}: no answer within the timeout", backend=backend)
+    if isinstance(exc, sdk.APIConnectionError):
+        if cut_midway(exc):
+            return MalformedResponseError(f"{backend}: the reply was cut off midway", backend=backend)
+        return BackendUnavailableError(f"{backend}: cannot connect ({type(exc.__cause__).__name__})", backend=backend)
+    if isinstance(exc, sdk.APIResponseValidationError | json.JSONDecodeError | ValueError):
+        return MalformedResponseError(f"{backend}: the reply is not a valid {reply}", backend=backend)
+    if isinstance(exc, sdk.APIStatusError):
+        return error_for_status(backend, exc.status_code, exc.response.headers, detail(exc), key_env)
+    if isinstance(exc, base_error):
+        return BackendUnavailableError(f"{backend}: {type(exc).__name__}", backend=backend)
+    return MalformedResponseError(f"{backend}: unexpected reply ({type(exc).__name__})", backend=backend)
+
+
+def cut_midway(exc: BaseException) -> bool:
+    """Did the connection drop after the reply had started (an httpx RemoteProtocolError)?
+
+    Matched by class name: openai 3.x ships its own fork of httpx (`httpx2`), anthropic uses httpx."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if any(c.__name__ == "RemoteProtocolError" for c in type(seen).__mro__):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def error_for_status(backend: str, status: int, headers: Any, detail: str, key_env: str | None) -> LagoonError:

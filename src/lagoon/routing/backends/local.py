@@ -19,16 +19,14 @@ This is *not* a server: for a separate process use `lagoon serve` and an `openai
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from lagoon.config import EngineSection, RouteSection
 from lagoon.protocols import ChatMessage, ChatResponse, ToolSpec, Usage
-from lagoon.routing.backends.base import cost_usd, estimate_tokens
+from lagoon.routing.backends.base import estimate_tokens, traced_chat
 from lagoon.telemetry import Telemetry
 
 __all__ = ["LocalBackend"]
@@ -126,19 +124,11 @@ class LocalBackend:
         max_tokens = self.route.max_tokens if max_tokens is None else max_tokens
         temperature = self.route.temperature if temperature is None else temperature
         engine = self.engine
-        start = time.perf_counter()
-        with self.telemetry.model_call_span(
-            operation="chat", model=self.route.model, provider="local", max_tokens=max_tokens, temperature=temperature
-        ) as record:
-            response = self._generate(engine, messages, tools, max_tokens, temperature)
-            record.input_tokens = response.usage.input_tokens
-            record.output_tokens = response.usage.output_tokens
-            record.response_model = response.model
-            record.finish_reason = response.finish_reason
-        usage = replace(
-            response.usage, cost_usd=cost_usd(self.route, response.usage.input_tokens, response.usage.output_tokens)
+        return traced_chat(
+            lambda: self._generate(engine, messages, tools, max_tokens, temperature),
+            name=self.name, route=self.route, provider=self.provider, telemetry=self.telemetry,
+            max_tokens=max_tokens, temperature=temperature,
         )
-        return replace(response, usage=usage, backend=self.name, latency_s=time.perf_counter() - start)
 
     def _generate(
         self, engine: Any, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec], max_tokens: int, temperature: float

@@ -25,8 +25,6 @@ from typing import Any
 import openai
 
 from lagoon.errors import (
-    BackendTimeoutError,
-    BackendUnavailableError,
     LagoonError,
     MalformedResponseError,
 )
@@ -34,8 +32,8 @@ from lagoon.protocols import ChatMessage, ChatResponse, ToolCall, ToolSpec, Usag
 from lagoon.routing.backends.base import (
     RemoteBackend,
     api_key_from_env,
-    error_for_status,
     estimate_tokens,
+    translate_sdk_error,
 )
 
 __all__ = ["OpenAICompatBackend", "translate_openai_error"]
@@ -43,35 +41,10 @@ __all__ = ["OpenAICompatBackend", "translate_openai_error"]
 _NO_KEY = "no-key-needed"
 
 
-def cut_midway(exc: BaseException) -> bool:
-    """Did the connection drop after the reply had started (an httpx RemoteProtocolError)?
-
-    Matched by class name: openai 3.x ships its own fork of httpx (`httpx2`), anthropic uses httpx."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if any(c.__name__ == "RemoteProtocolError" for c in type(seen).__mro__):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 def translate_openai_error(exc: Exception, backend: str, key_env: str | None) -> LagoonError:
     """One `openai`/`httpx` exception → the matching `lagoon.errors` class (message names the backend)."""
-    if isinstance(exc, openai.APITimeoutError):
-        return BackendTimeoutError(f"{backend}: no answer within the timeout", backend=backend)
-    if isinstance(exc, openai.APIConnectionError):
-        if cut_midway(exc):
-            return MalformedResponseError(f"{backend}: the reply was cut off midway", backend=backend)
-        return BackendUnavailableError(f"{backend}: cannot connect ({type(exc.__cause__).__name__})", backend=backend)
-    if isinstance(exc, openai.APIResponseValidationError | json.JSONDecodeError | ValueError):
-        return MalformedResponseError(f"{backend}: the reply is not a valid chat completion", backend=backend)
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        detail = _detail(exc)
-        return error_for_status(backend, status, exc.response.headers, detail, key_env)
-    if isinstance(exc, openai.OpenAIError):
-        return BackendUnavailableError(f"{backend}: {type(exc).__name__}", backend=backend)
-    return MalformedResponseError(f"{backend}: unexpected reply ({type(exc).__name__})", backend=backend)
+    return translate_sdk_error(exc, openai, backend, key_env, reply="chat completion", detail=_detail,
+                               base_error=openai.OpenAIError)
 
 
 def _detail(exc: openai.APIStatusError) -> str:
