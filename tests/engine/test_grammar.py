@@ -104,3 +104,20 @@ def test_forced_tool_call_in_the_family_syntax_validates(engine, syntax):
         assert content == "" and len(calls) == 1
         schema = next(t["function"]["parameters"] for t in tools if t["function"]["name"] == calls[0].name)
         jsonschema.validate(dict(calls[0].arguments), schema)
+
+
+def test_tool_arguments_are_strict_so_prompt_examples_cannot_be_copied(engine):
+    from lagoon.engine.grammar import strict_schema
+
+    loose = {"type": "object", "properties": {"name": {"type": "string"}, "opts": {
+        "type": "object", "properties": {"k": {"type": "integer"}}}}, "required": []}
+    strict = strict_schema(loose)
+    assert strict["additionalProperties"] is False and strict["properties"]["opts"]["additionalProperties"] is False
+    assert "additionalProperties" not in loose  # a copy
+    c = Constraint.tool_call([{"type": "function", "function": {"name": "verify", "parameters": loose}}], HERMES)
+    m = engine.grammars.matcher(c)
+    for tok in engine.encode('<tool_call>\n{"name": "verify", "arguments": {"'):
+        m.accept(tok)
+    allowed = m.allowed(engine.args.vocab_size)
+    first = {engine.decode([t]) for t in torch.nonzero(allowed).flatten().tolist()}
+    assert first and all(t and ("name".startswith(t) or "opts".startswith(t)) for t in first)  # only declared keys

@@ -32,8 +32,12 @@ class Person(pydantic.BaseModel):
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    folder = save_tiny_model(tmp_path_factory.mktemp("so") / "m", "llama", max_position_embeddings=1024)
+def folder(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("so") / "m", "llama", max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def live(folder):
     engine = load_model(folder, precision="float32")
     base, stop = start_test_server(engine)
     yield engine, openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
@@ -98,8 +102,10 @@ def test_completions_take_json_and_the_lagoon_extension(live):
 
 def test_unsupported_and_invalid_requests_are_named_400s(live):
     engine, client = live
-    with pytest.raises(openai.BadRequestError, match="logprobs") as e:
-        client.chat.completions.create(model=engine.name, messages=MSGS, logprobs=True, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="logit_bias") as e:
+        client.chat.completions.create(model=engine.name, messages=MSGS, logit_bias={"5": 3}, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="non-streamed"):
+        client.chat.completions.create(model=engine.name, messages=MSGS, logprobs=True, max_tokens=4, stream=True)
     with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
         client.completions.create(model=engine.name, prompt="x", frequency_penalty=0.5, max_tokens=4, stream=True)
     with pytest.raises(openai.BadRequestError, match="invalid regex"):
@@ -111,3 +117,30 @@ def test_unsupported_and_invalid_requests_are_named_400s(live):
         client.chat.completions.create(model=engine.name, messages=MSGS, max_tokens=4, response_format={"type": "json_object"},
                                        extra_body={"guided_regex": "a+"})
     assert e.value.status_code == 400
+
+
+def test_logprobs_are_the_models_own(live, folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    engine, client = live
+    r = client.chat.completions.create(model=engine.name, messages=MSGS, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens or r.choices[0].finish_reason == "stop"
+    for item in content:  # greedy: the chosen token is the likeliest, alternatives best first
+        assert [t.logprob for t in item.top_logprobs] == sorted((t.logprob for t in item.top_logprobs), reverse=True)
+        assert item.logprob == pytest.approx(item.top_logprobs[0].logprob, abs=1e-6) and item.logprob <= 0
+    # the reference: transformers' forward over the same prompt, log-softmax of the last position
+    ids = engine.chat_prompt(MSGS)
+    ref_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(ref_model(torch.tensor([ids])).logits[0, -1].float(), -1)
+    top = torch.topk(ref, 3)
+    assert content[0].logprob == pytest.approx(float(top.values[0]), abs=1e-4)
+    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    c = client.completions.create(model=engine.name, prompt="abc", max_tokens=5, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    # (single byte tokens of a random model's output need not decode alone, so no text equality)
+    assert len(lp.tokens) == len(lp.token_logprobs) == c.usage.completion_tokens
+    assert all(1 <= len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0  # keyed by text: "\ufffd" twice is one key

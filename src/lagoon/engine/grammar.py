@@ -27,7 +27,7 @@ import torch
 
 from lagoon.errors import BadRequestError, LagoonError
 
-__all__ = ["Constraint", "GrammarCompiler", "GrammarMatcher", "JSON_STYLE"]
+__all__ = ["Constraint", "GrammarCompiler", "GrammarMatcher", "JSON_STYLE", "strict_schema"]
 
 # OpenAI/json.dumps separators, no free whitespace (x-guidance options of llguidance's JSON compiler)
 JSON_STYLE: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -70,7 +70,9 @@ class Constraint:
     def tool_call(cls, tools: Sequence[Mapping[str, Any]], syntax: Any) -> Constraint:
         """Exactly one call of one of `tools` (OpenAI tool dicts), written in `syntax` (a
         `lagoon.tool_calls.ToolSyntax`): the name first, then arguments valid against the
-        tool's `parameters` schema."""
+        tool's `parameters` schema, made strict as OpenAI's strict function calling is (an object
+        that declares its properties takes no others, so a small model cannot copy the prompt's
+        `"argument1": "value1"` example into a real call)."""
         if not tools:
             raise BadRequestError("a required tool call needs at least one tool")
         rules, alts = [], []
@@ -84,7 +86,7 @@ class Constraint:
                 raise BadRequestError(f"tools[{i}] ({name}): parameters must be a JSON schema object")
             head = '{"name": ' + json.dumps(name) + ', "arguments": '
             rules.append(f"call_{i}: {_lit(head)} args_{i} {_lit('}')}")
-            rules.append(f"args_{i}: %json " + json.dumps({**params, "x-guidance": JSON_STYLE}))
+            rules.append(f"args_{i}: %json " + json.dumps({**strict_schema(params), "x-guidance": JSON_STYLE}))
             alts.append(f"call_{i}")
         body = " | ".join(alts)
         start = f"start: {_lit(syntax.open_constraint)} ({body}) {_lit(syntax.close_constraint)}"
@@ -99,6 +101,19 @@ class Constraint:
         if self.kind == "regex":
             return LLMatcher.grammar_from_regex(self.source)
         return LLMatcher.grammar_from_lark(self.source)
+
+
+def strict_schema(schema: Any) -> Any:
+    """A copy of `schema` where every object schema with `properties` and no `additionalProperties`
+    gets `additionalProperties: false`."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: strict_schema(v) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), Mapping) and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
 
 
 def _lit(text: str) -> str:

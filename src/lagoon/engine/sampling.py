@@ -15,7 +15,7 @@ import torch
 
 from lagoon.errors import BadRequestError
 
-__all__ = ["SamplingParams", "sample", "make_generator", "unpack_bitmask"]
+__all__ = ["SamplingParams", "sample", "make_generator", "unpack_bitmask", "token_logprobs", "TokenLogprob"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
     ignore_eos: bool = False
+    logprobs: int | None = None  # record each sampled token's logprob and this many top alternatives
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -37,6 +38,8 @@ class SamplingParams:
             raise BadRequestError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
             raise BadRequestError(f"top_k must be >= 0 (got {self.top_k})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise BadRequestError(f"top logprobs must be in [0, 20] (got {self.logprobs})")
 
     @property
     def greedy(self) -> bool:
@@ -91,3 +94,21 @@ def sample(
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability and the `top` most likely tokens with theirs."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """logits [V] → the model's own log-probabilities (before temperature, filters or a grammar
+    mask, as OpenAI and vLLM report them) of `token` and of the `top` likeliest tokens."""
+    lp = torch.log_softmax(logits.float(), -1)  # [V]
+    best = torch.topk(lp, top) if top else None
+    alts = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    return TokenLogprob(token, float(lp[token]), alts)

@@ -2,8 +2,10 @@
 fields become 400s naming the field) and builders for responses, stream chunks and error bodies.
 
 Only what the engine can honour is accepted: `n` must be 1, and every field Lagoon does not
-implement (`logprobs`, penalties, `logit_bias`, audio, …, or a misspelt name) is refused with a 400
-that names it (`unsupported_fields`) rather than silently dropped. Structured outputs:
+implement (penalties, `logit_bias`, audio, …, or a misspelt name) is refused with a 400 that names
+it (`unsupported_fields`) rather than silently dropped. `logprobs` (chat: with `top_logprobs`;
+completions: the number of alternatives) are returned on non-streamed replies; a stream asking for
+them is refused. Structured outputs:
 `response_format` (`json_object`, `json_schema`) and the Lagoon extension `structured_outputs`
 (`json`, `regex`, `choice`, `grammar` — a Lark grammar — as in vLLM, which also spells them
 `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`; those are accepted too).
@@ -25,7 +27,7 @@ __all__ = [
 _HARMLESS = {"user", "metadata", "store", "parallel_tool_calls", "service_tier"}
 # Fields whose default value is what Lagoon does anyway; any other value is refused.
 _DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
     "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "best_of": (None, 1),
 }
 
@@ -107,6 +109,15 @@ class ChatCompletionRequest(_Req):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def logprob_count(self) -> int | None:
+        """Top alternatives per token when logprobs are asked for, else None."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("messages")
     @classmethod
@@ -135,6 +146,11 @@ class ChatCompletionRequest(_Req):
 class CompletionRequest(_Req):
     prompt: str | list[str] | list[int]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @property
     def limit(self) -> int | None:

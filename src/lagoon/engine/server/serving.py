@@ -64,13 +64,53 @@ class OpenAIServing:
             raise BadRequestError(
                 f"unsupported request field(s): {', '.join(bad)}; Lagoon does not implement them, remove them"
             )
+        try:
+            logprobs = req.logprob_count
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from exc
+        if logprobs is not None and req.stream:
+            raise BadRequestError("logprobs are returned on non-streamed replies only; drop stream or logprobs")
         room = self.engine.max_seq_len - prompt_len
         limit = req.limit or max(1, room)
         return SamplingParams(
             max_new_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
             seed=req.seed if req.seed is not None else self.engine.config.seed, stop=req.stops,
-            ignore_eos=req.ignore_eos,
+            ignore_eos=req.ignore_eos, logprobs=logprobs,
         )
+
+    def _token(self, tok: int) -> str:
+        return self.engine.decode([tok])
+
+    def _chat_logprobs(self, stream: TextStream) -> dict[str, Any] | None:
+        """OpenAI's chat `logprobs.content`: per generated token, its text, logprob, bytes and top."""
+        if stream.req.params.logprobs is None:
+            return None
+
+        def entry(tok: int, lp: float) -> dict[str, Any]:
+            text = self._token(tok)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [
+            {**entry(x.token, x.logprob), "top_logprobs": [entry(t, lp) for t, lp in x.top]}
+            for x in stream.req.logprobs[: len(stream.output_ids)]
+        ]}
+
+    def _completion_logprobs(self, stream: TextStream, offset: int) -> dict[str, Any] | None:
+        """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+        if stream.req.params.logprobs is None:
+            return None
+        items = stream.req.logprobs[: len(stream.output_ids)]
+        tokens = [self._token(x.token) for x in items]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {
+            "tokens": tokens, "token_logprobs": [x.logprob for x in items],
+            "top_logprobs": [{self._token(t): lp for t, lp in x.top} for x in items] if stream.req.params.logprobs
+            else None,
+            "text_offset": offsets,
+        }
 
     def _observe(self, endpoint: str, stream: TextStream, prompt_tokens: int) -> None:
         r = stream.req
@@ -158,7 +198,8 @@ class OpenAIServing:
         msg, finish = self._message(text, self._tools(req) is not None)
         return {
             "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": self.model_name,
-            "choices": [{"index": 0, "message": msg, "finish_reason": finish or stream.finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "message": msg, "finish_reason": finish or stream.finish_reason,
+                         "logprobs": self._chat_logprobs(stream)}],
             "usage": usage_dict(len(ids), len(r.output_ids), r.cached_tokens),
         }
 
@@ -214,11 +255,11 @@ class OpenAIServing:
         finally:
             r.cancel()
         self._observe("completions", stream, len(ids))
-        if req.echo:
-            text = self.engine.decode(ids) + text
+        prefix = self.engine.decode(ids) if req.echo else ""
         return {
             "id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": self.model_name,
-            "choices": [{"index": 0, "text": text, "finish_reason": stream.finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "text": prefix + text, "finish_reason": stream.finish_reason,
+                         "logprobs": self._completion_logprobs(stream, len(prefix))}],
             "usage": usage_dict(len(ids), len(r.output_ids), r.cached_tokens),
         }
 
