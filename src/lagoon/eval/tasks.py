@@ -123,6 +123,22 @@ def _str_list(value: Any, where: str, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _yaml_mapping(path: Path, fields: str, *, empty_ok: bool = False) -> dict[str, Any]:
+    """A task file's YAML mapping; TaskSpecError naming the file for bad YAML, a key named twice,
+    or a top level that is not a mapping (with `fields`)."""
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
+        raise TaskSpecError(f"{path}: {_twice(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise TaskSpecError(f"{path}: invalid YAML ({exc}); fix the syntax") from None
+    if data is None and empty_ok:
+        return {}
+    if not isinstance(data, dict):
+        raise TaskSpecError(f"{path}: the top level must be a mapping with {fields}")
+    return data
+
+
 def _twice(exc: DuplicateKeyError) -> str:
     return (f"field {exc.key!r} appears twice (lines {exc.context_mark.line + 1} and {exc.problem_mark.line + 1}); "
             "keep only one")
@@ -130,14 +146,7 @@ def _twice(exc: DuplicateKeyError) -> str:
 
 def _tb1(folder: Path) -> Task:
     spec = folder / "task.yaml"
-    try:
-        data = load_yaml(spec.read_text(encoding="utf-8"))
-    except DuplicateKeyError as exc:
-        raise TaskSpecError(f"{spec}: {_twice(exc)}") from None
-    except yaml.YAMLError as exc:
-        raise TaskSpecError(f"{spec}: invalid YAML ({exc}); fix the syntax") from None
-    if not isinstance(data, dict):
-        raise TaskSpecError(f"{spec}: the top level must be a mapping with an 'instruction' field")
+    data = _yaml_mapping(spec, "an 'instruction' field")
     instruction = data.get("instruction")
     if instruction is None and isinstance(data.get("descriptions"), list):
         base = [d for d in data["descriptions"] if isinstance(d, dict) and d.get("key", "base") == "base"]
@@ -250,14 +259,7 @@ def _swe_spec(jsonl: Path) -> tuple[dict[str, Path | str], dict[str, dict[str, A
             f"{jsonl}: no swebench.yaml beside it; add one with 'mirrors' (repo → local path) and 'repos' "
             "(repo → test_cmd)"
         )
-    try:
-        spec = load_yaml(spec_path.read_text(encoding="utf-8")) or {}
-    except DuplicateKeyError as exc:
-        raise TaskSpecError(f"{spec_path}: {_twice(exc)}") from None
-    except yaml.YAMLError as exc:
-        raise TaskSpecError(f"{spec_path}: invalid YAML ({exc}); fix the syntax") from None
-    if not isinstance(spec, dict):
-        raise TaskSpecError(f"{spec_path}: the top level must be a mapping with 'mirrors' and 'repos'")
+    spec = _yaml_mapping(spec_path, "'mirrors' and 'repos'", empty_ok=True)
     mirrors: dict[str, Path | str] = {}
     for repo, entry in (spec.get("mirrors") or {}).items():
         where = f"{spec_path}: field 'mirrors.{repo}'"
