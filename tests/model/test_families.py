@@ -1,4 +1,4 @@
-"""The per-layer-spec families (GLM-4.5 MoE, Laguna) against transformers 5.24 on tiny random
+"""The per-layer-spec families (GLM-4.5 MoE, Laguna, gpt-oss) against transformers 5.24 on tiny random
 checkpoints (odd sizes, dense + MoE layers, a sliding window shorter than the prompt): prefill and 8
 cached greedy decode steps agree to rel. error <= 1e-4 in fp32 through the contiguous, paged and
 prefix-cached paged caches; greedy tokens are equal. Then the expert paths (grouped_mm, loop,
@@ -17,7 +17,8 @@ from lagoon.engine.tiny import save_tiny_model
 from lagoon.model.args import ModelArgs
 from lagoon.moe import ReferenceExperts, SparseMoE
 
-NEW = ["glm4_moe", "laguna"]
+NEW = ["glm4_moe", "laguna", "gpt_oss"]
+EXPERT_WIDTH = {"gpt_oss": "intermediate_size"}  # the config key of the experts' intermediate size
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("fam")
     out = {f: save_tiny_model(root / f, f) for f in NEW}
     # torch's int8 kernel needs K % 32 == 0 (it crashes the process otherwise): 32-wide experts to quantize
-    out.update({f"{f}_q": save_tiny_model(root / f"{f}_q", f, moe_intermediate_size=32) for f in NEW})
+    out.update({f"{f}_q": save_tiny_model(root / f"{f}_q", f, **{EXPERT_WIDTH.get(f, "moe_intermediate_size"): 32})
+                for f in NEW})
     return out
 
 
@@ -109,8 +111,7 @@ def test_expert_paths_match_the_oracle(folders, family):
     from lagoon.quant.quantize import QuantConfig, quantize_
 
     base = load_checkpoint(folders[family], "float32")
-    oracle = _with_experts(base, lambda e: ReferenceExperts(e.num_experts, e.hidden_size, e.intermediate_size,
-                                                            e.act).share_weights(e))
+    oracle = _with_experts(base, _reference)
     x = _prompts(3, (2, 10))
     with torch.no_grad():
         want = oracle(x)
@@ -126,8 +127,7 @@ def test_expert_paths_match_the_oracle(folders, family):
             assert rel(off_model(x[:, :1]), oracle(x[:, :1])) <= 1e-5
         finally:
             off.close()
-        oracle = _with_experts(load_checkpoint(folders[f"{family}_q"], "float32"), lambda e: ReferenceExperts(
-            e.num_experts, e.hidden_size, e.intermediate_size, e.act).share_weights(e))
+        oracle = _with_experts(load_checkpoint(folders[f"{family}_q"], "float32"), _reference)
         quant = load_checkpoint(folders[f"{family}_q"], "float32")
         quantize_(quant, QuantConfig(scheme="int8", keep=(r"self_attn", r"shared_expert", r"mlp\.(gate|up|down)_proj",
                                                           r"embed_tokens")))
@@ -140,5 +140,79 @@ def test_expert_paths_match_the_oracle(folders, family):
         assert rel(quant(x), deq(x)) <= 1e-2  # the scheme rounds activations to bf16 (2^-8 relative)
 
 
+def _reference(e):
+    return ReferenceExperts(e.num_experts, e.hidden_size, e.intermediate_size, e.act).share_weights(e)
+
+
 def _experts(model):
     return [(n, m.experts) for n, m in model.named_modules() if isinstance(m, SparseMoE)]
+
+
+def test_gpt_oss_sinks_clamp_and_biases_are_live(folders):
+    model = load_checkpoint(folders["gpt_oss"], "float32")
+    blk = model.layers[1]
+    assert blk.self_attn.sinks is not None and blk.mlp.router.bias is not None
+    assert blk.mlp.experts.glu.kind == "clamped" and blk.mlp.experts.down_bias is not None
+    x = _prompts()
+    with torch.no_grad():
+        base = model(x)
+        for change in ("sinks", "limit", "bias"):
+            m = copy.deepcopy(model)
+            for layer in m.layers:
+                if change == "sinks":
+                    layer.self_attn.sinks.data.fill_(-1e4)  # a sink that takes no mass = plain attention
+                elif change == "limit":
+                    layer.mlp.experts.glu = type(layer.mlp.experts.glu)("silu", "clamped", 1.702, 1e9)
+                else:
+                    layer.mlp.experts.down_bias.data.zero_()
+            assert rel(m(x), base) > 1e-4, change
+
+
+def _to_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., K] (K % 32 == 0) → blocks [..., K/32, 16] uint8, scales [..., K/32] uint8 (round to nearest)."""
+    from lagoon.engine.mxfp4 import FP4_VALUES
+
+    g = w.reshape(*w.shape[:-1], -1, 32)
+    exp = torch.floor(torch.log2(g.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 127)  # max → <= 6
+    grid = torch.tensor(FP4_VALUES[:8])
+    scaled = g / torch.exp2(exp).unsqueeze(-1)
+    code = (scaled.abs().unsqueeze(-1) - grid).abs().argmin(-1) + 8 * (scaled < 0)  # [..., G, 32]
+    code = code.to(torch.uint8)
+    blocks = code[..., 0::2] | (code[..., 1::2] << 4)
+    return blocks, (exp + 127).to(torch.uint8)
+
+
+def test_gpt_oss_mxfp4_experts_load_as_their_dequantized_weights(folders, tmp_path):
+    """A checkpoint whose experts are MXFP4 blocks/scales (the released gpt-oss layout: [E, out, in])
+    loads to the same model as the float checkpoint of the same (FP4-representable) weights, which
+    matches transformers; a missing _scales tensor is named."""
+    from safetensors.torch import save_file
+
+    from lagoon.engine.mxfp4 import dequant_mxfp4
+    from lagoon.errors import CheckpointError
+
+    src = folders["gpt_oss_q"]  # 32-wide experts: K % 32 == 0 for both projections
+    state = {k: v.clone() for k, v in read_safetensors(src / "model.safetensors").items()}
+    floats, packed = dict(state), dict(state)
+    for name in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        rows = state[name].transpose(1, 2).contiguous()  # HF [E, in, out] → [E, out, in]
+        blocks, scales = _to_mxfp4(rows)
+        assert rel(dequant_mxfp4(blocks, scales), rows) < 0.2  # FP4 is coarse; the loader must be exact
+        floats[name] = dequant_mxfp4(blocks, scales).transpose(1, 2).contiguous()
+        del packed[name]
+        packed[name + "_blocks"], packed[name + "_scales"] = blocks, scales
+    for folder, st in (("f", floats), ("q", packed)):
+        (tmp_path / folder).mkdir()
+        for f in src.iterdir():
+            if f.name != "model.safetensors":
+                (tmp_path / folder / f.name).write_bytes(f.read_bytes())
+        save_file(st, str(tmp_path / folder / "model.safetensors"), metadata={"format": "pt"})
+    x = _prompts(4, (2, 9))
+    with torch.no_grad():
+        want = _hf(tmp_path / "f")(x).logits
+        assert rel(load_checkpoint(tmp_path / "f", "float32")(x), want) <= 1e-4
+        assert rel(load_checkpoint(tmp_path / "q", "float32")(x), want) <= 1e-4
+    broken = {k: v for k, v in packed.items() if not k.endswith("layers.1.mlp.experts.down_proj_scales")}
+    save_file(broken, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="layers.1.mlp.experts.down_proj_scales"):
+        load_checkpoint(tmp_path / "q", "float32")

@@ -34,6 +34,8 @@ _PROJ = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj":
 
 
 def hf_moe_state(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if args.family == "gpt_oss":
+        state = gpt_oss_experts(state)
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, int, str], torch.Tensor] = {}
     for name, t in state.items():
@@ -71,3 +73,46 @@ def hf_moe_state(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, t
         out[f"layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(gu)  # [E, 2I, H]
         out[f"layers.{layer}.mlp.experts.down_proj"] = torch.stack(down)  # [E, H, I]
     return out
+
+
+_GPT_OSS = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?$")
+
+
+def gpt_oss_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gpt-oss expert tensors → Lagoon's layout.
+
+    transformers stores ``gate_up_proj [E, H, 2I]`` with gate and up *interleaved* (even / odd
+    columns) and ``down_proj [E, I, H]``; the released checkpoints store MXFP4 ``*_blocks`` /
+    ``*_scales`` already row-major (``[E, 2I, H]``, ``[E, H, I]``). Both become
+    ``gate_up_proj [E, 2I, H]`` (gate rows, then up rows), ``down_proj [E, H, I]``,
+    ``gate_up_bias [E, 2I]`` and ``down_bias [E, H]``."""
+    from lagoon.engine.mxfp4 import dequant_mxfp4
+
+    out: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in state.items():
+        m = _GPT_OSS.match(name)
+        if not m:
+            out[name] = t
+            continue
+        prefix, proj, suffix = m.groups()
+        if suffix in ("_blocks", "_scales"):
+            packed.setdefault(f"{prefix}.{proj}", {})[suffix] = t
+        elif suffix == "_bias":
+            out[f"{prefix}.{proj.removesuffix('_proj')}_bias"] = _deinterleave(t, 1) if proj == "gate_up_proj" else t
+        else:
+            t = t.transpose(1, 2)  # [E, 2I, H] interleaved rows / [E, H, I]
+            out[name] = (_deinterleave(t, 1) if proj == "gate_up_proj" else t).contiguous()
+    for name, parts in packed.items():
+        if set(parts) != {"_blocks", "_scales"}:
+            half = "_scales" if "_blocks" in parts else "_blocks"
+            raise CheckpointError(f"tensor {name + half!r} is missing: MXFP4 weights need both _blocks and _scales")
+        w = dequant_mxfp4(parts["_blocks"], parts["_scales"], name)  # [E, out, in]
+        out[name] = _deinterleave(w, 1) if name.endswith("gate_up_proj") else w
+    return out
+
+
+def _deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Even entries (gate) first, then odd (up) along `dim`."""
+    idx = torch.arange(t.shape[dim])
+    return torch.cat([t.index_select(dim, idx[0::2]), t.index_select(dim, idx[1::2])], dim=dim)

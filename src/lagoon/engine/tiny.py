@@ -84,6 +84,12 @@ def _config(family: str, vocab: int, **over: Any) -> Any:
                 "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "partial_rotary_factor": 0.5,
                                    "factor": 4.0, "original_max_position_embeddings": 128},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+        # sliding (window 5) / full / sliding with sinks, biased router and clamped-SwiGLU experts, YaRN
+        "gpt_oss": (tf.GptOssConfig, {
+            "num_hidden_layers": 3, "head_dim": 16, "num_local_experts": 5, "num_experts_per_tok": 2,
+            "intermediate_size": 40, "sliding_window": 5, "swiglu_limit": 1.5,
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 128}}),
     }
     if family not in table:
         raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(table)}")
@@ -91,7 +97,7 @@ def _config(family: str, vocab: int, **over: Any) -> Any:
     return cls(**{**common, **extra, **over})
 
 
-TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna")
+TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss")
 
 
 def save_tiny_model(folder: str | Path, family: str = "llama", *, seed: int = 0, vocab: int = 320, **config: Any) -> Path:
@@ -110,6 +116,8 @@ def save_tiny_model(folder: str | Path, family: str = "llama", *, seed: int = 0,
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith("e_score_correction_bias"):  # HF starts it at zero: make selection depend on it
                 t.normal_(0, 0.1)
+            elif family == "gpt_oss" and t.dim() == 1 and name.endswith(("bias", "sinks")):
+                t.normal_(0, 0.5)  # sinks and biases start at zero too
     model.save_pretrained(str(folder))
     byte_tokenizer().save_pretrained(str(folder))
     return folder

@@ -24,7 +24,7 @@ from lagoon.model.rope import RopeSpec, rope_spec
 __all__ = ["ModelArgs", "LayerSpec", "FAMILIES", "MOE_FAMILIES", "ATTENTION_KINDS"]
 
 DENSE_FAMILIES = ("llama", "qwen2", "qwen3")
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss")
 FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
 ATTENTION_KINDS = ("gqa",)
 
@@ -32,7 +32,8 @@ ATTENTION_KINDS = ("gqa",)
 @dataclass(frozen=True)
 class LayerSpec:
     """What one decoder layer is. `window`: sliding-window length (None = full attention);
-    `output_gate`: Laguna's softplus gate on the attention output, per ``head`` or per ``element``."""
+    `output_gate`: Laguna's softplus gate on the attention output, per ``head`` or per ``element``;
+    `sinks`: gpt-oss's learned per-head sink logit that joins every softmax (and takes some of its mass)."""
 
     attention: str = "gqa"
     n_heads: int = 0
@@ -82,6 +83,11 @@ class ModelArgs:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     router_softcap: float = 0.0
+    router_bias: bool = False  # gpt-oss: the router's linear has a bias
+    expert_glu: str = "gated"  # lagoon.moe.GLU kind: "gated" act(gate)·up, "clamped" gpt-oss
+    expert_bias: bool = False  # gpt-oss: gate_up / down biases per expert
+    glu_alpha: float = 1.702
+    glu_limit: float = 7.0
     # per layer (filled from the fields above when empty) and the named RoPE tables
     layers: tuple[LayerSpec, ...] = ()
     ropes: tuple[tuple[str, RopeSpec], ...] = ()

@@ -158,10 +158,39 @@ def _laguna(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return a
 
 
+def _gpt_oss(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """gpt-oss: alternating sliding/full attention with per-head sinks, biases everywhere, a softmax
+    router with bias (softmax over the top k = softmax then renormalise), clamped-SwiGLU experts with
+    biases, every layer MoE."""
+    a = _common(family, cfg)
+    n = a["n_layers"]
+    types = list(cfg.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)])
+    if len(types) != n:
+        raise ValueError(f"layer_types must list {n} layers")
+    window = int(cfg.get("sliding_window") or 0) or None
+    a["layers"] = tuple(
+        LayerSpec(n_heads=a["n_heads"], n_kv_heads=a["n_kv_heads"], head_dim=a["head_dim"],
+                  window=window if types[i] == "sliding_attention" else None, sinks=True, mlp="moe")
+        for i in range(n)
+    )
+    bias = bool(cfg.get("attention_bias", True))
+    a.update(
+        qkv_bias=bias, o_bias=bias,
+        num_experts=int(cfg["num_local_experts"]),
+        top_k=int(cfg["num_experts_per_tok"]),
+        moe_intermediate_size=int(cfg["intermediate_size"]),
+        norm_topk_prob=True,
+        router_bias=True,
+        expert_glu="clamped", expert_bias=True,
+        glu_alpha=float(cfg.get("swiglu_alpha", 1.702)), glu_limit=float(cfg.get("swiglu_limit", 7.0)),
+    )
+    return a
+
+
 PARSERS: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
     "llama": _dense, "qwen2": _dense, "qwen3": _dense,
     "mixtral": _classic_moe, "qwen2_moe": _classic_moe, "qwen3_moe": _classic_moe, "olmoe": _classic_moe,
-    "glm4_moe": _glm4_moe, "laguna": _laguna,
+    "glm4_moe": _glm4_moe, "laguna": _laguna, "gpt_oss": _gpt_oss,
 }
 
 

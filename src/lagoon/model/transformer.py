@@ -1,7 +1,7 @@
 """A plain decoder-only `Transformer` (gpt-fast style): one model definition for every family
 Lagoon runs, each layer built from its `LayerSpec` (see `lagoon.model.args`) — dense or MoE MLP
 (`lagoon.moe.SparseMoE`), full or sliding-window attention, optional softplus output gate, its own
-RoPE table (partial rotary allowed).
+RoPE table (partial rotary allowed), attention sinks (gpt-oss).
 
 Module names follow the HF checkpoints (`embed_tokens`, `layers.N.self_attn.q_proj`, `mlp.gate_proj`,
 `input_layernorm` …) so a HF state dict maps onto it with the `model.` prefix dropped.
@@ -95,6 +95,7 @@ class Attention(nn.Module):
         self.gate_per_head = spec.output_gate == "head"
         self.g_proj = None if spec.output_gate is None else nn.Linear(
             args.dim, spec.n_heads if self.gate_per_head else q_out, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(spec.n_heads)) if spec.sinks else None  # [H]
 
     def forward(self, x: torch.Tensor, step: Step, cache: CacheLike | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -117,7 +118,10 @@ class Attention(nn.Module):
             k, v, mask = cache.update(self.layer, k, v)  # [B, K, S, D] x2, [B, 1, T, S] bool
             if self.window is not None:
                 mask = mask & step.window_mask(self.window, k.shape[2])
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            out = (F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa) if self.sinks is None
+                   else self._sink_attention(q, k, v, mask))
+        elif self.sinks is not None:
+            out = self._sink_attention(q, k, v, step.local_mask(self.window))
         elif self.window is not None and T > 1:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.local_mask(self.window), enable_gqa=gqa)
         else:
@@ -127,6 +131,18 @@ class Attention(nn.Module):
             gate = F.softplus(self.g_proj(x).float()).to(out.dtype)
             out = out * (gate.unsqueeze(-1) if self.gate_per_head else gate.view(B, T, self.n_heads, self.head_dim))
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
+
+
+    def _sink_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Softmax over the keys and one learned sink logit per head, whose share is dropped (gpt-oss)."""
+        B, H, T, D = q.shape
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, D]
+        scores = (q @ k.transpose(-1, -2)) * D**-0.5  # [B, H, T, S]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        sink = self.sinks.to(scores.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]  # [B, H, T, S]
+        return probs @ v  # [B, H, T, D]
 
 
 class MLP(nn.Module):
@@ -159,6 +175,14 @@ def _moe_block(args: ModelArgs) -> nn.Module:
         kw["shared_expert_gate"] = args.shared_expert_gate
     moe = SparseMoE(args.dim, args.moe_intermediate_size, args.num_experts, args.top_k, **kw)
     moe.router.logit_softcap = args.router_softcap
+    if args.router_bias:
+        moe.router.bias = nn.Parameter(torch.zeros(args.num_experts))
+    if args.expert_glu != "gated" or args.expert_bias:
+        from lagoon.moe.experts import GLU, Experts
+
+        glu = GLU(args.hidden_act, args.expert_glu, args.glu_alpha, args.glu_limit)
+        moe.experts = Experts(args.num_experts, args.dim, args.moe_intermediate_size, args.hidden_act,
+                              moe.experts.impl, glu=glu, bias=args.expert_bias)
     return moe
 
 

@@ -2,7 +2,12 @@
 
 Layout (transformers 5.23's, so a HF ``*Experts`` module's state dict loads 1:1):
 ``gate_up_proj [E, 2I, H]`` (gate rows first, then up rows) and ``down_proj [E, H, I]``.
-Expert e computes ``down_proj[e] @ (act(gate) * up)`` with ``gate, up = gate_up_proj[e] @ x``.
+Expert e computes ``down_proj[e] @ glu(gate, up) (+ down_bias[e])`` with ``gate, up = gate_up_proj[e] @ x
+(+ gate_up_bias[e])``. The gated unit and the biases are properties of the experts (`GLU`): ``gated``
+is ``act(gate) * up`` (every SwiGLU family); ``clamped`` is gpt-oss's
+``(clamp(up, ±limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``; gpt-oss also
+carries ``gate_up_bias [E, 2I]`` and ``down_bias [E, H]``. Every expert path (fast, reference,
+offloaded, quantized) calls the same `GLU` and adds the same biases.
 
 * `Experts` — the fast path: `plan_dispatch` sorts slots by expert, each expert runs its
   contiguous segment (``impl``: ``loop`` = one ``F.linear`` pair per non-empty expert,
@@ -23,6 +28,7 @@ Not here: routing (`lagoon.moe.router`) or shared experts (`lagoon.moe.layer`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +38,7 @@ from lagoon.errors import ConfigError
 from lagoon.moe.dispatch import DispatchPlan, plan_dispatch
 from lagoon.registry import Registry
 
-__all__ = ["ACTIVATIONS", "EXPERT_IMPLS", "Experts", "ReferenceExperts", "StackedExperts", "activation"]
+__all__ = ["ACTIVATIONS", "EXPERT_IMPLS", "GLU", "GLU_KINDS", "Experts", "ReferenceExperts", "StackedExperts", "activation"]
 
 ACTIVATIONS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("activation", {
     "silu": F.silu,
@@ -44,6 +50,29 @@ ACTIVATIONS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("activa
 })
 
 EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
+GLU_KINDS = ("gated", "clamped")
+
+
+@dataclass(frozen=True)
+class GLU:
+    """The gated unit between an expert's two matmuls: ``glu(gate, up) -> [n, I]``."""
+
+    act: str = "silu"
+    kind: str = "gated"
+    alpha: float = 1.702  # clamped: sigmoid sharpness
+    limit: float = 7.0  # clamped: gate <= limit, |up| <= limit
+
+    def __post_init__(self) -> None:
+        if self.kind not in GLU_KINDS:
+            raise ConfigError(f"unknown expert GLU {self.kind!r}; valid: {', '.join(GLU_KINDS)}")
+        activation(self.act)  # fail at build time on an unknown activation
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gated":
+            return activation(self.act)(gate) * up
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(-self.limit, self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -64,34 +93,44 @@ def _grouped_mm_ok(xs: torch.Tensor) -> bool:
 class StackedExperts(nn.Module):
     """Parameters and activation shared by the fast and the reference experts."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu") -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu", *,
+        glu: GLU | None = None, bias: bool = False,
+    ) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.act = act
         self.act_fn = activation(act)
+        self.glu = glu or GLU(act)
         e, h, i = num_experts, hidden_size, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # [E, 2I, H]
         self.down_proj = nn.Parameter(torch.empty(e, h, i))  # [E, H, I]
         nn.init.normal_(self.gate_up_proj, std=h**-0.5)
         nn.init.normal_(self.down_proj, std=i**-0.5)
+        self.gate_up_bias = nn.Parameter(torch.zeros(e, 2 * i)) if bias else None  # [E, 2I]
+        self.down_bias = nn.Parameter(torch.zeros(e, h)) if bias else None  # [E, H]
 
     def share_weights(self, other: StackedExperts) -> StackedExperts:
-        """Point this module's parameters at `other`'s (no copy); returns self."""
+        """Point this module's parameters (and GLU) at `other`'s (no copy); returns self."""
         self.gate_up_proj = other.gate_up_proj
         self.down_proj = other.down_proj
+        self.gate_up_bias, self.down_bias, self.glu = other.gate_up_bias, other.down_bias, other.glu
         return self
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, act={self.act}"
+        bias = ", bias" if self.gate_up_bias is not None else ""
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+                f"act={self.act}, glu={self.glu.kind}{bias}")
 
 
 class Experts(StackedExperts):
     """Sort-by-expert dispatch, contiguous segments, weighted index-add combine."""
 
     def __init__(
-        self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu", impl: str = "auto"
+        self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu", impl: str = "auto",
+        *, glu: GLU | None = None, bias: bool = False,
     ) -> None:
-        super().__init__(num_experts, hidden_size, intermediate_size, act)
+        super().__init__(num_experts, hidden_size, intermediate_size, act, glu=glu, bias=bias)
         if impl not in EXPERT_IMPLS:
             raise ConfigError(f"unknown experts impl {impl!r}; valid: {', '.join(EXPERT_IMPLS)}")
         self.impl = impl
@@ -123,8 +162,9 @@ class Experts(StackedExperts):
             if n == 0:
                 continue
             seg = xs[start : start + n]  # [n, H]
-            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
-            outs.append(F.linear(self.act_fn(gate) * up, self.down_proj[e]))  # [n, H]
+            gub, db = (None, None) if self.gate_up_bias is None else (self.gate_up_bias[e], self.down_bias[e])
+            gate, up = F.linear(seg, self.gate_up_proj[e], gub).chunk(2, dim=-1)  # [n, I] each
+            outs.append(F.linear(self.glu(gate, up), self.down_proj[e], db))  # [n, H]
             start += n
         if not outs:
             return xs.new_zeros(0, self.hidden_size)
@@ -133,8 +173,13 @@ class Experts(StackedExperts):
     def _grouped(self, xs: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         offs = plan.offsets.to(xs.device)
         h = F.grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs)  # [S, 2I]
+        eid = None
+        if self.gate_up_bias is not None:
+            eid = torch.repeat_interleave(torch.arange(self.num_experts, device=xs.device), plan.counts_kept.to(xs.device))
+            h = h + self.gate_up_bias[eid]  # [S, 2I]
         gate, up = h.chunk(2, dim=-1)
-        return F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)  # [S, H]
+        y = F.grouped_mm(self.glu(gate, up), self.down_proj.transpose(-2, -1), offs=offs)  # [S, H]
+        return y if eid is None else y + self.down_bias[eid]
 
 
 class ReferenceExperts(StackedExperts):
@@ -149,6 +194,10 @@ class ReferenceExperts(StackedExperts):
         w_gu = self.gate_up_proj[indices]  # [T, k, 2I, H]
         w_d = self.down_proj[indices]  # [T, k, H, I]
         h = torch.einsum("th,tkoh->tko", x, w_gu)  # [T, k, 2I]
+        if self.gate_up_bias is not None:
+            h = h + self.gate_up_bias[indices]
         gate, up = h.chunk(2, dim=-1)
-        y = torch.einsum("tki,tkhi->tkh", self.act_fn(gate) * up, w_d)  # [T, k, H]
+        y = torch.einsum("tki,tkhi->tkh", self.glu(gate, up), w_d)  # [T, k, H]
+        if self.down_bias is not None:
+            y = y + self.down_bias[indices]
         return torch.einsum("tkh,tk->th", y, weights.to(y.dtype))  # [T, H]

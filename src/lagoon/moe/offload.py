@@ -54,7 +54,7 @@ from lagoon.errors import UnsupportedModelError
 from lagoon.moe.dispatch import DispatchPlan, plan_dispatch
 from lagoon.moe.expert_cache import ExpertCache, LayerStats
 from lagoon.moe.expert_store import ExpertStore, make_store
-from lagoon.moe.experts import StackedExperts, activation
+from lagoon.moe.experts import GLU, StackedExperts, activation
 from lagoon.moe.layer import SparseMoE
 
 __all__ = ["ExpertOffload", "OffloadedExperts", "offload_model", "offload_of"]
@@ -71,6 +71,9 @@ class OffloadedExperts(nn.Module):
         self.layer, self.num_experts = layer, num_experts
         self.hidden_size, self.intermediate_size, self.act = hidden_size, intermediate_size, act
         self.act_fn = activation(act)
+        self.glu = GLU(act)
+        self.gate_up_bias: torch.Tensor | None = None  # [E, 2I] and [E, H]: small, kept resident
+        self.down_bias: torch.Tensor | None = None
         self.offload = offload
         self.spec_hooked = False  # True when a Transformer hook speculates for the next layer
 
@@ -96,8 +99,9 @@ class OffloadedExperts(nn.Module):
         ys = xs.new_empty(xs.shape[0], self.hidden_size)  # [S, H]
         for e, gate_up, down in off.experts(self.layer, [e for e, n in enumerate(counts) if n]):
             a, b = ends[e] - counts[e], ends[e]
-            gate, up = F.linear(xs[a:b], gate_up).chunk(2, dim=-1)  # [n, I] each
-            ys[a:b] = F.linear(self.act_fn(gate) * up, down)  # [n, H]
+            gub, db = (None, None) if self.gate_up_bias is None else (self.gate_up_bias[e], self.down_bias[e])
+            gate, up = F.linear(xs[a:b], gate_up, gub).chunk(2, dim=-1)  # [n, I] each
+            ys[a:b] = F.linear(self.glu(gate, up), down, db)  # [n, H]
         ys = ys * ws.unsqueeze(-1).to(ys.dtype)
         t, k = indices.shape
         slots = ys.new_zeros(t * k, ys.shape[-1]) if plan.dropped else ys.new_empty(t * k, ys.shape[-1])
@@ -431,6 +435,8 @@ def offload_model(
     for i, b in enumerate(blocks):
         old = b.experts
         b.experts = OffloadedExperts(i, b.num_experts, old.hidden_size, old.intermediate_size, old.act, off)
+        b.experts.glu = old.glu
+        b.experts.gate_up_bias, b.experts.down_bias = old.gate_up_bias, old.down_bias
     _hook_speculation(model, blocks, off)
     return off
 

@@ -121,6 +121,7 @@ class Router(nn.Module):
         self.name = "router"
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # [E, H]
         nn.init.normal_(self.weight, std=hidden_size**-0.5)
+        self.bias: nn.Parameter | None = None  # [E] logit bias (gpt-oss); set by the model when it has one
         # DeepSeek-V3 checkpoints carry the bias; for softmax models it is runtime state only.
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(num_experts), persistent=scoring == "sigmoid"
@@ -192,7 +193,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         # T = tokens, H = hidden, E = experts, G = groups, k = top_k
         x = x.reshape(-1, self.hidden_size)  # [T, H]
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())  # [T, E]
         if self.logit_softcap > 0:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         z = logits / self.temperature if self.temperature != 1.0 else logits

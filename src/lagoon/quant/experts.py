@@ -62,6 +62,9 @@ class QuantizedExperts(nn.Module):
         self.schemes = {"gate_up": scheme, "down": down_scheme or scheme}
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
         self.act_fn = act_fn if act_fn is not None else F.silu
+        self.glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # set: replaces act(gate)·up
+        self.register_buffer("gate_up_bias", None)  # [E, 2I] float, when the experts have biases
+        self.register_buffer("down_bias", None)  # [E, H]
         self.dynamic_threshold = dynamic_threshold
         self._names = {"gate_up": list(gate_up), "down": list(down)}
         for proj, tensors in (("gate_up", gate_up), ("down", down)):
@@ -82,7 +85,12 @@ class QuantizedExperts(nn.Module):
         gate_up = _stack([scheme.quantize(gu[i].float()) for i in range(e)])
         down = _stack([down_scheme.quantize(dn[i].float()) for i in range(e)])
         act = getattr(experts, "act_fn", None)
-        return cls(scheme, gate_up, down, e, h, two_i // 2, act, dynamic_threshold, down_scheme)
+        q = cls(scheme, gate_up, down, e, h, two_i // 2, act, dynamic_threshold, down_scheme)
+        q.glu = getattr(experts, "glu", None)  # lagoon.moe.GLU: the experts' own gated unit
+        if getattr(experts, "gate_up_bias", None) is not None:  # gpt-oss: biases stay float
+            q.gate_up_bias = experts.gate_up_bias.detach().float()
+            q.down_bias = experts.down_bias.detach().float()
+        return q
 
     def tensors(self, proj: str, e: int) -> dict[str, torch.Tensor]:
         """The scheme tensors of expert `e` for `proj` ('gate_up' or 'down')."""
@@ -107,9 +115,13 @@ class QuantizedExperts(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         """x [n, H] -> [n, H] through expert `e` (no routing weight)."""
-        gate, up = self.expert_linear(e, "gate_up", x, types).chunk(2, dim=-1)  # [n, I] each
-        h = self.act_fn(gate) * up
-        return self.expert_linear(e, "down", h, types)
+        h = self.expert_linear(e, "gate_up", x, types)  # [n, 2I]
+        if self.gate_up_bias is not None:
+            h = h + self.gate_up_bias[e]
+        gate, up = h.chunk(2, dim=-1)  # [n, I] each
+        h = self.glu(gate, up) if self.glu is not None else self.act_fn(gate) * up
+        y = self.expert_linear(e, "down", h, types)
+        return y if self.down_bias is None else y + self.down_bias[e]
 
     def forward(
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan | None = None
