@@ -1,15 +1,27 @@
-"""Engine speed on the embedded SmolLM2-135M GGUF: prefill and decode tok/s for Lagoon (native
-4-bit and float32) against transformers `generate` (float32, same file) and, when llama-cpp-python
-is installed, llama.cpp; plus time-to-first-token for a long shared prefix with the prefix cache on
-and off. Every reference runs in this process; the table prints ratios.
+"""Engine speed on the embedded SmolLM2-135M GGUF (Q4_1), every reference in this one run:
+llama.cpp on the same file (when llama-cpp-python imports), transformers (float32, same file) and
+each Lagoon precision with the decode step compiled and eager. Per row: load s (in process), first
+start s (a fresh process and an empty compile cache: load + compile) and warm start s (a fresh
+process, the cache filled), prefill and decode tok/s and their ratios to llama.cpp; then decode
+tok/s at batch 1, 4 and 8, and time-to-first-token for a long shared prefix with the prefix cache
+on and off. Prints the CPU features it ran with.
 
-    .venv/bin/python benchmarks/bench_engine.py [--quick] [--threads N]
+    .venv/bin/python benchmarks/bench_engine.py [--quick] [--threads N] [--no-starts]
+
+llama.cpp is optional (extra `bench`): `CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install
+llama-cpp-python==0.3.36` builds it from source (~7 min on 2 cores); on CPUs whose kernel refuses
+AMX tiles add `-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON` (the
+native build segfaults there on the first forward).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,6 +30,7 @@ import torch  # noqa: E402
 
 from lagoon.config import EngineSection  # noqa: E402
 from lagoon.engine import embedded_gguf_path, load_model  # noqa: E402
+from lagoon.engine.kernels import kernel_plan  # noqa: E402
 
 TEXT = ("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
         "Lagoon routes each coding task to the model that fits it, retrieves context, and runs tools. ")
@@ -28,10 +41,26 @@ def prompt_ids(engine, n: int) -> list[int]:
     return ids[:n]
 
 
-def lagoon_row(precision: str, prompt: list[int], n_new: int, repeats: int) -> dict:
+def start_s(precision: str, cache_dir: str, threads: int) -> float:
+    """Seconds for `load_model` (load + compile or cached compile + warm-up) in a fresh process."""
+    code = ("import time; t = time.perf_counter()\n"
+            f"import torch; torch.set_num_threads({threads})\n"
+            "from lagoon.config import EngineSection\nfrom lagoon.engine import load_model\n"
+            f"e = load_model('embedded', precision={precision!r}, config=EngineSection(compile=True, max_batch_size=8))\n"
+            "print('START', time.perf_counter() - t, e.step.compiled)\n")
+    env = {**os.environ, "LAGOON_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("START")), None)
+    if line is None:
+        raise RuntimeError(f"start of {precision} failed: {r.stderr[-1500:]}")
+    return float(line.split()[1])
+
+
+def lagoon_row(precision: str, compiled: bool, prompt: list[int], n_new: int, repeats: int) -> dict:
     t = time.perf_counter()
     engine = load_model("embedded", precision=precision,
-                        config=EngineSection(max_seq_len=4096, max_batch_size=1, prefix_cache=False))
+                        config=EngineSection(max_seq_len=4096, max_batch_size=8, prefix_cache=False,
+                                             compile=compiled))
     load_s = time.perf_counter() - t
     engine.complete(prompt[:16], engine.params(max_new_tokens=4, ignore_eos=True))  # warm-up
     pre, dec = [], []
@@ -39,8 +68,26 @@ def lagoon_row(precision: str, prompt: list[int], n_new: int, repeats: int) -> d
         c = engine.complete(prompt, engine.params(max_new_tokens=n_new, ignore_eos=True))
         pre.append(len(prompt) / c.ttft_s)
         dec.append((c.completion_tokens - 1) / (c.duration_s - c.ttft_s))
-    engine.close()
-    return {"name": f"lagoon {precision}", "load_s": load_s, "prefill": max(pre), "decode": max(dec)}
+    name = f"lagoon {precision} {'compiled' if engine.step.compiled else 'eager'}"
+    return {"name": name, "engine": engine, "load_s": load_s, "prefill": max(pre), "decode": max(dec)}
+
+
+def batch_decode(engine, prompt: list[int], batch: int, n_new: int) -> float:
+    """Aggregate decode tok/s with `batch` requests decoded together."""
+    done: list = [None] * batch
+
+    def one(i: int) -> None:
+        done[i] = engine.complete(prompt, engine.params(max_new_tokens=n_new, ignore_eos=True))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(batch)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    end = time.perf_counter() - t0
+    last_first = max(c.ttft_s for c in done)  # every request is decoding from here on
+    return sum(c.completion_tokens - 1 for c in done) / max(end - last_first, 1e-9)
 
 
 def transformers_row(prompt: list[int], n_new: int, repeats: int) -> dict:
@@ -66,23 +113,26 @@ def transformers_row(prompt: list[int], n_new: int, repeats: int) -> dict:
     return {"name": "transformers float32", "load_s": load_s, "prefill": max(pre), "decode": max(dec)}
 
 
-def llama_cpp_row(prompt: list[int], n_new: int) -> dict | None:
+def llama_cpp_row(prompt: list[int], n_new: int, repeats: int) -> dict | None:
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
     t = time.perf_counter()
-    llm = Llama(str(embedded_gguf_path()), n_ctx=4096, verbose=False, n_threads=torch.get_num_threads())
+    llm = Llama(str(embedded_gguf_path()), n_ctx=4096, verbose=False, n_threads=torch.get_num_threads(),
+                n_threads_batch=torch.get_num_threads())
     load_s = time.perf_counter() - t
-    t = time.perf_counter()
-    llm.eval(prompt)
-    p = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(n_new):
-        tok = llm.sample(temp=0.0)
-        llm.eval([tok])
-    d = time.perf_counter() - t
-    return {"name": "llama.cpp (Q4_1)", "load_s": load_s, "prefill": len(prompt) / p, "decode": n_new / d}
+    pre, dec = [], []
+    for _ in range(repeats):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        pre.append(len(prompt) / (time.perf_counter() - t))
+        t = time.perf_counter()
+        for _ in range(n_new - 1):
+            llm.eval([llm.sample(temp=0.0)])
+        dec.append((n_new - 1) / (time.perf_counter() - t))
+    return {"name": "llama.cpp (Q4_1)", "load_s": load_s, "prefill": max(pre), "decode": max(dec)}
 
 
 def prefix_rows(prefix_len: int) -> list[tuple[str, float, int]]:
@@ -102,30 +152,53 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="shorter prompt/decode, one repeat, 512-token prefix")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-starts", action="store_true", help="skip the first/warm start subprocesses")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    n_prompt, n_new, repeats, n_prefix = (128, 32, 1, 512) if a.quick else (256, 64, 2, 2048)
-    probe = load_model("embedded", precision="float32", config=EngineSection(max_seq_len=64, max_batch_size=1))
+    threads = torch.get_num_threads()
+    n_prompt, n_new, repeats, n_prefix = (128, 32, 1, 512) if a.quick else (128, 64, 3, 2048)
+    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags")
+                    for f in line.split() if f.startswith(("avx", "amx"))}) if os.path.exists("/proc/cpuinfo") else []
+    print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"Lagoon kernels {kernel_plan().describe()}, {threads} threads\nCPU flags: {' '.join(flags)}")
+
+    starts: dict[str, tuple[float, float]] = {}
+    if not a.no_starts:
+        for precision in ("native", "float32"):
+            with tempfile.TemporaryDirectory() as tmp:
+                first = start_s(precision, tmp, threads)
+                starts[precision] = (first, start_s(precision, tmp, threads))
+
+    probe = load_model("embedded", precision="float32", config=EngineSection(max_seq_len=64, max_batch_size=1,
+                                                                             compile=False))
     prompt = prompt_ids(probe, n_prompt)
     probe.close()
-
-    rows = [lagoon_row("native", prompt, n_new, repeats), lagoon_row("float32", prompt, n_new, repeats),
-            transformers_row(prompt, n_new, repeats)]
-    cpp = llama_cpp_row(prompt, n_new)
-    if cpp:
-        rows.append(cpp)
-    ref = rows[2]
-    print(f"\nembedded SmolLM2-135M Q4_1, prompt {n_prompt} tokens, decode {n_new} tokens, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'engine':24} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'prefill x HF':>13} {'decode x HF':>12}")
+    cpp = llama_cpp_row(prompt, n_new, repeats)
+    rows = []
+    for precision, compiled in (("native", True), ("native", False), ("float32", True), ("bfloat16", True)):
+        rows.append(lagoon_row(precision, compiled, prompt, n_new, repeats))
+    native = rows[0]["engine"]
+    batches = {b: batch_decode(native, prompt, b, n_new) for b in (1, 4, 8)}
     for r in rows:
-        print(f"{r['name']:24} {r['load_s']:7.1f} {r['prefill']:14.1f} {r['decode']:13.1f} "
-              f"{r['prefill'] / ref['prefill']:13.2f} {r['decode'] / ref['decode']:12.2f}")
+        r.pop("engine").close()
+    rows.append(transformers_row(prompt, n_new, repeats))
     if cpp:
-        print(f"lagoon native / llama.cpp decode: {rows[0]['decode'] / cpp['decode']:.2f}x")
-    else:
-        print("llama.cpp: not installed (pip install llama-cpp-python, extra `bench`)")
+        rows.insert(0, cpp)
+    ref = cpp or rows[-1]
+    print(f"\nembedded SmolLM2-135M Q4_1, prompt {n_prompt} tokens, decode {n_new} tokens, {threads} threads; "
+          f"ratios to {ref['name']}")
+    print(f"{'engine':28} {'load s':>7} {'first start s':>14} {'warm start s':>13} {'prefill tok/s':>14} "
+          f"{'decode tok/s':>13} {'prefill x':>10} {'decode x':>9}")
+    for r in rows:
+        st = next((v for k, v in starts.items() if r["name"].startswith(f"lagoon {k} compiled")), None)
+        first, warm = (f"{st[0]:14.1f}", f"{st[1]:13.1f}") if st else (f"{'-':>14}", f"{'-':>13}")
+        print(f"{r['name']:28} {r['load_s']:7.1f} {first} {warm} {r['prefill']:14.1f} {r['decode']:13.1f} "
+              f"{r['prefill'] / ref['prefill']:10.2f} {r['decode'] / ref['decode']:9.2f}")
+    if not cpp:
+        print("llama.cpp: not installed (see this file's docstring; extra `bench`)")
+    print("\nlagoon native compiled, requests decoded together: "
+          + ", ".join(f"batch {b}: {v:.1f} tok/s" for b, v in batches.items()))
     pr = prefix_rows(n_prefix)
     print(f"\nshared {n_prefix}-token prefix, second request (native):")
     for name, ttft, cached in pr:

@@ -25,11 +25,11 @@ def build(folder, *over):
 def test_cache_layout_keys(folder):
     e = build(folder, "model_deployment.memory.kv_cache_sharding=false", "engine.max_batch_size=3",
               "engine.max_seq_len=100")
-    assert isinstance(e.cache, KVCache) and e.cache.k.shape[1:3] == (3, 100)
+    assert isinstance(e.cache, KVCache) and len(e.cache.k) == e.args.n_layers and e.cache.k[0].shape[:2] == (3 + 1, 100)
     e.close()
     e = build(folder, "engine.kv_block_size=4", "engine.num_kv_blocks=9", "engine.precision=bfloat16")
     assert isinstance(e.cache, PagedKVCache) and (e.cache.block_size, e.cache.num_blocks) == (4, 9)
-    assert e.model.lm_head.weight.dtype == torch.bfloat16 and e.cache.k.dtype == torch.bfloat16
+    assert e.model.lm_head.weight.dtype == torch.bfloat16 and e.cache.k[0].dtype == torch.bfloat16
     e.close()
 
 

@@ -46,8 +46,9 @@ def test_unpermute_inverts_llama_cpp_permute():
     assert torch.equal(_unpermute(permuted, n_head), w)
 
 
-def _write_tiny_gguf(folder, path):
-    """A llama GGUF written the way llama.cpp's converter does (F32, Q/K permuted)."""
+def _write_tiny_gguf(folder, path, proj_type: str | None = None):
+    """A llama GGUF written the way llama.cpp's converter does (Q/K permuted): F32, or with
+    `proj_type` (e.g. "Q4_1") the projections in that type and the output head in Q8_0."""
     import gguf
     from transformers import AutoModelForCausalLM
 
@@ -80,7 +81,14 @@ def _write_tiny_gguf(folder, path):
             heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}.get(key)
             if heads:
                 t = t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
-        w.add_tensor(out, np.ascontiguousarray(t))
+        qtype = proj_type if out.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                                           "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")) else None
+        qtype = "Q8_0" if proj_type and out == "output.weight" else qtype
+        if qtype:
+            kind = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(out, gguf.quants.quantize(np.ascontiguousarray(t), kind), raw_dtype=kind)
+        else:
+            w.add_tensor(out, np.ascontiguousarray(t))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

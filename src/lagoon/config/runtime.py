@@ -82,6 +82,10 @@ class EngineSection(Section):
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads; None keeps torch's default."""
 
+    compile: bool | None = None
+    """Compile the decode step (torch.compile, cached under ~/.cache/lagoon; eager on failure). None:
+    on unless the environment sets LAGOON_COMPILE=0."""
+
     seed: int = 0
     """Default sampling seed."""
 

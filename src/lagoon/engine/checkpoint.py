@@ -7,9 +7,10 @@ GGUF tensors are dequantized through the `gguf` package; llama-architecture GGUF
 rows permuted for interleaved RoPE, which is undone here so one model file serves both formats.
 
 `precision`: `float32` casts everything to fp32; `bfloat16` to bf16; `native` keeps a HF
-checkpoint's stored dtype and runs a GGUF at its own bit width where torch has the kernel: Q4_1
-linears become `gguf_linear.Q4_1Linear` (torch's CPU int4 layout, exact), everything else runs
-dequantized in bf16. This module does *not* download anything.
+checkpoint's stored dtype and runs a GGUF at its own bit width where torch has the kernel: Q4_0 /
+Q4_1 linears become `gguf_linear.Q4_1Linear` (torch's CPU int4 layout, exact) or, where the CPU
+runs int8 faster (`lagoon.engine.kernels`), `gguf_linear.Int8Linear`; a quantized output head (or
+the Q8_0 embedding it is tied to) runs int8; everything else runs dequantized in bf16. This module does *not* download anything.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lagoon.engine.kernels import KernelPlan, kernel_plan
 from lagoon.errors import CheckpointError, UnsupportedModelError
 from lagoon.model.args import ModelArgs
 from lagoon.model.transformer import Transformer
@@ -294,7 +296,24 @@ def dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
     return (d * q.float() + m).reshape(-1)
 
 
-_DEQUANT = {"Q8_0": dequant_q8_0, "Q4_1": dequant_q4_1}
+def q4_0_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_0 blocks of 18 bytes = f16 d, 16 bytes of nibbles; w = d·(q − 8), returned in Q4_1's
+    form d [nb, 1], m = −8·d [nb, 1], q [nb, 32] uint8 in 0..15."""
+    b = raw.view(-1, 18)
+    d = b[:, 0:2].contiguous().view(torch.float16).float()
+    packed = b[:, 2:]
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=1)  # [nb, 32]
+    return d, -8.0 * d, q
+
+
+def dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
+    d, m, q = q4_0_fields(raw)
+    return (d * q.float() + m).reshape(-1)
+
+
+_DEQUANT = {"Q8_0": dequant_q8_0, "Q4_1": dequant_q4_1, "Q4_0": dequant_q4_0}
+_Q4_FIELDS = {"Q4_0": q4_0_fields, "Q4_1": q4_1_fields}
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
 def gguf_tensor_name(name: str) -> str | None:
@@ -322,27 +341,36 @@ def open_gguf(path: str | Path) -> Any:
         raise CheckpointError(f"{path} cannot be read as GGUF ({exc}); the file is truncated or corrupt") from exc
 
 
-def load_gguf(path: str | Path, precision: Precision = "native") -> Transformer:
+def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPlan | None = None) -> Transformer:
+    """`native`: Q4_0 / Q4_1 linears stay 4-bit or become int8, and a quantized output head (or the
+    quantized embedding it is tied to) runs int8, as `plan` (default: `kernel_plan()`, by CPU) says."""
     import gguf
 
     reader = open_gguf(path)
     args = gguf_args(reader)
+    native = precision == "native"
+    plan = plan or kernel_plan()
     state: dict[str, torch.Tensor] = {}
     q4: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    int8: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         name = gguf_tensor_name(t.name)
         if name is None:
             continue
-        if precision == "native" and t.tensor_type.name == "Q4_1" and name.endswith("_proj.weight"):
-            d, m, q = q4_1_fields(torch.from_numpy(np.array(t.data)).reshape(-1))
+        kind = t.tensor_type.name
+        shape = [int(d) for d in reversed(t.shape)]
+        low_bit = native and kind in _Q4_FIELDS and name.endswith("_proj.weight")
+        if low_bit and plan.q4 == "int4pack":
+            d, m, q = _Q4_FIELDS[kind](torch.from_numpy(np.array(t.data)).reshape(-1))
             if name.endswith(("q_proj.weight", "k_proj.weight")) and args.family == "llama":
                 heads = args.n_heads if "q_proj" in name else args.n_kv_heads
                 rows, blocks = int(t.shape[1]), int(t.shape[0]) // 32  # un-permute whole rows of blocks
                 d, m = (_unpermute(x.reshape(rows, blocks), heads).reshape(-1, 1) for x in (d, m))
                 q = _unpermute(q.reshape(rows, blocks * 32), heads).reshape(-1, 32)
             q4[name] = (d, m, q)
-        shape = [int(d) for d in reversed(t.shape)]
-        fast = _DEQUANT.get(t.tensor_type.name)
+            state[name] = torch.empty(shape, dtype=torch.bfloat16)  # placeholder: swapped for Q4_1Linear below
+            continue
+        fast = _DEQUANT.get(kind)
         try:
             if fast is not None:
                 w = fast(torch.from_numpy(np.array(t.data)).reshape(-1)).reshape(shape)
@@ -350,17 +378,23 @@ def load_gguf(path: str | Path, precision: Precision = "native") -> Transformer:
                 arr = gguf.quants.dequantize(t.data, t.tensor_type)
                 w = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)
         except (ValueError, NotImplementedError, RuntimeError) as exc:
-            raise CheckpointError(f"tensor {t.name!r} in {path}: cannot dequantize {t.tensor_type.name} ({exc})") from exc
+            raise CheckpointError(f"tensor {t.name!r} in {path}: cannot dequantize {kind} ({exc})") from exc
         if args.family == "llama" and name.endswith("q_proj.weight"):
             w = _unpermute(w, args.n_heads)
         elif args.family == "llama" and name.endswith("k_proj.weight"):
             w = _unpermute(w, args.n_kv_heads)
         state[name] = w
+        if low_bit:
+            int8[name] = w
+        if native and kind not in _FLOAT_TYPES and name == "lm_head.weight" or (
+                native and kind not in _FLOAT_TYPES and name == "embed_tokens.weight" and args.tie_word_embeddings):
+            int8["lm_head.weight"] = w  # the output head at (about) the file's 8-bit width
     model = _assemble(args, state, precision, source=str(path), native=torch.bfloat16)
-    if q4:
-        from lagoon.engine.gguf_linear import swap_q4_1
+    if q4 or int8:
+        from lagoon.engine.gguf_linear import swap_int8, swap_q4_1
 
         swap_q4_1(model, q4)
+        swap_int8(model, int8)
     return model
 
 

@@ -20,6 +20,7 @@ import torch
 
 from lagoon.config import EngineSection, ModelDeploymentSection, MoeSection, OffloadSection
 from lagoon.engine.checkpoint import Precision, load_checkpoint
+from lagoon.engine.compile import DecodeStep, compile_enabled
 from lagoon.engine.generate import Request, Scheduler, TextStream
 from lagoon.engine.grammar import Constraint, GrammarCompiler
 from lagoon.engine.kv_cache import make_cache
@@ -79,11 +80,17 @@ class Engine:
             dtype=dtype, block_size=self.config.kv_block_size, num_blocks=self.config.num_kv_blocks,
             prefix_cache=self.config.prefix_cache,
         )
+        from lagoon.moe.offload import offload_of
         from lagoon.moe.runtime import runtime_of
 
         runtime = runtime_of(model)  # MoE: routing state changes only between scheduler steps
+        # offloaded experts move between tiers and MoE routers keep Python-side statistics inside the
+        # forward: those steps stay eager
+        compile = compile_enabled(self.config) and offload_of(model) is None and runtime is None
+        self.step = DecodeStep(model, self.cache, max_batch=self.config.max_batch_size, compile=compile)
+        self.step.warm_up()  # compile (or load the cached graph) now, not on the first request
         self.scheduler = Scheduler(model, self.cache, max_batch=self.config.max_batch_size,
-                                   eos_ids=self.eos_ids, on_token=on_token,
+                                   eos_ids=self.eos_ids, on_token=on_token, step=self.step,
                                    on_step=runtime.step if runtime is not None else None)
         self._chat: ChatFormat | None = None
         self._grammars: GrammarCompiler | None = None

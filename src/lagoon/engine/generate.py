@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lagoon.engine.grammar import GrammarMatcher
+from lagoon.engine.compile import DecodeStep
 from lagoon.engine.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
 from lagoon.errors import BadRequestError, ContextWindowExceededError, LagoonError
 from lagoon.quant.policy import TokenType, token_types
@@ -65,9 +66,11 @@ class Scheduler:
     def __init__(
         self, model: torch.nn.Module, cache, *, max_batch: int, eos_ids: Sequence[int],
         on_token: Callable[[Request, float], None] | None = None,
-        on_step: Callable[[], None] | None = None,
+        on_step: Callable[[], None] | None = None, step: DecodeStep | None = None,
     ) -> None:
         self.model, self.cache, self.max_batch = model, cache, max_batch
+        # the decode forward: compiled from outside (lagoon.engine.compile) or, by default, eager
+        self.step = step or DecodeStep(model, cache, max_batch=max_batch, compile=False)
         self.eos_ids = frozenset(eos_ids)
         self.on_token = on_token
         self.on_step = on_step  # between steps: MoE routing state changes only here
@@ -189,11 +192,10 @@ class Scheduler:
             self.cache.ensure(req.id, len(req.prompt_ids) + len(req.output_ids))
         tokens = torch.tensor([[r.output_ids[-1]] for r in batch])  # [B, 1]
         pos = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in batch])  # [B, 1]
-        self.cache.prepare([r.id for r in batch], pos)
         with token_types(torch.full((len(batch),), int(TokenType.REASONING), dtype=torch.int64)):
-            logits = self.model(tokens, pos, self.cache)  # [B, 1, V]
+            logits = self.step([r.id for r in batch], tokens, pos)  # [B, V]
         for i, req in enumerate(batch):
-            self._emit(req, logits[i, -1])
+            self._emit(req, logits[i])
 
     def _emit(self, req: Request, logits: torch.Tensor) -> None:
         now = time.perf_counter()

@@ -1,8 +1,13 @@
-"""Native 4-bit GGUF linears: `Q4_1Linear` runs a GGUF Q4_1 weight on torch's CPU int4 kernel with
-no re-quantization, because Q4_1 maps exactly onto torch's layout:
+"""Native low-bit GGUF linears. `Q4_1Linear` runs a GGUF Q4_0 / Q4_1 weight on torch's CPU int4
+kernel with no re-quantization, because both map exactly onto torch's layout:
 
     Q4_1 (blocks of 32):  w = d·q + m,            q in 0..15
+    Q4_0 (blocks of 32):  w = d·(q − 8)           (m = −8·d)
     torch int4 (group g): w = (q − 8)·scale + zero  →  scale = d, zero = m + 8·d, g = 32
+
+`Int8Linear` is weight-only int8 per output channel on `torch._weight_int8pack_mm`: the output head
+(tied to a Q8_0 embedding) everywhere, and 4-bit linears on CPUs where int8 is the faster kernel
+(`lagoon.engine.kernels`). Its re-quantization error is below the file's own 4-bit step.
 
 The only loss beyond the file's own is bf16 scales and bf16 activations (the kernel's input type).
 `swap_q4_1(model, fields)` replaces the named `nn.Linear`s from outside; the model file never
@@ -14,7 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Q4_1Linear", "swap_q4_1", "GROUP"]
+from lagoon.quant.int8 import quantize_per_channel_int8
+
+__all__ = ["Q4_1Linear", "Int8Linear", "swap_q4_1", "swap_int8", "GROUP"]
 
 GROUP = 32
 
@@ -53,5 +60,44 @@ def swap_q4_1(model: nn.Module, fields: dict[str, tuple[torch.Tensor, torch.Tens
         if not isinstance(old, nn.Linear) or old.bias is not None or old.in_features % GROUP:
             continue
         setattr(parent, path[-1], Q4_1Linear(d, m, q, old.out_features, old.in_features))
+        n += 1
+    return n
+
+
+class Int8Linear(nn.Module):
+    """w ≈ qweight · scale (per output channel), bf16 activations; bias-free."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+        # qweight [N, K] int8, scale [N] bf16 (the kernel's dtype)
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor) -> Int8Linear:
+        return cls(*quantize_per_channel_int8(w, torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # [M, K]
+        y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)  # [M, N]
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+
+
+def swap_int8(model: nn.Module, weights: dict[str, torch.Tensor]) -> int:
+    """Replace each bias-free `nn.Linear` named in `weights` ({'lm_head.weight': w [N, K] float}) by
+    an `Int8Linear` quantized from `w`; returns how many were swapped."""
+    n = 0
+    for name, w in weights.items():
+        path = name.removesuffix(".weight").split(".")
+        parent = model.get_submodule(".".join(path[:-1]))
+        old = getattr(parent, path[-1])
+        if not isinstance(old, nn.Linear) or old.bias is not None:
+            continue
+        setattr(parent, path[-1], Int8Linear.from_weight(w.float()))
         n += 1
     return n

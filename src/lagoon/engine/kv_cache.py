@@ -38,18 +38,21 @@ def _mask(input_pos: torch.Tensor, S: int) -> torch.Tensor:
 
 
 class KVCache:
-    """One preallocated row of `max_seq_len` positions per concurrent sequence."""
+    """One preallocated row of `max_seq_len` positions per concurrent sequence, plus one scratch row
+    that padded decode slots write into (see `lagoon.engine.compile`)."""
 
     prefix_cache = False
 
     def __init__(self, args: ModelArgs, max_batch: int, max_seq_len: int, dtype: torch.dtype) -> None:
-        shape = (args.n_layers, max_batch, max_seq_len, args.n_kv_heads, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)  # [L, rows, S_max, K, D]
-        self.v = torch.zeros(shape, dtype=dtype)
+        shape = (max_batch + 1, max_seq_len, args.n_kv_heads, args.head_dim)
+        # one tensor per layer, so a compiled step's in-place writes stay in place
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(args.n_layers)]  # L x [rows, S_max, K, D]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(args.n_layers)]
         self.max_seq_len = max_seq_len
+        self.scratch = max_batch
         self.free_rows = list(range(max_batch))
         self.rows: dict[int, int] = {}
-        self._bound: tuple[list[int], torch.Tensor, int, torch.Tensor] | None = None
+        self._bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None] | None = None
 
     def can_admit(self, n_tokens: int, reserved: int = 0) -> bool:
         return bool(self.free_rows) and n_tokens <= self.max_seq_len
@@ -60,6 +63,7 @@ class KVCache:
     def allocate(self, seq_id: int, prompt_ids: Sequence[int]) -> int:
         if not self.free_rows:
             raise RuntimeError("no free KV rows")  # scheduler checks can_admit first
+        self.free_rows.sort()  # lowest rows first: a batch then tends to be a contiguous slice
         self.rows[seq_id] = self.free_rows.pop(0)
         return 0
 
@@ -75,21 +79,29 @@ class KVCache:
         if row is not None:
             self.free_rows.append(row)
 
-    def prepare(self, seq_ids: Sequence[int], input_pos: torch.Tensor) -> None:
-        rows = [self.rows[s] for s in seq_ids]
+    def prepare(self, seq_ids: Sequence[int | None], input_pos: torch.Tensor, static: bool = False) -> None:
+        """Bind a step; a `None` id is a padding slot (writes the scratch row). `static` (a compiled
+        step) always gathers rows, so the graph does not depend on which rows the batch holds."""
+        rows = [self.scratch if s is None else self.rows[s] for s in seq_ids]
         S = int(input_pos.max()) + 1
-        self._bound = (rows, input_pos, S, _mask(input_pos, S))
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        start = rows[0] if contiguous and not static else None
+        self._bound = (torch.tensor(rows), input_pos, _mask(input_pos, S), start)
+
+    def bound_tensors(self) -> list[torch.Tensor]:
+        return [t for t in self._bound if isinstance(t, torch.Tensor)]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        rows, pos, S, mask = self._bound
-        r = torch.tensor(rows)[:, None]  # [B, 1]
-        self.k[layer][r, pos] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, K, D]
-        self.v[layer][r, pos] = v.transpose(1, 2).to(self.v.dtype)
-        if rows == list(range(rows[0], rows[0] + len(rows))):
-            ks = self.k[layer, rows[0] : rows[0] + len(rows), :S]  # view, no copy
-            vs = self.v[layer, rows[0] : rows[0] + len(rows), :S]
+        rows, pos, mask, start = self._bound
+        S = mask.shape[-1]
+        r = rows[:, None]  # [B, 1]
+        self.k[layer][r, pos] = k.transpose(1, 2).to(self.k[layer].dtype)  # [B, T, K, D]
+        self.v[layer][r, pos] = v.transpose(1, 2).to(self.v[layer].dtype)
+        if start is not None:
+            ks = self.k[layer][start : start + rows.shape[0], :S]  # view, no copy
+            vs = self.v[layer][start : start + rows.shape[0], :S]
         else:
-            ks, vs = self.k[layer][r[:, 0], :S], self.v[layer][r[:, 0], :S]
+            ks, vs = self.k[layer][rows, :S], self.v[layer][rows, :S]
         return ks.transpose(1, 2), vs.transpose(1, 2), mask  # [B, K, S, D] x2, [B, 1, T, S]
 
 
@@ -100,9 +112,11 @@ class PagedKVCache:
         self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype,
         max_seq_len: int, prefix_cache: bool = True,
     ) -> None:
-        shape = (args.n_layers, num_blocks * block_size, args.n_kv_heads, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)  # [L, slots, K, D]
-        self.v = torch.zeros(shape, dtype=dtype)
+        # one block past the pool is scratch: padded decode slots write there (see lagoon.engine.compile)
+        shape = ((num_blocks + 1) * block_size, args.n_kv_heads, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(args.n_layers)]  # L x [slots, K, D]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(args.n_layers)]
+        self.scratch = num_blocks
         self.block_size, self.num_blocks, self.max_seq_len = block_size, num_blocks, max_seq_len
         self.prefix_cache = prefix_cache
         self.refs = [0] * num_blocks
@@ -189,11 +203,16 @@ class PagedKVCache:
                 else:
                     self.fresh.append(b)
 
-    def prepare(self, seq_ids: Sequence[int], input_pos: torch.Tensor) -> None:
+    def bound_tensors(self) -> list[torch.Tensor]:
+        return list(self._bound)
+
+    def prepare(self, seq_ids: Sequence[int | None], input_pos: torch.Tensor, static: bool = False) -> None:
+        """Bind a step; a `None` id is a padding slot (writes the scratch block). `static` changes
+        nothing here: block reads are always a gather."""
         bs = self.block_size
         S = int(input_pos.max()) + 1
         n = self.blocks_for(S)
-        tables = torch.tensor([(self.tables[s] + [0] * n)[:n] for s in seq_ids])  # [B, n]
+        tables = torch.tensor([([self.scratch] * n if s is None else (self.tables[s] + [0] * n)[:n]) for s in seq_ids])
         write = tables.gather(1, input_pos // bs) * bs + input_pos % bs  # [B, T]
         j = torch.arange(S)
         read = tables[:, j // bs] * bs + j % bs  # [B, S]
@@ -202,8 +221,8 @@ class PagedKVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         write, read, mask = self._bound
         K, D = k.shape[1], k.shape[3]
-        self.k[layer].index_copy_(0, write.flatten(), k.transpose(1, 2).reshape(-1, K, D).to(self.k.dtype))
-        self.v[layer].index_copy_(0, write.flatten(), v.transpose(1, 2).reshape(-1, K, D).to(self.v.dtype))
+        self.k[layer][write.flatten()] = k.transpose(1, 2).reshape(-1, K, D).to(self.k[layer].dtype)
+        self.v[layer][write.flatten()] = v.transpose(1, 2).reshape(-1, K, D).to(self.v[layer].dtype)
         ks, vs = self.k[layer][read], self.v[layer][read]  # [B, S, K, D]
         return ks.transpose(1, 2), vs.transpose(1, 2), mask
 

@@ -1,0 +1,60 @@
+"""Which weight-only kernels a GGUF model runs on, chosen once at load time from the CPU's features.
+
+Measured per call at decode (M = 1, bf16 activations) on SmolLM2-135M's shapes, torch 2.13, the same
+machine with torch's AVX-512 kernels and then forced to its AVX2 kernels (``ATEN_CPU_CAPABILITY``):
+
+    576x1536 weight        int4pack (g32)   int8pack   bf16 F.linear
+    AVX-512                26 us            22 us      62 us
+    AVX2                   41 us            27 us      59 us
+
+so on AVX-512 a 4-bit GGUF linear stays 4-bit (`_weight_int4pack_mm_for_cpu`, exact for Q4_0 /
+Q4_1) and on AVX2 it is re-quantized once to int8 per output channel (`_weight_int8pack_mm`, about a
+third faster there, at twice the bytes). The output projection (tied to a Q8_0 embedding in most
+small GGUFs) runs int8 everywhere: 1.3-1.5 ms against 3.2 ms in bf16 for a 49152x576 head.
+
+`LAGOON_CPU_ISA` (``avx512`` | ``avx2`` | ``default``) forces the choice, so the AVX2 plan can be run
+and tested on an AVX-512 machine (set ``ATEN_CPU_CAPABILITY=avx2`` too to make torch's own kernels
+match). This module does not compile anything (see `lagoon.engine.compile`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lagoon.errors import ConfigError
+
+__all__ = ["ISAS", "KernelPlan", "cpu_isa", "kernel_plan"]
+
+ISAS = ("avx512", "avx2", "default")
+
+
+def cpu_isa() -> str:
+    """``avx512`` | ``avx2`` | ``default``: `LAGOON_CPU_ISA` if set, else what torch dispatches to."""
+    forced = os.environ.get("LAGOON_CPU_ISA", "").strip().lower()
+    if forced:
+        if forced not in ISAS:
+            raise ConfigError(f"LAGOON_CPU_ISA={forced!r} is unknown; use one of {', '.join(ISAS)} or unset it")
+        return forced
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    return "avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") else "default"
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """The kernels a loaded GGUF uses: `q4` for 4-bit linears, `head` for the output projection."""
+
+    isa: str
+    q4: Literal["int4pack", "int8pack"]
+    head: Literal["int8pack"]
+
+    def describe(self) -> str:
+        return f"{self.isa}: 4-bit linears on {self.q4}, output head on {self.head}"
+
+
+def kernel_plan(isa: str | None = None) -> KernelPlan:
+    isa = isa or cpu_isa()
+    return KernelPlan(isa=isa, q4="int4pack" if isa == "avx512" else "int8pack", head="int8pack")

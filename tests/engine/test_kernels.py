@@ -1,0 +1,79 @@
+"""Kernel choice by CPU features (`lagoon.engine.kernels`) and the low-bit GGUF linears it picks,
+each against the float reference of the same file on fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lagoon.engine.checkpoint import dequant_q4_0, load_gguf, q4_0_fields
+from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear
+from lagoon.engine.kernels import cpu_isa, kernel_plan
+from lagoon.errors import ConfigError
+
+
+def test_isa_is_forceable(monkeypatch):
+    monkeypatch.delenv("LAGOON_CPU_ISA", raising=False)
+    cap = torch.backends.cpu.get_cpu_capability()
+    assert cpu_isa() == ("avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") else "default")
+    monkeypatch.setenv("LAGOON_CPU_ISA", "avx2")
+    assert cpu_isa() == "avx2" and kernel_plan().q4 == "int8pack"
+    monkeypatch.setenv("LAGOON_CPU_ISA", "AVX512")
+    assert kernel_plan().q4 == "int4pack"
+    monkeypatch.setenv("LAGOON_CPU_ISA", "neon9000")
+    with pytest.raises(ConfigError, match="LAGOON_CPU_ISA"):
+        cpu_isa()
+
+
+@pytest.fixture(scope="module")
+def q4_file(tmp_path_factory):
+    from test_gguf import _write_tiny_gguf
+
+    from lagoon.engine.tiny import save_tiny_model
+
+    tmp = tmp_path_factory.mktemp("q4")
+    path = tmp / "tiny-q4_1.gguf"
+    _write_tiny_gguf(save_tiny_model(tmp / "m", "llama"), path, proj_type="Q4_1")
+    return path
+
+
+@pytest.mark.parametrize("isa,linear", [("avx512", Q4_1Linear), ("avx2", Int8Linear)])
+def test_plan_picks_the_kernel_and_matches_the_float_file(q4_file, monkeypatch, isa, linear):
+    monkeypatch.setenv("LAGOON_CPU_ISA", isa)
+    ref = load_gguf(q4_file, "float32")  # the same 4-bit values, dequantized
+    got = load_gguf(q4_file, "native")
+    proj = got.layers[0].mlp.up_proj
+    assert isinstance(proj, linear) and isinstance(got.lm_head, Int8Linear)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a, b = ref(x), got(x).float()
+    # bf16 activations and KV, bf16 norms / embedding, int8 head (and int8 re-quantization on avx2)
+    assert float((a - b).norm() / a.norm()) <= 5e-2
+    assert bool((a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9)
+
+
+def test_int8_linear_matches_its_dequantized_weight():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 128, generator=g)
+    layer = Int8Linear.from_weight(w)
+    wd = layer.qweight.float() * layer.scale.float()[:, None]
+    assert float((wd - w).abs().max() / w.abs().max()) <= 1 / 254 + 1e-3  # half an int8 step of the row absmax
+    x = torch.randn(7, 128, generator=g)
+    ref = x.bfloat16().double() @ wd.double().t()
+    assert float((layer(x).double() - ref).norm() / ref.norm()) <= 1e-2  # bf16 output rounding
+
+
+def test_q4_0_fields_match_the_gguf_package():
+    import gguf
+    import numpy as np
+
+    a = torch.randn(16, 64, generator=torch.Generator().manual_seed(6)).numpy()
+    raw = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q4_0)
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_0).reshape(-1)
+    t = torch.from_numpy(np.ascontiguousarray(raw)).reshape(-1)
+    assert np.array_equal(dequant_q4_0(t).numpy(), ref)
+    d, m, q = q4_0_fields(t)
+    layer = Q4_1Linear(d, m, q, 16, 64)
+    x = torch.randn(3, 64)
+    y = x.bfloat16().double() @ torch.from_numpy(ref).reshape(16, 64).double().t()
+    assert float((layer(x).double() - y).norm() / y.norm()) <= 1e-2  # exact weights; bf16 activations/scales
