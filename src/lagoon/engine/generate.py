@@ -30,7 +30,7 @@ import torch
 
 from lagoon.engine.compile import DecodeStep
 from lagoon.engine.grammar import GrammarMatcher
-from lagoon.engine.sampling import SamplingParams, make_generator, sample
+from lagoon.engine.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
 from lagoon.errors import BadRequestError, ContextWindowExceededError, LagoonError
 from lagoon.quant.policy import TokenType, token_types
 
@@ -54,6 +54,7 @@ class Request:
     generator: torch.Generator | None = None
     prompt_types: torch.Tensor | None = None  # [len(prompt_ids)] TokenType codes
     grammar: GrammarMatcher | None = None  # constrained decoding: the allowed next tokens
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id when params.logprobs is set
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -211,6 +212,8 @@ class Scheduler:
             self._retire(req, None, exc)
             return
         req.output_ids.append(tok)
+        if req.params.logprobs is not None:
+            req.logprobs.append(token_logprobs(logits, tok, req.params.logprobs))
         if req.first_token_at is None:
             req.first_token_at = now
         if self.on_token is not None:
