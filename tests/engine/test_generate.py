@@ -73,3 +73,39 @@ def test_small_pool_queues_instead_of_overcommitting(folder):
         assert engine.cache.free_blocks == 6
     finally:
         engine.close()
+
+
+def test_text_stream_decodes_incrementally_and_matches_a_full_decode(folder):
+    """`TextStream` with `Engine.decode_step` (tokenizers' DecodeStream, O(1) a token) gives the text
+    a full `decode` of the same ids gives; multi-byte characters split over byte tokens wait."""
+    import random
+
+    from lagoon.engine.generate import TextStream
+
+    engine = load_model(folder)
+    try:
+        text = "naïve café — 東京 🚀 done"
+        ids = list(engine.tokenizer.encode(text, add_special_tokens=False))
+        step = engine.decode_step()
+        pieces = [step(i) for i in ids]
+        assert "".join(p for p in pieces if p) == engine.decode(ids) == text
+        assert pieces.count(None) >= 10  # every continuation byte of a multi-byte character
+        rng = random.Random(11)
+        for _ in range(20):  # fresh random ids, special ones included
+            ids = [rng.randrange(len(engine.tokenizer)) for _ in range(rng.randint(1, 40))]
+            step = engine.decode_step()
+            got = "".join(p for i in ids if (p := step(i)))
+            full = engine.decode(ids)
+            assert got == full or (full.endswith("\ufffd") and full.startswith(got)), (ids, got, full)
+        # the real path: the same seeded completions through the incremental stream and through one
+        # that decodes every id again per token
+        for seed in (1, 2, 3):
+            params = engine.params(max_new_tokens=30, temperature=1.0, seed=seed, ignore_eos=True, stop=["\n\n"])
+            incremental = engine.complete("hello", params)
+            req = engine.scheduler.submit(engine.encode("hello"), params)
+            redecoding = TextStream(req, engine.decode, engine.eos_ids)  # no `step`
+            text = "".join(redecoding)
+            assert incremental.token_ids == redecoding.output_ids
+            assert (incremental.text, incremental.finish_reason) == (text, redecoding.finish_reason)
+    finally:
+        engine.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,18 @@ class Engine:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def decode_step(self) -> Callable[[int], str | None] | None:
+        """An incremental decoder for one request: `tokenizers`' DecodeStream (the text one more id
+        adds, None while a UTF-8 sequence is incomplete), the same text as `decode` without decoding
+        every id again per token; None for a tokenizer without a `tokenizers` backend."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)  # transformers' fast tokenizers
+        if backend is None:
+            return None
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=True)
+        return lambda token_id: stream.step(backend, token_id)
+
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         return self.chat_format.encode(messages, tools)
 
@@ -141,7 +153,7 @@ class Engine:
     ) -> tuple[Request, TextStream]:
         grammar = None if constraint is None else self.grammars.matcher(constraint)
         req = self.scheduler.submit(prompt_ids, params, prompt_types, grammar)
-        return req, TextStream(req, self.decode, self.eos_ids)
+        return req, TextStream(req, self.decode, self.eos_ids, step=self.decode_step())
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Text pieces as they are generated (prompt: text, encoded without special tokens, or ids)."""

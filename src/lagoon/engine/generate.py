@@ -237,10 +237,16 @@ class Scheduler:
 
 
 class TextStream:
-    """Iterate a request's text pieces; afterwards `finish_reason`, `text` and `output_ids` hold."""
+    """Iterate a request's text pieces; afterwards `finish_reason`, `text` and `output_ids` hold.
 
-    def __init__(self, req: Request, decode: Callable[[list[int]], str], eos_ids: frozenset[int], timeout: float = 600):
-        self.req, self.decode, self.eos_ids, self.timeout = req, decode, eos_ids, timeout
+    With `step` (an incremental decoder: one id in, the new text out, None while a UTF-8 sequence
+    is incomplete — `tokenizers`' DecodeStream) each token costs O(1); without it the ids decoded
+    so far are decoded again per token. `decode` still renders the final text once at the end."""
+
+    def __init__(self, req: Request, decode: Callable[[list[int]], str], eos_ids: frozenset[int], timeout: float = 600,
+                 step: Callable[[int], str | None] | None = None):
+        self.req, self.decode, self.eos_ids, self.timeout, self.step = req, decode, eos_ids, timeout, step
+        self._decoded = ""  # the text of every id so far (with `step`)
         self.text = ""
         self.finish_reason: str | None = None
         self.ids: list[int] = []
@@ -273,9 +279,15 @@ class TextStream:
             if ev in self.eos_ids and not self.req.params.ignore_eos:
                 continue
             self.ids.append(ev)
-            text = self.decode(self.ids)
-            if text.endswith("\ufffd"):
-                continue  # an incomplete UTF-8 sequence; wait for the rest
+            if self.step is not None:
+                piece = self.step(ev)
+                if piece is None:
+                    continue  # an incomplete UTF-8 sequence; wait for the rest
+                text = self._decoded = self._decoded + piece
+            else:
+                text = self.decode(self.ids)
+                if text.endswith("\ufffd"):
+                    continue  # an incomplete UTF-8 sequence; wait for the rest
             cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
                 self.text, self.finish_reason = text[:cut], "stop"
