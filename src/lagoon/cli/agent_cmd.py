@@ -16,11 +16,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
 from lagoon.atomic import write_atomic
 from lagoon.cli.common import ConfigOpt, exits_cleanly, load
+from lagoon.cli.live_view import LiveView
 from lagoon.cli.model_spec import ModelSpec
 
 sessions_app = typer.Typer(help="Inspect, resume and export agent sessions.", no_args_is_help=True)
@@ -29,56 +29,6 @@ RepoOpt = Annotated[Path, typer.Option("--repo", "-r", help="The repository (wor
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="router (default: the configured backends) or scripted:FILE.")
 ]
-
-
-class LiveView:
-    """A rich table of steps (tool, exit code, route, tokens) updated from the agent's events."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.rows: list[list[str]] = []
-        self.pending: dict[str, Any] = {}
-        self.version: Any = ""
-        self.live = Live(self._table(), console=console, refresh_per_second=8, transient=False)
-
-    def _table(self) -> Table:
-        table = Table(title="lagoon run", expand=False)
-        for col in ("step", "tool", "argument", "exit", "route", "tokens in/out", "ctx v"):
-            table.add_column(col)
-        for row in self.rows[-25:]:
-            table.add_row(*row)
-        return table
-
-    def __call__(self, kind: str, payload: Any) -> None:
-        if kind == "model":
-            self.pending = {"usage": payload.get("usage") or {}, "backend": payload.get("backend", ""),
-                            "route": payload.get("route") or {}}
-        elif kind == "context":
-            self.version = payload.get("version")
-        elif kind in ("tool_result", "tool_interrupted"):
-            args = payload.get("arguments") or {}
-            arg = str(args.get("command") or args.get("path") or args.get("query") or args.get("summary") or "")
-            usage = self.pending.get("usage", {})
-            route = self.pending.get("route") or {}
-            route_text = str(route.get("type") or route.get("task_type") or self.pending.get("backend", ""))
-            exit_code = payload.get("exit_code")
-            status = "interrupted" if kind == "tool_interrupted" else ("" if exit_code is None else str(exit_code))
-            self.rows.append([str(payload.get("step", "")), payload.get("name", ""), arg.replace("\n", " ")[:60],
-                              status, route_text, f"{usage.get('input_tokens', 0)}/{usage.get('output_tokens', 0)}",
-                              str(self.version)])
-        elif kind == "memory":  # a turn left the prompt for long-term memory
-            source = payload.get("source", "")
-            note = f"{source} summary" + (f" ({payload.get('error', '')[:30]})" if payload.get("error") else "")
-            self.rows.append([str(payload.get("step", "")), "evicted", note, "", "", "", ""])
-        elif kind == "assumption" and payload.get("holds") is False:  # drift: a claim stopped holding
-            self.rows.append(["", "drift", f"{payload.get('name', '')}: {payload.get('claim', '')}"[:60], "", "", "",
-                              str(self.version)])
-        elif kind == "hop_result":  # coordinated mode: a role's validated output
-            self.rows.append(["", f"hop {payload.get('role', '')}", json.dumps(payload.get("output", {}))[:60], "",
-                              "", "", str(payload.get("version", ""))])
-        elif kind == "format_error":
-            self.rows.append([str(payload.get("step", "")), "format error", payload.get("error", "")[:60], "", "", "", ""])
-        self.live.update(self._table())
 
 
 def _summary(console: Console, result: Any) -> None:
