@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from lagoon.errors import BadRequestError, LagoonError
+from lagoon.errors import BadRequestError, LagoonError, UnsupportedModelError
 
 __all__ = ["Constraint", "GrammarCompiler", "GrammarMatcher", "JSON_STYLE", "strict_schema"]
 
@@ -162,7 +162,13 @@ class GrammarCompiler:
         self._llg = llguidance
         eos = getattr(tokenizer, "eos_token_id", None)
         eos = list(eos_ids) if eos is None else eos
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=eos)
+        try:
+            self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=eos)
+        except ValueError as exc:  # llguidance reads the Rust (fast) tokenizer only
+            raise UnsupportedModelError(
+                f"constrained decoding needs a fast (tokenizer.json) tokenizer; this checkpoint's is "
+                f"{type(tokenizer).__name__} ({exc})"
+            ) from exc
         self.words = (self.tokenizer.vocab_size + 31) // 32
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Any] = OrderedDict()
