@@ -1,4 +1,4 @@
-"""The per-layer-spec families (GLM-4.5 MoE, Laguna, gpt-oss) against transformers 5.24 on tiny random
+"""The per-layer-spec families (GLM-4.5 MoE, Laguna, gpt-oss, DeepSeek-V3) against transformers 5.24 on tiny random
 checkpoints (odd sizes, dense + MoE layers, a sliding window shorter than the prompt): prefill and 8
 cached greedy decode steps agree to rel. error <= 1e-4 in fp32 through the contiguous, paged and
 prefix-cached paged caches; greedy tokens are equal. Then the expert paths (grouped_mm, loop,
@@ -17,7 +17,7 @@ from lagoon.engine.tiny import save_tiny_model
 from lagoon.model.args import ModelArgs
 from lagoon.moe import ReferenceExperts, SparseMoE
 
-NEW = ["glm4_moe", "laguna", "gpt_oss"]
+NEW = ["glm4_moe", "laguna", "gpt_oss", "deepseek_v3"]
 EXPERT_WIDTH = {"gpt_oss": "intermediate_size"}  # the config key of the experts' intermediate size
 
 
@@ -216,3 +216,23 @@ def test_gpt_oss_mxfp4_experts_load_as_their_dequantized_weights(folders, tmp_pa
     save_file(broken, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="layers.1.mlp.experts.down_proj_scales"):
         load_checkpoint(tmp_path / "q", "float32")
+
+
+def test_deepseek_v3_caches_the_latent_not_per_head_kv(folders):
+    from lagoon.engine.kv_cache import make_cache
+
+    args = ModelArgs.from_folder(folders["deepseek_v3"])
+    assert {s.attention for s in args.layers} == {"mla"} and [s.mlp for s in args.layers] == ["dense", "moe", "moe"]
+    for paged in (False, True):
+        cache = make_cache(args, paged=paged, max_batch=2, max_seq_len=32, dtype=torch.float32)
+        assert cache.k[0].shape[-2:] == (1, 24) and cache.v[0].shape[-2:] == (1, 8)  # latent R=24, shared roped key P=8
+    per_head = 2 * args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim)  # what expanded K/V would take
+    assert sum(args.kv_cache_dims[1:]) * 4 < per_head
+
+
+@pytest.mark.parametrize("over", [{"q_lora_rank": None}, {"rope_interleave": False, "rope_parameters": None}])
+def test_deepseek_v3_variants_prefill(tmp_path, over):
+    folder = save_tiny_model(tmp_path / "d", "deepseek_v3", **over)
+    x = _prompts(2, (2, 9))
+    with torch.no_grad():
+        assert rel(load_checkpoint(folder, "float32")(x), _hf(folder)(x).logits) <= 1e-4

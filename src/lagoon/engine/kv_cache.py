@@ -44,10 +44,11 @@ class KVCache:
     prefix_cache = False
 
     def __init__(self, args: ModelArgs, max_batch: int, max_seq_len: int, dtype: torch.dtype) -> None:
-        shape = (max_batch + 1, max_seq_len, args.n_kv_heads, args.head_dim)
+        heads, dk, dv = args.kv_cache_dims  # MLA (DeepSeek-V3) caches its latent: 1 "head", dk != dv
         # one tensor per layer, so a compiled step's in-place writes stay in place
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(args.n_layers)]  # L x [rows, S_max, K, D]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(args.n_layers)]
+        self.k = [torch.zeros((max_batch + 1, max_seq_len, heads, dk), dtype=dtype)
+                  for _ in range(args.n_layers)]  # L x [rows, S_max, K, D]
+        self.v = [torch.zeros((max_batch + 1, max_seq_len, heads, dv), dtype=dtype) for _ in range(args.n_layers)]
         self.max_seq_len = max_seq_len
         self.scratch = max_batch
         self.free_rows = list(range(max_batch))
@@ -113,9 +114,10 @@ class PagedKVCache:
         max_seq_len: int, prefix_cache: bool = True,
     ) -> None:
         # one block past the pool is scratch: padded decode slots write there (see lagoon.engine.compile)
-        shape = ((num_blocks + 1) * block_size, args.n_kv_heads, args.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(args.n_layers)]  # L x [slots, K, D]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(args.n_layers)]
+        heads, dk, dv = args.kv_cache_dims
+        slots = (num_blocks + 1) * block_size
+        self.k = [torch.zeros((slots, heads, dk), dtype=dtype) for _ in range(args.n_layers)]  # L x [slots, K, D]
+        self.v = [torch.zeros((slots, heads, dv), dtype=dtype) for _ in range(args.n_layers)]
         self.scratch = num_blocks
         self.block_size, self.num_blocks, self.max_seq_len = block_size, num_blocks, max_seq_len
         self.prefix_cache = prefix_cache
@@ -220,9 +222,9 @@ class PagedKVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         write, read, mask = self._bound
-        K, D = k.shape[1], k.shape[3]
-        self.k[layer][write.flatten()] = k.transpose(1, 2).reshape(-1, K, D).to(self.k[layer].dtype)
-        self.v[layer][write.flatten()] = v.transpose(1, 2).reshape(-1, K, D).to(self.v[layer].dtype)
+        K = k.shape[1]
+        self.k[layer][write.flatten()] = k.transpose(1, 2).reshape(-1, K, k.shape[3]).to(self.k[layer].dtype)
+        self.v[layer][write.flatten()] = v.transpose(1, 2).reshape(-1, K, v.shape[3]).to(self.v[layer].dtype)
         ks, vs = self.k[layer][read], self.v[layer][read]  # [B, S, K, D]
         return ks.transpose(1, 2), vs.transpose(1, 2), mask
 

@@ -90,6 +90,14 @@ def _config(family: str, vocab: int, **over: Any) -> Any:
             "intermediate_size": 40, "sliding_window": 5, "swiglu_limit": 1.5,
             "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                                 "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 128}}),
+        # MLA (q low-rank, kv latent 24 + rope 8), grouped sigmoid router, shared expert, first layer dense
+        "deepseek_v3": (tf.DeepseekV3Config, {
+            "num_hidden_layers": 3, "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+            "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
+            "routed_scaling_factor": 1.5, "intermediate_size": 72, "q_lora_rank": 40, "kv_lora_rank": 24,
+            "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 20, "num_key_value_heads": 4,
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                                "mscale_all_dim": 1.0, "original_max_position_embeddings": 128}}),
     }
     if family not in table:
         raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(table)}")
@@ -97,7 +105,7 @@ def _config(family: str, vocab: int, **over: Any) -> Any:
     return cls(**{**common, **extra, **over})
 
 
-TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss")
+TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss", "deepseek_v3")
 
 
 def save_tiny_model(folder: str | Path, family: str = "llama", *, seed: int = 0, vocab: int = 320, **config: Any) -> Path:

@@ -24,9 +24,9 @@ from lagoon.model.rope import RopeSpec, rope_spec
 __all__ = ["ModelArgs", "LayerSpec", "FAMILIES", "MOE_FAMILIES", "ATTENTION_KINDS"]
 
 DENSE_FAMILIES = ("llama", "qwen2", "qwen3")
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss", "deepseek_v3")
 FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
-ATTENTION_KINDS = ("gqa",)
+ATTENTION_KINDS = ("gqa", "mla")  # grouped-query; multi-head latent (DeepSeek-V3, `lagoon.model.mla`)
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,13 @@ class ModelArgs:
     expert_bias: bool = False  # gpt-oss: gate_up / down biases per expert
     glu_alpha: float = 1.702
     glu_limit: float = 7.0
+    # multi-head latent attention (DeepSeek-V3); q_lora_rank 0 = a plain q_proj
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotated channels stored as (x0, x1) pairs, not halves
     # per layer (filled from the fields above when empty) and the named RoPE tables
     layers: tuple[LayerSpec, ...] = ()
     ropes: tuple[tuple[str, RopeSpec], ...] = ()
@@ -116,6 +123,14 @@ class ModelArgs:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.layers[layer].mlp == "moe"
+
+    @property
+    def kv_cache_dims(self) -> tuple[int, int, int]:
+        """(heads, key width, value width) one cached token holds per layer. MLA caches its
+        compressed latent and the shared roped key, not per-head K/V."""
+        if self.kv_lora_rank:
+            return 1, self.kv_lora_rank, self.qk_rope_head_dim
+        return self.n_kv_heads, self.head_dim, self.head_dim
 
     def rope_table(self, name: str) -> RopeSpec:
         return dict(self.ropes)[name]

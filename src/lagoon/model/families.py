@@ -187,10 +187,45 @@ def _gpt_oss(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return a
 
 
+def _deepseek_v3(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V3: multi-head latent attention (the cache holds the kv latent + the shared roped
+    key), grouped sigmoid router with correction bias, shared experts, the first
+    `first_k_dense_replace` layers dense; MTP layers past n_layers are skipped by the loader."""
+    rope_dim = int(cfg["qk_rope_head_dim"])
+    a = _common(family, {**cfg, "head_dim": rope_dim})  # the RoPE table rotates qk_rope_head_dim channels
+    moe_i = int(cfg["moe_intermediate_size"])
+    a.update(
+        qkv_bias=bool(cfg.get("attention_bias", False)), o_bias=bool(cfg.get("attention_bias", False)),
+        num_experts=int(cfg["n_routed_experts"]),
+        top_k=int(cfg["num_experts_per_tok"]),
+        moe_intermediate_size=moe_i,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        shared_intermediate_size=moe_i * int(cfg.get("n_shared_experts", 1) or 0),
+        scoring="sigmoid",
+        n_group=int(cfg.get("n_group", 1) or 1),
+        topk_group=int(cfg.get("topk_group", 1) or 1),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        q_lora_rank=int(cfg.get("q_lora_rank") or 0),
+        kv_lora_rank=int(cfg["kv_lora_rank"]),
+        qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=int(cfg["v_head_dim"]),
+        rope_interleave=bool(cfg.get("rope_interleave", True)),
+    )
+    first_dense = int(cfg.get("first_k_dense_replace", 0) or 0)
+    a["layers"] = tuple(
+        LayerSpec(attention="mla", n_heads=a["n_heads"], n_kv_heads=a["n_heads"], head_dim=rope_dim,
+                  mlp="moe" if i >= first_dense else "dense")
+        for i in range(a["n_layers"])
+    )
+    return a
+
+
 PARSERS: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
     "llama": _dense, "qwen2": _dense, "qwen3": _dense,
     "mixtral": _classic_moe, "qwen2_moe": _classic_moe, "qwen3_moe": _classic_moe, "olmoe": _classic_moe,
     "glm4_moe": _glm4_moe, "laguna": _laguna, "gpt_oss": _gpt_oss,
+    "deepseek_v3": _deepseek_v3,
 }
 
 

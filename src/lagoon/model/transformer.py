@@ -186,10 +186,18 @@ def _moe_block(args: ModelArgs) -> nn.Module:
     return moe
 
 
+def _attention(args: ModelArgs, layer: int) -> nn.Module:
+    if args.layers[layer].attention == "mla":
+        from lagoon.model.mla import MLAttention  # lazy: mla <- transformer (RMSNorm, Step)
+
+        return MLAttention(args, layer)
+    return Attention(args, layer)
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(args, layer)
+        self.self_attn = _attention(args, layer)
         self.mlp = _moe_block(args) if args.is_moe_layer(layer) else MLP(args.dim, args.intermediate_size, args.hidden_act)
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
