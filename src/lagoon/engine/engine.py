@@ -21,7 +21,7 @@ import torch
 from lagoon.config import EngineSection, ModelDeploymentSection, MoeSection, OffloadSection
 from lagoon.engine.checkpoint import Precision, load_checkpoint
 from lagoon.engine.compile import DecodeStep, compile_enabled
-from lagoon.engine.generate import Request, Scheduler, TextStream
+from lagoon.engine.generate import Request, Scheduler, TextStream, incremental_decoder
 from lagoon.engine.grammar import Constraint, GrammarCompiler
 from lagoon.engine.kv_cache import make_cache
 from lagoon.engine.sampling import SamplingParams
@@ -122,13 +122,7 @@ class Engine:
         """An incremental decoder for one request: `tokenizers`' DecodeStream (the text one more id
         adds, None while a UTF-8 sequence is incomplete), the same text as `decode` without decoding
         every id again per token; None for a tokenizer without a `tokenizers` backend."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)  # transformers' fast tokenizers
-        if backend is None:
-            return None
-        from tokenizers.decoders import DecodeStream
-
-        stream = DecodeStream(skip_special_tokens=True)
-        return lambda token_id: stream.step(backend, token_id)
+        return incremental_decoder(self.tokenizer)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         return self.chat_format.encode(messages, tools)

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -234,6 +235,19 @@ class Scheduler:
     @staticmethod
     def _finish(req: Request, reason: str | None, exc: Exception | None = None) -> None:
         req.events.put(exc if exc is not None else ("done", reason))
+
+
+def incremental_decoder(tokenizer: Any) -> Callable[[int], str | None] | None:
+    """One request's incremental decoder over a transformers tokenizer: `tokenizers`' DecodeStream
+    (the text one more id adds, special tokens skipped; None while a UTF-8 sequence is incomplete).
+    None for a tokenizer without a `tokenizers` backend (a slow one)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # transformers' fast tokenizers have one
+    if backend is None:
+        return None
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(skip_special_tokens=True)
+    return lambda token_id: stream.step(backend, token_id)
 
 
 class TextStream:
