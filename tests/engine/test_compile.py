@@ -1,5 +1,6 @@
-"""The compiled decode step (`lagoon.engine.compile`) against the eager model on tiny random models,
-its batch padding, its on-disk cache, its fallback to eager, and the `engine.compile` key."""
+"""The compiled decode step (`lagoon.engine.compile`) against the eager model on tiny random models
+(batch 1 and the dynamic-batch graph), its on-disk cache, its fallback to eager, and the
+`engine.compile` key."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from lagoon.engine.compile import DecodeStep, batch_buckets, compile_enabled
+from lagoon.engine.compile import DecodeStep, compile_enabled
 from lagoon.engine.kv_cache import make_cache
 from lagoon.model.args import ModelArgs
 from lagoon.model.transformer import Transformer
@@ -54,11 +55,12 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path / "lagoon-cache"
 
 
-@pytest.mark.slow  # a cold inductor compile, even of a tiny model, takes 20-110 s on 2 shared cores
+@pytest.mark.slow  # cold inductor compiles, even of a tiny model, take 20-110 s on 2 shared cores
 @pytest.mark.parametrize("paged", [True, False])
-def test_compiled_step_matches_eager_with_padding(cache_dir, paged):
-    # three sequences of different lengths run in the padded bucket of 4; fp32 on both sides, so the
-    # only differences are inductor's reordered reductions: 1e-4 relative
+def test_compiled_step_matches_eager(cache_dir, paged):
+    # three sequences of different lengths (the dynamic-batch graph), then one alone (the batch-1
+    # graph, after the warm-up); fp32 on both sides, so the only differences are inductor's reordered
+    # reductions: 1e-4 relative
     m = _model()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 17, 9)]
@@ -67,9 +69,16 @@ def test_compiled_step_matches_eager_with_padding(cache_dir, paged):
         ref = _run(DecodeStep(m, ref_cache, max_batch=4, compile=False), ref_cache, prompts, 6)
         cache = make_cache(ARGS, paged=paged, max_batch=4, max_seq_len=64, dtype=torch.float32, block_size=8)
         step = DecodeStep(m, cache, max_batch=4, compile=True, progress=lambda line: None)
+        step.warm_up()
         got = _run(step, cache, prompts, 6)
-    assert step.compiled_buckets == {4} and step.eager_reason is None
+        ref_cache = make_cache(ARGS, paged=paged, max_batch=4, max_seq_len=64, dtype=torch.float32, block_size=8)
+        ref1 = _run(DecodeStep(m, ref_cache, max_batch=4, compile=False), ref_cache, prompts[1:2], 5)
+        for sid in range(3):
+            cache.free(sid)
+        got1 = _run(step, cache, prompts[1:2], 5)
+    assert step.compiled_buckets == {1, 2} and step.eager_reason is None
     assert float((got - ref).norm() / ref.norm()) <= 1e-4
+    assert float((got1 - ref1).norm() / ref1.norm()) <= 1e-4
     assert any(cache_dir.joinpath("compile").iterdir())  # artefacts went under LAGOON_CACHE_DIR
 
 
@@ -92,7 +101,7 @@ def test_unusable_cache_falls_back_to_eager_with_a_reason(tmp_path, monkeypatch,
 
 
 def test_buckets_and_the_compile_switch(monkeypatch):
-    assert batch_buckets(1) == [1] and batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(6) == [1, 2, 4, 6]
+    assert DecodeStep.bucket(1) == 1 and DecodeStep.bucket(2) == DecodeStep.bucket(8) == 2
     from lagoon.config import EngineSection
 
     monkeypatch.setenv("LAGOON_COMPILE", "0")
@@ -160,7 +169,7 @@ def test_embedded_model_greedy_tokens_equal_eager():
             assert fast.complete(p, fast.params(**params)).token_ids == eager.complete(p, eager.params(**params)).token_ids
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(3) as pool:  # decoded together: the padded bucket of 4
+        with ThreadPoolExecutor(3) as pool:  # decoded together: the dynamic-batch graph
             together = list(pool.map(lambda p: fast.complete(p, fast.params(**params)).token_ids, prompts))
         alone = [eager.complete(p, eager.params(**params)).token_ids for p in prompts]
         assert together == alone

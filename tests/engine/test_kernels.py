@@ -44,12 +44,33 @@ def test_plan_picks_the_kernel_and_matches_the_float_file(q4_file, monkeypatch, 
     got = load_gguf(q4_file, "native")
     proj = got.layers[0].mlp.up_proj
     assert isinstance(proj, linear) and isinstance(got.lm_head, Int8Linear)
-    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        a, b = ref(x), got(x).float()
-    # bf16 activations and KV, bf16 norms / embedding, int8 head (and int8 re-quantization on avx2)
-    assert float((a - b).norm() / a.norm()) <= 5e-2
-    assert bool((a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9)
+    assert proj.dense is not None and proj.dense.dtype == kernel_plan(isa).prefill_dtype
+    g = torch.Generator().manual_seed(4)
+    for n in (6, 24):  # 12 rows: the low-bit kernels; 48 rows: the dense prefill copies
+        x = torch.randint(0, 256, (2, n), generator=g)
+        with torch.no_grad():
+            a, b = ref(x), got(x).float()
+        # bf16 activations and KV, bf16 norms / embedding, int8 head (and int8 re-quantization on avx2)
+        assert float((a - b).norm() / a.norm()) <= 5e-2
+        assert bool((a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9)
+
+
+@pytest.mark.parametrize("dense", [torch.bfloat16, torch.float32])
+def test_dense_prefill_copies_hold_the_kernels_values(dense):
+    from lagoon.engine.checkpoint import q4_1_fields
+    from test_gguf import _random_q4_1
+
+    g = torch.Generator().manual_seed(7)
+    N, K = 64, 96
+    fields = q4_1_fields(_random_q4_1(N * K // 32, g))
+    low, both = Q4_1Linear(*fields, N, K), Q4_1Linear(*fields, N, K, dense=dense)
+    w8 = torch.randn(N, K, generator=g)
+    low8, both8 = Int8Linear.from_weight(w8), Int8Linear.from_weight(w8, dense)
+    x = torch.randn(40, K, generator=g)  # >= PREFILL_MIN_M rows: the dense path
+    for a, b in ((low, both), (low8, both8)):
+        ref = a(x).double()  # the low-bit kernel on the same rows
+        assert float((b(x).double() - ref).norm() / ref.norm()) <= 1e-2  # bf16 rounding of weights / outputs
+        assert torch.equal(b(x[:3]), a(x[:3]))  # few rows: the low-bit kernel itself
 
 
 def test_int8_linear_matches_its_dequantized_weight():

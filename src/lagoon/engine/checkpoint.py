@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lagoon.engine.kernels import KernelPlan, kernel_plan
+from lagoon.engine.kernels import DENSE_PREFILL_MAX_BYTES, KernelPlan, kernel_plan
 from lagoon.errors import CheckpointError, UnsupportedModelError
 from lagoon.model.args import ModelArgs
 from lagoon.model.transformer import Transformer
@@ -393,8 +393,14 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
     if q4 or int8:
         from lagoon.engine.gguf_linear import swap_int8, swap_q4_1
 
-        swap_q4_1(model, q4)
-        swap_int8(model, int8)
+        low_bit = sum(q.numel() for _, _, q in q4.values()) + sum(
+            w.numel() for k, w in int8.items() if k != "lm_head.weight")
+        dense = plan.prefill_dtype if low_bit * plan.prefill_dtype.itemsize <= DENSE_PREFILL_MAX_BYTES else None
+        swap_q4_1(model, q4, dense)
+        head = int8.pop("lm_head.weight", None)
+        swap_int8(model, int8, dense)
+        if head is not None:  # the head sees one row per sequence at prefill (last_only): no dense copy
+            swap_int8(model, {"lm_head.weight": head})
     return model
 
 

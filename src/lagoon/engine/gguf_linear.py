@@ -17,6 +17,7 @@ branches on it. This is *not* a general quantizer (that is `lagoon.quant`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lagoon.quant.int8 import quantize_per_channel_int8
@@ -24,10 +25,24 @@ from lagoon.quant.int8 import quantize_per_channel_int8
 __all__ = ["Q4_1Linear", "Int8Linear", "swap_q4_1", "swap_int8", "GROUP"]
 
 GROUP = 32
+PREFILL_MIN_M = 16
+"""Rows (tokens) from which a linear holding a `dense` copy multiplies by it instead: the low-bit
+matrix-vector kernels are bandwidth-bound wins at decode but 8-10x slower than a bf16 (AMX/AVX-512)
+or fp32 GEMM at prefill (576x1536, M = 1000: int4pack 20 ms, int8pack 20 ms, bf16 1.8 ms, fp32 11 ms)."""
+
+
+def _prefill(x2: torch.Tensor, dense: torch.Tensor | None) -> torch.Tensor | None:
+    if dense is None or x2.shape[0] < PREFILL_MIN_M:
+        return None
+    return F.linear(x2.to(dense.dtype), dense)  # [M, N]
 
 
 class Q4_1Linear(nn.Module):
-    def __init__(self, d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, out_features: int, in_features: int) -> None:
+    """A Q4_0 / Q4_1 weight on the int4 kernel; with `dense` (a dtype) also a dense copy of the same
+    values for prefill-sized inputs (`PREFILL_MIN_M`)."""
+
+    def __init__(self, d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, out_features: int, in_features: int,
+                 dense: torch.dtype | None = None) -> None:
         # d, m [N*K/32, 1] f32; q [N*K/32, 32] uint8 (row-major blocks of the [N, K] weight)
         super().__init__()
         N, K = out_features, in_features
@@ -38,20 +53,29 @@ class Q4_1Linear(nn.Module):
         m = m.reshape(N, K // GROUP)
         sz = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous()  # [K/32, N, 2]
         self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
+        w = None
+        if dense is not None:  # the kernel's own values: (q - 8)·scale + zero with its bf16 scales
+            scale, zero = (sz.to(torch.bfloat16).float()[..., i].t().unsqueeze(-1) for i in (0, 1))  # [N, K/32, 1]
+            w = ((qi.reshape(N, K // GROUP, GROUP).float() - 8) * scale + zero).reshape(N, K).to(dense)
+        self.register_buffer("dense", w, persistent=False)  # [N, K] or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # [M, K]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_and_zeros)  # [M, N]
+        y = _prefill(x2, self.dense)
+        if y is None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_and_zeros)  # [M, N]
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, gguf=Q4_1"
 
 
-def swap_q4_1(model: nn.Module, fields: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> int:
+def swap_q4_1(model: nn.Module, fields: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+              dense: torch.dtype | None = None) -> int:
     """Replace each `nn.Linear` whose weight name is in `fields` ({'layers.0.mlp.up_proj.weight':
-    (d, m, q)}) by a `Q4_1Linear`; returns how many were swapped."""
+    (d, m, q)}) by a `Q4_1Linear` (with a `dense` prefill copy in that dtype, if given); returns how
+    many were swapped."""
     n = 0
     for name, (d, m, q) in fields.items():
         path = name.removesuffix(".weight").split(".")
@@ -59,38 +83,44 @@ def swap_q4_1(model: nn.Module, fields: dict[str, tuple[torch.Tensor, torch.Tens
         old = getattr(parent, path[-1])
         if not isinstance(old, nn.Linear) or old.bias is not None or old.in_features % GROUP:
             continue
-        setattr(parent, path[-1], Q4_1Linear(d, m, q, old.out_features, old.in_features))
+        setattr(parent, path[-1], Q4_1Linear(d, m, q, old.out_features, old.in_features, dense))
         n += 1
     return n
 
 
 class Int8Linear(nn.Module):
-    """w ≈ qweight · scale (per output channel), bf16 activations; bias-free."""
+    """w ≈ qweight · scale (per output channel), bf16 activations; bias-free. With `dense` (a dtype)
+    also a dense copy of the same values for prefill-sized inputs (`PREFILL_MIN_M`)."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, dense: torch.dtype | None = None) -> None:
         # qweight [N, K] int8, scale [N] bf16 (the kernel's dtype)
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
+        w = None if dense is None else (qweight.float() * scale.float()[:, None]).to(dense)
+        self.register_buffer("dense", w, persistent=False)  # [N, K] or None
 
     @classmethod
-    def from_weight(cls, w: torch.Tensor) -> Int8Linear:
-        return cls(*quantize_per_channel_int8(w, torch.bfloat16))
+    def from_weight(cls, w: torch.Tensor, dense: torch.dtype | None = None) -> Int8Linear:
+        return cls(*quantize_per_channel_int8(w, torch.bfloat16), dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # [M, K]
-        y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)  # [M, N]
+        y = _prefill(x2, self.dense)
+        if y is None:
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)  # [M, N]
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
 
 
-def swap_int8(model: nn.Module, weights: dict[str, torch.Tensor]) -> int:
+def swap_int8(model: nn.Module, weights: dict[str, torch.Tensor], dense: torch.dtype | None = None) -> int:
     """Replace each bias-free `nn.Linear` named in `weights` ({'lm_head.weight': w [N, K] float}) by
-    an `Int8Linear` quantized from `w`; returns how many were swapped."""
+    an `Int8Linear` quantized from `w` (with a `dense` prefill copy, if given); returns how many were
+    swapped."""
     n = 0
     for name, w in weights.items():
         path = name.removesuffix(".weight").split(".")
@@ -98,6 +128,6 @@ def swap_int8(model: nn.Module, weights: dict[str, torch.Tensor]) -> int:
         old = getattr(parent, path[-1])
         if not isinstance(old, nn.Linear) or old.bias is not None:
             continue
-        setattr(parent, path[-1], Int8Linear.from_weight(w.float()))
+        setattr(parent, path[-1], Int8Linear.from_weight(w.float(), dense))
         n += 1
     return n

@@ -14,7 +14,11 @@ small GGUFs) runs int8 everywhere: 1.3-1.5 ms against 3.2 ms in bf16 for a 49152
 
 `LAGOON_CPU_ISA` (``avx512`` | ``avx2`` | ``default``) forces the choice, so the AVX2 plan can be run
 and tested on an AVX-512 machine (set ``ATEN_CPU_CAPABILITY=avx2`` too to make torch's own kernels
-match). This module does not compile anything (see `lagoon.engine.compile`).
+match). Prefill-sized inputs (16+ tokens) multiply by a dense copy of the same weight values instead:
+the matrix-vector kernels are 8-10x slower than a GEMM there (576x1536, M = 1000: int4pack 20 ms,
+bf16 1.8 ms, fp32 11 ms); bf16 on AVX-512, fp32 on AVX2 (whose bf16 GEMM has no fast path). The
+copies cost 2-4 bytes a weight, so a GGUF whose 4-bit linears would need more than
+`DENSE_PREFILL_MAX_BYTES` keeps prefill on the low-bit kernels. This module does not compile anything (see `lagoon.engine.compile`).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import torch
 
 from lagoon.errors import ConfigError
 
-__all__ = ["ISAS", "KernelPlan", "cpu_isa", "kernel_plan"]
+__all__ = ["ISAS", "KernelPlan", "cpu_isa", "kernel_plan", "DENSE_PREFILL_MAX_BYTES"]
 
 ISAS = ("avx512", "avx2", "default")
+DENSE_PREFILL_MAX_BYTES = 2 << 30
 
 
 def cpu_isa() -> str:
@@ -50,11 +55,18 @@ class KernelPlan:
     isa: str
     q4: Literal["int4pack", "int8pack"]
     head: Literal["int8pack"]
+    prefill: Literal["bfloat16", "float32"]  # dtype of the dense copies prefill multiplies by
+
+    @property
+    def prefill_dtype(self) -> torch.dtype:
+        return getattr(torch, self.prefill)
 
     def describe(self) -> str:
-        return f"{self.isa}: 4-bit linears on {self.q4}, output head on {self.head}"
+        return f"{self.isa}: 4-bit linears on {self.q4}, output head on {self.head}, prefill in {self.prefill}"
 
 
 def kernel_plan(isa: str | None = None) -> KernelPlan:
     isa = isa or cpu_isa()
-    return KernelPlan(isa=isa, q4="int4pack" if isa == "avx512" else "int8pack", head="int8pack")
+    avx512 = isa == "avx512"
+    return KernelPlan(isa=isa, q4="int4pack" if avx512 else "int8pack", head="int8pack",
+                      prefill="bfloat16" if avx512 else "float32")
