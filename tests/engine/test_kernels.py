@@ -57,8 +57,9 @@ def test_plan_picks_the_kernel_and_matches_the_float_file(q4_file, monkeypatch, 
 
 @pytest.mark.parametrize("dense", [torch.bfloat16, torch.float32])
 def test_dense_prefill_copies_hold_the_kernels_values(dense):
-    from lagoon.engine.checkpoint import q4_1_fields
     from test_gguf import _random_q4_1
+
+    from lagoon.engine.checkpoint import q4_1_fields
 
     g = torch.Generator().manual_seed(7)
     N, K = 64, 96
