@@ -241,3 +241,17 @@ def test_a_resumed_run_keeps_the_models_assumptions_and_the_evidence(repo):
     names = [a["name"] for a in snap["assumptions"]]
     assert "readme_there" in names and "fails:tests/test_textstats.py::test_median_even" in names
     assert any(c.startswith("textstats.py") for c in snap["chunks"])  # the evidence survived the crash
+
+
+def test_verify_is_offered_once_there_is_an_assumption_to_verify(repo):
+    offered: list[list[str]] = []
+
+    class Recording(ReplayChatModel):
+        def chat(self, messages, **kw):
+            offered.append([t.name for t in kw.get("tools", ())])
+            return super().chat(messages, **kw)
+
+    model = Recording([assume("readme_there", "test -f README.md"), ScriptStep(tool=("verify", {})), SUBMIT])
+    assert run_task("median", repo, cfg(), model=model).submitted
+    assert "assume" in offered[0] and "verify" not in offered[0]
+    assert "verify" in offered[1] and "verify" in offered[2]

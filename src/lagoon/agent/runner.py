@@ -198,7 +198,8 @@ def run_task(
         offered += [AssumeTool(book, max_assumptions=max_assumptions), VerifyTool(book)]
         if tools is not None:
             offered = [t for t in offered if t.name in tools]
-        toolbox = ToolBox([*offered, SubmitTool()], max_chars=cap)
+        toolbox = ToolBox([*offered, SubmitTool()], max_chars=cap,
+                          offered=lambda name: name != "verify" or bool(book.declared))
         mem_cfg = config.model_deployment.memory
         window = getattr(model, "context_window", 0) or mem_cfg.context_budget
         system = _PROMPTS.get_template("system.j2").render(

@@ -16,7 +16,7 @@ no tool can flood them whatever it read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -59,12 +59,16 @@ def require_str(arguments: Mapping[str, Any], key: str, tool: str) -> str:
 class ToolBox:
     """The tools one run offers, by name; results capped at `max_chars` characters per string."""
 
-    def __init__(self, tools: Sequence[Tool], *, max_chars: int = 10000) -> None:
+    def __init__(self, tools: Sequence[Tool], *, max_chars: int = 10000,
+                 offered: Callable[[str], bool] | None = None) -> None:
         self.tools = {t.name: t for t in tools}
         self.max_chars = max_chars
+        self.offered = offered
+        """Which tools the next call offers (default all): `verify` waits for an assumption to verify.
+        A tool not offered still runs if called (a resumed reply may name it)."""
 
     def specs(self) -> list[ToolSpec]:
-        return [t.spec for t in self.tools.values()]
+        return [t.spec for t in self.tools.values() if self.offered is None or self.offered(t.name)]
 
     def run(self, name: str, arguments: Mapping[str, Any]) -> ToolOutput:
         tool = self.tools.get(name)
