@@ -86,16 +86,32 @@ def test_a_command_editing_a_file_an_assumption_rests_on_is_drift_and_a_new_vers
 
 @pytest.mark.parametrize("limit", [1, 2])
 def test_a_failing_model_assumption_halts_after_the_configured_failures_naming_it(repo, limit):
-    model = ReplayChatModel([assume("notes_exist", "test -f NOTES.md", "the repo has release notes"), SUBMIT])
+    (repo / "NOTES.md").write_text("release notes\n")
+    model = ReplayChatModel([assume("notes_exist", "test -f NOTES.md", "the repo has release notes"),
+                             bash("rm NOTES.md"), SUBMIT])
     result = run_task("median", repo, cfg(validation={"max_consecutive_validation_failures": limit}), model=model)
     assert result.exit_status == "validation_halt" and not result.submitted
-    assert result.validation_failures == limit and len(model.requests) == 1  # no call after the assume
+    assert result.validation_failures == limit and len(model.requests) == 2  # no call after the rm
     assert "notes_exist" in result.exit_message and "test -f NOTES.md" in result.exit_message
+    assert "the repo has release notes" in result.exit_message
     assert f"max_consecutive_validation_failures={limit}" in result.exit_message
 
 
+def test_an_assumption_that_does_not_hold_is_refused_when_declared(repo):
+    model = ReplayChatModel([assume("notes_exist", "test -f NOTES.md"), assume("garbage", "test_empty"), SUBMIT])
+    result = run_task("median", repo, cfg(), model=model)
+    assert result.submitted and result.validation_failures == 0
+    doc = _export(repo, result.session_id)
+    refused = [e["payload"] for e in doc["events"] if e["kind"] == "tool_result" and e["payload"]["name"] == "assume"]
+    assert all(not r["ok"] and r["text"].startswith("not declared") for r in refused)
+    assert "exit 127" in refused[1]["text"]  # a check that cannot run says why
+    assert not any(a["source"] == "model" for s in doc["snapshots"] for a in s["assumptions"])
+
+
 def test_reject_unverified_assumptions_off_records_the_drift_and_carries_on(repo):
-    model = ReplayChatModel([assume("notes_exist", "test -f NOTES.md"), bash("echo go on"), SUBMIT])
+    (repo / "NOTES.md").write_text("release notes\n")
+    model = ReplayChatModel([assume("notes_exist", "test -f NOTES.md"), bash("rm NOTES.md"), bash("echo go on"),
+                             SUBMIT])
     result = run_task("median", repo, cfg(validation={"reject_unverified_assumptions": False}), model=model)
     assert result.submitted and result.validation_failures == 0
     doc = _export(repo, result.session_id)
@@ -103,7 +119,7 @@ def test_reject_unverified_assumptions_off_records_the_drift_and_carries_on(repo
     assert snap["reason"].startswith("assumptions_changed: notes_exist")
     (mine,) = [a for a in snap["assumptions"] if a["name"] == "notes_exist"]
     assert mine["holds"] is False and mine["check"] == "test -f NOTES.md" and mine["source"] == "model"
-    assert "[FAILED] notes_exist" in model.requests[1][1].content  # the model is told
+    assert "[FAILED] notes_exist" in model.requests[2][1].content  # the model is told
 
 
 def test_a_model_assumption_that_starts_failing_is_caught_before_the_next_call(repo):

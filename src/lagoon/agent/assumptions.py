@@ -257,6 +257,12 @@ class AssumptionBook:
         self.declared[name] = a
         return self._run(a)
 
+    def retract(self, name: str) -> None:
+        """Forget a model assumption (one refused at declaration)."""
+        self.declared.pop(name, None)
+        self._seen.pop(name, None)
+        self._dirty.discard(name)
+
     # -- checking -------------------------------------------------------------------------------
     def touch(self) -> None:
         """The workspace may have changed (a command or an edit ran): no-watch checks are due."""

@@ -1,8 +1,9 @@
 """`assume`: the model declares an assumption — a named claim and the check that decides it.
 
 The check is a shell command (holds when it exits 0) or Python code (holds when `python -c CODE`
-exits 0; use `assert`). It runs at once and again before every later model call whenever it could
-have changed (`lagoon.agent.assumptions`); a failing one is drift, and with
+exits 0; use `assert`). It runs at once — an assumption must hold when declared, so one whose check
+fails (or cannot run) is refused with what the check printed — and again before every later model
+call whenever it could have changed (`lagoon.agent.assumptions`); a failing one is drift, and with
 `validation.reject_unverified_assumptions` it stops the run after
 `validation.max_consecutive_validation_failures` failed checks in a row. Declaring more than
 `context.max_assumptions_per_snapshot` is refused; declaring an existing name replaces it.
@@ -70,4 +71,8 @@ class AssumeTool:
                 f"(context.max_assumptions_per_snapshot); yours are: {', '.join(self.book.declared)}. "
                 "Reuse a name to replace one.")
         a = self.book.declare(name, claim, check, kind, watch)
-        return ToolOutput(text=describe(a), ok=a.holds is True, meta={"assumption": a.to_dict()})
+        if a.holds is not True:
+            self.book.retract(name)
+            return ToolOutput(text=f"not declared: the check of {name!r} fails now ({a.detail}); an assumption "
+                                   "must hold when you declare it", ok=False)
+        return ToolOutput(text=describe(a), meta={"assumption": a.to_dict()})
