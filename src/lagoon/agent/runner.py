@@ -195,10 +195,11 @@ def run_task(
                               EditTool(ws, SessionLocks(store, sid))]
         if retriever is not None:
             offered.append(SearchTool(retriever, budget_tokens=config.context.token_budget))
-        offered += [AssumeTool(book, max_assumptions=max_assumptions), VerifyTool(book)]
+        # the contract tools come last: a small model leans towards the tools listed just before submit
+        offered += [SubmitTool(), AssumeTool(book, max_assumptions=max_assumptions), VerifyTool(book)]
         if tools is not None:
-            offered = [t for t in offered if t.name in tools]
-        toolbox = ToolBox([*offered, SubmitTool()], max_chars=cap,
+            offered = [t for t in offered if t.name in (*tools, "submit")]
+        toolbox = ToolBox(offered, max_chars=cap,
                           offered=lambda name: name != "verify" or bool(book.declared))
         mem_cfg = config.model_deployment.memory
         window = getattr(model, "context_window", 0) or mem_cfg.context_budget
