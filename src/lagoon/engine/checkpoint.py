@@ -240,15 +240,18 @@ def gguf_args(reader: Any) -> ModelArgs:
         f = reader.fields.get(key)
         return default if f is None else f.contents()
 
+    from lagoon.engine.gguf_moe import MOE_ARCHS, moe_config
+
     arch = field("general.architecture")
-    if arch not in _GGUF_FAMILIES:
-        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported; Lagoon runs: {', '.join(_GGUF_FAMILIES)}")
+    if arch not in _GGUF_FAMILIES and arch not in MOE_ARCHS:
+        known = ", ".join([*_GGUF_FAMILIES, *MOE_ARCHS])
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported; Lagoon runs: {known}")
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
     n_heads = int(field(f"{arch}.attention.head_count"))
     dim = int(field(f"{arch}.embedding_length"))
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     cfg = {
-        "model_type": _GGUF_FAMILIES[arch],
+        "model_type": _GGUF_FAMILIES.get(arch),
         "vocab_size": int(emb.shape[1]),
         "hidden_size": dim,
         "num_hidden_layers": int(field(f"{arch}.block_count")),
@@ -263,6 +266,15 @@ def gguf_args(reader: Any) -> ModelArgs:
         "bos_token_id": field("tokenizer.ggml.bos_token_id"),
         "eos_token_id": field("tokenizer.ggml.eos_token_id"),
     }
+    rot = field(f"{arch}.rope.dimension_count")
+    if rot:  # fewer than head_dim: partial rotary (GLM-4.5)
+        cfg["partial_rotary_factor"] = int(rot) / cfg["head_dim"]
+    mtp = int(field(f"{arch}.nextn_predict_layers", 0) or 0)  # GLM-4.5 counts its MTP blocks in block_count
+    cfg["num_hidden_layers"] -= mtp
+    cfg.update(moe_config(arch, field))
+    if arch == "glm4moe":
+        cfg["attention_bias"] = any(t.name == "blk.0.attn_q.bias" for t in reader.tensors)
+        cfg["use_qk_norm"] = any(t.name == "blk.0.attn_q_norm.weight" for t in reader.tensors)
     return ModelArgs.from_hf_config(cfg)
 
 
@@ -326,6 +338,10 @@ def gguf_tensor_name(name: str) -> str | None:
     parts = name.split(".")
     if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_NAMES:
         return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    if parts[0] == "blk" and len(parts) == 4:
+        from lagoon.engine.gguf_moe import moe_tensor_name
+
+        return moe_tensor_name(parts)
     return None
 
 
@@ -353,16 +369,17 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
     state: dict[str, torch.Tensor] = {}
     q4: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     int8: dict[str, torch.Tensor] = {}
+    permuted = reader.fields["general.architecture"].contents() == "llama"  # llama.cpp permutes llama's Q/K
     for t in reader.tensors:
         name = gguf_tensor_name(t.name)
-        if name is None:
-            continue
+        if name is None or (t.name.startswith("blk.") and int(t.name.split(".")[1]) >= args.n_layers):
+            continue  # not a model tensor, or a multi-token-prediction block
         kind = t.tensor_type.name
         shape = [int(d) for d in reversed(t.shape)]
         low_bit = native and kind in _Q4_FIELDS and name.endswith("_proj.weight")
         if low_bit and plan.q4 == "int4pack":
             d, m, q = _Q4_FIELDS[kind](torch.from_numpy(np.array(t.data)).reshape(-1))
-            if name.endswith(("q_proj.weight", "k_proj.weight")) and args.family == "llama":
+            if name.endswith(("q_proj.weight", "k_proj.weight")) and permuted:
                 heads = args.n_heads if "q_proj" in name else args.n_kv_heads
                 rows, blocks = int(t.shape[1]), int(t.shape[0]) // 32  # un-permute whole rows of blocks
                 d, m = (_unpermute(x.reshape(rows, blocks), heads).reshape(-1, 1) for x in (d, m))
@@ -379,9 +396,9 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
                 w = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)
         except (ValueError, NotImplementedError, RuntimeError) as exc:
             raise CheckpointError(f"tensor {t.name!r} in {path}: cannot dequantize {kind} ({exc})") from exc
-        if args.family == "llama" and name.endswith("q_proj.weight"):
+        if permuted and name.endswith("q_proj.weight"):
             w = _unpermute(w, args.n_heads)
-        elif args.family == "llama" and name.endswith("k_proj.weight"):
+        elif permuted and name.endswith("k_proj.weight"):
             w = _unpermute(w, args.n_kv_heads)
         state[name] = w
         if low_bit:
@@ -389,6 +406,10 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
         if native and kind not in _FLOAT_TYPES and name == "lm_head.weight" or (
                 native and kind not in _FLOAT_TYPES and name == "embed_tokens.weight" and args.tie_word_embeddings):
             int8["lm_head.weight"] = w  # the output head at (about) the file's 8-bit width
+    if args.is_moe:
+        from lagoon.engine.gguf_moe import stack_experts
+
+        state = stack_experts(args, state)
     model = _assemble(args, state, precision, source=str(path), native=torch.bfloat16)
     if q4 or int8:
         from lagoon.engine.gguf_linear import swap_int8, swap_q4_1
