@@ -128,3 +128,10 @@ def test_no_in_package_import_falls_back_on_importerror():
                          else [a.name for a in inner.names] if isinstance(inner, ast.Import) else [])
                 bad += [f"{path}:{inner.lineno}" for n in names if n == "lagoon" or n.startswith("lagoon.")]
     assert not bad, f"in-package imports inside `except ImportError`: {bad}"
+
+
+def test_no_source_file_passes_500_lines():
+    """Past ~500 lines a module is split along a seam (STYLE.md)."""
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "src").rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
+    assert not long, f"split these along a seam: {long}"
