@@ -88,7 +88,7 @@ def test_parameter_declarations_warn_beyond_ten_percent(folders, caplog):
     assert data["variant"] == "tiny-a" and data["total_parameters"]["actual"] == fp.total
     assert data["active_parameters"]["ok"] and data["total_parameters"]["off_by"] == pytest.approx(0.05 / 1.05)
     assert tel.value("lagoon_model_parameters", {"kind": "active", "variant": "tiny-a"}) == fp.active
-    far = ModelDeploymentSection(variant="laguna_xs2", total_parameters="33.4B", active_parameters=fp.active * 1.2)
+    far = ModelDeploymentSection(variant="tiny-b", total_parameters="33.4B", active_parameters=fp.active * 1.2)
     with caplog.at_level(logging.WARNING, "lagoon.moe.footprint"):
         report = check_declaration(model, far, telemetry=tel)
     assert len(report.warnings) == 2 and "total_parameters declares 33.4B" in report.warnings[0]
@@ -127,3 +127,20 @@ def test_moe_info_reports_declaration_and_offload(folders):
     assert res.exit_code == 0 and "off by" in res.stdout and "offload: capacity 3/8" in res.stdout
     res = CliRunner().invoke(app, ["info", "-m", str(folders["moe"]), "-c", "model_deployment.architecture=dense"])
     assert res.exit_code == 2 and "architecture=moe_sparse" in res.output
+
+
+def test_known_variant_is_checked_against_the_checkpoint(folders):
+    """`model_deployment.variant` naming a known model: its family / experts / k / layers are checked,
+    and its published counts stand in for undeclared ones; a free-form name checks nothing."""
+    from lagoon.model.variants import VARIANTS
+
+    model = load_checkpoint(folders["moe"], "float32")  # a tiny qwen3_moe
+    report = check_declaration(model, ModelDeploymentSection(variant="gpt_oss_20b"))
+    text = " ".join(report.warnings)
+    assert "'gpt_oss_20b' is a gpt_oss model but the checkpoint is qwen3_moe" in text
+    assert "32 routed experts" in text and "24 layers" in text
+    assert report.declared_total == VARIANTS["gpt_oss_20b"].total  # the preset's 21B stands in
+    same_family = check_declaration(model, ModelDeploymentSection(variant="qwen3_coder_30b_a3b"))
+    assert not any("is a qwen3_moe model" in w for w in same_family.warnings)
+    assert any("128 routed experts" in w for w in same_family.warnings)
+    assert check_declaration(model, ModelDeploymentSection(variant="my-own-label")).warnings == []

@@ -110,7 +110,10 @@ class ModelDeploymentSection(Section):
     """Model family shape: sparse mixture-of-experts or dense."""
 
     variant: str = "embedded"
-    """Free-form variant name recorded in telemetry and reports."""
+    """The model this deployment runs, recorded in telemetry and reports. A known name
+    (`lagoon.model.variants.VARIANTS`: laguna_xs2, qwen3_coder_30b_a3b, gpt_oss_20b, glm45_air, ...) is
+    checked against the loaded checkpoint (family, experts, k, layers, parameter counts); any other
+    name is a free-form label."""
 
     total_parameters: str | float | None = None
     """Declared total parameter count (e.g. '33.4B'); informational, checked against the loaded model

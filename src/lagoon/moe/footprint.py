@@ -13,7 +13,9 @@ Checks: an architecture that disagrees with the model (``moe_sparse`` without Mo
 ``dense`` with them) raises `CheckpointError` when the config sets it explicitly, and is a note
 (logged at info) when it is only the default. A declared count off by more than ``TOLERANCE`` (10%)
 logs a warning (and a telemetry alert); both numbers are always in the report. ``variant`` labels
-the report and the telemetry gauges. Not here: loading models (`lagoon.engine`) or changing them.
+the report and the telemetry gauges; when it names a known model (`lagoon.model.variants`), its
+family, expert count, experts per token and layers are checked against the checkpoint (each
+mismatch a warning) and its published parameter counts stand in for undeclared ones. Not here: loading models (`lagoon.engine`) or changing them.
 """
 
 from __future__ import annotations
@@ -140,12 +142,16 @@ class DeclarationReport:
 
 def check_declaration(model: nn.Module, deployment: Any, *, telemetry: Any = None) -> DeclarationReport:
     """Compare ``model_deployment`` (a `ModelDeploymentSection`) with `model`; see the module docstring."""
+    from lagoon.model.variants import check_variant, preset
+
     fp = count_parameters(model)
+    known = preset(deployment.variant)
     report = DeclarationReport(
         variant=deployment.variant, footprint=fp, declared_architecture=deployment.architecture,
-        declared_total=parse_count(deployment.total_parameters),
-        declared_active=parse_count(deployment.active_parameters),
+        declared_total=parse_count(deployment.total_parameters) or (known.total if known else None),
+        declared_active=parse_count(deployment.active_parameters) or (known.active if known else None),
     )
+    report.warnings.extend(check_variant(deployment.variant, getattr(model, "args", None), fp.num_experts, fp.top_k))
     if deployment.architecture != fp.architecture:
         what = f"{fp.moe_layers} MoE layers of {fp.num_experts} experts" if fp.moe_layers else "no MoE layers"
         msg = (f"model_deployment.architecture is {deployment.architecture!r} but the loaded model has {what}; "
