@@ -39,6 +39,9 @@ def test_quantize_then_fidelity_json_dense(tiny_dense, tmp_path) -> None:
     # measured: top-1 0.960, mean KL 0.0009 (group-wise int8 on the tiny llama, down_proj 0 kept float)
     assert rep["text"]["top1_agreement"] > 0.93 and rep["text"]["mean_kl"] < 0.003
     assert {lf["kind"] for lf in rep["layers"]} == {"QuantizedLinear"} and rep["worst_layer"]
+    assert [p["policy"] for p in rep["token_types"]] == ["policy"]  # weight-only: one pass
+    assert [t["token_type"] for t in rep["token_types"][0]["per_type"]] == ["CONTEXT", "TOOL_OUTPUT", "REASONING"]
+    assert rep["token_types"][0]["per_type"][0]["tokens"] > 0  # byte tokens: 300 reach only the first messages
     r = runner.invoke(app, ["quant", "fidelity", "--model", str(tiny_dense), "--quantized", str(out), "--max-tokens", "100"])
     assert r.exit_code == 0 and "top-1 agreement" in r.output
 
@@ -92,6 +95,7 @@ def test_w8a8_calibrates_by_default_and_says_when_it_does_not(tiny_dense, tmp_pa
     assert meta["calibrated"] is False and meta["calibration"] is None
     r = runner.invoke(app, ["quant", "fidelity", "--model", str(tiny_dense), "--quantized", str(tmp_path / "dyn"), "--max-tokens", "64"])
     assert r.exit_code == 0 and "UNCALIBRATED" in r.output, r.output
+    assert "per token type" in r.output and "all-static" in r.output and "all-dynamic" in r.output
     r = runner.invoke(
         app, ["quantize", "--model", str(tiny_dense), "--scheme", "w8a8", "--no-calibration", "--calibration", str(quant_cmd.HELDOUT),
               "--out", str(tmp_path / "x")],

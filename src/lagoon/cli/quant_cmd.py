@@ -22,6 +22,7 @@ app = typer.Typer(help="Quantization: fidelity reports for quantized checkpoints
 
 HELDOUT = Path(__file__).resolve().parents[1] / "quant" / "data" / "heldout.txt"
 CALIBRATION = Path(__file__).resolve().parents[1] / "quant" / "data" / "calibration.txt"
+TRANSCRIPT = Path(__file__).resolve().parents[1] / "quant" / "data" / "transcript.json"
 UNCALIBRATED = (
     "UNCALIBRATED: every activation is scaled dynamically per token and no SmoothQuant is applied "
     "(lower fidelity; drop --no-calibration to calibrate on the shipped text, or pass --calibration FILE)"
@@ -142,6 +143,9 @@ def fidelity(
     text: Annotated[Path, typer.Option("--text", help="Held-out text to score.")] = HELDOUT,
     window: Annotated[int, typer.Option(help="Tokens per scored window.")] = 256,
     max_tokens: Annotated[int, typer.Option(help="Cap on scored tokens.")] = 1024,
+    transcript: Annotated[Path, typer.Option(
+        "--transcript", help="Agent transcript (JSON messages) for fidelity per token type (default: the shipped one)."
+    )] = TRANSCRIPT,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -151,7 +155,8 @@ def fidelity(
     from lagoon.engine.checkpoint import load_checkpoint
     from lagoon.engine.tokenizer import load_tokenizer
     from lagoon.quant import load_quantized, read_metadata
-    from lagoon.quant.fidelity import FidelityReport, layer_fidelity, text_fidelity
+    from lagoon.quant.fidelity import FidelityReport, layer_fidelity, text_fidelity, token_type_report
+    from lagoon.quant.quantize import scheme_class
 
     load(config)
     meta = read_metadata(quantized)
@@ -160,18 +165,41 @@ def fidelity(
     q = load_quantized(load_checkpoint(path, "float32"), quantized)
     ids = load_tokenizer(path).encode(_read_text(text))
     wins = _windows(ids, window, max_tokens)
+    t_ids, t_types = _transcript_tokens(load_tokenizer(path), transcript, max_tokens)
+    # weight-only schemes: the activation policy changes nothing, so one pass suffices
+    policies = ("all-dynamic", "all-static", "policy") if scheme_class(meta["scheme"]).activation_quantized else ("policy",)
     report = FidelityReport(
         layers=layer_fidelity(ref, q, wins[:1]),
         text=text_fidelity(ref, q, torch.cat([w[0] for w in wins]), window=window),
+        token_types=token_type_report(ref, q, t_ids, t_types, policies),
         meta={
             "scheme": meta["scheme"], "model": model, "quantized": str(quantized), "text": str(text),
-            "calibration": meta.get("calibration"),
+            "calibration": meta.get("calibration"), "transcript": str(transcript),
         },
     )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
     _print(report)
+
+
+def _transcript_tokens(tok: Any, path: Path, max_tokens: int) -> tuple[Any, Any]:
+    """A transcript file -> (ids [T], token types [T]) through the model's chat template."""
+    import torch
+
+    from lagoon.engine.tokenizer import ChatFormat
+    from lagoon.errors import QuantizationError
+    from lagoon.quant.policy import types_for_roles
+
+    try:
+        messages = json.loads(_read_text(path))["messages"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise QuantizationError(
+            f"{path} is not a transcript: expected JSON with a 'messages' list of {{role, content}} ({exc})"
+        ) from None
+    ids, roles = ChatFormat(tok).encode_with_roles(messages)
+    types = types_for_roles(roles)
+    return torch.tensor(ids[:max_tokens]), torch.tensor(types[:max_tokens])
 
 
 def _print(report: Any) -> None:
@@ -194,3 +222,9 @@ def _print(report: Any) -> None:
         table.add_row(lf.name, f"{lf.sqnr_db:.1f}", str(lf.tokens), worst)
     c.print(table)
     c.print(f"({len(report.layers)} layers; the 15 worst shown; --json for all)")
+    tt = Table("policy", "dynamic rows", *(f"{f.token_type.lower()} top-1 / KL" for f in report.token_types[0].per_type),
+               title=f"per token type on {report.meta['transcript']}")
+    for pf in report.token_types:
+        dyn = "weight-only" if pf.dynamic_fraction != pf.dynamic_fraction else f"{100 * pf.dynamic_fraction:.0f}%"
+        tt.add_row(pf.policy, dyn, *(f"{100 * f.top1_agreement:.1f}% / {f.mean_kl:.4f} ({f.tokens})" for f in pf.per_type))
+    c.print(tt)

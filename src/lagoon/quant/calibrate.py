@@ -29,12 +29,15 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lagoon.quant.policy import N_TOKEN_TYPES, TokenType, current_token_types
+
+if TYPE_CHECKING:
+    from lagoon.quant.gptq import Hessians
 
 __all__ = ["Calibration", "ExpertStats", "calibrate", "CALIBRATION_TEXT"]
 
@@ -110,6 +113,7 @@ class Calibration:
     linear_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> tokens [3]
     linear_channels: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> absmax [3, K]
     experts: dict[str, ExpertStats] = field(default_factory=dict)
+    hessians: Hessians | None = None  # 2·XᵀX/T per Linear (calibrate(hessians=True)): GPTQ's input
 
     def apply(self, model: nn.Module, expert_calibration: bool = True, min_expert_tokens: int = 8) -> dict[str, list[int]]:
         """Write static ranges into the quantized modules; returns starved experts per module."""
@@ -169,11 +173,15 @@ def calibrate(
     model: nn.Module,
     batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
     forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+    hessians: bool = False,
 ) -> Calibration:
-    """Run `batches` (token ids [B, T], or (ids, token types [B*T])) through `model`; collect ranges."""
+    """Run `batches` (token ids [B, T], or (ids, token types [B*T])) through `model`; collect ranges
+    (and with `hessians`, each Linear's input Hessian for GPTQ, routers and gates excepted)."""
+    from lagoon.quant.gptq import Hessians
     from lagoon.quant.policy import token_types
+    from lagoon.quant.quantize import is_router_name
 
-    cal = Calibration()
+    cal = Calibration(hessians=Hessians() if hessians else None)
     handles = []
 
     def linear_hook(name: str) -> Callable[..., None]:
@@ -219,6 +227,8 @@ def calibrate(
             handles.append(m.register_forward_pre_hook(linear_hook(name)))
         elif _is_experts(m):
             handles.append(m.register_forward_pre_hook(experts_hook(name)))
+    if cal.hessians is not None:
+        cal.hessians.attach(model, lambda name, m: not is_router_name(name))
     run = forward or (lambda mdl, ids: mdl(ids))
     try:
         for batch in batches:
@@ -228,4 +238,6 @@ def calibrate(
     finally:
         for h in handles:
             h.remove()
+        if cal.hessians is not None:
+            cal.hessians.detach()
     return cal

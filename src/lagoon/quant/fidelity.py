@@ -30,7 +30,9 @@ from torch import nn
 
 from lagoon.quant.policy import current_token_types, token_types
 
-__all__ = ["HELDOUT_TEXT", "sqnr_db", "LayerFidelity", "TextFidelity", "layer_fidelity", "text_fidelity", "logits_of", "FORMAT_VERSION"]
+__all__ = [
+    "HELDOUT_TEXT", "TRANSCRIPT", "POLICIES", "TypeFidelity", "PolicyFidelity", "typed_fidelity", "token_type_report", "sqnr_db", "LayerFidelity", "TextFidelity", "layer_fidelity", "text_fidelity", "logits_of", "FORMAT_VERSION",
+]
 
 FORMAT_VERSION = 1
 HELDOUT_TEXT = Path(__file__).resolve().parent / "data" / "heldout.txt"
@@ -70,6 +72,7 @@ class TextFidelity:
 class FidelityReport:
     layers: list[LayerFidelity] = field(default_factory=list)
     text: TextFidelity | None = None
+    token_types: list[PolicyFidelity] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def worst_layer(self) -> LayerFidelity | None:
@@ -207,3 +210,104 @@ def text_fidelity(
         raise ValueError("text_fidelity needs at least 2 tokens")
     pf, pq = math.exp(nll_f / n), math.exp(nll_q / n)
     return TextFidelity(n, kl_sum / n, agree / n, pf, pq, pq - pf, 100.0 * (pq - pf) / pf)
+
+
+# -- fidelity per token type ---------------------------------------------------------------------
+# The scored position t predicts token t+1; it counts for the type of the token it predicts (how
+# well the quantized model predicts context, tool output and reasoning tokens). What differs between
+# the policies is the activation scale of each *input* token:
+#   all-dynamic  every token its own per-token scale (no tags)
+#   all-static   every token the calibrated static range (reasoning tokens take the context range),
+#                never dynamic (threshold inf)
+#   policy       the seed's rule: reasoning dynamic, context / tool static below the threshold
+POLICIES = ("all-dynamic", "all-static", "policy")
+TRANSCRIPT = Path(__file__).resolve().parent / "data" / "transcript.json"
+"""A real agent transcript (see its ``source``): system, user, assistant and tool messages."""
+
+
+@dataclass
+class TypeFidelity:
+    token_type: str  # TokenType name
+    tokens: int
+    mean_kl: float
+    top1_agreement: float
+
+
+@dataclass
+class PolicyFidelity:
+    policy: str
+    per_type: list[TypeFidelity]
+    dynamic_fraction: float  # of the activation-quantized Linears' token rows scaled dynamically (NaN: none)
+
+
+@torch.no_grad()
+def typed_fidelity(
+    float_logits: torch.Tensor, quant_logits: torch.Tensor, types: torch.Tensor
+) -> list[TypeFidelity]:
+    """Logits [T, V] of both models over one sequence whose tokens have `types` [T]: KL and top-1 of
+    positions 0..T-2, grouped by the type of the token each predicts (types[1:])."""
+    from lagoon.quant.policy import TokenType
+
+    lf = F.log_softmax(float_logits[:-1].double(), -1)  # [T-1, V]
+    lq = F.log_softmax(quant_logits[:-1].double(), -1)
+    kl = (lf.exp() * (lf - lq)).sum(-1)  # [T-1]
+    agree = lf.argmax(-1) == lq.argmax(-1)
+    target = types.reshape(-1)[1:]
+    out = []
+    for t in TokenType:
+        sel = target == int(t)
+        n = int(sel.sum())
+        out.append(TypeFidelity(t.name, n, kl[sel].mean().item() if n else math.nan, agree[sel].float().mean().item() if n else math.nan))
+    return out
+
+
+def _set_threshold(model: nn.Module, value: float | None, saved: dict[str, float]) -> None:
+    from lagoon.quant.experts import QuantizedExperts
+    from lagoon.quant.linear import QuantizedLinear
+
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantizedLinear, QuantizedExperts)):
+            if value is None:
+                m.dynamic_threshold = saved[name]
+            else:
+                saved.setdefault(name, m.dynamic_threshold)
+                m.dynamic_threshold = value
+
+
+@torch.no_grad()
+def token_type_report(
+    float_fn: Callable[[torch.Tensor], torch.Tensor],
+    quant_model: nn.Module,
+    ids: torch.Tensor,
+    types: torch.Tensor,
+    policies: tuple[str, ...] = POLICIES,
+) -> list[PolicyFidelity]:
+    """Per policy, KL / top-1 per token type over one tagged sequence `ids` [T] (one window)."""
+    from lagoon.quant.linear import QuantizedLinear
+    from lagoon.quant.policy import TokenType
+
+    ids, types = ids.reshape(1, -1), types.reshape(-1).to(torch.int64)
+    ref = float_fn(ids)[0]  # [T, V]
+    lins = [m for m in quant_model.modules() if isinstance(m, QuantizedLinear) and m.scheme.activation_quantized]
+    out = []
+    for policy in policies:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
+        saved: dict[str, float] = {}
+        tags: torch.Tensor | None = types
+        if policy == "all-static":
+            tags = torch.where(types == TokenType.REASONING, torch.full_like(types, int(TokenType.CONTEXT)), types)
+            _set_threshold(quant_model, math.inf, saved)
+        elif policy == "all-dynamic":
+            tags = None
+        before = sum(m.dynamic_tokens for m in lins)
+        try:
+            with token_types(tags):
+                q = logits_of(quant_model)(ids)[0]
+        finally:
+            if saved:
+                _set_threshold(quant_model, None, saved)
+        dyn = sum(m.dynamic_tokens for m in lins) - before
+        frac = dyn / (len(lins) * ids.shape[1]) if lins else math.nan
+        out.append(PolicyFidelity(policy, typed_fidelity(ref, q, types), frac))
+    return out

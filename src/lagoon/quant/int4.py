@@ -71,13 +71,26 @@ class Int4WeightOnly(WeightScheme):
                 "group size per layer; call the scheme with one of those, or leave this layer out with --keep)"
             )
         wg = w.float().reshape(n, k // gs, gs)  # [N, G, gs]
-        lo, hi = wg.amin(-1), wg.amax(-1)  # [N, G]
+        scale, zero = self.grid(wg)
+        return self.encode(self.codes(wg, scale, zero).reshape(n, k), scale, zero)
+
+    @staticmethod
+    def grid(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Groups [..., gs] -> bf16 (scale, zero) [...] spanning each group's min..max."""
+        lo, hi = wg.float().amin(-1), wg.float().amax(-1)
         scale = ((hi - lo) / 15.0).clamp_min(1e-8).to(torch.bfloat16)
         zero = (lo + 8.0 * scale.float()).to(torch.bfloat16)  # w = (q - 8)·scale + zero, q = 0 at lo
-        codes = torch.round((wg - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1) + 8.0).clamp_(0, 15)
-        packed = pack_int4(codes.reshape(n, k))
-        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
-        return {"packed": packed, "scales_and_zeros": sz}
+        return scale, zero
+
+    @staticmethod
+    def codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Round groups [..., gs] to codes 0..15 on the grid (scale, zero) [...]."""
+        return torch.round((wg.float() - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1) + 8.0).clamp_(0, 15)
+
+    def encode(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
+        """codes [N, K] on grids (scale, zero) [N, G] -> the stored tensors (GPTQ sets codes itself)."""
+        sz = torch.stack([scale.to(torch.bfloat16), zero.to(torch.bfloat16)], dim=-1).transpose(0, 1).contiguous()
+        return {"packed": pack_int4(codes), "scales_and_zeros": sz}  # [N, K/2], [G, N, 2]
 
     def dequantize(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         packed, sz = t["packed"], t["scales_and_zeros"]

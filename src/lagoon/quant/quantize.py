@@ -17,7 +17,8 @@ Schemes by short name (`SCHEMES`, imported lazily): int8, w8a8, int4, fp8, bf16.
 (`model_deployment.quantization.profile`) map to schemes with `scheme_for_profile`; FP16 means no
 quantization. A `Calibration` (from `lagoon.quant.calibrate`) sets static activation ranges, and for
 activation-quantized schemes (w8a8, fp8) with ``smooth_alpha > 0`` it also gives each Linear its
-SmoothQuant factors (`lagoon.quant.smooth`); without one they scale every activation dynamically
+SmoothQuant factors (`lagoon.quant.smooth`); int4 Linears are rounded by GPTQ (`lagoon.quant.gptq`)
+when the calibration carries Hessians and `gptq` is on. Without a calibration they scale every activation dynamically
 and `QuantReport.calibrated` is False (logged: an uncalibrated w8a8 loses measurably more). `keep` lists name patterns (regular expressions,
 searched) left in float — the sensitive layers a fidelity report points at.
 Group size (grouped schemes, e.g. int4): `group_size` is the largest tried; each layer takes the
@@ -120,6 +121,7 @@ class QuantConfig:
     expert_calibration: bool = True  # per-expert static ranges; False pools one range per experts module
     min_expert_tokens: int = 8  # calibration tokens an expert needs for a static range
     smooth_alpha: float = 0.5  # SmoothQuant migration strength (w8a8/fp8 with a calibration); 0 = off
+    gptq: bool = True  # int4 Linears with a calibration that has Hessians: GPTQ rounding (False: round to nearest)
     keep: tuple[str, ...] = ()  # regexes of module names to leave unquantized
 
     def __post_init__(self) -> None:
@@ -168,6 +170,7 @@ class QuantReport:
     swapped: dict[str, str] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
     calibrated: bool = False  # a Calibration set static ranges (and SmoothQuant factors, if enabled)
+    gptq: list[str] = field(default_factory=list)  # Linears rounded by GPTQ
 
 
 def _is_experts(m: nn.Module) -> bool:
@@ -188,6 +191,8 @@ def quantize_(
     """Swap target modules of `model` in place; returns what was swapped and what was kept."""
     from lagoon.quant.embedding import QuantizedEmbedding
     from lagoon.quant.experts import QuantizedExperts
+    from lagoon.quant.gptq import gptq_int4
+    from lagoon.quant.int4 import Int4WeightOnly
     from lagoon.quant.linear import QuantizedLinear
     from lagoon.quant.smooth import smoothing_factors
 
@@ -242,9 +247,14 @@ def quantize_(
                 chans = calibration.linear_channels.get(name)
                 if chans is not None:
                     smooth = smoothing_factors(chans, m.weight, config.smooth_alpha)
-            new = QuantizedLinear.from_float(
-                m, _fit(scheme_for, m.in_features, m.out_features), config.dynamic_threshold, smooth
-            )
+            scheme = _fit(scheme_for, m.in_features, m.out_features)
+            h = calibration.hessians.get(name) if calibration is not None and calibration.hessians is not None else None
+            if config.gptq and h is not None and isinstance(scheme, Int4WeightOnly):
+                tensors = gptq_int4(m.weight.detach().float(), h, scheme)
+                new = QuantizedLinear(scheme, tensors, m.in_features, m.out_features, m.bias, config.dynamic_threshold)
+                report.gptq.append(name)
+            else:
+                new = QuantizedLinear.from_float(m, scheme, config.dynamic_threshold, smooth)
         else:
             _, two_i, hidden = m.gate_up_proj.shape
             new = QuantizedExperts.from_float(
