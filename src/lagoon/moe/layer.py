@@ -95,6 +95,7 @@ class SparseMoE(nn.Module):
         bias_update_rate: float = 0.0,
         recalibration_cv: float | None = None,
         experts_impl: str = "auto",
+        weighting: Literal["scores", "unit"] = "scores",
     ) -> None:
         super().__init__()
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
@@ -113,6 +114,7 @@ class SparseMoE(nn.Module):
             balance_window=balance_window,
             bias_update_rate=bias_update_rate,
             recalibration_cv=recalibration_cv,
+            weighting=weighting,
         )
         self.experts = Experts(num_experts, hidden_size, intermediate_size, act, impl=experts_impl)
         self.shared_expert = (

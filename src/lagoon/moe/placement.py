@@ -57,6 +57,27 @@ class Placement:
             out.append(slots)
         return out
 
+    def to_sglang(self) -> dict[str, Any]:
+        """SGLang's ``--init-expert-location FILE.json`` (``ExpertLocationMetadata.init_by_mapping``):
+        only ``physical_to_logical_map [layers, physical experts]``; one row per MoE layer."""
+        return {"physical_to_logical_map": self.phy2log.tolist()}
+
+    def to_vllm(self) -> dict[str, Any]:
+        """The three maps vLLM's EPLB (``distributed/eplb/rebalance_algo.rebalance_experts``) returns
+        and keeps in its ``EplbState``: ``physical_to_logical_map [L, P]``,
+        ``logical_to_physical_map [L, E, max replicas]`` (-1 padded) and ``logical_replica_count
+        [L, E]``, plus the ``--eplb-config`` that reproduces the replica budget. vLLM computes its
+        placement at run time from its own load window; this is the plan to compare it with."""
+        width = int(self.replicas.max()) if self.replicas.size else 1
+        l2p = [[slots + [-1] * (width - len(slots)) for slots in layer] for layer in self.log2phy()]
+        redundant = int(self.phy2log.shape[1] - self.replicas.shape[1])
+        return {
+            "physical_to_logical_map": self.phy2log.tolist(),
+            "logical_to_physical_map": l2p,
+            "logical_replica_count": self.replicas.tolist(),
+            "eplb_config": {"num_redundant_experts": redundant},
+        }
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": 1,

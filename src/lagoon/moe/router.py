@@ -13,6 +13,8 @@ Contract (T = tokens, H = hidden, E = experts, k = top_k):
   ``topk_group`` groups with the highest sum of their two best selection scores are eligible.
 * Ties are broken by the lower expert index (a stable descending sort), so the same input and the
   same router state pick the same experts on every run.
+* ``weighting="unit"`` (a `lagoon moefy` model: experts are slices of one dense FFN, so the
+  chosen ones are summed as they are) makes every chosen expert's weight 1; otherwise:
 * Mixing weights are gathered from the *unbiased, unpenalised* ``scores``; renormalised over the
   top k when ``norm_topk_prob``; multiplied by ``routed_scaling_factor``. Balancing therefore
   changes which experts run, never how the chosen ones are weighted.
@@ -53,6 +55,7 @@ __all__ = ["Router", "Routing", "SCORINGS"]
 log = logging.getLogger("lagoon.moe.router")
 
 SCORINGS = ("softmax", "sigmoid")
+WEIGHTINGS = ("scores", "unit")
 
 
 @dataclass
@@ -85,8 +88,12 @@ class Router(nn.Module):
         bias_update_rate: float = 0.0,
         recalibration_cv: float | None = None,
         update_bias_in_eval: bool = False,
+        weighting: Literal["scores", "unit"] = "scores",
     ) -> None:
         super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown expert weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+        self.weighting = weighting
         if scoring not in SCORINGS:
             raise ConfigError(f"unknown router scoring {scoring!r}; valid: {', '.join(SCORINGS)}")
         if not 1 <= top_k <= num_experts:
@@ -217,6 +224,9 @@ class Router(nn.Module):
             k = min(k, self.num_experts - int(excluded.sum()))
         # stable sort: equal scores keep ascending expert order -> lower index wins ties
         indices = torch.sort(choice, dim=-1, descending=True, stable=True)[1][:, :k]  # [T, k]
+        if self.weighting == "unit":
+            weights = torch.ones(indices.shape, dtype=x.dtype, device=x.device)  # [T, k]
+            return Routing(logits=logits, scores=scores, weights=weights, indices=indices)
         weights = scores.gather(1, indices)  # [T, k]
         if self.norm_topk_prob:
             denom = weights.sum(dim=-1, keepdim=True)
