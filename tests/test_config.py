@@ -196,3 +196,9 @@ def test_seed_spellings_load_into_the_renamed_keys():
                      "model_deployment": {"inference": {"tool_state_persistence": False}}})
     assert describe_key("routing.fallback") == describe_key("router.fallback") != ""
 
+
+
+def test_unknown_key_named_like_a_validator_step_is_a_clean_error():
+    # hypothesis found {'function-': None}: the validator-step filter must not eat a user's key
+    with pytest.raises(ConfigError, match="function-"):
+        load_config({"function-": None})

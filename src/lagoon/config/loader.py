@@ -4,6 +4,7 @@ that name the key and the fix, and key listings for docs and `--help`."""
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -115,11 +116,15 @@ def _model_at(path: Iterable[str | int]) -> type[BaseModel] | None:
     return model
 
 
+_VALIDATOR_STEP = re.compile(r"function-(before|after|wrap|plain)\[")
+
+
 def format_validation_error(exc: ValidationError, source: str = "config") -> str:
     """One line per problem: the key path, what was wrong, and the fix."""
     lines = []
     for err in exc.errors():
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        # pydantic names a validator step in loc ("function-after[...]"); a user's key is never one
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and _VALIDATOR_STEP.match(p))]
         key = ".".join(str(p) for p in loc) or "<top level>"
         if err["type"] == "extra_forbidden":
             parent = _model_at(loc[:-1]) or LagoonConfig
