@@ -127,3 +127,60 @@ def test_int4_default_on_576_wide_model_loads_in_the_engine(tmp_path) -> None:
         assert c.completion_tokens == 3
     finally:
         eng.close()
+
+
+def test_against_gguf_without_llama_cpp_names_the_install(tiny_dense, tmp_path, monkeypatch) -> None:
+    import sys
+
+    out = tmp_path / "q"
+    assert runner.invoke(app, ["quantize", "--model", str(tiny_dense), "--scheme", "int8", "--out", str(out)]).exit_code == 0
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails, as where it is not installed
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    r = runner.invoke(app, ["quant", "fidelity", "--model", str(tiny_dense), "--quantized", str(out), "--against-gguf", str(gguf)])
+    assert r.exit_code == 2 and "pip install llama-cpp-python" in r.output, r.output
+
+
+def test_against_gguf_scores_llama_cpp_logits_on_the_same_ids(tiny_dense, tmp_path, monkeypatch) -> None:
+    """A stand-in `llama_cpp` module with the binding's surface (Llama, n_vocab, reset, eval, scores),
+    computing the float model's own logits: the llama.cpp row must then agree exactly."""
+    import sys
+    import types
+
+    import torch
+
+    from lagoon.engine.checkpoint import load_checkpoint
+
+    class Llama:
+        def __init__(self, model_path: str, n_ctx: int, logits_all: bool, verbose: bool) -> None:
+            assert logits_all and model_path.endswith(".gguf")
+            self.model, self.n_ctx, self._scores = load_checkpoint(tiny_dense, "float32"), n_ctx, None
+
+        def n_vocab(self) -> int:
+            return self.model.lm_head.out_features
+
+        def reset(self) -> None:
+            self._scores = None
+
+        def eval(self, toks: list[int]) -> None:
+            assert self._scores is None and len(toks) <= self.n_ctx  # reset before every window
+            with torch.no_grad():
+                self._scores = self.model(torch.tensor([toks]))[0].numpy()
+
+        @property
+        def scores(self):
+            return self._scores
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=Llama))
+    out = tmp_path / "q"
+    assert runner.invoke(app, ["quantize", "--model", str(tiny_dense), "--scheme", "int8", "--out", str(out)]).exit_code == 0
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    r = runner.invoke(
+        app,
+        ["quant", "fidelity", "--model", str(tiny_dense), "--quantized", str(out), "--against-gguf", str(gguf),
+         "--json", "--max-tokens", "200", "--window", "100"],
+    )
+    assert r.exit_code == 0, r.output
+    g = json.loads(r.output)["against_gguf"]
+    assert g["tokens"] == 199 and g["top1_agreement"] == 1.0 and abs(g["mean_kl"]) < 1e-9

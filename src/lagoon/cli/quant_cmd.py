@@ -146,6 +146,9 @@ def fidelity(
     transcript: Annotated[Path, typer.Option(
         "--transcript", help="Agent transcript (JSON messages) for fidelity per token type (default: the shipped one)."
     )] = TRANSCRIPT,
+    against_gguf: Annotated[Path | None, typer.Option(
+        "--against-gguf", help="Also score this GGUF as llama.cpp runs it (needs llama-cpp-python), same text and ids."
+    )] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -162,6 +165,11 @@ def fidelity(
     meta = read_metadata(quantized)
     path = _source_path(model)
     ref = load_checkpoint(path, "float32")
+    gguf_fn = None
+    if against_gguf is not None:  # before the long part: a missing llama_cpp fails fast
+        from lagoon.quant.llama_cpp_ref import llama_cpp_logits
+
+        gguf_fn = llama_cpp_logits(against_gguf, n_ctx=window, vocab_size=ref.lm_head.out_features)
     q = load_quantized(load_checkpoint(path, "float32"), quantized)
     ids = load_tokenizer(path).encode(_read_text(text))
     wins = _windows(ids, window, max_tokens)
@@ -170,17 +178,33 @@ def fidelity(
     policies = ("all-dynamic", "all-static", "policy") if scheme_class(meta["scheme"]).activation_quantized else ("policy",)
     report = FidelityReport(
         layers=layer_fidelity(ref, q, wins[:1]),
-        text=text_fidelity(ref, q, torch.cat([w[0] for w in wins]), window=window),
+        text=text_fidelity(ref_fn := _cached(ref), q, torch.cat([w[0] for w in wins]), window=window),
         token_types=token_type_report(ref, q, t_ids, t_types, policies),
         meta={
             "scheme": meta["scheme"], "model": model, "quantized": str(quantized), "text": str(text),
             "calibration": meta.get("calibration"), "transcript": str(transcript),
         },
     )
+    if gguf_fn is not None:
+        report.against_gguf = text_fidelity(ref_fn, gguf_fn, torch.cat([w[0] for w in wins]), window=window)
+        report.meta["gguf"] = str(against_gguf)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
     _print(report)
+
+
+def _cached(model: Any) -> Any:
+    """The float logits per window, computed once (both the Lagoon and the llama.cpp rows use them)."""
+    memo: dict[bytes, Any] = {}
+
+    def fn(ids: Any) -> Any:
+        key = ids.numpy().tobytes()
+        if key not in memo:
+            memo[key] = model(ids)
+        return memo[key]
+
+    return fn
 
 
 def _transcript_tokens(tok: Any, path: Path, max_tokens: int) -> tuple[Any, Any]:
@@ -221,6 +245,12 @@ def _print(report: Any) -> None:
         worst = "" if lf.worst_expert is None else f"{lf.worst_expert} ({lf.expert_sqnr_db[lf.worst_expert]:.1f} dB)"
         table.add_row(lf.name, f"{lf.sqnr_db:.1f}", str(lf.tokens), worst)
     c.print(table)
+    if report.against_gguf is not None:
+        g = report.against_gguf
+        c.print(
+            f"llama.cpp {report.meta['gguf']}: {g.tokens} tokens, mean KL {g.mean_kl:.5f}, top-1 agreement "
+            f"{100 * g.top1_agreement:.1f}%, ppl {g.ppl_float:.3f} -> {g.ppl_quant:.3f} ({g.ppl_delta_pct:+.2f}%)"
+        )
     c.print(f"({len(report.layers)} layers; the 15 worst shown; --json for all)")
     tt = Table("policy", "dynamic rows", *(f"{f.token_type.lower()} top-1 / KL" for f in report.token_types[0].per_type),
                title=f"per token type on {report.meta['transcript']}")

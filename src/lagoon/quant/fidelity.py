@@ -73,6 +73,7 @@ class FidelityReport:
     layers: list[LayerFidelity] = field(default_factory=list)
     text: TextFidelity | None = None
     token_types: list[PolicyFidelity] = field(default_factory=list)
+    against_gguf: TextFidelity | None = None  # llama.cpp on a GGUF file, same text and ids (--against-gguf)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def worst_layer(self) -> LayerFidelity | None:
