@@ -79,8 +79,10 @@ class Hit:
     score: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UpdateStats:
+    """What one `CodeIndex.update` did (keyword-only: nine counts are too easy to swap by position)."""
+
     files: int
     added: int
     changed: int
@@ -276,25 +278,17 @@ class CodeIndex:
         removed = len(old.keys() - new.keys())
         reparsed = len(builder)
         if loaded and not (pending or removed or touched):
-            return UpdateStats(
-                len(old), 0, 0, 0, 0, len(self.chunks), False, time.perf_counter() - t0, len(self._segments)
-            )
+            return UpdateStats(files=len(old), added=0, changed=0, removed=0, reparsed_chunks=0,
+                               chunks=len(self.chunks), written=False, seconds=time.perf_counter() - t0,
+                               segments=len(self._segments))
         try:
             self._apply(old, new, pending, builder)
         except BaseException:
             self._files = None  # memory may be half-updated: reload from the (old) manifest
             raise
-        return UpdateStats(
-            len(self._files or {}),
-            added,
-            changed,
-            removed,
-            reparsed,
-            len(self.chunks),
-            True,
-            time.perf_counter() - t0,
-            len(self._segments),
-        )
+        return UpdateStats(files=len(self._files or {}), added=added, changed=changed, removed=removed,
+                           reparsed_chunks=reparsed, chunks=len(self.chunks), written=True,
+                           seconds=time.perf_counter() - t0, segments=len(self._segments))
 
     def _parse(self, todo: list[tuple[str, str | None]]):
         """(path, hash, chunks) per file of `todo`, in order: hash None for a binary file, chunks
