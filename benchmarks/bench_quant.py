@@ -12,7 +12,10 @@
    `lagoon.engine.Engine`, weight bytes, and over the shipped held-out text mean KL, top-1
    agreement and perplexity delta vs the fp32 model (all tokens dynamically scaled, as generated
    tokens are). Each scheme's defaults as `lagoon quantize` applies them (w8a8 / fp8 calibrated on
-   the shipped calibration text with SmoothQuant) and the alternatives they replace.
+   the shipped calibration text with SmoothQuant) and the alternatives they replace; int4 + GPTQ
+   rounds with Hessians from the calibration text. `--float-source` runs this section on an
+   off-grid float model built from the embedded one (`off_grid`: its weights are a dequantized
+   Q4_1 file, on which 32-group int4 is trivially exact).
 
 `--torchao` adds torchao 0.18 rows (`Int8DynamicActivationInt8WeightConfig` and
 `Int8WeightOnlyConfig`, `torch.compile`d; the bench extra installs it) to the linear table; each
@@ -145,7 +148,23 @@ def model_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def bench_model(new_tokens: int, max_text_tokens: int) -> None:
+def off_grid(model: nn.Module, seed: int = 0) -> None:
+    """Make the embedded model a float source that is not on a 4-bit grid, in place.
+
+    Its weights are a dequantized Q4_1 file: per block of 32, w = m + d·q with q in 0..15, so
+    int4 with 32-groups holds them exactly and flatters itself. Adding d·U(−½, ½) per block gives a
+    float model whose round-to-nearest Q4_1 quantization is (up to the block's min/max moving) the
+    shipped file: a plausible float original, as far from any 4-bit grid as a real one."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.in_features % 32 == 0:
+            wg = m.weight.view(m.out_features, -1, 32)
+            d = (wg.amax(-1, keepdim=True) - wg.amin(-1, keepdim=True)) / 15
+            wg += d * (torch.rand(wg.shape, generator=g) - 0.5)
+
+
+@torch.no_grad()
+def bench_model(new_tokens: int, max_text_tokens: int, float_source: bool = False) -> None:
     from lagoon.engine import Engine, embedded_gguf_path
     from lagoon.engine.checkpoint import load_checkpoint
     from lagoon.engine.tokenizer import load_tokenizer
@@ -154,12 +173,14 @@ def bench_model(new_tokens: int, max_text_tokens: int) -> None:
 
     path = embedded_gguf_path()
     ref = load_checkpoint(path, "float32")
+    if float_source:
+        off_grid(ref)
     tok = load_tokenizer(path)
     ids = torch.tensor(tok.encode(HELDOUT.read_text())[:max_text_tokens])
     prompt = tok.encode("def fibonacci(n):\n    ")
     rows = []
     cal_ids = torch.tensor(tok.encode(CALIBRATION.read_text()))
-    cal = calibrate(ref, [cal_ids[i : i + 256].unsqueeze(0) for i in range(0, cal_ids.numel(), 256)])
+    cal = calibrate(ref, [cal_ids[i : i + 256].unsqueeze(0) for i in range(0, cal_ids.numel(), 256)], hessians=True)
     # (row, config, calibrated): each scheme's defaults as `lagoon quantize` applies them, plus the
     # alternatives they beat (per-channel int8, uncalibrated w8a8, int4 with 32-groups)
     variants: list[tuple[str, QuantConfig | None, bool]] = [
@@ -171,6 +192,8 @@ def bench_model(new_tokens: int, max_text_tokens: int) -> None:
         ("w8a8 --no-calibration", QuantConfig(scheme="w8a8"), False),
         ("int4 (default: g128/64 by K)", QuantConfig(scheme="int4"), False),
         ("int4 g32", QuantConfig(scheme="int4", group_size=32), False),
+        ("int4 + GPTQ", QuantConfig(scheme="int4"), True),
+        ("int4 g32 + GPTQ", QuantConfig(scheme="int4", group_size=32), True),
         ("fp8 (default: calibrated)", QuantConfig(scheme="fp8"), True),
     ]
     ref_logits: dict[bytes, torch.Tensor] = {}
@@ -199,7 +222,7 @@ def bench_model(new_tokens: int, max_text_tokens: int) -> None:
         rows.append([name, f"{tps:.1f}", f"{model_bytes(m) / 1e6:.0f}", *fid])
         print(f"  {name}: done", flush=True)
     table(
-        f"Embedded SmolLM2-135M (fp32 reference; {ids.numel()} held-out tokens; lm_head and embedding kept float)",
+        f"{'Off-grid float source from the embedded' if float_source else 'Embedded'} SmolLM2-135M (fp32 reference; {ids.numel()} held-out tokens; lm_head and embedding kept float)",
         ["weights", "decode tok/s", "MB", "mean KL", "top-1 agree", "ppl delta"],
         rows,
     )
@@ -209,6 +232,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2048² linears, fewer reps, shorter texts")
     ap.add_argument("--skip-model", action="store_true", help="skip the embedded-model section")
+    ap.add_argument("--float-source", action="store_true", help="model section on an off-grid float source (see off_grid)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--torchao", action="store_true", help="add compiled torchao rows to the linear table (slow to compile)")
     a = ap.parse_args()
@@ -218,7 +242,7 @@ def main() -> None:
     bench_linear(2048 if a.quick else 4096, 5 if a.quick else 15, a.torchao)
     bench_moe(5 if a.quick else 15)
     if not a.skip_model:
-        bench_model(8 if a.quick else 24, 256 if a.quick else 768)
+        bench_model(8 if a.quick else 24, 256 if a.quick else 768, a.float_source)
 
 
 if __name__ == "__main__":
