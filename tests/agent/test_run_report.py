@@ -39,6 +39,7 @@ def test_scripted_solution_fits_the_demo_step_limit_and_reports_healthy(repo, ca
     assert main([str(repo)]) == 0
     out = capsys.readouterr().out
     assert "The pipeline worked" in out and "fixed and submitted" in out and "edit" in out
+    assert "textstats.py" in out and "→ ok:" in out  # each call's argument and its outcome
 
 
 def test_replies_that_are_not_actions_are_a_broken_pipeline(repo, capsys):

@@ -14,6 +14,7 @@ This module is *not* an evaluation (see `lagoon.eval`): it checks plumbing, not 
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -81,8 +82,10 @@ class RunReport:
                 "latency_s": float(p.get("latency_s") or 0.0),
             })
         elif kind in ("tool_result", "tool_interrupted"):
-            self.results.append({"name": p.get("name"), "ok": kind == "tool_result" and bool(p.get("ok")),
-                                 "exit_code": p.get("exit_code"), "interrupted": kind == "tool_interrupted"})
+            first = next((ln for ln in str(p.get("text", "")).splitlines() if ln.strip()), "")
+            self.results.append({"step": p.get("step"), "name": p.get("name"),
+                                 "ok": kind == "tool_result" and bool(p.get("ok")), "exit_code": p.get("exit_code"),
+                                 "interrupted": kind == "tool_interrupted", "first_line": first.strip()})
         elif kind == "format_error":
             self.format_errors.append(str(p.get("error", "")))
         elif kind == "validation" and not p.get("ok", True):
@@ -139,9 +142,11 @@ class RunReport:
             "Steps:",
         ]
         for s in self.steps:
+            outcome = [r for r in self.results if r["step"] == s["step"]]
             for name, args in s["calls"] or [("(no action)", {})]:
-                arg = str(args.get("command") or args.get("path") or args.get("query") or args.get("summary") or "")
-                lines.append(f"  {s['step']:>2}. {name:<8} {arg.replace(chr(10), ' ')[:70]}")
+                lines.append(f"  {s['step']:>2}. {name:<8} {_brief(args)}")
+            for r in outcome:
+                lines.append(f"      → {'ok' if r['ok'] else 'failed'}: {r['first_line'][:80]}")
         problems = self.problems()
         lines.append("")
         if problems:
@@ -152,6 +157,14 @@ class RunReport:
                          f"The model did not fix the bug ({self.exit_message}). That is the model, not the "
                          "pipeline: a 135M model rarely solves it; point router.* at a stronger model for real work.")
         return "\n".join(lines)
+
+
+def _brief(args: dict[str, Any]) -> str:
+    """The argument a reader recognises a call by (a command, a path, a query …), else them all."""
+    for key in ("command", "path", "query", "summary", "name"):
+        if isinstance(args.get(key), str) and args[key]:
+            return args[key].replace("\n", " ")[:70]
+    return json.dumps(args)[:70] if args else ""
 
 
 def main(argv: list[str] | None = None) -> int:
