@@ -15,8 +15,8 @@ exactly as it was chosen (`Int4WeightOnly.encode`). Damping: `damp` x mean(diag 
 inputs never seen (diag 0) leave their columns free (weight 0 in the objective).
 
 Inputs come from the float model (every layer sees float activations), not layer by layer from the
-already-quantized prefix: simpler, and measured within noise of it on small models in the paper's
-follow-ups. Not here: act-order (column permutation), MoE experts (their Hessians would be per
+already-quantized prefix as in the paper: one calibration pass serves every layer (not measured
+against the sequential variant here). Not here: act-order (column permutation), MoE experts (their Hessians would be per
 expert; experts keep round-to-nearest).
 """
 
