@@ -49,7 +49,7 @@ EMBEDDED_MOE = "embedded-moe"
 PRESET = {"num_experts": 8, "top_k": 8, "seed": 0}
 """`embedded-moe`: the smallest k that kept top-1 agreement >= 90% with the dense model on the shipped
 held-out text (985 tokens; calibrated router; measured 2026-11-29, table in docs/architecture.md):
-E=8: k=4 13.9%, k=5 26.4%, k=6 44.5%, k=7 63.9%, k=8 100%. SmolLM2's SiLU FFNs are not
+E=8: k=4 13.9%, k=5 26.4%, k=6 44.5%, k=7 63.9%, k=8 100%; E=16: k=14 68.2%, k=15 78.4%. SmolLM2's SiLU FFNs are not
 activation-sparse, so without retraining only k = E passes; the preset is therefore the exact (dense-
 equivalent) split, and its router still ranks experts (offloading, stats and quarantine see real
 weights on real text)."""
