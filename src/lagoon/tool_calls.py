@@ -2,11 +2,16 @@
 `parse_tool_calls` (a finished reply → content + calls) and `ToolCallStream` (a reply arriving in
 pieces → OpenAI stream deltas: content, then per call its name first and its arguments in fragments).
 
-Two syntaxes are known. Hermes/Qwen: `<tool_call>\\n{"name": …, "arguments": {…}}\\n</tool_call>`,
+Four syntaxes are known. Hermes/Qwen: `<tool_call>\\n{"name": …, "arguments": {…}}\\n</tool_call>`,
 one block per call. SmolLM2 (trained on it): a JSON list in one block,
-`<tool_call>[{"name": …, "arguments": {…}}, …]</tool_call>`. Both parsers read either, so a model
-that drifts to the other form is still understood; `Constraint.tool_call` makes a model write its
-own. This module is *not* the chat template (`lagoon.engine.tokenizer`).
+`<tool_call>[{"name": …, "arguments": {…}}, …]</tool_call>`. Qwen3-Coder: XML inside the block,
+`<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n</function>\\n</tool_call>`.
+gpt-oss (harmony): `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{…}<|call|>`.
+The parser reads every form, so a model that drifts to another is still understood;
+`Constraint.tool_call` makes a model write a forced call as JSON between its syntax's `open` and
+`close` (for Qwen3-Coder and harmony that is the Hermes block, which the parser reads too).
+`split_reasoning` takes a reply's reasoning out (`<think>…</think>`, harmony's analysis channel)
+for `reasoning_content`. This module is *not* the chat template (`lagoon.engine.tokenizer`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any
 
 from lagoon.protocols import ToolCall
 
-__all__ = ["ToolSyntax", "HERMES", "SMOLLM2", "parse_tool_calls", "split_blocks", "ToolCallStream", "ToolCallDelta"]
+__all__ = ["ToolSyntax", "HERMES", "SMOLLM2", "QWEN3_CODER", "HARMONY", "parse_tool_calls", "split_blocks",
+           "split_reasoning", "ToolCallStream", "ToolCallDelta"]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _HEAD_RE = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*')
@@ -34,9 +40,15 @@ class ToolSyntax:
     open: str
     close: str
     as_list: bool
+    form: str = "json"  # how a call is written: json, xml (Qwen3-Coder), harmony (gpt-oss)
 
     def render(self, calls: list[tuple[str, Any]]) -> str:
         """(name, arguments) pairs → the text the model would have written for them."""
+        if self.form == "xml":
+            return "\n".join(self.open + _xml_call(n, a) + self.close for n, a in calls)
+        if self.form == "harmony":
+            return "".join(f"<|channel|>commentary to=functions.{n} <|constrain|>json<|message|>{json.dumps(a)}<|call|>"
+                           for n, a in calls)
         objs = [json.dumps({"name": n, "arguments": a}) for n, a in calls]
         if self.as_list:
             return self.open + "[" + ", ".join(objs) + "]" + self.close
@@ -57,13 +69,71 @@ class ToolSyntax:
 
 HERMES = ToolSyntax("hermes", "<tool_call>\n", "\n</tool_call>", as_list=False)
 SMOLLM2 = ToolSyntax("smollm2", "<tool_call>", "</tool_call>", as_list=True)
+QWEN3_CODER = ToolSyntax("qwen3_coder", "<tool_call>\n", "\n</tool_call>", as_list=False, form="xml")
+HARMONY = ToolSyntax("harmony", "<tool_call>\n", "\n</tool_call>", as_list=False, form="harmony")
+
+_XML_FN = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.S)
+_XML_PARAM = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.S)
+# the recipient may sit before or after the channel: "to=functions.f<|channel|>commentary json<|message|>"
+_HARMONY_CALL = re.compile(
+    r"(?:<\|channel\|>\w+\s*)?to=functions\.([\w.\-]+)(?:(?!<\|message\|>).)*<\|message\|>(.*?)(?:<\|call\|>|$)", re.S)
+_HARMONY_MSG = re.compile(
+    r"<\|channel\|>(\w+)(?:(?!<\|message\|>).)*<\|message\|>(.*?)(?=<\|end\|>|<\|return\|>|<\|call\|>|<\|start\|>|$)",
+    re.S)
+
+
+def _xml_call(name: str, args: Any) -> str:
+    params = "".join(f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>\n"
+                     for k, v in (args or {}).items())
+    return f"<function={name}>\n{params}</function>"
+
+
+def _calls_from_xml(block: str) -> list[ToolCall]:
+    """Qwen3-Coder's `<function=NAME><parameter=K>V</parameter>…</function>`; a value that parses as
+    JSON (a number, list, object, true/false/null) is that value, anything else the string."""
+    calls = []
+    for fn in _XML_FN.finditer(block):
+        args: dict[str, Any] = {}
+        for p in _XML_PARAM.finditer(fn.group(2)):
+            raw = p.group(2)
+            try:
+                args[p.group(1)] = json.loads(raw) if raw.strip()[:1] in '[{0123456789-tfn"' else raw
+            except json.JSONDecodeError:
+                args[p.group(1)] = raw
+        calls.append(ToolCall(id=_new_id(), name=fn.group(1), arguments=args))
+    return calls
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning or None, the rest). `<think>R</think>` (or a reply that starts inside thinking, its
+    template having opened the tag, and closes it) → R; harmony: the analysis channel is the
+    reasoning, the final channel the content, commentary (tool calls) stays in the rest."""
+    if "<|channel|>" in text:
+        parts = [(m.group(1), m.group(2)) for m in _HARMONY_MSG.finditer(text)]
+        reasoning = "".join(body for ch, body in parts if ch == "analysis").strip() or None
+        final = "".join(body for ch, body in parts if ch == "final")
+        calls = "".join(m.group(0) for m in _HARMONY_CALL.finditer(text))
+        return reasoning, (final + calls) if (final or calls) else text
+    end = text.find("</think>")
+    if end < 0:
+        return None, text
+    start = text.find("<think>")
+    head = text[start + len("<think>") : end] if 0 <= start < end else text[:end]
+    if start > 0 and text[:start].strip():
+        return None, text  # a think tag in the middle of an answer is quoted text, not reasoning
+    return head.strip() or None, text[end + len("</think>") :].lstrip()
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     """Split a reply into (content without tool-call blocks, parsed calls). A block may hold one call
     object or a list of them; a reply that is only a bare `{"name":…, "arguments":…}` is a call too."""
+    if "to=functions." in text:  # harmony (gpt-oss)
+        calls = [c for m in _HARMONY_CALL.finditer(text) for c in _calls_from_json(
+            json.dumps({"name": m.group(1), "arguments": _json_or_none(m.group(2))}))]
+        if calls:
+            return _HARMONY_CALL.sub("", text).strip(), calls
     outside, blocks = split_blocks(text)
-    calls = [c for b in blocks for c in _calls_from_json(b)]
+    calls = [c for b in blocks for c in (_calls_from_json(b) or _calls_from_xml(b))]
     if calls:
         return outside.strip(), calls
     stripped = text.strip()
@@ -104,6 +174,13 @@ def split_blocks(text: str, final: bool = True) -> tuple[str, list[str]]:
         pos = close + len(CLOSE)
     outside.append(text[pos:])
     return "".join(outside), blocks
+
+
+def _json_or_none(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return None
 
 
 def _calls_from_json(raw: str) -> list[ToolCall]:

@@ -90,15 +90,16 @@ def test_tool_call_through_template_plain_and_stream(live, tmp_path):
     msgs = [{"role": "user", "content": "weather in Paris?"}]
     from lagoon.engine.tiny import save_tiny_model as save
 
-    taught = _teach(save(tmp_path / "m", "llama"), engine, msgs, CALL)
+    taught = _teach(save(tmp_path / "m", "llama"), engine, msgs, "<think>rain?</think>" + CALL)
     base, stop = start_test_server(taught)
     try:
         client = openai.OpenAI(base_url=base, api_key="x", max_retries=0)
         name = client.models.list().data[0].id
-        r = client.chat.completions.create(model=name, messages=msgs, tools=TOOLS, max_tokens=80, temperature=0)
+        r = client.chat.completions.create(model=name, messages=msgs, tools=TOOLS, max_tokens=120, temperature=0)
         call = r.choices[0].message.tool_calls[0]
         assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
         assert r.choices[0].finish_reason == "tool_calls"
+        assert r.choices[0].message.model_extra["reasoning_content"] == "rain?"  # <think> is not the answer
         deltas = [c.delta for ch in client.chat.completions.create(
             model=name, messages=msgs, tools=TOOLS, max_tokens=80, temperature=0, stream=True) for c in ch.choices]
         streamed = [tc for d in deltas for tc in (d.tool_calls or [])]

@@ -28,7 +28,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from lagoon.errors import CheckpointError
-from lagoon.tool_calls import HERMES, SMOLLM2, ToolSyntax, parse_tool_calls
+from lagoon.tool_calls import HARMONY, HERMES, QWEN3_CODER, SMOLLM2, ToolSyntax, parse_tool_calls
 
 __all__ = ["load_tokenizer", "ChatFormat", "parse_tool_calls"]
 
@@ -84,7 +84,12 @@ _TOOL_SYSTEM = {
 
 
 def tool_syntax_for(template: str) -> ToolSyntax:
-    """The tool-call syntax a chat template's model family was trained on."""
+    """The tool-call syntax a chat template's model family was trained on: Qwen3-Coder's template
+    writes `<function=…>` XML, gpt-oss's harmony `<|channel|>`s, SmolLM2's names itself."""
+    if "<function=" in template and "<parameter=" in template:
+        return QWEN3_CODER
+    if "<|channel|>" in template:
+        return HARMONY
     return SMOLLM2 if "SmolLM" in template else HERMES
 
 
@@ -111,7 +116,7 @@ class ChatFormat:
                 kw["tools"] = list(tools)
             else:
                 spec = "\n".join(json.dumps(t.get("function", t)) for t in tools)
-                note = _TOOL_SYSTEM[self.tool_syntax.name].format(tools=spec)
+                note = _TOOL_SYSTEM.get(self.tool_syntax.name, _TOOL_SYSTEM["hermes"]).format(tools=spec)
                 if msgs and msgs[0]["role"] == "system":
                     msgs[0] = {**msgs[0], "content": f"{msgs[0]['content']}\n\n{note}"}
                 else:

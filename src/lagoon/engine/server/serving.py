@@ -41,7 +41,7 @@ from lagoon.engine.server.protocol import (
 )
 from lagoon.errors import BadRequestError
 from lagoon.telemetry import Telemetry
-from lagoon.tool_calls import ToolCallDelta, ToolCallStream, parse_tool_calls
+from lagoon.tool_calls import ToolCallDelta, ToolCallStream, parse_tool_calls, split_reasoning
 
 __all__ = ["OpenAIServing"]
 
@@ -162,7 +162,10 @@ class OpenAIServing:
         return ids, types, constraint
 
     def _message(self, text: str, tools: bool) -> tuple[dict[str, Any], str | None]:
+        reasoning, text = split_reasoning(text)  # <think>…</think> / harmony analysis: not the answer
         msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning is not None:
+            msg["reasoning_content"] = reasoning
         if tools:
             content, calls = parse_tool_calls(text)
             if calls:
