@@ -114,7 +114,10 @@ def test_int4_default_on_576_wide_model_loads_in_the_engine(tmp_path) -> None:
         tmp_path / "wide", "llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
         num_key_value_heads=3,
     )
-    r = runner.invoke(app, ["quantize", "--model", str(src), "--scheme", "int4", "--out", str(tmp_path / "q")])
+    r = runner.invoke(app, ["quantize", "--model", str(src), "--scheme", "int4", "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    assert set(json.loads((tmp_path / "d" / "quant.json").read_text())["group_sizes"].values()) == {32}  # default
+    r = runner.invoke(app, ["quantize", "--model", str(src), "--scheme", "int4", "--group-size", "128", "--out", str(tmp_path / "q")])
     assert r.exit_code == 0, r.output
     sizes = json.loads((tmp_path / "q" / "quant.json").read_text())["group_sizes"]
     assert sizes["layers.0.mlp.down_proj"] == 128 and sizes["layers.0.mlp.up_proj"] == 64

@@ -38,17 +38,18 @@ def wide() -> Wide:
 
 
 def test_layer_group_size_rule() -> None:
-    assert [layer_group_size("int4", k) for k in (576, 1536, 96, 100, 4096)] == [64, 128, 32, None, 128]
+    assert [layer_group_size("int4", k, 128) for k in (576, 1536, 96, 100, 4096)] == [64, 128, 32, None, 128]
+    assert [layer_group_size("int4", k) for k in (576, 1536, 100)] == [32, 32, None]  # the default: 32
     assert [layer_group_size("int4", k, 32) for k in (576, 1536)] == [32, 32]
     assert layer_group_size("int4", 576, 64) == 64 and layer_group_size("w8a8", 576) == 0  # ungrouped: unchanged
     assert layer_group_size("int4", 576, n=8) is None and layer_group_size("int8", 576, n=8) == 0  # N % 16
 
 
 @torch.no_grad()
-def test_int4_default_adapts_per_layer_and_round_trips(wide: Wide, tmp_path) -> None:
+def test_int4_group_128_adapts_per_layer_and_round_trips(wide: Wide, tmp_path) -> None:
     x = torch.randn(5, 576)
     ref = wide(x)
-    report = quantize_(wide, QuantConfig(scheme="int4"))
+    report = quantize_(wide, QuantConfig(scheme="int4", group_size=128))
     got = {n: m.scheme.group_size for n, m in wide.named_modules() if hasattr(m, "scheme") and n != "moe.experts"}
     assert got == {"up": 64, "down": 128, "narrow": 64, "back": 32}
     assert wide.moe.experts.schemes["gate_up"].group_size == 64 and wide.moe.experts.schemes["down"].group_size == 32

@@ -81,7 +81,7 @@ def quantize(
         "--no-calibration", help="w8a8/fp8: skip calibration (all activations dynamic, no SmoothQuant; lower fidelity)."
     )] = False,
     group_size: Annotated[int | None, typer.Option(
-        "--group-size", help="int4: the largest group size tried per layer (32, 64 or 128; default 128, smaller where K needs it)."
+        "--group-size", help="Largest group size tried per layer (int4: 32/64/128, default 32; int8: 0 = per channel, 32/64/128, default 32)."
     )] = None,
     include_lm_head: Annotated[bool, typer.Option("--include-lm-head", help="Quantize lm_head too.")] = False,
     include_embeddings: Annotated[bool, typer.Option("--include-embeddings", help="Quantize the embedding (int8 rows).")] = False,
