@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from lagoon.tool_calls import HARMONY, HERMES, QWEN3_CODER, SMOLLM2, parse_tool_calls, split_reasoning
+from lagoon.tool_calls import (
+    HARMONY,
+    HERMES,
+    QWEN3_CODER,
+    SMOLLM2,
+    ReasoningStream,
+    parse_tool_calls,
+    split_reasoning,
+)
 
 CALLS = [("run_tests", {"path": "tests/test_x.py", "k": 3, "flags": ["-q", "-x"], "verbose": False}),
          ("read_file", {"path": "src/a.py"})]
@@ -57,3 +65,21 @@ def test_syntax_is_chosen_from_the_chat_template():
     assert tool_syntax_for(qwen3_coder) is QWEN3_CODER
     assert tool_syntax_for(harmony) is HARMONY
     assert tool_syntax_for("{{ 'SmolLM' }}") is SMOLLM2 and tool_syntax_for("<|im_start|>") is HERMES
+
+
+@pytest.mark.parametrize("text", ["<think>\nplan: read a.py\n</think>\n\nDone.", "  <think>x</think>y",
+                                  "No reasoning here.", "<thin>not a tag</thin>", "<think>never closed"])
+@pytest.mark.parametrize("size", [1, 3, 100])
+def test_streamed_reasoning_equals_the_split_of_the_whole(text, size):
+    s = ReasoningStream()
+    got: dict[str, str] = {"reasoning": "", "content": ""}
+    for i in range(0, len(text), size):
+        for kind, piece in s.feed(text[i : i + size]):
+            got[kind] += piece
+    for kind, piece in s.feed("", final=True):
+        got[kind] += piece
+    if text.lstrip().startswith("<think>") and "</think>" not in text:
+        assert got == {"reasoning": "never closed", "content": ""}
+        return
+    reasoning, content = split_reasoning(text)
+    assert (got["reasoning"].strip() or None, got["content"]) == (reasoning, content)

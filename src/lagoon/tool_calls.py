@@ -26,7 +26,7 @@ from typing import Any
 from lagoon.protocols import ToolCall
 
 __all__ = ["ToolSyntax", "HERMES", "SMOLLM2", "QWEN3_CODER", "HARMONY", "parse_tool_calls", "split_blocks",
-           "split_reasoning", "ToolCallStream", "ToolCallDelta"]
+           "split_reasoning", "ReasoningStream", "ToolCallStream", "ToolCallDelta"]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _HEAD_RE = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*')
@@ -292,3 +292,59 @@ def _scan_block(block: str) -> Iterator[tuple[str, str]]:
             return
         yield json.loads(m.group(1)), block[start:end]
         pos = end
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass
+class ReasoningStream:
+    """A reply arriving in pieces → ("reasoning", text) and ("content", text) pieces. Streaming splits
+    a reply that opens with `<think>` (the whole reply is content otherwise: holding text back until a
+    `</think>` that may never come would stall every non-thinking model); `split_reasoning` on the
+    finished text also reads a reply whose template opened the tag."""
+
+    text: str = ""
+    _state: str = "start"  # start → think → answer
+    _sent: int = 0
+    _answer_started: bool = False
+
+    def feed(self, piece: str, final: bool = False) -> Iterator[tuple[str, str]]:
+        self.text += piece
+        if self._state == "start":
+            stripped = self.text.lstrip()
+            if stripped.startswith(THINK_OPEN):
+                self._state, self._sent = "think", len(self.text) - len(stripped) + len(THINK_OPEN)
+            elif THINK_OPEN.startswith(stripped) and not final:
+                return  # may still become the opener
+            else:
+                self._state, self._answer_started = "answer", True
+        if self._state == "think":
+            end = self.text.find(THINK_CLOSE, self._sent)
+            if end < 0:
+                safe = len(self.text) if final else _safe_tail(self.text, THINK_CLOSE)
+                if safe > self._sent:
+                    yield "reasoning", self.text[self._sent : safe]
+                    self._sent = safe
+                return
+            if end > self._sent:
+                yield "reasoning", self.text[self._sent : end]
+            self._state, self._sent = "answer", end + len(THINK_CLOSE)
+        rest = self.text[self._sent :]
+        if not self._answer_started:
+            rest = rest.lstrip()
+            if not rest:
+                return
+            self._answer_started = True
+            self._sent = len(self.text) - len(rest)
+        if rest:
+            yield "content", rest
+            self._sent = len(self.text)
+
+
+def _safe_tail(text: str, tag: str) -> int:
+    """All of `text` but a tail that may be the start of `tag`."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-k:]):
+            return len(text) - k
+    return len(text)

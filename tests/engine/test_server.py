@@ -101,9 +101,10 @@ def test_tool_call_through_template_plain_and_stream(live, tmp_path):
         assert r.choices[0].finish_reason == "tool_calls"
         assert r.choices[0].message.model_extra["reasoning_content"] == "rain?"  # <think> is not the answer
         deltas = [c.delta for ch in client.chat.completions.create(
-            model=name, messages=msgs, tools=TOOLS, max_tokens=80, temperature=0, stream=True) for c in ch.choices]
+            model=name, messages=msgs, tools=TOOLS, max_tokens=120, temperature=0, stream=True) for c in ch.choices]
         streamed = [tc for d in deltas for tc in (d.tool_calls or [])]
         assert streamed[0].function.name == "get_weather"
+        assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "rain?"
         # without tools the same prompt template differs, and tool_choice="none" drops them
         r2 = client.chat.completions.create(model=name, messages=msgs, tools=TOOLS, tool_choice="none",
                                             max_tokens=20, temperature=0)

@@ -41,7 +41,13 @@ from lagoon.engine.server.protocol import (
 )
 from lagoon.errors import BadRequestError
 from lagoon.telemetry import Telemetry
-from lagoon.tool_calls import ToolCallDelta, ToolCallStream, parse_tool_calls, split_reasoning
+from lagoon.tool_calls import (
+    ReasoningStream,
+    ToolCallDelta,
+    ToolCallStream,
+    parse_tool_calls,
+    split_reasoning,
+)
 
 __all__ = ["OpenAIServing"]
 
@@ -222,11 +228,22 @@ class OpenAIServing:
                 elif item:
                     yield sse(chunk(rid, model, created, {"content": item}))
 
+        thinking = ReasoningStream()  # a reply opening with <think> streams it as reasoning_content
+
+        def split(piece: str, final: bool = False) -> Any:
+            for kind, text in thinking.feed(piece, final):
+                if kind == "reasoning":
+                    yield sse(chunk(rid, model, created, {"reasoning_content": text}))
+                else:
+                    yield from deltas([text] if calls is None else calls.feed(text))
+
         try:
             yield sse(chunk(rid, model, created, {"role": "assistant", "content": ""}))
             async for piece in self._pieces(stream):
-                for out in deltas([piece] if calls is None else calls.feed(piece)):
+                for out in split(piece):
                     yield out
+            for out in split("", final=True):
+                yield out
             if calls is not None:
                 for out in deltas(calls.feed("", final=True)):
                     yield out
