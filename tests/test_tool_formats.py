@@ -4,6 +4,8 @@ template; reasoning (`<think>`, harmony's analysis channel) is split out as reas
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lagoon.tool_calls import (
@@ -83,3 +85,20 @@ def test_streamed_reasoning_equals_the_split_of_the_whole(text, size):
         return
     reasoning, content = split_reasoning(text)
     assert (got["reasoning"].strip() or None, got["content"]) == (reasoning, content)
+
+
+@pytest.mark.parametrize("syntax", [QWEN3_CODER, HARMONY], ids=lambda s: s.name)
+def test_streamed_xml_and_harmony_calls_arrive_whole_at_the_end(syntax):
+    from lagoon.tool_calls import ToolCallDelta, ToolCallStream
+
+    text = syntax.render(CALLS)
+    stream = ToolCallStream()
+    out = [d for i in range(0, len(text), 7) for d in stream.feed(text[i : i + 7])]
+    out += list(stream.feed("", final=True))
+    deltas = [d for d in out if isinstance(d, ToolCallDelta)]
+    names = [d.name for d in deltas if d.name]
+    args = {}
+    for d in deltas:
+        args[d.index] = args.get(d.index, "") + d.arguments
+    assert stream.called and names == [n for n, _ in CALLS]
+    assert [json.loads(args[i]) for i in range(len(CALLS))] == [a for _, a in CALLS]

@@ -267,6 +267,14 @@ class ToolCallStream:
             if len(args) > sent.args:
                 yield ToolCallDelta(i, arguments=args[sent.args :])
                 sent.args = len(args)
+        if final and not self._calls:  # XML (Qwen3-Coder) / harmony calls: sent whole once the reply ends
+            whole = [c for b in blocks for c in _calls_from_xml(b)]
+            if not whole and "to=functions." in self.text:
+                whole = parse_tool_calls(self.text)[1]
+            for i, c in enumerate(whole):
+                self._calls.append(_Sent(c.id))
+                yield ToolCallDelta(i, c.id, c.name)
+                yield ToolCallDelta(i, arguments=json.dumps(dict(c.arguments)))
 
 
 def _safe_len(outside: str) -> int:
