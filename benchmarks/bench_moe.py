@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="an MoE checkpoint or `embedded-moe`: utilization before/after")
     ap.add_argument("--lam", type=float, default=0.15, help="load penalty for the balanced pass")
     ap.add_argument("--window", type=int, default=64, help="balance window (steps) for the balanced pass")
+    ap.add_argument("--top-k", type=int, default=None, help="route this many experts (default: the checkpoint's)")
     args = ap.parse_args(argv)
     if args.model:
         return real_model(args)
@@ -50,8 +51,14 @@ def real_model(args: argparse.Namespace) -> int:
     from lagoon.moe.utilization import CODING_SAMPLE, measure_utilization
 
     torch.set_num_threads(args.threads)
+    from lagoon.moe.layer import SparseMoE
+
     engine = load_model(args.model, precision="float32")
     model = engine.model
+    if args.top_k:  # e.g. embedded-moe routes all 8 of 8: nothing to balance at its own k
+        for m in model.modules():
+            if isinstance(m, SparseMoE):
+                m.router.top_k = args.top_k
     ids = engine.encode(CODING_SAMPLE.read_text())
     before, _ = measure_utilization(model, ids)
     t = torch.tensor(ids)
@@ -78,7 +85,8 @@ def real_model(args: argparse.Namespace) -> int:
         return (float(np.mean([x["cv"] for x in layers])), float(np.mean([x["balancedness"] for x in layers])),
                 float(np.mean([x["entropy_norm"] for x in layers])), sum(x["cv"] > 0.15 for x in layers))
 
-    print(f"model: {args.model}; text: {CODING_SAMPLE.name} ({len(ids)} tokens); balanced pass: penalty "
+    k = next(m.top_k for m in model.modules() if isinstance(m, SparseMoE))
+    print(f"model: {args.model} (top-{k}); text: {CODING_SAMPLE.name} ({len(ids)} tokens); balanced pass: penalty "
           f"{args.lam}, window {args.window} steps of {step} tokens, recalibration at CV 15%")
     head = f"{'routing':<26} {'mean CV':>8} {'balancedness':>12} {'entropy':>8} {'layers CV>15%':>14}"
     print(head + "\n" + "-" * len(head))

@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from lagoon.config import EngineSection, ModelDeploymentSection, OffloadSection  # noqa: E402
+from lagoon.config import EngineSection, ModelDeploymentSection, MoeSection, OffloadSection  # noqa: E402
 from lagoon.engine import load_model  # noqa: E402
 from lagoon.engine.tiny import save_tiny_model  # noqa: E402
 from lagoon.moe.offload import offload_of  # noqa: E402
@@ -49,12 +49,14 @@ class Row:
     """One configuration, loaded once; `measure` runs one greedy decode and keeps the best."""
 
     def __init__(self, name: str, folder: str, offload: OffloadSection | None, async_prefetch: bool,
-                 speculative: bool, prompt: list[int] | None = None) -> None:
+                 speculative: bool, prompt: list[int] | None = None, top_k: int | None = None) -> None:
         self.prompt = prompt or PROMPT
         self.name, self.async_prefetch, self.speculative = name, async_prefetch, speculative
+        routing = {"load_balance_weight": 0.0, **({"active_per_token": top_k} if top_k else {})}
         deployment = ModelDeploymentSection(inference={"async_expert_prefetch": async_prefetch,
-                                                       "speculative_routing": speculative})
-        self.engine = load_model(folder, precision="float32", deployment=deployment, offload=offload,
+                                                       "speculative_routing": speculative}, expert_routing=routing)
+        moe = MoeSection(recalibration_cv=None, offload=offload or OffloadSection())  # routing fixed
+        self.engine = load_model(folder, precision="float32", deployment=deployment, moe=moe,
                                  config=EngineSection(max_batch_size=1, prefix_cache=False))
         self.engine.complete(self.prompt, self.engine.params(max_new_tokens=4, ignore_eos=True))  # warm-up
         self.off = offload_of(self.engine.model)
@@ -86,6 +88,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per run (default 32, quick 16)")
     ap.add_argument("--model", default=None, help="an MoE checkpoint or `embedded-moe` (real weights, real text)")
+    ap.add_argument("--top-k", type=int, default=None, help="with --model: route this many experts")
     args = ap.parse_args()
     if args.model:
         return real_model(args)
@@ -142,7 +145,8 @@ def real_model(args: argparse.Namespace) -> None:
     probe = load_model(folder, precision="float32")
     prompt = probe.encode(CODING_SAMPLE.read_text())[:64]
     block = next(m for m in probe.model.modules() if isinstance(m, SparseMoE))
-    e, k, n_layers = block.num_experts, block.top_k, sum(isinstance(m, SparseMoE) for m in probe.model.modules())
+    e, n_layers = block.num_experts, sum(isinstance(m, SparseMoE) for m in probe.model.modules())
+    k = args.top_k or block.top_k
     probe.close()
     rows = [("100%", None, False, False)]
     for frac in ("50%", "25%"):
@@ -152,7 +156,7 @@ def real_model(args: argparse.Namespace) -> None:
     print(f"model: {args.model} ({n_layers} MoE layers, {e} experts top-{k}); fp32, {args.threads} threads, "
           f"prompt {len(prompt)} tokens of the coding sample, {n_new} new tokens, best of {repeats}; "
           f"CPU: {cpu_features()}")
-    built = [Row(name, folder, off, a, s, prompt) for name, off, a, s in rows]
+    built = [Row(name, folder, off, a, s, prompt, args.top_k) for name, off, a, s in rows]
     for r in range(repeats):
         for row in built:
             row.measure(n_new)
