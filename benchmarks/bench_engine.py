@@ -6,7 +6,7 @@ process, the cache filled), prefill and decode tok/s and their ratios to llama.c
 tok/s at batch 1, 4 and 8, and time-to-first-token for a long shared prefix with the prefix cache
 on and off. Prints the CPU features it ran with.
 
-    .venv/bin/python benchmarks/bench_engine.py [--quick] [--threads N] [--no-starts]
+    .venv/bin/python benchmarks/bench_engine.py [--quick] [--threads N] [--no-starts] [--precisions native,float32]
 
 llama.cpp is optional (extra `bench`): `CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install
 llama-cpp-python==0.3.36` builds it from source (~7 min on 2 cores); on CPUs whose kernel refuses
@@ -153,11 +153,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="shorter prompt/decode, one repeat, 512-token prefix")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-starts", action="store_true", help="skip the first/warm start subprocesses")
+    ap.add_argument("--precisions", default="native,float32,bfloat16",
+                    help="Lagoon precisions to run compiled (native also runs eager); each compiles once")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()
     n_prompt, n_new, repeats, n_prefix = (128, 32, 1, 512) if a.quick else (128, 64, 3, 2048)
+    precisions = [p for p in a.precisions.split(",") if p]
     flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags")
                     for f in line.split() if f.startswith(("avx", "amx"))}) if os.path.exists("/proc/cpuinfo") else []
     print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
@@ -165,7 +168,7 @@ def main() -> None:
 
     starts: dict[str, tuple[float, float]] = {}
     if not a.no_starts:
-        for precision in ("native", "float32"):
+        for precision in precisions[:2]:
             with tempfile.TemporaryDirectory() as tmp:
                 first = start_s(precision, tmp, threads)
                 starts[precision] = (first, start_s(precision, tmp, threads))
@@ -176,10 +179,14 @@ def main() -> None:
     probe.close()
     cpp = llama_cpp_row(prompt, n_new, repeats)
     rows = []
-    for precision, compiled in (("native", True), ("native", False), ("float32", True), ("bfloat16", True)):
+    runs = [(p, True) for p in precisions]
+    if "native" in precisions:
+        runs.insert(1, ("native", False))
+    for precision, compiled in runs:
         rows.append(lagoon_row(precision, compiled, prompt, n_new, repeats))
     native = rows[0]["engine"]
     batches = {b: batch_decode(native, prompt, b, n_new) for b in (1, 4, 8)}
+    batch_name = rows[0]["name"]
     for r in rows:
         r.pop("engine").close()
     rows.append(transformers_row(prompt, n_new, repeats))
@@ -197,7 +204,7 @@ def main() -> None:
               f"{r['prefill'] / ref['prefill']:10.2f} {r['decode'] / ref['decode']:9.2f}")
     if not cpp:
         print("llama.cpp: not installed (see this file's docstring; extra `bench`)")
-    print("\nlagoon native compiled, requests decoded together: "
+    print(f"\n{batch_name}, requests decoded together: "
           + ", ".join(f"batch {b}: {v:.1f} tok/s" for b, v in batches.items()))
     pr = prefix_rows(n_prefix)
     print(f"\nshared {n_prefix}-token prefix, second request (native):")
