@@ -150,9 +150,9 @@ def real_model(args: argparse.Namespace) -> None:
     probe.close()
     rows = [("100%", None, False, False)]
     for frac in ("50%", "25%"):
-        cap = max(k, e * int(frac[:-1]) // 100)
+        cap = max(1, e * int(frac[:-1]) // 100)
         for name, a, s in (("off", False, False), ("history", True, False), ("speculative", True, True)):
-            rows.append((f"{frac} {name}", OffloadSection(capacity=cap, tier="host", policy="lru"), a, s))
+            rows.append((f"{frac} ({cap}) {name}", OffloadSection(capacity=cap, tier="host", policy="lru"), a, s))
     print(f"model: {args.model} ({n_layers} MoE layers, {e} experts top-{k}); fp32, {args.threads} threads, "
           f"prompt {len(prompt)} tokens of the coding sample, {n_new} new tokens, best of {repeats}; "
           f"CPU: {cpu_features()}")
