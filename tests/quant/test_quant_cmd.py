@@ -117,6 +117,9 @@ def test_int4_default_on_576_wide_model_loads_in_the_engine(tmp_path) -> None:
     r = runner.invoke(app, ["quantize", "--model", str(src), "--scheme", "int4", "--out", str(tmp_path / "d")])
     assert r.exit_code == 0, r.output
     assert set(json.loads((tmp_path / "d" / "quant.json").read_text())["group_sizes"].values()) == {32}  # default
+    assert "GPTQ-rounded 7 Linears" in r.output  # calibrated by default: q/k/v/o/gate/up/down
+    r = runner.invoke(app, ["quantize", "--model", str(src), "--scheme", "int4", "--no-calibration", "--out", str(tmp_path / "n")])
+    assert r.exit_code == 0 and "round-to-nearest" in r.output, r.output
     r = runner.invoke(app, ["quantize", "--model", str(src), "--scheme", "int4", "--group-size", "128", "--out", str(tmp_path / "q")])
     assert r.exit_code == 0, r.output
     sizes = json.loads((tmp_path / "q" / "quant.json").read_text())["group_sizes"]

@@ -3,7 +3,7 @@
 Thin: parse, merge config, load through `lagoon.engine.checkpoint`, call `lagoon.quant`.
 The scheme comes from `--scheme` or else from `model_deployment.quantization.profile`.
 Activation-quantized schemes (w8a8, fp8) calibrate by default on the shipped calibration text
-(`lagoon.quant.calibrate.CALIBRATION_TEXT`: static ranges + SmoothQuant); `--no-calibration` opts
+(`lagoon.quant.calibrate.CALIBRATION_TEXT`: static ranges + SmoothQuant), and int4 does for GPTQ; `--no-calibration` opts
 out and the run says it is uncalibrated (so does `quant.json` and `lagoon quant fidelity`).
 """
 
@@ -78,7 +78,7 @@ def quantize(
         "--calibration", help="Text file for static activation ranges and SmoothQuant (w8a8/fp8 default: the shipped calibration text)."
     )] = None,
     no_calibration: Annotated[bool, typer.Option(
-        "--no-calibration", help="w8a8/fp8: skip calibration (all activations dynamic, no SmoothQuant; lower fidelity)."
+        "--no-calibration", help="Skip calibration (w8a8/fp8: all activations dynamic, no SmoothQuant; int4: no GPTQ). Lower fidelity."
     )] = False,
     group_size: Annotated[int | None, typer.Option(
         "--group-size", help="Largest group size tried per layer (int4: 32/64/128, default 32; int8: 0 = per channel, 32/64/128, default 32)."
@@ -115,18 +115,24 @@ def quantize(
     path = _source_path(model)
     net = load_checkpoint(path, "float32")
     activation_quantized = scheme_class(qc.scheme).activation_quantized
-    if calibration is None and activation_quantized and not no_calibration:
+    gptq = qc.scheme == "int4" and qc.gptq
+    if calibration is None and (activation_quantized or gptq) and not no_calibration:
         calibration = CALIBRATION
     cal = None
     if calibration is not None:
         tok = load_tokenizer(path)
-        cal = calibrate(net, _windows(tok.encode(_read_text(calibration)), 256, max_calibration_tokens))
+        cal = calibrate(net, _windows(tok.encode(_read_text(calibration)), 256, max_calibration_tokens), hessians=gptq)
     report = quantize_(net, qc, calibration=cal)
     extra = {"calibration": str(calibration) if calibration else None, "calibrated": report.calibrated}
     save_quantized(net, out, source=model, extra=extra)
     typer.echo(f"{qc.scheme}: quantized {len(report.swapped)} modules, kept {len(report.kept)} ({', '.join(sorted(set(report.kept.values())))})")
     if activation_quantized:
         typer.echo(f"calibrated on {calibration}" if report.calibrated else UNCALIBRATED)
+    if qc.scheme == "int4":
+        typer.echo(
+            f"GPTQ-rounded {len(report.gptq)} Linears (Hessians from {calibration})" if report.gptq
+            else "round-to-nearest int4 (no calibration: drop --no-calibration for GPTQ)"
+        )
     if cal is not None:
         starved = {n: s["starved"] for n, s in cal.summary(qc.min_expert_tokens)["experts"].items() if s["starved"]}
         if qc.expert_calibration and starved:
