@@ -75,3 +75,20 @@ def test_served_name_and_max_queue(folder):
     finally:
         stop()
         e.close()
+
+
+def test_compile_key_reaches_the_engine(folder, monkeypatch):
+    # off by the key, and off when unset under LAGOON_COMPILE=0; the compiled path itself is
+    # exercised in tests/engine/test_compile.py (slow: it compiles)
+    e = build(folder, "engine.compile=false")
+    try:
+        assert e.scheduler.step is e.step and e.step.eager_reason == "engine.compile is off"
+        assert e.complete([5, 6, 7], e.params(max_new_tokens=3, ignore_eos=True)).completion_tokens == 3
+    finally:
+        e.close()
+    monkeypatch.setenv("LAGOON_COMPILE", "0")
+    e = build(folder)
+    try:
+        assert e.step.eager_reason == "engine.compile is off" and not e.step.compiled
+    finally:
+        e.close()
