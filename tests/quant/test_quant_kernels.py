@@ -123,3 +123,24 @@ def test_prefill_fp32_gemm_path_matches_reference(linear: nn.Linear, scheme: str
     assert rel(y, q.reference(x)) < TIGHT_REL
     q(x[:4])  # decode-sized calls never take it
     assert q.path_counts.get("fp32_gemm", 0) == (0 if avx512 else 1)
+
+
+@pytest.mark.parametrize("scheme,gs", [("int8", 0), ("w8a8", 0)])
+@pytest.mark.parametrize("k", [24, 40])
+@pytest.mark.parametrize("m", [1, 5])
+def test_int8_widths_the_int8pack_kernel_cannot_take(scheme: str, gs: int, k: int, m: int) -> None:
+    # torch's int8pack kernel segfaults or miscomputes at K = 24 / 40 (experts that narrow exist)
+    torch.manual_seed(k)
+    q = QuantizedLinear.from_float(nn.Linear(k, 24), get_scheme(scheme, gs))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    assert rel(q(x), q.reference(x)) < TIGHT_REL
+
+
+def test_gguf_int8_linear_on_a_narrow_width() -> None:
+    from lagoon.engine.gguf_linear import Int8Linear
+
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(1))
+    lin = Int8Linear.from_weight(w)
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+    deq = lin.qweight.double() * lin.scale.double()[:, None]
+    assert rel(lin(x), x.to(torch.bfloat16).double() @ deq.t()) < TIGHT_REL

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lagoon.quant.int8 import quantize_per_channel_int8
+from lagoon.quant.int8 import int8pack_fits, quantize_per_channel_int8
 
 __all__ = ["Q4_1Linear", "Int8Linear", "swap_q4_1", "swap_int8", "GROUP"]
 
@@ -109,6 +109,8 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # [M, K]
         y = _prefill(x2, self.dense)
+        if y is None and not int8pack_fits(self.in_features):
+            y = (x2.float() @ self.qweight.float().t()) * self.scale.float()  # [M, N]
         if y is None:
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)  # [M, N]
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)

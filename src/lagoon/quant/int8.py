@@ -42,6 +42,7 @@ from lagoon.quant.linear import ActivationArgs, WeightScheme
 
 __all__ = [
     "Int8WeightOnly", "quantize_per_channel_int8", "quantize_groups_int8", "CPU_AVX512", "FP32_GEMM_MIN_M", "use_fp32_gemm",
+    "int8pack_fits",
 ]
 
 CPU_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
@@ -54,6 +55,17 @@ FP32_GEMM_MIN_M = 32
 def use_fp32_gemm(m: int, device: torch.device) -> bool:
     """Whether M tokens on `device` go through the fp32 BLAS (see the module docstring)."""
     return device.type == "cpu" and not CPU_AVX512 and m >= FP32_GEMM_MIN_M
+
+
+INT8PACK_K_MULTIPLE = 32
+"""`torch._weight_int8pack_mm`'s CPU kernel reads K in vector-wide blocks with no tail: on torch 2.13
+K = 24 or 40 gives wrong numbers or a segfault (16 and 48 happen to work on AVX-512). Only K that are
+multiples of 32 go to it; other widths take the fp32 path on the dequantized weight."""
+
+
+def int8pack_fits(k: int) -> bool:
+    """Whether a K-wide int8 weight may go through `torch._weight_int8pack_mm` (see above)."""
+    return k % INT8PACK_K_MULTIPLE == 0
 
 
 def quantize_per_channel_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +128,7 @@ class Int8WeightOnly(WeightScheme):
             hi = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, t["packed_hi"], gs, sz)  # [M, N] bf16
             lo = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, t["packed_lo"], gs, _low_scales(sz))
             return hi.float() + lo.float(), "int4pack_x2", 0
-        if use_fp32_gemm(x.shape[0], x.device):
+        if use_fp32_gemm(x.shape[0], x.device) or not int8pack_fits(x.shape[-1]):
             xb = x.to(torch.bfloat16).float()  # the scheme's activation rounding
             y = (xb @ t["qweight"].float().t()) * t["scale"].float().unsqueeze(0)  # [M, N]
             return y, "fp32_gemm", 0

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from lagoon.quant.int8 import CPU_AVX512, quantize_per_channel_int8, use_fp32_gemm
+from lagoon.quant.int8 import CPU_AVX512, int8pack_fits, quantize_per_channel_int8, use_fp32_gemm
 from lagoon.quant.linear import ActivationArgs, WeightScheme
 
 __all__ = ["W8A8", "INT_MM_FLOOR", "INT_MM_FAST_CPU"]
@@ -72,7 +72,7 @@ class W8A8(WeightScheme):
     def matmul(self, x: torch.Tensor, t: dict[str, torch.Tensor], act: ActivationArgs) -> tuple[torch.Tensor, str, int]:
         q, scale = t["qweight"], t["scale"]
         xq, sx, n_dyn = self.quantize_activation(x, act)
-        if use_fp32_gemm(x.shape[0], x.device):
+        if use_fp32_gemm(x.shape[0], x.device) or (not int8pack_fits(x.shape[-1]) and not use_int_mm(x.shape[0], x.device)):
             acc = xq.float() @ q.float().t()  # [M, N], integer-valued
             return acc * sx * scale.float().unsqueeze(0), "fp32_gemm", n_dyn
         if use_int_mm(x.shape[0], x.device):
