@@ -93,18 +93,12 @@ def _classic_moe(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return a
 
 
-def _glm4_moe(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """GLM-4.5/4.6: partial rotary, DeepSeek-style grouped sigmoid router, shared experts, the first
-    `first_k_dense_replace` layers dense. Its multi-token-prediction layers (indices >= n_layers)
-    are skipped by the loader."""
-    if "partial_rotary_factor" not in (cfg.get("rope_parameters") or {}):
-        cfg = {**cfg, "partial_rotary_factor": cfg.get("partial_rotary_factor", 0.5)}
-    a = _common(family, cfg)
+def _grouped_sigmoid_moe(cfg: dict[str, Any], num_experts: int) -> dict[str, Any]:
+    """The DeepSeek-style MoE keys GLM-4.5 and DeepSeek-V3 share: grouped sigmoid router, shared
+    experts as `n_shared_experts` x the expert width, routed scaling."""
     moe_i = int(cfg["moe_intermediate_size"])
-    a.update(
-        qkv_bias=bool(cfg.get("attention_bias", False)),
-        qk_norm=bool(cfg.get("use_qk_norm", False)),
-        num_experts=int(cfg.get("n_routed_experts", cfg.get("num_local_experts", 0))),
+    return dict(
+        num_experts=num_experts,
         top_k=int(cfg["num_experts_per_tok"]),
         moe_intermediate_size=moe_i,
         norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
@@ -113,6 +107,20 @@ def _glm4_moe(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
         n_group=int(cfg.get("n_group", 1) or 1),
         topk_group=int(cfg.get("topk_group", 1) or 1),
         routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+    )
+
+
+def _glm4_moe(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """GLM-4.5/4.6: partial rotary, DeepSeek-style grouped sigmoid router, shared experts, the first
+    `first_k_dense_replace` layers dense. Its multi-token-prediction layers (indices >= n_layers)
+    are skipped by the loader."""
+    if "partial_rotary_factor" not in (cfg.get("rope_parameters") or {}):
+        cfg = {**cfg, "partial_rotary_factor": cfg.get("partial_rotary_factor", 0.5)}
+    a = _common(family, cfg)
+    a.update(
+        _grouped_sigmoid_moe(cfg, int(cfg.get("n_routed_experts", cfg.get("num_local_experts", 0)))),
+        qkv_bias=bool(cfg.get("attention_bias", False)),
+        qk_norm=bool(cfg.get("use_qk_norm", False)),
     )
     first_dense = int(cfg.get("first_k_dense_replace", 0) or 0)
     a["layers"] = _layers(a, lambda i: i >= first_dense)
@@ -194,18 +202,9 @@ def _deepseek_v3(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
     `first_k_dense_replace` layers dense; MTP layers past n_layers are skipped by the loader."""
     rope_dim = int(cfg["qk_rope_head_dim"])
     a = _common(family, {**cfg, "head_dim": rope_dim})  # the RoPE table rotates qk_rope_head_dim channels
-    moe_i = int(cfg["moe_intermediate_size"])
     a.update(
+        _grouped_sigmoid_moe(cfg, int(cfg["n_routed_experts"])),
         qkv_bias=bool(cfg.get("attention_bias", False)), o_bias=bool(cfg.get("attention_bias", False)),
-        num_experts=int(cfg["n_routed_experts"]),
-        top_k=int(cfg["num_experts_per_tok"]),
-        moe_intermediate_size=moe_i,
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-        shared_intermediate_size=moe_i * int(cfg.get("n_shared_experts", 1) or 0),
-        scoring="sigmoid",
-        n_group=int(cfg.get("n_group", 1) or 1),
-        topk_group=int(cfg.get("topk_group", 1) or 1),
-        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
         q_lora_rank=int(cfg.get("q_lora_rank") or 0),
         kv_lora_rank=int(cfg["kv_lora_rank"]),
         qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
