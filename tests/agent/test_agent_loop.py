@@ -355,3 +355,16 @@ def test_telemetry_counts_steps_tool_calls_and_validation_failures(repo):
     assert tel.value("lagoon_agent_validation_failures_total") == 1
     assert tel.value("lagoon_agent_context_version") == 2
     assert b"lagoon_agent_step_overhead_seconds" in tel.prometheus_text()
+
+
+def test_agent_tools_key_limits_the_offered_tools(repo):
+    cfg = load_config({"context": {"rerank": False}, "agent": {"tools": ["bash"]}})
+    model = ReplayChatModel([ScriptStep(tool=("view", {"path": "README.md"})), SUBMIT])
+    r = run_task("only bash", repo, cfg, model=model)
+    system = model.requests[0][0].content
+    assert "Tools: bash, submit." in system and "view shows" not in system
+    assert r.submitted and "view" in model.requests[1][-1].content  # the refused call is explained
+    from lagoon.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="agent.tools"):
+        load_config({"agent": {"tools": ["bash", "rm"]}})

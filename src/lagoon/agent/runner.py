@@ -158,7 +158,8 @@ def run_task(
     tools: Sequence[str] | None = None,
 ) -> RunResult:
     """Run (or resume) `instruction` in `workspace` and return how it ended. `tools` limits the
-    tools offered to those names (`submit` always stays): a coordinated role's toolset."""
+    tools offered to those names (`submit` always stays): a coordinated role's toolset, narrowed
+    further by `agent.tools`."""
     started = time.perf_counter()
     if not instruction.strip():
         raise ConfigError("the task is empty; say what the agent should do")
@@ -197,8 +198,10 @@ def run_task(
             offered.append(SearchTool(retriever, budget_tokens=config.context.token_budget))
         # the contract tools come last: a small model leans towards the tools listed just before submit
         offered += [SubmitTool(), AssumeTool(book, max_assumptions=max_assumptions), VerifyTool(book)]
+        allowed = {t.name for t in offered} if config.agent.tools is None else set(config.agent.tools)
         if tools is not None:
-            offered = [t for t in offered if t.name in (*tools, "submit")]
+            allowed &= set(tools)
+        offered = [t for t in offered if t.name in allowed or t.name == "submit"]
         toolbox = ToolBox(offered, max_chars=cap,
                           offered=lambda name: name != "verify" or bool(book.declared))
         mem_cfg = config.model_deployment.memory

@@ -145,6 +145,11 @@ class AgentSection(Section):
     summary_timeout_s: float = Field(30.0, gt=0.0)
     """Seconds to wait for a model-written summary before using the extractive one."""
 
+    tools: list[Literal["bash", "view", "edit", "search", "assume", "verify", "submit"]] | None = None
+    """Tools offered to the model (`submit` is always offered); unset offers them all. A small model
+    does better with fewer: the demo leaves out `assume`/`verify`. Coordinated roles offer the
+    intersection with their own toolsets."""
+
     mode: Literal["single", "coordinated"] = "single"
     """`single`: one agent does the whole task. `coordinated`: a coordinator runs a retriever, a
     coder and a verifier, each a small agent with a typed input/output contract (`lagoon run`)."""
