@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lagoon.config import load_config
-from lagoon.engine import engine_from_config
+from lagoon.engine import compute, engine_from_config
 from lagoon.engine.kv_cache import KVCache, PagedKVCache
 from lagoon.engine.server import start_test_server
 from lagoon.engine.tiny import save_tiny_model
@@ -49,16 +49,16 @@ def test_prefix_cache_key(folder, on):
 
 
 def test_seed_and_threads_keys(folder):
-    before = torch.get_num_threads()
+    before = compute.call(torch.get_num_threads)
     outs = []
     try:
         for seed in (1, 1, 2):
             e = build(folder, f"engine.seed={seed}", "engine.threads=1")
-            assert torch.get_num_threads() == 1
+            assert compute.call(torch.get_num_threads) == 1  # where every forward runs
             outs.append(e.complete("x", e.params(max_new_tokens=12, temperature=1.0, ignore_eos=True)).token_ids)
             e.close()
     finally:
-        torch.set_num_threads(before)
+        compute.call(torch.set_num_threads, before)
     assert outs[0] == outs[1] != outs[2]
 
 

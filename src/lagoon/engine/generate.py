@@ -2,8 +2,9 @@
 request together in one batched forward per step, and `TextStream`, which turns a request's token
 ids into text pieces (incremental detokenisation, stop strings, finish reason).
 
-One worker thread owns the model and the KV cache; callers `submit` and read their request's
-queue, so concurrent requests share decode steps. A request is admitted when the cache has room for
+The process's compute thread (`lagoon.engine.compute`) runs every scheduler's steps and so owns
+the model and the KV cache; callers `submit` and read their request's queue, so concurrent requests
+share decode steps. A request is admitted when the cache has room for
 its prompt plus `max_new_tokens`; otherwise it waits.
 
 Every forward runs inside `lagoon.quant.policy.token_types`: prompt tokens carry the types given to
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lagoon.engine import compute
 from lagoon.engine.compile import DecodeStep
 from lagoon.engine.grammar import GrammarMatcher
 from lagoon.engine.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
@@ -62,7 +64,7 @@ class Request:
 
 
 class Scheduler:
-    """Runs `model` over `cache` on a background thread; `submit` returns a `Request` to read."""
+    """Runs `model` over `cache` on the compute thread; `submit` returns a `Request` to read."""
 
     def __init__(
         self, model: torch.nn.Module, cache, *, max_batch: int, eos_ids: Sequence[int],
@@ -78,10 +80,8 @@ class Scheduler:
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.pending: list[Request] = []
         self.active: list[Request] = []
-        self._wake = threading.Event()
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="lagoon-engine", daemon=True)
-        self._thread.start()
+        compute.attach(self._tick)
 
     # ------------------------------------------------------------------ API
     def submit(
@@ -110,42 +110,41 @@ class Scheduler:
         req.prompt_types = torch.tensor(types, dtype=torch.int64)
         req.generator = None if params.greedy else make_generator(params.seed)
         self.waiting.put(req)
-        self._wake.set()
+        compute.wake()
         return req
 
     def close(self) -> None:
         self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=10)
+        compute.detach(self._tick)
 
     @property
     def running(self) -> bool:
-        """Whether the worker still decodes (False once closed, or if its thread died)."""
-        return not self._stop and self._thread.is_alive()
+        """Whether the worker still decodes (False once closed, or if the compute thread died)."""
+        return not self._stop and compute.alive()
 
     @property
     def load(self) -> int:
         return self.waiting.qsize() + len(self.pending) + len(self.active)
 
     # ------------------------------------------------------------------ worker
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
-        while not self._stop:
-            try:
-                self._admit()
-                busy = bool(self.active)
-                if busy:
-                    self._decode()
-                if self.on_step is not None:
-                    self.on_step()
-                if not busy and not self.pending:
-                    self._wake.wait(0.05)
-                    self._wake.clear()
-            except Exception as exc:  # never let the worker die silently: fail the requests in flight
-                log.exception("engine step failed")
-                for req in self.active + self.pending:
-                    self._finish(req, None, exc)
-                self.active, self.pending = [], []
+    def _tick(self) -> bool:
+        """One scheduler step on the compute thread; True while requests are in flight."""
+        if self._stop:
+            return False
+        try:
+            self._admit()
+            busy = bool(self.active)
+            if busy:
+                self._decode()
+            if self.on_step is not None:
+                self.on_step()
+            return busy or bool(self.pending)
+        except Exception as exc:  # never let the worker die silently: fail the requests in flight
+            log.exception("engine step failed")
+            for req in self.active + self.pending:
+                self._finish(req, None, exc)
+            self.active, self.pending = [], []
+            return False
 
     def _admit(self) -> None:
         while True:
