@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from lagoon.engine.kernels import DENSE_PREFILL_MAX_BYTES, KernelPlan, kernel_plan
+from lagoon.engine.mxfp4 import dequant_mxfp4_ggml
 from lagoon.errors import CheckpointError, UnsupportedModelError
 from lagoon.model.args import ModelArgs
 from lagoon.model.transformer import Transformer
@@ -190,8 +192,9 @@ def _cast(t: torch.Tensor, precision: Precision, native: torch.dtype | None) -> 
 
 def _assemble(
     args: ModelArgs, state: dict[str, torch.Tensor], precision: Precision, *, source: str,
-    native: torch.dtype | None = None,
+    native: torch.dtype | None = None, show: Callable[[str], str] = repr,
 ) -> Transformer:
+    """`show` names a tensor in errors (a GGUF's own tensor names, not Lagoon's)."""
     if precision not in PRECISIONS:
         raise CheckpointError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     with torch.device("meta"):
@@ -203,16 +206,16 @@ def _assemble(
     missing = [k for k in expected if k not in state]
     if missing:
         raise CheckpointError(
-            f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
+            f"{source}: tensor {show(missing[0])} is missing ({len(missing)} missing in all); "
             "the checkpoint does not match its config.json"
         )
     unexpected = [k for k in state if k not in expected]
     if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r}; the checkpoint does not match config.json")
+        raise CheckpointError(f"{source}: unexpected tensor {show(unexpected[0])}; the checkpoint does not match config.json")
     for k, ref in expected.items():
         if tuple(state[k].shape) != tuple(ref.shape):
             raise CheckpointError(
-                f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, the config implies {tuple(ref.shape)}"
+                f"{source}: tensor {show(k)} has shape {tuple(state[k].shape)}, the config implies {tuple(ref.shape)}"
             )
     state = {k: _cast(v, precision, native) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=not args.tie_word_embeddings)
@@ -258,7 +261,7 @@ def gguf_args(reader: Any) -> ModelArgs:
         "num_attention_heads": n_heads,
         "num_key_value_heads": int(field(f"{arch}.attention.head_count_kv", n_heads)),
         "head_dim": int(field(f"{arch}.attention.key_length", dim // n_heads)),
-        "intermediate_size": int(field(f"{arch}.feed_forward_length")),
+        "intermediate_size": int(field(f"{arch}.feed_forward_length", field(f"{arch}.expert_feed_forward_length", 0))),
         "rms_norm_eps": float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(field(f"{arch}.rope.freq_base", 10000.0)),
         "max_position_embeddings": int(field(f"{arch}.context_length", 4096)),
@@ -272,6 +275,11 @@ def gguf_args(reader: Any) -> ModelArgs:
     mtp = int(field(f"{arch}.nextn_predict_layers", 0) or 0)  # GLM-4.5 counts its MTP blocks in block_count
     cfg["num_hidden_layers"] -= mtp
     cfg.update(moe_config(arch, field))
+    from lagoon.engine.gguf_arch import arch_config, rope_parameters
+
+    if rope := rope_parameters(arch, field):
+        cfg["rope_parameters"] = {**rope, "rope_theta": cfg["rope_theta"]}
+    cfg = arch_config(arch, field, cfg, {t.name for t in reader.tensors})
     if arch == "glm4moe":
         cfg["attention_bias"] = any(t.name == "blk.0.attn_q.bias" for t in reader.tensors)
         cfg["use_qk_norm"] = any(t.name == "blk.0.attn_q_norm.weight" for t in reader.tensors)
@@ -323,12 +331,14 @@ def dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
     return (d * q.float() + m).reshape(-1)
 
 
-_DEQUANT = {"Q8_0": dequant_q8_0, "Q4_1": dequant_q4_1, "Q4_0": dequant_q4_0}
+_DEQUANT = {"Q8_0": dequant_q8_0, "Q4_1": dequant_q4_1, "Q4_0": dequant_q4_0, "MXFP4": dequant_mxfp4_ggml}
 _Q4_FIELDS = {"Q4_0": q4_0_fields, "Q4_1": q4_1_fields}
 _FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
 def gguf_tensor_name(name: str) -> str | None:
+    from lagoon.engine.gguf_arch import ARCH_TENSORS
+
     if name == "token_embd.weight":
         return "embed_tokens.weight"
     if name == "output_norm.weight":
@@ -338,6 +348,10 @@ def gguf_tensor_name(name: str) -> str | None:
     parts = name.split(".")
     if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_NAMES:
         return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in ARCH_TENSORS:
+        return f"layers.{parts[1]}.{ARCH_TENSORS[parts[2]]}.{parts[3]}"
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] == "attn_sinks":
+        return f"layers.{parts[1]}.self_attn.sinks"  # a bare parameter in transformers and Lagoon
     if parts[0] == "blk" and len(parts) == 4:
         from lagoon.engine.gguf_moe import moe_tensor_name
 
@@ -410,7 +424,14 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
         from lagoon.engine.gguf_moe import stack_experts
 
         state = stack_experts(args, state)
-    model = _assemble(args, state, precision, source=str(path), native=torch.bfloat16)
+    from lagoon.engine.gguf_arch import join_mla
+
+    state = join_mla(args, state)
+    from lagoon.engine.gguf_arch import gguf_name_of
+
+    arch = reader.fields["general.architecture"].contents()
+    model = _assemble(args, state, precision, source=str(path), native=torch.bfloat16,
+                      show=lambda k: f"{gguf_name_of(k, arch)!r} ({k})")
     if q4 or int8:
         from lagoon.engine.gguf_linear import swap_int8, swap_q4_1
 

@@ -9,12 +9,17 @@
     blk.N.ffn_gate_inp.weight [E, H]                    → layers.N.mlp.router.weight
     blk.N.exp_probs_b.bias [E]                          → layers.N.mlp.router.e_score_correction_bias
     blk.N.ffn_{gate,up}_exps.weight [E, I, H]           → layers.N.mlp.experts.gate_up_proj [E, 2I, H]
+    blk.N.ffn_gate_up_exps.weight [E, 2I, H] (fused)    → layers.N.mlp.experts.gate_up_proj
     blk.N.ffn_down_exps.weight [E, H, I]                → layers.N.mlp.experts.down_proj
+    blk.N.ffn_{gate,up}_exps.bias [E, I] (gpt-oss)      → layers.N.mlp.experts.gate_up_bias [E, 2I]
+    blk.N.ffn_down_exps.bias [E, H] (gpt-oss)           → layers.N.mlp.experts.down_bias
+    blk.N.ffn_gate_inp.bias [E] (gpt-oss)               → layers.N.mlp.router.bias
     blk.N.ffn_{gate,up,down}_shexp.weight               → layers.N.mlp.shared_expert.{gate,up,down}_proj.weight
     blk.N.ffn_gate_inp_shexp.weight [H] or [1, H]       → layers.N.mlp.shared_expert_gate.weight [1, H]
 
-Architectures: ``qwen2moe``, ``qwen3moe`` (Qwen3-Coder-30B-A3B), ``olmoe``, ``glm4moe`` and
-``llama`` with experts (Mixtral). A missing or mis-shaped expert tensor raises `CheckpointError`
+Architectures: ``qwen2moe``, ``qwen3moe`` (Qwen3-Coder-30B-A3B), ``olmoe``, ``glm4moe``,
+``deepseek2`` (DeepSeek-V2/V3), ``gpt-oss`` and ``llama`` with experts (Mixtral); the attention side
+of deepseek2 and gpt-oss lives in `lagoon.engine.gguf_arch`. A missing or mis-shaped expert tensor raises `CheckpointError`
 naming the GGUF tensor. This module is *not* the dense GGUF loader (`lagoon.engine.checkpoint`).
 """
 
@@ -31,15 +36,18 @@ from lagoon.model.args import ModelArgs
 
 __all__ = ["MOE_ARCHS", "moe_config", "moe_tensor_name", "stack_experts"]
 
-MOE_ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "glm4moe": "glm4_moe"}
+MOE_ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "glm4moe": "glm4_moe",
+             "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss"}
+_GROUPED = ("glm4_moe", "deepseek_v3")  # DeepSeek-style grouped router, shared experts, leading dense layers
 
 _NAMES = {
     "ffn_gate_inp": "mlp.router", "exp_probs_b": "mlp.router",
     "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
-_EXPS = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down"}
-_EXP_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.gguf_(gate|up|down)$")
+_EXPS = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down", "ffn_gate_up_exps": "gate_up"}
+_KINDS = {v: k for k, v in _EXPS.items()}
+_EXP_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.gguf_(gate_up|gate|up|down)(_bias)?$")
 
 
 def moe_config(arch: str, field: Callable[[str, Any], Any]) -> dict[str, Any]:
@@ -50,34 +58,49 @@ def moe_config(arch: str, field: Callable[[str, Any], Any]) -> dict[str, Any]:
     family = MOE_ARCHS.get(arch, "mixtral")
     width = int(field(f"{arch}.expert_feed_forward_length", field(f"{arch}.feed_forward_length", 0)))
     shared = int(field(f"{arch}.expert_shared_feed_forward_length", 0) or 0)
+    # llama.cpp: qwen3moe, mixtral, glm4moe and gpt-oss always renormalise the top k, qwen2moe and
+    # olmoe never; deepseek2 only when the key says so (DeepSeek-V2-Lite does not)
+    renorm = family in ("qwen3_moe", "mixtral", "glm4_moe", "gpt_oss")
     cfg: dict[str, Any] = {
         "model_type": family,
         "num_experts": int(n_exp), "num_local_experts": int(n_exp), "n_routed_experts": int(n_exp),
         "num_experts_per_tok": int(field(f"{arch}.expert_used_count", 2)),
         "moe_intermediate_size": width,
-        # llama.cpp: qwen3moe and mixtral always renormalise the top k, qwen2moe and olmoe never
-        "norm_topk_prob": bool(field(f"{arch}.expert_weights_norm", family in ("qwen3_moe", "mixtral", "glm4_moe"))),
+        "norm_topk_prob": bool(field(f"{arch}.expert_weights_norm", renorm)),
     }
-    if family == "mixtral":
+    if family in ("mixtral", "gpt_oss"):
         cfg["intermediate_size"] = width
     if family == "qwen2_moe":
         cfg["shared_expert_intermediate_size"] = shared
-    if family == "glm4_moe":
-        n_shared = int(field(f"{arch}.expert_shared_count", 1) or 0)
-        cfg.update(
-            n_shared_experts=n_shared,
-            first_k_dense_replace=int(field(f"{arch}.leading_dense_block_count", 0) or 0),
-            n_group=int(field(f"{arch}.expert_group_count", 1) or 1),
-            topk_group=int(field(f"{arch}.expert_group_used_count", 1) or 1),
-            routed_scaling_factor=float(field(f"{arch}.expert_weights_scale", 1.0) or 1.0),
-        )
-        if shared and n_shared and shared != width * n_shared:
-            raise CheckpointError(f"GGUF {arch}: expert_shared_feed_forward_length {shared} is not "
-                                  f"{n_shared} × expert_feed_forward_length {width}; the file is inconsistent")
-        gating = int(field(f"{arch}.expert_gating_func", 2) or 2)
-        if gating != 2:
-            raise CheckpointError(f"GGUF {arch}: expert_gating_func {gating} (1 = softmax) but GLM-4.5 routes by sigmoid")
+    if family in _GROUPED:
+        cfg.update(_grouped(arch, field, width, shared, family))
     return cfg
+
+
+def _grouped(arch: str, field: Callable[[str, Any], Any], width: int, shared: int, family: str) -> dict[str, Any]:
+    """GLM-4.5 / DeepSeek-V2/V3: shared experts, leading dense layers, grouped router, its scoring."""
+    n_shared = int(field(f"{arch}.expert_shared_count", 1) or 0)
+    if shared and n_shared and shared != width * n_shared:
+        raise CheckpointError(f"GGUF {arch}: expert_shared_feed_forward_length {shared} is not "
+                              f"{n_shared} × expert_feed_forward_length {width}; the file is inconsistent")
+    # 1 softmax, 2 sigmoid. DeepSeek-V2 GGUFs written before the key existed route by softmax (llama.cpp's rule)
+    gating = int(field(f"{arch}.expert_gating_func", 2 if family == "glm4_moe" else 1) or 1)
+    if gating not in (1, 2) or (family == "glm4_moe" and gating != 2):
+        raise CheckpointError(f"GGUF {arch}: expert_gating_func {gating} is not supported for {family} "
+                              "(1 = softmax, 2 = sigmoid; GLM-4.5 routes by sigmoid)")
+    n_group = int(field(f"{arch}.expert_group_count", 1) or 1)
+    if gating == 1 and n_group > 1:  # DeepSeek-V2's group_limited_greedy ranks groups by their max score
+        raise CheckpointError(f"GGUF {arch}: softmax routing over {n_group} expert groups (DeepSeek-V2's "
+                              "group-limited greedy) is not implemented; Lagoon runs ungrouped softmax "
+                              "(DeepSeek-V2-Lite, Coder-V2-Lite) and grouped sigmoid (DeepSeek-V3) routers")
+    return dict(
+        n_shared_experts=n_shared,
+        first_k_dense_replace=int(field(f"{arch}.leading_dense_block_count", 0) or 0),
+        n_group=n_group,
+        topk_group=int(field(f"{arch}.expert_group_used_count", 1) or 1),
+        routed_scaling_factor=float(field(f"{arch}.expert_weights_scale", 1.0) or 1.0),
+        scoring_func="sigmoid" if gating == 2 else "softmax",
+    )
 
 
 def moe_tensor_name(parts: list[str]) -> str | None:
@@ -85,7 +108,7 @@ def moe_tensor_name(parts: list[str]) -> str | None:
     that `stack_experts` stacks), or None for a name this module does not own."""
     layer, kind, leaf = parts[1], parts[2], parts[3]
     if kind in _EXPS:
-        return f"layers.{layer}.mlp.experts.gguf_{_EXPS[kind]}"
+        return f"layers.{layer}.mlp.experts.gguf_{_EXPS[kind]}{'_bias' if leaf == 'bias' else ''}"
     if kind == "exp_probs_b":
         return f"layers.{layer}.mlp.router.e_score_correction_bias"
     if kind in _NAMES:
@@ -94,31 +117,51 @@ def moe_tensor_name(parts: list[str]) -> str | None:
 
 
 def stack_experts(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-projection expert tensors → stacked ``gate_up_proj`` / ``down_proj``, each checked."""
+    """Per-projection expert tensors → stacked ``gate_up_proj`` / ``down_proj`` (and gpt-oss's
+    ``gate_up_bias`` / ``down_bias``), each checked against the metadata."""
     out: dict[str, torch.Tensor] = {}
     found: dict[tuple[int, str], torch.Tensor] = {}
     for name, t in state.items():
         m = _EXP_KEY.match(name)
         if m:
-            found[(int(m.group(1)), m.group(2))] = t
+            found[(int(m.group(1)), m.group(2) + (m.group(3) or ""))] = t
         elif name.endswith("mlp.shared_expert_gate.weight") and t.dim() == 1:
             out[name] = t.reshape(1, -1)  # llama.cpp stores the shared-expert gate as [H]
         else:
             out[name] = t
     e, i, h = args.num_experts, args.moe_intermediate_size, args.dim
-    want = {"gate": (e, i, h), "up": (e, i, h), "down": (e, h, i)}
-    kinds = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
+    want = {"gate": (e, i, h), "up": (e, i, h), "down": (e, h, i), "gate_up": (e, 2 * i, h),
+            "gate_bias": (e, i), "up_bias": (e, i), "down_bias": (e, h), "gate_up_bias": (e, 2 * i)}
+
+    def take(layer: int, proj: str) -> torch.Tensor:
+        t = found.pop((layer, proj), None)
+        kind, leaf = _KINDS[proj.removesuffix("_bias")], "bias" if proj.endswith("_bias") else "weight"
+        gguf_name = f"blk.{layer}.{kind}.{leaf}"
+        if t is None:
+            raise CheckpointError(f"GGUF tensor {gguf_name!r} is missing; the file does not match its metadata")
+        if tuple(t.shape) != want[proj]:
+            raise CheckpointError(f"GGUF tensor {gguf_name!r} has shape {tuple(t.shape)}, the metadata implies "
+                                  f"{want[proj]} (experts, out{', in' if leaf == 'weight' else ''}); the file is inconsistent")
+        return t
+
+    def gate_up(layer: int, suffix: str) -> torch.Tensor:
+        if (layer, "gate_up" + suffix) in found:  # llama.cpp's fused form: gate rows, then up rows
+            return take(layer, "gate_up" + suffix)
+        return torch.cat([take(layer, "gate" + suffix), take(layer, "up" + suffix)], 1)
+
     for layer in range(args.n_layers):
         if not args.is_moe_layer(layer):
             continue
-        for proj, shape in want.items():
-            t = found.get((layer, proj))
-            gguf_name = f"blk.{layer}.{kinds[proj]}.weight"
-            if t is None:
-                raise CheckpointError(f"GGUF tensor {gguf_name!r} is missing; the file does not match its metadata")
-            if tuple(t.shape) != shape:
-                raise CheckpointError(f"GGUF tensor {gguf_name!r} has shape {tuple(t.shape)}, the metadata implies "
-                                      f"{shape} (experts, out, in); the file is inconsistent")
-        out[f"layers.{layer}.mlp.experts.gate_up_proj"] = torch.cat([found[(layer, "gate")], found[(layer, "up")]], 1)
-        out[f"layers.{layer}.mlp.experts.down_proj"] = found[(layer, "down")]
+        prefix = f"layers.{layer}.mlp.experts"
+        out[f"{prefix}.gate_up_proj"] = gate_up(layer, "")
+        out[f"{prefix}.down_proj"] = take(layer, "down")
+        if args.expert_bias:
+            out[f"{prefix}.gate_up_bias"] = gate_up(layer, "_bias")
+            out[f"{prefix}.down_bias"] = take(layer, "down_bias")
+    if found:  # an expert tensor the metadata leaves no place for (a bias on bias-free experts, a dense layer)
+        (layer, proj), _ = next(iter(found.items()))
+        leaf = "bias" if proj.endswith("_bias") else "weight"
+        raise CheckpointError(f"GGUF tensor 'blk.{layer}.{_KINDS[proj.removesuffix('_bias')]}.{leaf}' has no place in "
+                              f"this {args.family} model (layer {layer} is {args.layers[layer].mlp}); the file does "
+                              "not match its metadata")
     return out

@@ -3,7 +3,11 @@
 ``<name>_blocks [..., G, 16] uint8``: 32 FP4 (E2M1) codes per block, two per byte, low nibble
 first; ``<name>_scales [..., G] uint8``: one E8M0 exponent per block (value 2^(s − 127)).
 `dequant_mxfp4` returns ``[..., G·32]`` float32 — for gpt-oss that is ``[E, out, in]``, the
-row-major layout Lagoon's experts use. This module is *not* a native MXFP4 kernel: experts run
+row-major layout Lagoon's experts use.
+
+GGUF (ggml type MXFP4) packs the same numbers differently: blocks of 17 bytes, the E8M0 exponent
+first, then 16 bytes whose low nibbles are elements 0..15 and high nibbles 16..31 (not interleaved
+pairs); `dequant_mxfp4_ggml` reads that form. This module is *not* a native MXFP4 kernel: experts run
 dequantized (bf16 under ``precision: native``).
 """
 
@@ -13,7 +17,7 @@ import torch
 
 from lagoon.errors import CheckpointError
 
-__all__ = ["dequant_mxfp4", "FP4_VALUES"]
+__all__ = ["dequant_mxfp4", "dequant_mxfp4_ggml", "FP4_VALUES"]
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
@@ -32,3 +36,14 @@ def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, name: str = "tenso
     values = lut[codes.long()]
     out = torch.ldexp(values, (scales.to(torch.int32) - 127).unsqueeze(-1).float())
     return out.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32)
+
+
+def dequant_mxfp4_ggml(raw: torch.Tensor) -> torch.Tensor:
+    """GGUF MXFP4: raw [bytes] uint8, blocks of 17 = E8M0 exponent e + 16 bytes of codes → [N] f32,
+    element j of a block = FP4(code_j) · 2^(e − 127), code_j the low nibble of byte j (j < 16) or
+    the high nibble of byte j − 16."""
+    b = raw.view(-1, 17)
+    packed = b[:, 1:]
+    codes = torch.cat([packed & 0x0F, packed >> 4], dim=1)  # [nb, 32]
+    values = torch.tensor(FP4_VALUES, dtype=torch.float32)[codes.long()]
+    return torch.ldexp(values, b[:, :1].to(torch.int32) - 127).reshape(-1)

@@ -94,8 +94,8 @@ def _classic_moe(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _grouped_sigmoid_moe(cfg: dict[str, Any], num_experts: int) -> dict[str, Any]:
-    """The DeepSeek-style MoE keys GLM-4.5 and DeepSeek-V3 share: grouped sigmoid router, shared
-    experts as `n_shared_experts` x the expert width, routed scaling."""
+    """The DeepSeek-style MoE keys GLM-4.5 and DeepSeek-V3 share: grouped sigmoid router (softmax
+    when `scoring_func` says so), shared experts as `n_shared_experts` x the expert width, routed scaling."""
     moe_i = int(cfg["moe_intermediate_size"])
     return dict(
         num_experts=num_experts,
@@ -103,7 +103,7 @@ def _grouped_sigmoid_moe(cfg: dict[str, Any], num_experts: int) -> dict[str, Any
         moe_intermediate_size=moe_i,
         norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
         shared_intermediate_size=moe_i * int(cfg.get("n_shared_experts", 1) or 0),
-        scoring="sigmoid",
+        scoring=str(cfg.get("scoring_func") or "sigmoid"),  # DeepSeek-V2(-Lite) GGUFs: softmax
         n_group=int(cfg.get("n_group", 1) or 1),
         topk_group=int(cfg.get("topk_group", 1) or 1),
         routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),

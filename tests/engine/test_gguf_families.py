@@ -1,0 +1,297 @@
+"""DeepSeek-V3 (``deepseek2``) and gpt-oss (``gpt-oss``) GGUFs in llama.cpp's layout load and match the
+same tiny model from safetensors: prefill and 4 cached greedy decode steps, fp32, rel. error <= 1e-5
+(and <= 1e-4 against transformers' prefill); greedy tokens equal. Tensor names come from gguf's own
+`TensorNameMap` (the table llama.cpp's converter uses), and the tensors are reshaped as that
+converter does: MLA's kv_b split into attn_k_b / attn_v_b (or kept whole, as older files do),
+gpt-oss's interleaved gate/up de-interleaved, experts stored F32 or MXFP4. A missing or mis-shaped
+tensor raises CheckpointError naming the GGUF tensor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lagoon.engine.checkpoint import load_checkpoint
+from lagoon.engine.kv_cache import make_cache
+from lagoon.engine.tiny import save_tiny_model
+from lagoon.errors import CheckpointError
+from lagoon.model.rope import attention_scaling, inv_freq
+
+gguf = pytest.importorskip("gguf")
+MXFP4 = gguf.GGMLQuantizationType.MXFP4
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _hf(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+# ------------------------------------------------------------------------ llama.cpp's layout
+def _llama_cpp_tensors(hf, arch, *, split_kv: bool = True) -> dict[str, np.ndarray]:
+    """HF tensors → llama.cpp's names and shapes (numpy order: experts, out, in)."""
+    c = hf.config
+    names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
+    out = {}
+
+    def put(hf_name, t):
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert name is not None, f"gguf has no name for {hf_name}"
+        out[name] = np.ascontiguousarray(t, dtype=np.float32)
+
+    for name, t in hf.state_dict().items():
+        t = t.detach().float()
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+        if name.endswith("sinks"):
+            put(name + ".weight", t)  # the converter appends .weight
+        elif name.endswith("kv_b_proj.weight") and split_kv:
+            h, nope, v = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
+            k_b, v_b = t.view(h, nope + v, -1).split([nope, v], dim=1)
+            put(name.replace("kv_b_proj", "k_b_proj"), k_b.transpose(1, 2))  # [H, R, N]
+            put(name.replace("kv_b_proj", "v_b_proj"), v_b)  # [H, V, R]
+        elif ".experts.gate_up_proj" in name:
+            if arch == gguf.MODEL_ARCH.GPT_OSS:  # [E, H, 2I] / [E, 2I], gate and up interleaved
+                t = t.transpose(-1, -2) if t.dim() == 3 else t
+                gate, up = t[:, 0::2], t[:, 1::2]
+            else:  # transformers' DeepSeek-V3: [E, 2I, H], gate rows then up rows
+                gate, up = t.chunk(2, dim=1)
+            leaf = ".bias" if name.endswith("_bias") else ".weight"
+            put(name.split(".gate_up_proj")[0] + ".gate_proj" + leaf, gate)
+            put(name.split(".gate_up_proj")[0] + ".up_proj" + leaf, up)
+        elif ".experts.down_proj" in name:
+            if arch == gguf.MODEL_ARCH.GPT_OSS and not name.endswith("_bias"):
+                t = t.transpose(-1, -2)  # [E, I, H] → [E, H, I]
+            put(name.replace("down_proj_bias", "down_proj.bias") if name.endswith("_bias") else name + ".weight", t)
+        else:
+            put(name, t)
+    return out
+
+
+def _write(path, hf, arch, tensors, *, split_kv: bool = True, mxfp4: dict | None = None, drop_keys=()) -> None:
+    """A GGUF with the metadata llama.cpp's converter writes for `arch` (deepseek2 or gpt-oss)."""
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    rope = c.rope_parameters
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(rope["factor"])
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    w.add_expert_used_count(c.num_experts_per_tok)
+    if arch == gguf.MODEL_ARCH.DEEPSEEK2:
+        rank, rot, nope = c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim
+        w.add_head_count_kv(1 if split_kv else c.num_attention_heads)  # MLA as MQA since the split
+        w.add_q_lora_rank(c.q_lora_rank)
+        w.add_kv_lora_rank(rank)
+        if split_kv:
+            w.add_key_length(rank + rot)
+            w.add_value_length(rank)
+            w.add_key_length_mla(nope + rot)
+            w.add_value_length_mla(c.v_head_dim)
+        else:
+            w.add_key_length(nope + rot)
+            w.add_value_length(c.v_head_dim)
+        w.add_rope_dimension_count(rot)
+        w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+        w.add_leading_dense_block_count(c.first_k_dense_replace)
+        w.add_expert_count(c.n_routed_experts)
+        w.add_expert_shared_count(c.n_shared_experts)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        w.add_expert_weights_scale(c.routed_scaling_factor)
+        w.add_expert_weights_norm(c.norm_topk_prob)
+        w.add_expert_group_count(c.n_group)
+        w.add_expert_group_used_count(c.topk_group)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    else:
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_expert_count(c.num_local_experts)
+        w.add_expert_feed_forward_length(c.intermediate_size)
+        w.add_sliding_window(c.sliding_window)
+    for name, t in tensors.items():
+        if mxfp4 and name in mxfp4:
+            w.add_tensor(name, mxfp4[name], raw_dtype=MXFP4)
+        else:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# ------------------------------------------------------------------------ checks
+def _decode(model, prompts, steps):
+    cache = make_cache(model.args, paged=False, max_batch=prompts.shape[0], max_seq_len=32, dtype=torch.float32)
+    B, T = prompts.shape
+    logits_all, toks = [], []
+    with torch.no_grad():
+        for i in range(B):
+            cache.allocate(i, prompts[i].tolist())
+            cache.ensure(i, T + steps)
+        pos = torch.arange(T).expand(B, T)
+        cache.prepare(list(range(B)), pos)
+        logits = model(prompts, pos, cache)
+        logits_all.append(logits)
+        for s in range(steps):
+            nxt = logits[:, -1].argmax(-1)
+            toks.append(nxt.tolist())
+            pos = torch.full((B, 1), T + s)
+            cache.prepare(list(range(B)), pos)
+            logits = model(nxt[:, None], pos, cache)
+            logits_all.append(logits)
+    return toks, logits_all
+
+
+def _matches(gguf_path, folder, hf, tol=1e-5):
+    ours = load_checkpoint(gguf_path, "float32")
+    ref = load_checkpoint(folder, "float32")
+    a, b = ours.args, ref.args  # the same network (norm eps differs by its f32 storage in GGUF)
+    assert a.layers == b.layers and a.num_experts == b.num_experts and a.top_k == b.top_k
+    for (name, x), (_, y) in zip(a.ropes, b.ropes, strict=True):
+        assert torch.allclose(inv_freq(x), inv_freq(y)) and attention_scaling(x) == attention_scaling(y), name
+    prompts = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    toks, logits = _decode(ours, prompts, 4)
+    ref_toks, ref_logits = _decode(ref, prompts, 4)
+    assert toks == ref_toks
+    for got, want in zip(logits, ref_logits, strict=True):
+        assert rel(got, want) <= tol
+    with torch.no_grad():
+        assert rel(logits[0], hf(prompts).logits) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    folder = save_tiny_model(tmp_path_factory.mktemp("ds") / "m", "deepseek_v3")
+    return folder, _hf(folder)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    """Experts 32 wide (whole MXFP4 blocks); the real SwiGLU limit 7.0, which GGUF does not carry."""
+    folder = save_tiny_model(tmp_path_factory.mktemp("go") / "m", "gpt_oss", intermediate_size=32, swiglu_limit=7.0)
+    return folder, _hf(folder)
+
+
+@pytest.mark.parametrize("split_kv", [True, False], ids=["k_b+v_b", "kv_b"])
+def test_deepseek2_gguf_matches_the_safetensors_model(deepseek, tmp_path, split_kv):
+    folder, hf = deepseek
+    path = tmp_path / "ds.gguf"
+    arch = gguf.MODEL_ARCH.DEEPSEEK2
+    _write(path, hf, arch, _llama_cpp_tensors(hf, arch, split_kv=split_kv), split_kv=split_kv)
+    model = load_checkpoint(path, "float32")
+    a = model.args
+    assert (a.family, a.q_lora_rank, a.kv_lora_rank, a.qk_nope_head_dim, a.v_head_dim) == ("deepseek_v3", 40, 24, 12, 20)
+    assert a.scoring == "sigmoid" and (a.n_group, a.topk_group, a.routed_scaling_factor) == (2, 1, 1.5)
+    assert [s.mlp for s in a.layers] == ["dense", "moe", "moe"] and a.rope_table("default").kind == "yarn"
+    _matches(path, folder, hf)
+
+
+def test_gpt_oss_gguf_matches_the_safetensors_model(gpt_oss, tmp_path):
+    folder, hf = gpt_oss
+    path = tmp_path / "go.gguf"
+    arch = gguf.MODEL_ARCH.GPT_OSS
+    _write(path, hf, arch, _llama_cpp_tensors(hf, arch))
+    a = load_checkpoint(path, "float32").args
+    assert [s.window for s in a.layers] == [5, None, 5] and all(s.sinks for s in a.layers)
+    assert a.router_bias and a.expert_bias and a.rope_table("default").params["truncate"] is False
+    _matches(path, folder, hf)
+
+
+def test_gpt_oss_mxfp4_experts(gpt_oss, tmp_path):
+    """Experts stored as ggml MXFP4 load to exactly the values gguf's own dequantizer gives: the
+    safetensors model is given those values, and the two then match to float rounding."""
+    folder, original = gpt_oss
+    hf = _hf(folder)  # a copy: its experts are replaced below
+    arch = gguf.MODEL_ARCH.GPT_OSS
+    tensors = _llama_cpp_tensors(hf, arch)
+    packed = {n: gguf.quants.quantize(t, MXFP4) for n, t in tensors.items() if n.endswith("_exps.weight")}
+    for n, q in packed.items():
+        tensors[n] = gguf.quants.dequantize(q, MXFP4).reshape(tensors[n].shape)
+    with torch.no_grad():  # write the dequantized experts back into the HF model, in its interleaved layout
+        for i, layer in enumerate(hf.model.layers):
+            ex = layer.mlp.experts
+            gu = torch.empty(ex.gate_up_proj.transpose(1, 2).shape)
+            gu[:, 0::2] = torch.from_numpy(tensors[f"blk.{i}.ffn_gate_exps.weight"])
+            gu[:, 1::2] = torch.from_numpy(tensors[f"blk.{i}.ffn_up_exps.weight"])
+            ex.gate_up_proj.copy_(gu.transpose(1, 2))
+            ex.down_proj.copy_(torch.from_numpy(tensors[f"blk.{i}.ffn_down_exps.weight"]).transpose(1, 2))
+    folder = tmp_path / "dq"
+    hf.save_pretrained(str(folder))
+    path = tmp_path / "mx.gguf"
+    _write(path, hf, arch, tensors, mxfp4=packed)
+    _matches(path, tmp_path / "dq", hf)
+    x = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():  # the 4-bit experts are a real change from the float ones
+        assert rel(load_checkpoint(path, "float32")(x), original(x).logits) > 1e-3
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    ("drop", "blk.1.attn_kv_a_mqa.weight"),
+    ("drop", "blk.2.attn_v_b.weight"),
+    ("shape", "blk.1.attn_k_b.weight"),
+    ("shape", "blk.0.attn_q_b.weight"),
+    ("drop", "blk.2.exp_probs_b.bias"),
+])
+def test_deepseek2_missing_or_misshaped_tensor_is_named(deepseek, tmp_path, edit, named):
+    _, hf = deepseek
+    arch = gguf.MODEL_ARCH.DEEPSEEK2
+    tensors = _llama_cpp_tensors(hf, arch)
+    if edit == "drop":
+        del tensors[named]
+    else:
+        tensors[named] = np.ascontiguousarray(tensors[named][..., :-1])
+    path = tmp_path / "bad.gguf"
+    _write(path, hf, arch, tensors)
+    with pytest.raises(CheckpointError, match=named.replace(".", r"\.")):
+        load_checkpoint(path, "float32")
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    ("drop", "blk.0.attn_sinks.weight"),
+    ("drop", "blk.1.ffn_up_exps.bias"),
+    ("shape", "blk.2.ffn_gate_inp.bias"),
+    ("drop", "blk.1.post_attention_norm.weight"),
+])
+def test_gpt_oss_missing_or_misshaped_tensor_is_named(gpt_oss, tmp_path, edit, named):
+    _, hf = gpt_oss
+    arch = gguf.MODEL_ARCH.GPT_OSS
+    tensors = _llama_cpp_tensors(hf, arch)
+    if edit == "drop":
+        del tensors[named]
+    else:
+        tensors[named] = np.ascontiguousarray(tensors[named][..., :-1])
+    path = tmp_path / "bad.gguf"
+    _write(path, hf, arch, tensors)
+    with pytest.raises(CheckpointError, match=named.replace(".", r"\.")):
+        load_checkpoint(path, "float32")
+
+
+def test_mxfp4_dequantizer_equals_gguf_bit_for_bit():
+    """Lagoon's ggml-MXFP4 reader against gguf's `dequantize` on every exponent byte (0 and 1 are
+    subnormal scales, 255 overflows) and random codes, and on values quantized by gguf itself."""
+    from lagoon.engine.mxfp4 import dequant_mxfp4_ggml
+
+    rng = np.random.default_rng(0)
+    raw = np.zeros((256, 17), np.uint8)
+    raw[:, 0] = np.arange(256)
+    raw[:, 1:] = rng.integers(0, 256, (256, 16))
+    with np.errstate(over="ignore"):
+        want = gguf.quants.dequantize(raw.reshape(-1), MXFP4).reshape(-1)
+    got = dequant_mxfp4_ggml(torch.from_numpy(raw).reshape(-1)).numpy()
+    assert np.array_equal(got, want, equal_nan=True)
+    x = (rng.standard_normal((6, 96)) * np.exp(rng.uniform(-8, 8, (6, 1)))).astype(np.float32)
+    q = gguf.quants.quantize(x, MXFP4)
+    got = dequant_mxfp4_ggml(torch.from_numpy(q).reshape(-1)).reshape(6, 96).numpy()
+    assert np.array_equal(got, gguf.quants.dequantize(q, MXFP4))
+    assert 0 < np.abs(got - x).max() <= 0.25 * np.abs(x).max()  # 4-bit: close, not equal
