@@ -1,107 +1,49 @@
-"""Tool calls in a model family's own text syntax: `ToolSyntax` (how a family writes a call),
-`parse_tool_calls` (a finished reply → content + calls) and `ToolCallStream` (a reply arriving in
-pieces → OpenAI stream deltas: content, then per call its name first and its arguments in fragments).
-
-Four syntaxes are known. Hermes/Qwen: `<tool_call>\\n{"name": …, "arguments": {…}}\\n</tool_call>`,
-one block per call. SmolLM2 (trained on it): a JSON list in one block,
-`<tool_call>[{"name": …, "arguments": {…}}, …]</tool_call>`. Qwen3-Coder: XML inside the block,
-`<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n</function>\\n</tool_call>`.
-gpt-oss (harmony): `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{…}<|call|>`.
-The parser reads every form, so a model that drifts to another is still understood;
-`Constraint.tool_call` makes a model write a forced call as JSON between its syntax's `open` and
-`close` (for Qwen3-Coder and harmony that is the Hermes block, which the parser reads too).
-`split_reasoning` takes a reply's reasoning out (`<think>…</think>`, harmony's analysis channel)
-for `reasoning_content`. This module is *not* the chat template (`lagoon.engine.tokenizer`).
+"""Tool calls found in a reply: `parse_tool_calls` (a finished reply → content + calls, whatever family
+syntax the model wrote: see `lagoon.tool_syntax`) and `ToolCallStream` (a reply arriving in pieces →
+OpenAI stream deltas: content, then per call its name first and its arguments in fragments).
+`split_reasoning` takes a reply's reasoning out (`<think>…</think>`, harmony's analysis channel) for
+`reasoning_content`; `ReasoningStream` does it for a streamed reply. The parser reads every form, so
+a model that drifts to another family's is still understood. This module is *not* the chat template
+(`lagoon.engine.tokenizer`) nor the grammar that forces a call (`lagoon.engine.grammar`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lagoon.protocols import ToolCall
+from lagoon.tool_syntax import (
+    DS_CALL_BEGIN,
+    DS_CALLS_BEGIN,
+    DS_CALLS_END,
+    HARMONY,
+    HERMES,
+    QWEN3_CODER,
+    SMOLLM2,
+    ToolSyntax,
+    calls_in,
+    new_call_id,
+    param_schemas,
+)
 
 __all__ = ["ToolSyntax", "HERMES", "SMOLLM2", "QWEN3_CODER", "HARMONY", "parse_tool_calls", "split_blocks",
            "split_reasoning", "ReasoningStream", "ToolCallStream", "ToolCallDelta"]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+HARMONY_TO = " to=functions."
 _HEAD_RE = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*')
-
-
-@dataclass(frozen=True)
-class ToolSyntax:
-    """How a model family writes one call: `open` + call JSON (in a list when `as_list`) + `close`."""
-
-    name: str
-    open: str
-    close: str
-    as_list: bool
-    form: str = "json"  # how a call is written: json, xml (Qwen3-Coder), harmony (gpt-oss)
-
-    def render(self, calls: list[tuple[str, Any]]) -> str:
-        """(name, arguments) pairs → the text the model would have written for them."""
-        if self.form == "xml":
-            return "\n".join(self.open + _xml_call(n, a) + self.close for n, a in calls)
-        if self.form == "harmony":
-            return "".join(f"<|channel|>commentary to=functions.{n} <|constrain|>json<|message|>{json.dumps(a)}<|call|>"
-                           for n, a in calls)
-        objs = [json.dumps({"name": n, "arguments": a}) for n, a in calls]
-        if self.as_list:
-            return self.open + "[" + ", ".join(objs) + "]" + self.close
-        return "\n".join(self.open + o + self.close for o in objs)
-
-    @property
-    def open_constraint(self) -> str:
-        """Where the grammar of a single forced call starts (a list opens with `[`)."""
-        return self.open + ("[" if self.as_list else "")
-
-    @property
-    def close_constraint(self) -> str:
-        return ("]" if self.as_list else "") + self.close
-
-    def example(self) -> str:
-        return self.render([("<function-name>", {"<arg>": "<value>"})]).replace('"<function-name>"', "<function-name>")
-
-
-HERMES = ToolSyntax("hermes", "<tool_call>\n", "\n</tool_call>", as_list=False)
-SMOLLM2 = ToolSyntax("smollm2", "<tool_call>", "</tool_call>", as_list=True)
-QWEN3_CODER = ToolSyntax("qwen3_coder", "<tool_call>\n", "\n</tool_call>", as_list=False, form="xml")
-HARMONY = ToolSyntax("harmony", "<tool_call>\n", "\n</tool_call>", as_list=False, form="harmony")
-
-_XML_FN = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.S)
-_XML_PARAM = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.S)
 # the recipient may sit before or after the channel: "to=functions.f<|channel|>commentary json<|message|>"
 _HARMONY_CALL = re.compile(
-    r"(?:<\|channel\|>\w+\s*)?to=functions\.([\w.\-]+)(?:(?!<\|message\|>).)*<\|message\|>(.*?)(?:<\|call\|>|$)", re.S)
+    r"(?:<\|start\|>assistant)?(?:<\|channel\|>\w+\s*)?\s*to=functions\.([\w.\-]+)(?:(?!<\|message\|>).)*<\|message\|>(.*?)"
+    r"(?:<\|call\|>|$)", re.S)
+_HARMONY_HEAD = re.compile(r"(?:<\|start\|>assistant)?(?:<\|channel\|>\w+)?\s*$")
 _HARMONY_MSG = re.compile(
     r"<\|channel\|>(\w+)(?:(?!<\|message\|>).)*<\|message\|>(.*?)(?=<\|end\|>|<\|return\|>|<\|call\|>|<\|start\|>|$)",
     re.S)
-
-
-def _xml_call(name: str, args: Any) -> str:
-    params = "".join(f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>\n"
-                     for k, v in (args or {}).items())
-    return f"<function={name}>\n{params}</function>"
-
-
-def _calls_from_xml(block: str) -> list[ToolCall]:
-    """Qwen3-Coder's `<function=NAME><parameter=K>V</parameter>…</function>`; a value that parses as
-    JSON (a number, list, object, true/false/null) is that value, anything else the string."""
-    calls = []
-    for fn in _XML_FN.finditer(block):
-        args: dict[str, Any] = {}
-        for p in _XML_PARAM.finditer(fn.group(2)):
-            raw = p.group(2)
-            try:
-                args[p.group(1)] = json.loads(raw) if raw.strip()[:1] in '[{0123456789-tfn"' else raw
-            except json.JSONDecodeError:
-                args[p.group(1)] = raw
-        calls.append(ToolCall(id=_new_id(), name=fn.group(1), arguments=args))
-    return calls
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:
@@ -124,16 +66,27 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     return head.strip() or None, text[end + len("</think>") :].lstrip()
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """Split a reply into (content without tool-call blocks, parsed calls). A block may hold one call
-    object or a list of them; a reply that is only a bare `{"name":…, "arguments":…}` is a call too."""
-    if "to=functions." in text:  # harmony (gpt-oss)
+def parse_tool_calls(text: str, tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[str, list[ToolCall]]:
+    """Split a reply into (content without the calls, parsed calls), in any family's syntax. A JSON
+    block may hold one call object or a list of them; a reply that is only a bare
+    `{"name":…, "arguments":…}` is a call too. `tools` (OpenAI tool dicts) type the values that
+    XML / GLM calls write as text (a `string` parameter keeps its exact text)."""
+    props = param_schemas(tools)
+    if HARMONY_TO.strip() in text:  # harmony (gpt-oss)
         calls = [c for m in _HARMONY_CALL.finditer(text) for c in _calls_from_json(
             json.dumps({"name": m.group(1), "arguments": _json_or_none(m.group(2))}))]
         if calls:
             return _HARMONY_CALL.sub("", text).strip(), calls
+    if DS_CALL_BEGIN in text:  # DeepSeek-V3 / V3.1
+        at = text.find(DS_CALLS_BEGIN)
+        at = text.find(DS_CALL_BEGIN) if at < 0 else at
+        end = text.find(DS_CALLS_END, at)
+        calls = calls_in(text[at : len(text) if end < 0 else end], "deepseek", props)
+        if calls:
+            rest = text[:at] + ("" if end < 0 else text[end + len(DS_CALLS_END) :])
+            return rest.strip(), calls
     outside, blocks = split_blocks(text)
-    calls = [c for b in blocks for c in (_calls_from_json(b) or _calls_from_xml(b))]
+    calls = [c for b in blocks for c in _calls_in_block(b, props)]
     if calls:
         return outside.strip(), calls
     stripped = text.strip()
@@ -142,6 +95,14 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
         if calls:
             return "", calls
     return text, []
+
+
+def _calls_in_block(block: str, props: Mapping[str, Mapping[str, Any]]) -> list[ToolCall]:
+    """A `<tool_call>` block: JSON (Hermes, SmolLM2), else Qwen3-Coder's XML, else GLM / Laguna's
+    `NAME<arg_key>…`."""
+    if "<function=" in block:
+        return calls_in(block, "xml", props)
+    return _calls_from_json(block) or calls_in(block, "glm", props)
 
 
 def split_blocks(text: str, final: bool = True) -> tuple[str, list[str]]:
@@ -204,11 +165,7 @@ def _call(obj: Any) -> ToolCall | None:
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall(id=_new_id(), name=obj["name"], arguments=args)
-
-
-def _new_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+    return ToolCall(id=new_call_id(), name=obj["name"], arguments=args)
 
 
 @dataclass
@@ -244,6 +201,7 @@ class ToolCallStream:
     out to open a call; a call's arguments are sent as written, so the fragments of one call join to
     valid JSON once the call is complete."""
 
+    tools: Sequence[Mapping[str, Any]] | None = None  # types XML / GLM values (see `parse_tool_calls`)
     text: str = ""
     _content: int = 0  # characters of content already sent (in `_outside()` coordinates)
     _calls: list[_Sent] = field(default_factory=list)
@@ -254,35 +212,39 @@ class ToolCallStream:
 
     def feed(self, piece: str, final: bool = False) -> Iterator[str | ToolCallDelta]:
         self.text += piece
-        outside, blocks = split_blocks(self.text, final)
+        outside, blocks = split_blocks(self.text[: _calls_start(self.text)], final)
         safe = len(outside) if final else _safe_len(outside)
         if safe > self._content:
             yield outside[self._content : safe]
             self._content = safe
         for i, (name, args) in enumerate(c for b in blocks for c in _scan_block(b)):
             if i == len(self._calls):
-                self._calls.append(_Sent(_new_id()))
+                self._calls.append(_Sent(new_call_id()))
                 yield ToolCallDelta(i, self._calls[i].id, name)
             sent = self._calls[i]
             if len(args) > sent.args:
                 yield ToolCallDelta(i, arguments=args[sent.args :])
                 sent.args = len(args)
-        if final and not self._calls:  # XML (Qwen3-Coder) / harmony calls: sent whole once the reply ends
-            whole = [c for b in blocks for c in _calls_from_xml(b)]
-            if not whole and "to=functions." in self.text:
-                whole = parse_tool_calls(self.text)[1]
-            for i, c in enumerate(whole):
+        if final and not self._calls:  # XML / GLM / DeepSeek / harmony calls: sent whole once the reply ends
+            for i, c in enumerate(parse_tool_calls(self.text, self.tools)[1]):
                 self._calls.append(_Sent(c.id))
                 yield ToolCallDelta(i, c.id, c.name)
                 yield ToolCallDelta(i, arguments=json.dumps(dict(c.arguments)))
 
 
+def _calls_start(text: str) -> int:
+    """Where DeepSeek's or harmony's calls begin (everything after is calls); the length when none."""
+    at = text.find(DS_CALLS_BEGIN)
+    to = text.find(HARMONY_TO.strip())
+    if to >= 0:  # and the header before the recipient: "<|start|>assistant", "<|channel|>commentary "
+        to = _HARMONY_HEAD.search(text, 0, to).start()
+        at = to if at < 0 else min(at, to)
+    return len(text) if at < 0 else at
+
+
 def _safe_len(outside: str) -> int:
-    """How much of `outside` can be sent: all but a tail that may be the start of `<tool_call>`."""
-    for k in range(min(len(OPEN) - 1, len(outside)), 0, -1):
-        if OPEN.startswith(outside[-k:]):
-            return len(outside) - k
-    return len(outside)
+    """How much of `outside` can be sent: all but a tail that may be the start of a call's opener."""
+    return min(_safe_tail(outside, OPEN), _safe_tail(outside, DS_CALLS_BEGIN), _safe_tail(outside, HARMONY_TO))
 
 
 def _scan_block(block: str) -> Iterator[tuple[str, str]]:
@@ -303,6 +265,7 @@ def _scan_block(block: str) -> Iterator[tuple[str, str]]:
 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+HARMONY_OPEN = "<|channel|>"
 
 
 @dataclass
@@ -310,10 +273,11 @@ class ReasoningStream:
     """A reply arriving in pieces → ("reasoning", text) and ("content", text) pieces. Streaming splits
     a reply that opens with `<think>` (the whole reply is content otherwise: holding text back until a
     `</think>` that may never come would stall every non-thinking model); `split_reasoning` on the
-    finished text also reads a reply whose template opened the tag."""
+    finished text also reads a reply whose template opened the tag. A harmony reply (gpt-oss: it opens
+    with `<|channel|>`) is held whole and split once it ends: its channels interleave."""
 
     text: str = ""
-    _state: str = "start"  # start → think → answer
+    _state: str = "start"  # start → think → answer, or start → harmony
     _sent: int = 0
     _answer_started: bool = False
 
@@ -323,10 +287,20 @@ class ReasoningStream:
             stripped = self.text.lstrip()
             if stripped.startswith(THINK_OPEN):
                 self._state, self._sent = "think", len(self.text) - len(stripped) + len(THINK_OPEN)
-            elif THINK_OPEN.startswith(stripped) and not final:
+            elif stripped.startswith(HARMONY_OPEN):
+                self._state = "harmony"
+            elif (THINK_OPEN.startswith(stripped) or HARMONY_OPEN.startswith(stripped)) and not final:
                 return  # may still become the opener
             else:
                 self._state, self._answer_started = "answer", True
+        if self._state == "harmony":
+            if final:
+                reasoning, rest = split_reasoning(self.text)
+                if reasoning:
+                    yield "reasoning", reasoning
+                if rest.strip():
+                    yield "content", rest
+            return
         if self._state == "think":
             end = self.text.find(THINK_CLOSE, self._sent)
             if end < 0:

@@ -5,9 +5,12 @@ GGUF vocabulary is slow (~20 s), so the converted tokenizer is kept in `~/.cache
 (keyed by the file's size and mtime, written to a temp folder then renamed) and reused.
 
 `ChatFormat` renders OpenAI-style messages and tools through the checkpoint's own chat template,
-and knows the family's tool-call syntax (`ChatFormat.tool_syntax`, see `lagoon.tool_calls`):
-SmolLM2's JSON list when the template is SmolLM2's, else Hermes/Qwen `<tool_call>` blocks. When the
-template ignores `tools`, the tool list and that syntax are put in the system message instead.
+and knows the family's tool-call syntax (`ChatFormat.tool_syntax`, read from the template by
+`lagoon.tool_syntax.syntax_for`). A template that renders `tool_calls` gets the calls (and the
+reasoning) as fields and writes them itself; for one that does not (SmolLM2's) each call is written
+in the family's syntax as content, and when the template ignores `tools` the tool list and that
+syntax go in the system message. The family's syntax tokens are made ordinary added tokens, so the
+engine's decoding (special tokens skipped) keeps them for the parser.
 `ChatFormat.encode_with_roles` also says, per token, which message's role it came from (None for
 template text such as the generation prompt): the engine turns that into token types for quantized
 activations (`lagoon.quant.policy`). `parse_tool_calls` (re-exported from `tool_calls`) reads
@@ -28,7 +31,8 @@ from typing import Any
 from jinja2 import TemplateError
 
 from lagoon.errors import CheckpointError
-from lagoon.tool_calls import HARMONY, HERMES, QWEN3_CODER, SMOLLM2, ToolSyntax, parse_tool_calls
+from lagoon.tool_calls import parse_tool_calls
+from lagoon.tool_syntax import HARMONY, ToolSyntax, syntax_for
 
 __all__ = ["load_tokenizer", "ChatFormat", "parse_tool_calls"]
 
@@ -83,33 +87,52 @@ _TOOL_SYSTEM = {
 }
 
 
-def tool_syntax_for(template: str) -> ToolSyntax:
-    """The tool-call syntax a chat template's model family was trained on: Qwen3-Coder's template
-    writes `<function=…>` XML, gpt-oss's harmony `<|channel|>`s, SmolLM2's names itself."""
-    if "<function=" in template and "<parameter=" in template:
-        return QWEN3_CODER
-    if "<|channel|>" in template:
-        return HARMONY
-    return SMOLLM2 if "SmolLM" in template else HERMES
+def tool_syntax_for(template: str, model_type: str | None = None) -> ToolSyntax:
+    """The tool-call syntax a chat template's model family was trained on (`lagoon.tool_syntax.syntax_for`)."""
+    return syntax_for(template, model_type)
+
+
+def keep_syntax_tokens(tokenizer: Any, tokens: Sequence[str]) -> None:
+    """Make the family's syntax tokens (`<|channel|>`, `<tool_call>`, `<think>`, …) ordinary added
+    tokens, so decoding with `skip_special_tokens=True` (the engine's) keeps them in the reply's text:
+    gpt-oss and Laguna mark them special, and a parser cannot read a call whose tags were dropped.
+    Encoding is unchanged (added tokens split the text either way)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return
+    spec = json.loads(backend.to_str())
+    hidden = [t for t in spec.get("added_tokens", []) if t.get("special") and t.get("content") in tokens]
+    if not hidden:
+        return
+    for t in hidden:
+        t["special"] = False
+    from tokenizers import Tokenizer
+
+    # transformers' fast tokenizers keep their `tokenizers` backend here (`backend_tokenizer` reads it)
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))
 
 
 class ChatFormat:
     """Messages (OpenAI dicts) + tools → prompt token ids, through the checkpoint's template."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, model_type: str | None = None) -> None:
         self.tok = tokenizer
         template = getattr(tokenizer, "chat_template", None) or ""
         if not template:
             raise CheckpointError("the tokenizer has no chat template; use /v1/completions or `lagoon generate` without --chat")
         self.template_takes_tools = "tools" in template
-        self.tool_syntax = tool_syntax_for(template)
+        # a template that renders `tool_calls` (and reasoning) itself gets them as OpenAI fields; one
+        # that does not (SmolLM2's) gets each call pre-written in the family's syntax as content
+        self.template_takes_calls = "tool_calls" in template
+        self.tool_syntax = tool_syntax_for(template, model_type)
+        keep_syntax_tokens(tokenizer, self.tool_syntax.tokens)
 
     def _prepare(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Messages as the template gets them (tools folded into the system message when the
         template ignores `tools`) and the template's keyword arguments."""
-        msgs = [_plain(m, self.tool_syntax) for m in messages]
+        msgs = [out for m in messages for out in _for_template(m, self.tool_syntax, self.template_takes_calls)]
         kw: dict[str, Any] = {}
         if tools:
             if self.template_takes_tools:
@@ -180,20 +203,46 @@ class ChatFormat:
         return ids, roles
 
 
+def _for_template(m: Mapping[str, Any], syntax: ToolSyntax, native: bool) -> list[dict[str, Any]]:
+    """One OpenAI message → the message(s) the template gets. Content parts become text. A template
+    that renders `tool_calls` gets them with their arguments as a mapping (every real template
+    iterates or `tojson`s them) and the reasoning; gpt-oss's reads one call per message, so a
+    message with several becomes several. Otherwise (`_plain`) calls are written in `syntax`."""
+    if not native:
+        return [_plain(m, syntax)]
+    out: dict[str, Any] = {"role": m["role"], "content": _text(m.get("content"))}
+    for key in ("reasoning_content", "name", "tool_call_id"):
+        if m.get(key) is not None:
+            out[key] = m[key]
+    calls = [{"id": c.get("id"), "type": "function", "function": {"name": name, "arguments": args}}
+             for c in m.get("tool_calls") or [] for name, args in [_call_pair(c)]]
+    if not calls:
+        return [out]
+    if syntax is HARMONY:
+        return [{**out, "tool_calls": [c]} if i == 0 else {"role": "assistant", "content": "", "tool_calls": [c]}
+                for i, c in enumerate(calls)]
+    return [{**out, "tool_calls": calls}]
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+    return content or ""
+
+
+def _call_pair(c: Mapping[str, Any]) -> tuple[Any, Any]:
+    fn = c.get("function", c)
+    args = fn.get("arguments", {})
+    return fn.get("name"), (json.loads(args) if isinstance(args, str) and args else args or {})
+
+
 def _plain(m: Mapping[str, Any], syntax: ToolSyntax) -> dict[str, Any]:
     """Content parts → text; assistant tool calls → the text the model would write (its `syntax`)."""
-    content = m.get("content") or ""
-    if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+    content = _text(m.get("content"))
     out: dict[str, Any] = {"role": m["role"], "content": content}
     calls = m.get("tool_calls") or []
     if calls:
-        pairs = []
-        for c in calls:
-            fn = c.get("function", c)
-            args = fn.get("arguments", {})
-            args = json.loads(args) if isinstance(args, str) and args else args
-            pairs.append((fn.get("name"), args))
+        pairs = [_call_pair(c) for c in calls]
         out["content"] = (content + "\n" if content else "") + syntax.render(pairs)
     if m["role"] == "tool":
         out["content"] = f"<tool_response>\n{content}\n</tool_response>"

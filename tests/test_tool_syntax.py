@@ -1,0 +1,196 @@
+"""Round trips through each family's *real* chat template (tests/fixtures/chat_templates, sources in
+its README): an assistant message with tool calls (and reasoning, where the template renders it) goes
+through `ChatFormat` and the template as transformers renders it; the text after the generation
+prompt, cut where the model's end-of-turn token would stop it, is what the model writes. Lagoon's
+parser must read back the same OpenAI calls (name, arguments) and reasoning_content, whole and
+streamed in pieces; and the syntax is the one chosen from that template."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lagoon.engine.tiny import byte_tokenizer
+from lagoon.engine.tokenizer import ChatFormat
+from lagoon.tool_calls import (
+    ReasoningStream,
+    ToolCallDelta,
+    ToolCallStream,
+    parse_tool_calls,
+    split_reasoning,
+)
+from lagoon.tool_syntax import (
+    DEEPSEEK_V3,
+    DEEPSEEK_V31,
+    GLM45,
+    HARMONY,
+    HERMES,
+    LAGUNA,
+    LAGUNA_V8,
+    QWEN3_CODER,
+    SMOLLM2,
+    ToolSyntax,
+    syntax_for,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
+
+TOOLS = [
+    {"type": "function", "function": {"name": "run_tests", "description": "Run the tests", "parameters": {
+        "type": "object", "properties": {"path": {"type": "string"}, "k": {"type": "integer"},
+                                         "flags": {"type": "array", "items": {"type": "string"}},
+                                         "verbose": {"type": "boolean"}, "note": {"type": "string"}},
+        "required": ["path"]}}},
+    {"type": "function", "function": {"name": "write_file", "description": "Write a file", "parameters": {
+        "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}}}}},
+]
+# a string that looks like a number, code with indentation and a trailing newline, a JSON-ish string
+CALLS = [("run_tests", {"path": "tests/test_x.py", "k": 3, "flags": ["-q", "-x"], "verbose": False, "note": "42"}),
+         ("write_file", {"path": "src/a.py", "content": "def f():\n    return {'a': 1}\n"})]
+REASONING = "The user wants the tests run, then a.py written."
+
+
+@dataclass(frozen=True)
+class Family:
+    template: str
+    syntax: ToolSyntax
+    header: str  # the assistant turn's opening, as the template writes it in history
+    ends: tuple[str, ...]  # end-of-turn tokens: generation stops at the first
+    thinking: dict | None = None  # template kwargs under which the template renders reasoning
+    content: bool = True  # the template renders text next to the calls
+    one_call: bool = False  # the template renders one call per assistant message
+
+
+FAMILIES = [
+    Family("smollm2", SMOLLM2, "<|im_start|>assistant\n", ("<|im_end|>",)),
+    Family("qwen2_5", HERMES, "<|im_start|>assistant\n", ("<|im_end|>",)),
+    Family("qwen3_coder", QWEN3_CODER, "<|im_start|>assistant\n", ("<|im_end|>",)),
+    Family("glm4_moe", GLM45, "<|assistant|>", ("<|user|>", "<|observation|>"), thinking={}),
+    Family("laguna_xs2", LAGUNA, "<assistant>\n", ("</assistant>",), thinking={"enable_thinking": True}),
+    Family("laguna_v8", LAGUNA_V8, "<assistant>", ("</assistant>",), thinking={"enable_thinking": True}),
+    Family("gpt_oss", HARMONY, "<|start|>assistant", ("<|call|>", "<|return|>"), thinking={}, content=False,
+           one_call=True),
+    Family("deepseek_v3_1", DEEPSEEK_V31, "<｜Assistant｜>", ("<｜end▁of▁sentence｜>",)),
+    Family("deepseek_r1", DEEPSEEK_V3, "<｜Assistant｜>", ("<｜end▁of▁sentence｜>",), content=False),
+]
+
+
+def _format(family: Family) -> ChatFormat:
+    tok = byte_tokenizer()
+    tok.chat_template = (FIXTURES / f"{family.template}.jinja").read_text()
+    return ChatFormat(tok)
+
+
+def _turn(family: Family, calls: list, reasoning: bool) -> str:
+    """What the model writes for the assistant message: the rendered conversation with it, after the
+    rendering without it (+ the generation prompt), up to the first end-of-turn token."""
+    fmt = _format(family)
+    kw = dict(family.thinking or {}) if reasoning else {}
+    assistant = {"role": "assistant", "content": "Let me check." if family.content else None,
+                 "tool_calls": [{"id": f"call_{i}", "type": "function",
+                                 "function": {"name": n, "arguments": json.dumps(a)}} for i, (n, a) in enumerate(calls)]}
+    if reasoning:
+        assistant["reasoning_content"] = REASONING
+    messages = [{"role": "system", "content": "You are a careful coder."}, {"role": "user", "content": "Run the tests."}]
+
+    def render(msgs: list, gen: bool) -> str:
+        prepared, tkw = fmt._prepare(msgs, TOOLS)
+        return fmt.tok.apply_chat_template(prepared, tokenize=False, add_generation_prompt=gen, **tkw, **kw)
+
+    before, prompt, full = render(messages, False), render(messages, True), render([*messages, assistant], False)
+    assert full.startswith(before)
+    turn = full[len(before):]
+    gen = prompt[len(before):]
+    if turn.startswith(gen):
+        turn = turn[len(gen):]  # the generation prompt (it may open <think>) is not the model's
+    else:
+        assert turn.startswith(family.header), turn[:80]
+        turn = turn[len(family.header):]
+    stops = [at for at in (turn.find(e) for e in family.ends) if at >= 0]
+    return turn[: min(stops)] if stops else turn
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.template)
+@pytest.mark.parametrize("reasoning", [False, True], ids=["plain", "reasoning"])
+def test_calls_and_reasoning_round_trip_through_the_real_template(family, reasoning):
+    if reasoning and family.thinking is None:
+        pytest.skip(f"{family.template}'s template does not render an assistant turn's reasoning")
+    calls = CALLS[:1] if family.one_call else CALLS
+    turn = _turn(family, calls, reasoning)
+    got_reasoning, rest = split_reasoning(turn)
+    content, parsed = parse_tool_calls(rest, TOOLS)
+    assert [(c.name, dict(c.arguments)) for c in parsed] == calls, turn
+    assert got_reasoning == (REASONING if reasoning else None), turn
+    assert content == ("Let me check." if family.content else ""), turn
+    assert [json.loads(json.dumps(dict(c.arguments))) for c in parsed] == [a for _, a in calls]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.template)
+@pytest.mark.parametrize("reasoning", [False, True], ids=["plain", "reasoning"])
+def test_streamed_reply_equals_the_whole_parse(family, reasoning):
+    """As the server streams: reasoning split first (`ReasoningStream`), then calls (`ToolCallStream`)."""
+    calls = CALLS[:1] if family.one_call else CALLS
+    turn = _turn(family, calls, reasoning) if reasoning and family.thinking is not None else None
+    if reasoning and (turn is None or not turn.lstrip().startswith(("<think>", "<|channel|>"))):
+        pytest.skip(f"{family.template}: no reasoning, or its generation prompt opens it (read when the reply ends)")
+    turn = turn or _turn(family, calls, False)
+    thinking, stream = ReasoningStream(), ToolCallStream(tools=TOOLS)
+    got: dict = {"reasoning": "", "content": "", "names": [], "args": {}}
+    pieces = [turn[i : i + 5] for i in range(0, len(turn), 5)] + [""]
+    for i, piece in enumerate(pieces):
+        final = i == len(pieces) - 1
+        for kind, text in thinking.feed(piece, final):
+            if kind == "reasoning":
+                got["reasoning"] += text
+                continue
+            for item in stream.feed(text):
+                if isinstance(item, ToolCallDelta):
+                    got["names"] += [item.name] if item.name else []
+                    got["args"][item.index] = got["args"].get(item.index, "") + item.arguments
+                else:
+                    got["content"] += item
+        if final:
+            for item in stream.feed("", final=True):
+                if isinstance(item, ToolCallDelta):
+                    got["names"] += [item.name] if item.name else []
+                    got["args"][item.index] = got["args"].get(item.index, "") + item.arguments
+                else:
+                    got["content"] += item
+    assert got["names"] == [n for n, _ in calls]
+    assert [json.loads(got["args"][i]) for i in range(len(calls))] == [a for _, a in calls]
+    assert got["content"].strip() == ("Let me check." if family.content else "")
+    assert got["reasoning"].strip() == (REASONING if reasoning else "")
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.template)
+def test_the_syntax_is_chosen_from_the_checkpoints_template(family):
+    template = (FIXTURES / f"{family.template}.jinja").read_text()
+    assert syntax_for(template) is family.syntax
+    assert _format(family).tool_syntax is family.syntax
+
+
+def test_a_template_that_does_not_say_falls_back_to_the_model_type():
+    plain = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert syntax_for(plain, "laguna") is LAGUNA and syntax_for(plain, "gpt_oss") is HARMONY
+    assert syntax_for(plain, "glm4_moe") is GLM45 and syntax_for(plain, "deepseek_v3") is DEEPSEEK_V31
+    assert syntax_for(plain, "llama") is HERMES and syntax_for(plain) is HERMES
+
+
+def test_syntax_tokens_survive_the_engines_decoding():
+    """gpt-oss marks its channel tokens special; decoding with special tokens skipped (the engine's)
+    must still give the parser the harmony text."""
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|channel|>", "<|message|>", "<|start|>"]})
+    tok.chat_template = (FIXTURES / "gpt_oss.jinja").read_text()
+    text = ' to=functions.run_tests<|channel|>commentary json<|message|>{"path": "a.py"}'
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=True) != text  # stripped before ChatFormat sees the family
+    ChatFormat(tok)
+    assert tok.encode(text, add_special_tokens=False) == ids  # encoding unchanged
+    decoded = tok.decode(ids, skip_special_tokens=True)
+    assert decoded == text
+    assert [(c.name, dict(c.arguments)) for c in parse_tool_calls(decoded)[1]] == [("run_tests", {"path": "a.py"})]
+    assert tok.decode(tok.encode("<|im_start|>x", add_special_tokens=False), skip_special_tokens=True) == "x"
