@@ -14,6 +14,7 @@ import torch
 
 from lagoon.engine.checkpoint import load_checkpoint
 from lagoon.engine.kv_cache import make_cache
+from lagoon.engine.sampling import SamplingParams
 from lagoon.engine.tiny import save_tiny_model
 from lagoon.errors import CheckpointError
 from lagoon.model.rope import attention_scaling, inv_freq
@@ -72,10 +73,13 @@ def _llama_cpp_tensors(hf, arch, *, split_kv: bool = True) -> dict[str, np.ndarr
     return out
 
 
-def _write(path, hf, arch, tensors, *, split_kv: bool = True, mxfp4: dict | None = None, drop_keys=()) -> None:
+def _write(path, hf, arch, tensors, *, split_kv: bool = True, mxfp4: dict | None = None, gating: int = 2,
+           tokenizer: bool = False) -> None:
     """A GGUF with the metadata llama.cpp's converter writes for `arch` (deepseek2 or gpt-oss)."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    if tokenizer:
+        _add_tokenizer(w, c.vocab_size)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -91,7 +95,7 @@ def _write(path, hf, arch, tensors, *, split_kv: bool = True, mxfp4: dict | None
     if arch == gguf.MODEL_ARCH.DEEPSEEK2:
         rank, rot, nope = c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim
         w.add_head_count_kv(1 if split_kv else c.num_attention_heads)  # MLA as MQA since the split
-        w.add_q_lora_rank(c.q_lora_rank)
+        w.add_q_lora_rank(c.q_lora_rank or 0)
         w.add_kv_lora_rank(rank)
         if split_kv:
             w.add_key_length(rank + rot)
@@ -108,10 +112,12 @@ def _write(path, hf, arch, tensors, *, split_kv: bool = True, mxfp4: dict | None
         w.add_expert_shared_count(c.n_shared_experts)
         w.add_expert_feed_forward_length(c.moe_intermediate_size)
         w.add_expert_weights_scale(c.routed_scaling_factor)
-        w.add_expert_weights_norm(c.norm_topk_prob)
+        if c.norm_topk_prob:  # the converter writes the key only when true
+            w.add_expert_weights_norm(True)
         w.add_expert_group_count(c.n_group)
         w.add_expert_group_used_count(c.topk_group)
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        if gating:  # 0: a file from before the key existed
+            w.add_expert_gating_func(gguf.ExpertGatingFuncType(gating))
     else:
         w.add_head_count_kv(c.num_key_value_heads)
         w.add_key_length(c.head_dim)
@@ -128,6 +134,22 @@ def _write(path, hf, arch, tensors, *, split_kv: bool = True, mxfp4: dict | None
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _add_tokenizer(w, vocab_size: int) -> None:
+    """The tiny models' byte-level vocabulary as llama.cpp's gpt2 tokenizer keys (one merge: a real
+    file has merges), with the ChatML template."""
+    from lagoon.engine.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])] + ["ĠĠ"]
+    n = len(tokens)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens + [f"[PAD{i}]" for i in range(n, vocab_size)])
+    w.add_token_types([1] * 256 + [3] * (n - 257) + [1] + [5] * (vocab_size - n))
+    w.add_token_merges(["Ġ Ġ"])
+    w.add_eos_token_id(tok.convert_tokens_to_ids("<|im_end|>"))
+    w.add_chat_template(tok.chat_template)
 
 
 # ------------------------------------------------------------------------ checks
@@ -295,3 +317,58 @@ def test_mxfp4_dequantizer_equals_gguf_bit_for_bit():
     got = dequant_mxfp4_ggml(torch.from_numpy(q).reshape(-1)).reshape(6, 96).numpy()
     assert np.array_equal(got, gguf.quants.dequantize(q, MXFP4))
     assert 0 < np.abs(got - x).max() <= 0.25 * np.abs(x).max()  # 4-bit: close, not equal
+
+
+def test_deepseek2_softmax_router_without_q_lora(tmp_path):
+    """A DeepSeek-V2-Lite-shaped file: plain attn_q (no q_lora_rank), softmax routing over ungrouped
+    experts (expert_gating_func absent: llama.cpp's rule for old V2 files), no exp_probs_b, no
+    renormalisation. The reference is the safetensors model with its routers switched to softmax."""
+    folder = save_tiny_model(tmp_path / "m", "deepseek_v3", q_lora_rank=None, n_group=1, topk_group=1,
+                             norm_topk_prob=False, routed_scaling_factor=1.0)
+    hf = _hf(folder)
+    arch = gguf.MODEL_ARCH.DEEPSEEK2
+    tensors = {n: t for n, t in _llama_cpp_tensors(hf, arch).items() if "exp_probs_b" not in n}
+    assert "blk.0.attn_q.weight" in tensors
+    path = tmp_path / "v2.gguf"
+    _write(path, hf, arch, tensors, gating=0)
+    ours = load_checkpoint(path, "float32")
+    assert ours.args.scoring == "softmax" and not ours.args.q_lora_rank and not ours.args.norm_topk_prob
+    ref = load_checkpoint(folder, "float32")
+    for layer in ref.layers[1:]:
+        layer.mlp.router.scoring = "softmax"
+        layer.mlp.router.e_score_correction_bias.zero_()
+    x = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        got = ours(x)
+        assert rel(got, ref(x)) <= 1e-5
+        assert rel(got, load_checkpoint(folder, "float32")(x)) > 1e-4  # softmax routing really differs
+
+
+def test_deepseek2_grouped_softmax_is_refused(deepseek, tmp_path):
+    _, hf = deepseek  # 2 groups: DeepSeek-V2's group-limited greedy, which Lagoon does not implement
+    arch = gguf.MODEL_ARCH.DEEPSEEK2
+    path = tmp_path / "g.gguf"
+    _write(path, hf, arch, _llama_cpp_tensors(hf, arch), gating=1)
+    with pytest.raises(CheckpointError, match="group-limited greedy"):
+        load_checkpoint(path, "float32")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_load_model_runs_the_gguf_like_the_folder(deepseek, gpt_oss, tmp_path, monkeypatch, family):
+    """`load_model` (what `lagoon serve --model x.gguf` calls) takes these GGUFs, tokenizer and chat
+    template included (transformers cannot read deepseek2's config; the tokenizer needs none), and
+    greedy-decodes the same tokens as the safetensors folder."""
+    from lagoon.engine import load_model
+
+    monkeypatch.setenv("LAGOON_CACHE", str(tmp_path / "cache"))
+    folder, hf = deepseek if family == "deepseek_v3" else gpt_oss
+    arch = gguf.MODEL_ARCH.DEEPSEEK2 if family == "deepseek_v3" else gguf.MODEL_ARCH.GPT_OSS
+    path = tmp_path / "m.gguf"
+    _write(path, hf, arch, _llama_cpp_tensors(hf, arch), tokenizer=True)
+    prompt = "def add(a, b):"
+    want = load_model(folder, precision="float32").complete(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    for _ in range(2):  # the second load reads the cached tokenizer
+        engine = load_model(path, precision="float32")
+        assert engine.tokenizer.chat_template and engine.model.args.family == family
+        got = engine.complete(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        assert got.token_ids == want.token_ids and got.prompt_tokens == want.prompt_tokens

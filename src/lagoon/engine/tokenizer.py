@@ -53,7 +53,7 @@ def load_tokenizer(source: str | Path) -> Any:
         cached = _cache_root() / key
         if (cached / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(str(cached))
-        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        tok = _gguf_tokenizer(p)
         tmp: Path | None = None
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +66,18 @@ def load_tokenizer(source: str | Path) -> Any:
         return tok
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot load a tokenizer from {source} ({exc}); the checkpoint needs one") from exc
+
+
+def _gguf_tokenizer(p: Path) -> Any:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except (ValueError, TypeError):
+        # AutoTokenizer first reads the *model* config, which transformers 5.24 cannot for deepseek2,
+        # glm4moe or olmoe (ValueError) nor for a gpt-oss file with YaRN keys (TypeError); the
+        # tokenizer needs none of it: its vocabulary, merges and template are tokenizer.* keys
+        return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
 
 
 _TOOL_SYSTEM = {
