@@ -8,9 +8,12 @@ rows permuted for interleaved RoPE, which is undone here so one model file serve
 
 `precision`: `float32` casts everything to fp32; `bfloat16` to bf16; `native` keeps a HF
 checkpoint's stored dtype and runs a GGUF at its own bit width where torch has the kernel: Q4_0 /
-Q4_1 linears become `gguf_linear.Q4_1Linear` (torch's CPU int4 layout, exact) or, where the CPU
-runs int8 faster (`lagoon.engine.kernels`), `gguf_linear.Int8Linear`; a quantized output head (or
-the Q8_0 embedding it is tied to) runs int8; everything else runs dequantized in bf16. This module does *not* download anything.
+Q4_1 / Q4_K linears become `gguf_linear.Q4_1Linear` (torch's CPU int4 layout, exact; see
+`gguf_blocks`) or, where the CPU runs int8 faster (`lagoon.engine.kernels`), `gguf_linear.Int8Linear`;
+Q5_0 / Q5_1 / Q6_K / Q8_0 linears, and a quantized output head (or the Q8_0 embedding it is tied to),
+run int8 per channel; everything else runs dequantized in bf16. A `native` GGUF load is cached
+repacked (`lagoon.engine.repack_cache`) and memory-mapped from there next time. This module does
+*not* download anything.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lagoon.engine.gguf_blocks import INT8_KINDS, dequant_q4_k, q4_k_fields
 from lagoon.engine.kernels import DENSE_PREFILL_MAX_BYTES, KernelPlan, kernel_plan
 from lagoon.engine.mxfp4 import dequant_mxfp4_ggml
 from lagoon.errors import CheckpointError, UnsupportedModelError
@@ -331,8 +335,9 @@ def dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
     return (d * q.float() + m).reshape(-1)
 
 
-_DEQUANT = {"Q8_0": dequant_q8_0, "Q4_1": dequant_q4_1, "Q4_0": dequant_q4_0, "MXFP4": dequant_mxfp4_ggml}
-_Q4_FIELDS = {"Q4_0": q4_0_fields, "Q4_1": q4_1_fields}
+_DEQUANT = {"Q8_0": dequant_q8_0, "Q4_1": dequant_q4_1, "Q4_0": dequant_q4_0, "Q4_K": dequant_q4_k,
+            "MXFP4": dequant_mxfp4_ggml}
+_Q4_FIELDS = {"Q4_0": q4_0_fields, "Q4_1": q4_1_fields, "Q4_K": q4_k_fields}
 _FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
@@ -376,10 +381,16 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
     quantized embedding it is tied to) runs int8, as `plan` (default: `kernel_plan()`, by CPU) says."""
     import gguf
 
-    reader = open_gguf(path)
-    args = gguf_args(reader)
     native = precision == "native"
     plan = plan or kernel_plan()
+    if native:
+        from lagoon.engine.repack_cache import load_cached
+
+        cached = load_cached(path, plan)
+        if cached is not None:
+            return cached
+    reader = open_gguf(path)
+    args = gguf_args(reader)
     state: dict[str, torch.Tensor] = {}
     q4: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     int8: dict[str, torch.Tensor] = {}
@@ -391,6 +402,7 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
         kind = t.tensor_type.name
         shape = [int(d) for d in reversed(t.shape)]
         low_bit = native and kind in _Q4_FIELDS and name.endswith("_proj.weight")
+        to_int8 = native and kind in INT8_KINDS and name.endswith("_proj.weight")
         if low_bit and plan.q4 == "int4pack":
             d, m, q = _Q4_FIELDS[kind](torch.from_numpy(np.array(t.data)).reshape(-1))
             if name.endswith(("q_proj.weight", "k_proj.weight")) and permuted:
@@ -399,7 +411,7 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
                 d, m = (_unpermute(x.reshape(rows, blocks), heads).reshape(-1, 1) for x in (d, m))
                 q = _unpermute(q.reshape(rows, blocks * 32), heads).reshape(-1, 32)
             q4[name] = (d, m, q)
-            state[name] = torch.empty(shape, dtype=torch.bfloat16)  # placeholder: swapped for Q4_1Linear below
+            state[name] = torch.empty(shape, dtype=torch.bfloat16, device="meta")  # swapped for Q4_1Linear below
             continue
         fast = _DEQUANT.get(kind)
         try:
@@ -415,7 +427,7 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
         elif permuted and name.endswith("k_proj.weight"):
             w = _unpermute(w, args.n_kv_heads)
         state[name] = w
-        if low_bit:
+        if low_bit or to_int8:
             int8[name] = w
         if native and kind not in _FLOAT_TYPES and name == "lm_head.weight" or (
                 native and kind not in _FLOAT_TYPES and name == "embed_tokens.weight" and args.tie_word_embeddings):
@@ -443,6 +455,10 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
         swap_int8(model, int8, dense)
         if head is not None:  # the head sees one row per sequence at prefill (last_only): no dense copy
             swap_int8(model, {"lm_head.weight": head})
+    if native:
+        from lagoon.engine.repack_cache import store
+
+        store(path, plan, model)
     return model
 
 

@@ -1,13 +1,17 @@
-"""Native low-bit GGUF linears. `Q4_1Linear` runs a GGUF Q4_0 / Q4_1 weight on torch's CPU int4
-kernel with no re-quantization, because both map exactly onto torch's layout:
+"""Native low-bit GGUF linears. `Q4_1Linear` runs a GGUF Q4_0 / Q4_1 / Q4_K weight on torch's CPU
+int4 kernel with no re-quantization, because each maps exactly onto torch's layout (the fields come
+from `lagoon.engine.gguf_blocks`):
 
     Q4_1 (blocks of 32):  w = d·q + m,            q in 0..15
     Q4_0 (blocks of 32):  w = d·(q − 8)           (m = −8·d)
+    Q4_K (sub-blocks of 32): w = (d·sc)·q − dmin·mn  (d ← d·sc, m = −dmin·mn)
     torch int4 (group g): w = (q − 8)·scale + zero  →  scale = d, zero = m + 8·d, g = 32
 
 `Int8Linear` is weight-only int8 per output channel on `torch._weight_int8pack_mm`: the output head
-(tied to a Q8_0 embedding) everywhere, and 4-bit linears on CPUs where int8 is the faster kernel
-(`lagoon.engine.kernels`). Its re-quantization error is below the file's own 4-bit step.
+(tied to a Q8_0 embedding) everywhere, Q5_0 / Q5_1 / Q6_K / Q8_0 linears, and 4-bit linears on
+CPUs where int8 is the faster kernel (`lagoon.engine.kernels`). Its re-quantization error is below
+a 4-bit file's own step. Both can be rebuilt from their stored buffers (`from_packed`,
+`from_buffers`) by `lagoon.engine.repack_cache`.
 
 The only loss beyond the file's own is bf16 scales and bf16 activations (the kernel's input type).
 `swap_q4_1(model, fields)` replaces the named `nn.Linear`s from outside; the model file never
@@ -46,18 +50,32 @@ class Q4_1Linear(nn.Module):
         # d, m [N*K/32, 1] f32; q [N*K/32, 32] uint8 (row-major blocks of the [N, K] weight)
         super().__init__()
         N, K = out_features, in_features
-        self.in_features, self.out_features = K, N
         qi = q.reshape(N, K).to(torch.int32)  # [N, K]
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(qi, 2))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qi, 2)
         d = d.reshape(N, K // GROUP)
         m = m.reshape(N, K // GROUP)
         sz = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous()  # [K/32, N, 2]
-        self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
         w = None
         if dense is not None:  # the kernel's own values: (q - 8)·scale + zero with its bf16 scales
             scale, zero = (sz.to(torch.bfloat16).float()[..., i].t().unsqueeze(-1) for i in (0, 1))  # [N, K/32, 1]
             w = ((qi.reshape(N, K // GROUP, GROUP).float() - 8) * scale + zero).reshape(N, K).to(dense)
-        self.register_buffer("dense", w, persistent=False)  # [N, K] or None
+        self._attach(packed, sz.to(torch.bfloat16), w, N, K)
+
+    def _attach(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, dense: torch.Tensor | None,
+                out_features: int, in_features: int) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K/32, N, 2] bf16
+        self.register_buffer("dense", dense, persistent=False)  # [N, K] or None
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, scales_and_zeros: torch.Tensor, dense: torch.Tensor | None,
+                    out_features: int, in_features: int) -> Q4_1Linear:
+        """The layer from buffers an earlier one held (`lagoon.engine.repack_cache`), no repacking."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._attach(packed, scales_and_zeros, dense, out_features, in_features)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -100,6 +118,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         w = None if dense is None else (qweight.float() * scale.float()[:, None]).to(dense)
         self.register_buffer("dense", w, persistent=False)  # [N, K] or None
+
+    @classmethod
+    def from_buffers(cls, qweight: torch.Tensor, scale: torch.Tensor, dense: torch.Tensor | None) -> Int8Linear:
+        """The layer from buffers an earlier one held (`lagoon.engine.repack_cache`), no recomputing."""
+        layer = cls(qweight, scale)
+        layer.dense = dense
+        return layer
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, dense: torch.dtype | None = None) -> Int8Linear:

@@ -1,7 +1,7 @@
 """Tokenizers and chat templates (through `transformers.AutoTokenizer`), and tool-call parsing.
 
 `load_tokenizer(source)` reads the tokenizer from a HF folder, or from a GGUF file; converting a
-GGUF vocabulary is slow (~20 s), so the converted tokenizer is kept in `~/.cache/lagoon/tokenizers`
+GGUF vocabulary is slow (~20 s), so the converted tokenizer is kept in `cache_root()/tokenizers`
 (keyed by the file's size and mtime, written to a temp folder then renamed) and reused.
 
 `ChatFormat` renders OpenAI-style messages and tools through the checkpoint's own chat template,
@@ -30,6 +30,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from lagoon.cache_dir import cache_root
 from lagoon.errors import CheckpointError
 from lagoon.tool_calls import parse_tool_calls
 from lagoon.tool_syntax import HARMONY, ToolSyntax, syntax_for
@@ -38,7 +39,7 @@ __all__ = ["load_tokenizer", "ChatFormat", "parse_tool_calls"]
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("LAGOON_CACHE", Path.home() / ".cache" / "lagoon")) / "tokenizers"
+    return cache_root() / "tokenizers"
 
 
 def load_tokenizer(source: str | Path) -> Any:

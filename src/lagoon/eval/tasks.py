@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lagoon.cache_dir import cache_root
 from lagoon.errors import TaskSpecError
 from lagoon.jsonl import read_jsonl
 from lagoon.yaml_loader import DuplicateKeyError, load_yaml
@@ -223,8 +224,7 @@ def _tb2(folder: Path) -> Task:
 
 
 def _cache_root() -> Path:
-    base = os.environ.get("LAGOON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lagoon")
-    return Path(base) / "mirrors"
+    return cache_root() / "mirrors"
 
 
 def _build_mirror(script: Path, name: str, where: str) -> Path:

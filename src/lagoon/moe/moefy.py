@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lagoon.cache_dir import cache_root
 from lagoon.errors import ConfigError, UnsupportedModelError
 
 __all__ = ["moefy", "split_ffn", "save_moefied", "embedded_moe_path", "EMBEDDED_MOE", "PRESET"]
@@ -240,7 +241,7 @@ def embedded_moe_path() -> Path:
     gguf = embedded_gguf_path()
     p = PRESET
     tag = f"{gguf.stat().st_size}-e{p['num_experts']}-k{p['top_k']}-s{p['seed']}-v1"
-    root = Path(os.environ.get("LAGOON_CACHE", Path.home() / ".cache" / "lagoon")) / "models"
+    root = cache_root() / "models"
     folder = root / f"{EMBEDDED_MOE}-{tag}"
     if not (folder / "moefy.json").is_file():
         log.info("building %s (first use): moefying the embedded model into %s", EMBEDDED_MOE, folder)

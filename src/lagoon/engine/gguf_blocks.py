@@ -1,0 +1,63 @@
+"""GGUF block formats decoded, vectorised, into what Lagoon's weight-only kernels take.
+
+4-bit formats become *fields* in Q4_1's form, one (d, m) pair per group of 32 consecutive weights
+of a row, so `gguf_linear.Q4_1Linear` runs them on torch's int4 kernel (group 32) exactly:
+
+    Q4_0  (blocks of 32):   w = d·(q − 8)             → d,        m = −8·d
+    Q4_1  (blocks of 32):   w = d·q + m               → d,        m
+    Q4_K  (super-blocks of 256 = 8 sub-blocks of 32, 6-bit scale sc and min mn per sub-block,
+           f16 d and dmin per super-block):
+                            w = d·sc·q − dmin·mn      → d·sc,     m = −dmin·mn
+
+Wider formats (Q5_0, Q5_1, Q6_K, Q8_0) have no exact form on torch's CPU kernels: int4 is too
+narrow, and `_weight_int8pack_mm` takes one scale per output channel, while these files scale
+every block of 16 or 32 weights (a group-wise int8 product would be one matmul per group). They run
+re-quantized to int8 per output channel from their dequantized values (`INT8_KINDS`), which costs
+at most half of that channel's int8 step (max|w_row| / 254) on top of the file's own rounding —
+finer than Q5's and Q6_K's own steps, about Q8_0's. Everything here works on whole tensors (no
+Python loop over blocks). This module does not choose kernels (`lagoon.engine.kernels`) or read files
+(`lagoon.engine.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["q4_k_fields", "dequant_q4_k", "INT8_KINDS", "QK_K"]
+
+QK_K = 256
+_Q4_K_BYTES = 2 + 2 + 12 + QK_K // 2  # f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
+INT8_KINDS = ("Q5_0", "Q5_1", "Q6_K", "Q8_0")
+"""GGUF types whose linears run re-quantized to int8 per output channel at `native` precision."""
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).float()  # [nb, 2] uint8 -> [nb, 1] f32
+
+
+def _q4_k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # s [nb, 12] uint8: bytes 0-3 hold sc[0:4] (low 6 bits) and sc[4:8]'s top 2 bits, bytes 4-7
+    # mn[0:4] and mn[4:8]'s top 2 bits, bytes 8-11 the low nibbles of sc[4:8] (low) / mn[4:8] (high)
+    a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], dim=1)  # [nb, 8]
+    mn = torch.cat([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], dim=1)  # [nb, 8]
+    return sc, mn
+
+
+def q4_k_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_K super-blocks of 144 bytes → d [nb·8, 1], m [nb·8, 1], q [nb·8, 32] uint8 in 0..15,
+    one row per sub-block of 32 in the weight's row-major order (w = d·q + m)."""
+    b = raw.view(-1, _Q4_K_BYTES)
+    nb = b.shape[0]
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])  # [nb, 1]
+    sc, mn = _q4_k_scales(b[:, 4:16])
+    qs = b[:, 16:].reshape(nb, 4, 1, 32)  # 4 chunks of 32 bytes: low nibbles are sub-block 2i, high 2i+1
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(nb * 8, 32)  # [nb·8, 32]
+    scale = (d * sc.float()).reshape(-1, 1)
+    zero = (-dmin * mn.float()).reshape(-1, 1)
+    return scale, zero, q
+
+
+def dequant_q4_k(raw: torch.Tensor) -> torch.Tensor:
+    d, m, q = q4_k_fields(raw)
+    return (d * q.float() + m).reshape(-1)

@@ -1,0 +1,134 @@
+"""GGUF block formats at their own bit width (`lagoon.engine.gguf_blocks`): Q4_K onto the int4
+kernel exactly, Q5_0 / Q5_1 / Q6_K / Q8_0 re-quantized to int8 per channel, each against the `gguf`
+package's own dequantizer on fresh random blocks, and a GGUF holding all of them loaded `native`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lagoon.engine.gguf_blocks import INT8_KINDS, dequant_q4_k, q4_k_fields
+from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear
+
+_SCALE_AT = {"Q4_K": (0, 4), "Q6_K": (208, 210)}  # byte range of the f16 scale(s) in a block
+
+
+def _random_blocks(kind: str, n_weights: int, rng: np.random.Generator, std: float = 1.0) -> np.ndarray:
+    """Fresh random `kind` blocks for `n_weights` weights of about `std` (raw bytes)."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind not in _SCALE_AT:  # the package quantizes these: random weights through it
+        return gguf.quants.quantize(std * rng.standard_normal((1, n_weights)).astype(np.float32), qtype).reshape(-1)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, (n_weights // block, size), dtype=np.uint8)  # random codes, scales, mins
+    lo, hi = _SCALE_AT[kind]
+    unit = {"Q4_K": 4e-3, "Q6_K": 7.5e-4}[kind]  # d (and dmin) for weights of about 1
+    f16 = (std * unit * rng.uniform(0.5, 1.5, (b.shape[0], (hi - lo) // 2))).astype(np.float16)
+    b[:, lo:hi] = f16.view(np.uint8)
+    return b.reshape(-1)
+
+
+def _oracle(kind: str, raw: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    import gguf
+
+    w = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
+    return torch.from_numpy(np.array(w, dtype=np.float32)).reshape(shape)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_q4_k_runs_exactly_on_the_int4_kernel(seed):
+    rng = np.random.default_rng(seed)
+    N, K = 48, 512
+    raw = _random_blocks("Q4_K", N * K, rng)
+    ref_w = _oracle("Q4_K", raw, (N, K))
+    t = torch.from_numpy(raw)
+    assert torch.equal(dequant_q4_k(t).reshape(N, K), ref_w)  # bit-exact
+    layer = Q4_1Linear(*q4_k_fields(t), N, K)
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(seed))
+    ref = x @ ref_w.t()
+    # bf16 activations and group scale / zero (the Q4_1 path's 6e-3 bound)
+    assert float((layer(x) - ref).norm() / ref.norm()) <= 6e-3
+
+
+@pytest.mark.parametrize("kind", INT8_KINDS)
+def test_wider_kinds_requantize_within_half_an_int8_step(kind):
+    rng = np.random.default_rng(len(kind))
+    N, K = 32, 512
+    ref_w = _oracle(kind, _random_blocks(kind, N * K, rng), (N, K))
+    layer = Int8Linear.from_weight(ref_w)
+    wd = layer.qweight.float() * layer.scale.float()[:, None]
+    rowmax = ref_w.abs().amax(dim=1, keepdim=True)
+    assert bool(((wd - ref_w).abs() <= rowmax / 254 * 1.01).all())  # half a step, bf16-rounded scale
+
+
+def _write_gguf(path, kinds: dict[str, str], dim: int = 256, ffn: int = 512, vocab: int = 96, seed: int = 0) -> None:
+    """A one-layer llama GGUF whose projection `p` (attn_q, ..., ffn_down) is stored as `kinds[p]`
+    (random blocks), F32 norms and embedding, and a Q8_0 output head."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_context_length(256)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    kv = dim // 4 * 2
+    shapes = {"attn_q": (dim, dim), "attn_k": (kv, dim), "attn_v": (kv, dim), "attn_output": (dim, dim),
+              "ffn_gate": (ffn, dim), "ffn_up": (ffn, dim), "ffn_down": (dim, ffn)}
+    w.add_tensor("token_embd.weight", rng.standard_normal((vocab, dim)).astype(np.float32))
+    for name in ("attn_norm", "ffn_norm"):
+        w.add_tensor(f"blk.0.{name}.weight", (1 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(dim, dtype=np.float32))
+    for name, (n, k) in shapes.items():
+        kind = kinds[name]
+        qtype = gguf.GGMLQuantizationType[kind]
+        raw = _random_blocks(kind, n * k, rng, std=0.3 / k**0.5)  # a tame network: errors do not blow up
+        w.add_tensor(f"blk.0.{name}.weight", raw.reshape(n, -1), raw_dtype=qtype)  # [rows, bytes a row]
+    head = gguf.quants.quantize(0.05 * rng.standard_normal((vocab, dim)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("output.weight", head, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+MIXED = {"attn_q": "Q4_K", "attn_k": "Q6_K", "attn_v": "Q8_0", "attn_output": "Q5_0",
+         "ffn_gate": "Q4_K", "ffn_up": "Q5_1", "ffn_down": "Q6_K"}
+_ATTR = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+         "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+         "ffn_down": "mlp.down_proj"}
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_each_kind_loads_at_its_width_and_matches_the_float_file(tmp_path, monkeypatch, isa):
+    from lagoon.engine.checkpoint import load_gguf
+
+    monkeypatch.setenv("LAGOON_CPU_ISA", isa)
+    monkeypatch.setenv("LAGOON_REPACK_CACHE", "0")
+    path = tmp_path / "mixed.gguf"
+    _write_gguf(path, MIXED)
+    ref = load_gguf(path, "float32")  # the gguf package's dequantization of the same blocks
+    got = load_gguf(path, "native")
+    g = torch.Generator().manual_seed(3)
+    for name, kind in MIXED.items():
+        layer, float_layer = (m.layers[0].get_submodule(_ATTR[name]) for m in (got, ref))
+        want = Q4_1Linear if kind == "Q4_K" and isa == "avx512" else Int8Linear
+        assert type(layer) is want, (name, kind, type(layer))
+        for n in (5, 24):  # the low-bit kernel, then the dense prefill copy
+            x = torch.randn(n, layer.in_features, generator=g)
+            y = float_layer(x)
+            # bf16 activations, int8 re-quantization (measured 0.6-0.8%)
+            assert float((layer(x).float() - y).norm() / y.norm()) <= 1.5e-2, (name, n)
+    assert isinstance(got.lm_head, Int8Linear)
+    for n in (5, 24):
+        x = torch.randint(0, 96, (2, n), generator=g)
+        with torch.no_grad():
+            a, b = ref(x), got(x).float()
+        # the above, and bf16 norms / embedding, int8 head (measured 0.7-0.8%)
+        assert float((a - b).norm() / a.norm()) <= 2e-2

@@ -1,0 +1,146 @@
+"""The repack cache (`lagoon.engine.repack_cache`): a hit equals a fresh load bit for bit without
+reading the GGUF, a corrupt or stale entry is logged and rebuilt, the key follows the file and the
+kernel plan; and `cache_root()`'s environment variables."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lagoon.cache_dir import cache_root
+from lagoon.engine import checkpoint
+from lagoon.engine.checkpoint import load_gguf
+from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear
+from lagoon.engine.kernels import kernel_plan
+from lagoon.engine.repack_cache import entry_path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_gguf_blocks import MIXED, _write_gguf  # noqa: E402
+
+
+@pytest.fixture
+def gguf_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAGOON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LAGOON_REPACK_CACHE", raising=False)
+    monkeypatch.setenv("LAGOON_CPU_ISA", "avx512")
+    path = tmp_path / "mixed.gguf"
+    _write_gguf(path, MIXED, seed=5)
+    return path
+
+
+def _dense(model):
+    return {n: m.dense for n, m in model.named_modules() if isinstance(m, (Q4_1Linear, Int8Linear))}
+
+
+def _assert_identical(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    da, db = _dense(a), _dense(b)
+    assert da.keys() == db.keys() and da
+    for k in da:
+        assert (da[k] is None) == (db[k] is None) and (da[k] is None or torch.equal(da[k], db[k])), k
+    assert [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+    x = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x)) and torch.equal(a(x[:, :3]), b(x[:, :3]))  # prefill and decode kernels
+
+
+def test_a_hit_equals_a_fresh_load_without_reading_the_gguf(gguf_file, monkeypatch):
+    fresh = load_gguf(gguf_file, "native")
+    entry = entry_path(gguf_file, kernel_plan())
+    assert entry.is_file() and entry.parent == cache_root() / "gguf"
+
+    def no_gguf(path):
+        raise AssertionError("a cache hit parsed the GGUF")
+
+    monkeypatch.setattr(checkpoint, "open_gguf", no_gguf)
+    _assert_identical(fresh, load_gguf(gguf_file, "native"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "format", "missing-tensor"])
+def test_a_corrupt_entry_is_logged_and_rebuilt(gguf_file, caplog, damage):
+    fresh = load_gguf(gguf_file, "native")
+    entry = entry_path(gguf_file, kernel_plan())
+    data = entry.read_bytes()
+    if damage == "truncate":
+        entry.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        entry.write_bytes(os.urandom(4096))
+    else:  # a well-formed file that is not this entry: an old format, or a tensor gone
+        import json
+        import struct
+
+        n = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8 : 8 + n])
+        meta = json.loads(header["__metadata__"]["lagoon.repack"])
+        if damage == "format":
+            meta["format"] = 0
+        else:
+            header["renamed"] = header.pop("layers.0.self_attn.q_proj.packed")
+        header["__metadata__"]["lagoon.repack"] = json.dumps(meta)
+        blob = json.dumps(header).encode()
+        blob += b" " * (-(8 + len(blob)) % 64)
+        entry.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n :])
+    with caplog.at_level(logging.WARNING, logger="lagoon.engine.checkpoint"):
+        again = load_gguf(gguf_file, "native")
+    assert "unusable" in caplog.text and str(entry) in caplog.text
+    _assert_identical(fresh, again)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lagoon.engine.checkpoint"):
+        _assert_identical(fresh, load_gguf(gguf_file, "native"))  # rebuilt: a clean hit now
+    assert "unusable" not in caplog.text
+
+
+def test_the_key_follows_the_plan_and_the_file(gguf_file):
+    plans = [kernel_plan(isa) for isa in ("avx512", "avx2", "default")]
+    assert len({entry_path(gguf_file, p) for p in plans}) == 3
+    load_gguf(gguf_file, "native")
+    old = entry_path(gguf_file, plans[0])
+    st = gguf_file.stat()
+    os.utime(gguf_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed
+    new = entry_path(gguf_file, plans[0])
+    assert new != old
+    load_gguf(gguf_file, "native")
+    assert new.is_file() and not old.exists()  # the newer entry replaced its slot's older one
+
+
+def test_the_avx2_plan_has_its_own_entry(gguf_file, monkeypatch):
+    load_gguf(gguf_file, "native")
+    monkeypatch.setenv("LAGOON_CPU_ISA", "avx2")
+    fresh = load_gguf(gguf_file, "native")
+    assert isinstance(fresh.layers[0].self_attn.q_proj, Int8Linear)  # Q4_K on int8 under this plan
+    assert len(list((cache_root() / "gguf").iterdir())) == 2
+    _assert_identical(fresh, load_gguf(gguf_file, "native"))
+
+
+def test_the_cache_can_be_turned_off(gguf_file, monkeypatch):
+    monkeypatch.setenv("LAGOON_REPACK_CACHE", "0")
+    load_gguf(gguf_file, "native")
+    assert not (cache_root() / "gguf").exists()
+
+
+def test_an_unwritable_cache_does_not_stop_the_load(gguf_file, monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("LAGOON_CACHE_DIR", str(blocker))
+    with caplog.at_level(logging.WARNING, logger="lagoon.engine.checkpoint"):
+        model = load_gguf(gguf_file, "native")
+    assert isinstance(model.layers[0].self_attn.q_proj, Q4_1Linear)
+    assert "could not write the repack cache" in caplog.text
+
+
+def test_cache_root_reads_one_variable_and_its_alias(monkeypatch, tmp_path):
+    monkeypatch.delenv("LAGOON_CACHE_DIR", raising=False)
+    monkeypatch.delenv("LAGOON_CACHE", raising=False)
+    assert cache_root() == Path.home() / ".cache" / "lagoon"
+    monkeypatch.setenv("LAGOON_CACHE", str(tmp_path / "old"))
+    assert cache_root() == tmp_path / "old"
+    monkeypatch.setenv("LAGOON_CACHE_DIR", str(tmp_path / "new"))
+    assert cache_root() == tmp_path / "new"
