@@ -74,7 +74,7 @@ def _llama_cpp_tensors(hf, arch, *, split_kv: bool = True) -> dict[str, np.ndarr
 
 
 def _write(path, hf, arch, tensors, *, split_kv: bool = True, mxfp4: dict | None = None, gating: int = 2,
-           tokenizer: bool = False) -> None:
+           tokenizer: bool = False, quant: tuple | None = None) -> None:
     """A GGUF with the metadata llama.cpp's converter writes for `arch` (deepseek2 or gpt-oss)."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
@@ -128,6 +128,8 @@ def _write(path, hf, arch, tensors, *, split_kv: bool = True, mxfp4: dict | None
     for name, t in tensors.items():
         if mxfp4 and name in mxfp4:
             w.add_tensor(name, mxfp4[name], raw_dtype=MXFP4)
+        elif quant and name in quant[1]:  # (ggml type, {name: quantized bytes})
+            w.add_tensor(name, quant[1][name], raw_dtype=quant[0])
         else:
             w.add_tensor(name, t)
     w.write_header_to_file()
@@ -360,7 +362,7 @@ def test_load_model_runs_the_gguf_like_the_folder(deepseek, gpt_oss, tmp_path, m
     greedy-decodes the same tokens as the safetensors folder."""
     from lagoon.engine import load_model
 
-    monkeypatch.setenv("LAGOON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LAGOON_CACHE_DIR", str(tmp_path / "cache"))
     folder, hf = deepseek if family == "deepseek_v3" else gpt_oss
     arch = gguf.MODEL_ARCH.DEEPSEEK2 if family == "deepseek_v3" else gguf.MODEL_ARCH.GPT_OSS
     path = tmp_path / "m.gguf"
@@ -372,3 +374,26 @@ def test_load_model_runs_the_gguf_like_the_folder(deepseek, gpt_oss, tmp_path, m
         assert engine.tokenizer.chat_template and engine.model.args.family == family
         got = engine.complete(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
         assert got.token_ids == want.token_ids and got.prompt_tokens == want.prompt_tokens
+
+
+def test_deepseek2_q4_0_runs_natively(tmp_path, monkeypatch):
+    """Q4_0 matrices (wherever K is whole blocks) under `native`: MLA's q_a_proj (48 rows) becomes a
+    4-bit (or int8) linear; projections whose rows are not a multiple of 16 (torch's int4 packing
+    refuses them) run int8; the output is the float reading of the same file to bf16 rounding."""
+    folder = save_tiny_model(tmp_path / "m", "deepseek_v3", q_lora_rank=48)
+    hf = _hf(folder)
+    arch = gguf.MODEL_ARCH.DEEPSEEK2
+    tensors = _llama_cpp_tensors(hf, arch)
+    q4 = {n: gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q4_0) for n, t in tensors.items()
+          if n.startswith("blk.") and t.ndim == 2 and t.shape[1] % 32 == 0}
+    assert "blk.0.attn_q_a.weight" in q4 and "blk.1.attn_kv_a_mqa.weight" in q4
+    path = tmp_path / "q4.gguf"
+    _write(path, hf, arch, tensors, quant=(gguf.GGMLQuantizationType.Q4_0, q4))
+    monkeypatch.setenv("LAGOON_CACHE_DIR", str(tmp_path / "cache"))  # native loads keep a repack cache
+    native = load_checkpoint(path, "native")
+    assert type(native.layers[0].self_attn.q_a_proj).__name__ in ("Q4_1Linear", "Int8Linear")
+    x = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        exact = load_checkpoint(path, "float32")(x)
+        assert rel(native(x).float(), exact) <= 5e-2
+        assert 0 < rel(exact, hf(x).logits) <= 0.5  # 4-bit weights: a real change, not noise

@@ -403,7 +403,8 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
         shape = [int(d) for d in reversed(t.shape)]
         low_bit = native and kind in _Q4_FIELDS and name.endswith("_proj.weight")
         to_int8 = native and kind in INT8_KINDS and name.endswith("_proj.weight")
-        if low_bit and plan.q4 == "int4pack":
+        # torch's int4 packing needs out rows % 16 == 0 (a tiny or MLA projection may not): those run int8
+        if low_bit and plan.q4 == "int4pack" and shape[0] % 16 == 0:
             d, m, q = _Q4_FIELDS[kind](torch.from_numpy(np.array(t.data)).reshape(-1))
             if name.endswith(("q_proj.weight", "k_proj.weight")) and permuted:
                 heads = args.n_heads if "q_proj" in name else args.n_kv_heads
