@@ -34,8 +34,9 @@ def _hf(folder):
 
 
 # ------------------------------------------------------------------------ llama.cpp's layout
-def _llama_cpp_tensors(hf, arch, *, split_kv: bool = True) -> dict[str, np.ndarray]:
-    """HF tensors → llama.cpp's names and shapes (numpy order: experts, out, in)."""
+def _llama_cpp_tensors(hf, arch, *, split_kv: bool = True, fused: bool = False) -> dict[str, np.ndarray]:
+    """HF tensors → llama.cpp's names and shapes (numpy order: experts, out, in). `fused`: the
+    converter's fuse_gate_up_exps form, one ffn_gate_up_exps tensor (gate rows, then up rows)."""
     c = hf.config
     names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
     out = {}
@@ -62,6 +63,11 @@ def _llama_cpp_tensors(hf, arch, *, split_kv: bool = True) -> dict[str, np.ndarr
             else:  # transformers' DeepSeek-V3: [E, 2I, H], gate rows then up rows
                 gate, up = t.chunk(2, dim=1)
             leaf = ".bias" if name.endswith("_bias") else ".weight"
+            if fused:
+                bid = int(name.split(".")[2])
+                fused_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_UP_EXP].format(bid=bid) + leaf
+                out[fused_name] = np.ascontiguousarray(torch.cat([gate, up], dim=1), dtype=np.float32)
+                continue
             put(name.split(".gate_up_proj")[0] + ".gate_proj" + leaf, gate)
             put(name.split(".gate_up_proj")[0] + ".up_proj" + leaf, up)
         elif ".experts.down_proj" in name:
@@ -221,11 +227,14 @@ def test_deepseek2_gguf_matches_the_safetensors_model(deepseek, tmp_path, split_
     _matches(path, folder, hf)
 
 
-def test_gpt_oss_gguf_matches_the_safetensors_model(gpt_oss, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["gate+up", "gate_up"])
+def test_gpt_oss_gguf_matches_the_safetensors_model(gpt_oss, tmp_path, fused):
     folder, hf = gpt_oss
     path = tmp_path / "go.gguf"
     arch = gguf.MODEL_ARCH.GPT_OSS
-    _write(path, hf, arch, _llama_cpp_tensors(hf, arch))
+    tensors = _llama_cpp_tensors(hf, arch, fused=fused)
+    assert ("blk.0.ffn_gate_up_exps.bias" in tensors) == fused
+    _write(path, hf, arch, tensors)
     a = load_checkpoint(path, "float32").args
     assert [s.window for s in a.layers] == [5, None, 5] and all(s.sinks for s in a.layers)
     assert a.router_bias and a.expert_bias and a.rope_table("default").params["truncate"] is False
