@@ -100,11 +100,13 @@ class Engine:
         from lagoon.moe.runtime import runtime_of
 
         runtime = runtime_of(model)  # MoE: routing state changes only between scheduler steps
-        # offloaded experts move between tiers and MoE routers keep Python-side statistics inside the
-        # forward: those steps stay eager
-        compile = compile_enabled(self.config) and offload_of(model) is None and runtime is None
+        # offloaded experts move between tiers: those steps stay eager; MoE blocks decode through their
+        # static path (in-graph statistics, drained by runtime.step) where their experts have one
+        compile = compile_enabled(self.config) and offload_of(model) is None and (runtime is None or runtime.compilable)
         self.step = DecodeStep(model, self.cache, max_batch=self.config.max_batch_size, compile=compile)
         compute.call(self.step.warm_up)  # compile (or load the cached graph) now, not on the first request
+        if runtime is not None:  # the warm-up's padding token is not traffic: keep it out of the MoE statistics
+            runtime.discard_static()
         self.scheduler = Scheduler(model, self.cache, max_batch=self.config.max_batch_size,
                                    eos_ids=self.eos_ids, on_token=on_token, step=self.step,
                                    on_step=runtime.step if runtime is not None else None)

@@ -115,6 +115,9 @@ class ExpertLoadMonitor:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            # a static (compiled-decode) call keeps its counts in tensors: `MoeRuntime.step` records them
+            if torch.compiler.is_compiling() or module.static_path:
+                return
             self.record(name, module.last_counts, module.last_dropped)
 
         return hook

@@ -22,6 +22,12 @@ offloaded, quantized) calls the same `GLU` and adds the same biases.
 Both take ``forward(x [T, H], indices [T, k], weights [T, k], plan=None) -> [T, H]``; a plan with
 capacity drops zeroes the dropped slots in both.
 
+* ``gathered(x [T, H], indices [T, k]) -> [T, k, H]`` fp32 (both) — the static-shape path of the
+  compiled decode step (`lagoon.moe.layer`): every slot's output before weighting, each slot reading
+  its own expert's rows (llama.cpp's mul_mat_id). Written as index + multiply + sum rather than a
+  matmul so that inductor fuses the gather into the reduction and reads only the chosen experts'
+  bytes once; run eagerly it materialises T*k weight copies (fine for the tests, not for prefill).
+
 Not here: routing (`lagoon.moe.router`) or shared experts (`lagoon.moe.layer`).
 """
 
@@ -109,6 +115,21 @@ class StackedExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=i**-0.5)
         self.gate_up_bias = nn.Parameter(torch.zeros(e, 2 * i)) if bias else None  # [E, 2I]
         self.down_bias = nn.Parameter(torch.zeros(e, h)) if bias else None  # [E, H]
+
+    def gathered_ok(self) -> bool:
+        return True
+
+    def gathered(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Each slot through its own expert: [T, H], [T, k] -> [T, k, H] fp32 (no routing weight)."""
+        # T = tokens, k = top_k, H = hidden, I = intermediate
+        xf = x.float()[:, None, None, :]  # [T, 1, 1, H]
+        h = (self.gate_up_proj[indices].float() * xf).sum(-1)  # [T, k, 2I]
+        if self.gate_up_bias is not None:
+            h = h + self.gate_up_bias[indices].float()
+        gate, up = h.chunk(2, dim=-1)
+        g = self.glu(gate, up)[:, :, None, :]  # [T, k, 1, I]
+        y = (self.down_proj[indices].float() * g).sum(-1)  # [T, k, H]
+        return y if self.down_bias is None else y + self.down_bias[indices].float()
 
     def share_weights(self, other: StackedExperts) -> StackedExperts:
         """Point this module's parameters (and GLU) at `other`'s (no copy); returns self."""

@@ -31,6 +31,18 @@ telemetry; `restore` puts them back. With ``check_finite`` on (the serving runti
 runs each routed expert alone on its tokens, quarantines the ones that emit non-finite values and
 recomputes the call, so the request completes.
 
+Compiled decode (the static path): while `torch.compile` traces the block (the engine's compiled
+decode step, `lagoon.engine.compile`) or when ``static_path`` is set, ``forward`` takes shapes that
+do not depend on the routing: `Router.route_static` (k slots, quarantine as a mask), the experts'
+``gathered`` (each slot reads only its chosen expert's weights: llama.cpp's mul_mat_id), capacity
+drops ranked in-graph, and the statistics a call produces accumulated in buffers
+(``static_counts`` [E], ``static_calls``, ``static_dropped``, ``static_nonfinite`` [E]) instead of
+Python state. `drain_static` (called by `MoeRuntime.step` between scheduler steps) moves them into
+the router's window (one window step per drain), ``last_counts`` / ``dropped_total`` and the load
+monitor, and quarantines experts that emitted non-finite values. Unlike the eager path, which
+re-routes the call at once, a non-finite slot in a static call contributes zero for that call (the
+token keeps its other experts); the expert is quarantined from the next step on.
+
 Constructor defaults reproduce the checkpoint's own routing (no runtime balancing);
 `SparseMoE.from_config` / `apply_config` turn on what ``model_deployment.expert_routing`` and ``moe``
 say. This module is *not* attention, norms or the residual: the decoder layer owns those.
@@ -51,7 +63,7 @@ from lagoon.moe.dispatch import plan_dispatch
 from lagoon.moe.experts import Experts, activation
 from lagoon.moe.router import Router, Routing
 
-__all__ = ["SparseMoE", "SharedExpert", "apply_config"]
+__all__ = ["SparseMoE", "SharedExpert", "apply_config", "static_capacity_keep"]
 
 log = logging.getLogger("lagoon.moe.health")
 
@@ -129,6 +141,12 @@ class SparseMoE(nn.Module):
         self.dropped_total = 0
         self.quarantined: dict[int, str] = {}  # expert -> reason
         self.check_finite = False
+        self.static_path = False  # run the static (compiled-decode) path eagerly: tests, benchmarks
+        # in-graph statistics of static calls since the last drain_static (runtime state, not checkpoint data)
+        self.register_buffer("static_counts", torch.zeros(num_experts, dtype=torch.int64), persistent=False)  # [E]
+        self.register_buffer("static_calls", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("static_dropped", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("static_nonfinite", torch.zeros(num_experts, dtype=torch.int64), persistent=False)  # [E]
         self.register_load_state_dict_pre_hook(_rename_hf_keys)
 
     @property
@@ -139,6 +157,8 @@ class SparseMoE(nn.Module):
         # T = tokens, H = hidden, k = top_k
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [T, H]
+        if self.static_path or torch.compiler.is_compiling():
+            return self._with_shared(x2, self._forward_static(x2)).reshape(shape)
         routing = self.router(x2)
         plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
         y = self.experts(x2, routing.indices, routing.weights, plan)  # [T, H]
@@ -147,15 +167,68 @@ class SparseMoE(nn.Module):
                 routing = self.router(x2)
                 plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
                 y = self.experts(x2, routing.indices, routing.weights, plan)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x2)  # [T, H]
-            if self.shared_expert_gate is not None:
-                shared = F.sigmoid(self.shared_expert_gate(x2)) * shared
-            y = y + shared
+        y = self._with_shared(x2, y)
         self.router.observe(plan.counts)
         self.last_routing, self.last_counts, self.last_dropped = routing, plan.counts, plan.dropped
         self.dropped_total += plan.dropped
         return y.reshape(shape)
+
+    def _with_shared(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.shared_expert is None:
+            return y
+        shared = self.shared_expert(x2)  # [T, H]
+        if self.shared_expert_gate is not None:
+            shared = F.sigmoid(self.shared_expert_gate(x2)) * shared
+        return y + shared
+
+    # ------------------------------------------------------------------ static (compiled decode) path
+    @property
+    def static_ready(self) -> bool:
+        """Whether these experts have a static-shape path (``gathered``); if not, decode stays eager."""
+        ok = getattr(self.experts, "gathered_ok", None)
+        return ok is not None and bool(ok())
+
+    def _forward_static(self, x2: torch.Tensor) -> torch.Tensor:
+        # T = tokens, k = top_k, E = experts, H = hidden
+        routing = self.router.route_static(x2)
+        idx, valid = routing.indices, routing.valid  # [T, k]
+        keep = valid
+        if self.capacity_factor is not None:
+            keep = valid & static_capacity_keep(idx, valid, self.num_experts, self.capacity_factor)
+            self.static_dropped.add_((valid & ~keep).sum())
+        ys = self.experts.gathered(x2, idx)  # [T, k, H] fp32
+        if self.check_finite:
+            bad = keep & ~torch.isfinite(ys).all(-1) & torch.isfinite(x2).all(-1, keepdim=True)  # [T, k]
+            self.static_nonfinite.scatter_add_(0, idx.reshape(-1), bad.reshape(-1).long())
+            keep = keep & ~bad
+        # where, not a product: an unused slot's expert may be a quarantined one emitting NaN
+        y = torch.where(keep.unsqueeze(-1), ys * routing.weights.unsqueeze(-1).float(), 0.0).sum(dim=1)  # [T, H]
+        self.static_counts.scatter_add_(0, idx.reshape(-1), valid.reshape(-1).long())
+        self.static_calls.add_(1)
+        return y.to(x2.dtype)
+
+    @torch.no_grad()
+    def reset_static(self) -> None:
+        """Zero the static-call statistics (in place: a compiled step holds these tensors)."""
+        for t in (self.static_counts, self.static_calls, self.static_dropped, self.static_nonfinite):
+            if not t.is_meta:
+                t.zero_()
+
+    @torch.no_grad()
+    def drain_static(self) -> tuple[torch.Tensor, int] | None:
+        """Move the static calls' statistics into the router window, ``last_counts``, ``dropped_total``
+        and quarantine; returns (counts [E], dropped) for the load monitor, or None after no static call."""
+        if self.static_calls.is_meta or not int(self.static_calls):
+            return None
+        counts, dropped = self.static_counts.cpu().clone(), int(self.static_dropped)
+        bad = self.static_nonfinite.nonzero().flatten().tolist()
+        self.reset_static()
+        self.router.observe(counts)
+        self.last_counts, self.last_dropped = counts, dropped
+        self.dropped_total += dropped
+        if bad:
+            self.quarantine(bad, "non-finite output")
+        return counts, dropped
 
     # ------------------------------------------------------------------ degraded experts
     def quarantine(self, experts: Iterable[int], reason: str) -> list[int]:
@@ -232,6 +305,10 @@ class SparseMoE(nn.Module):
         moe.load_state_dict(state, assign=True)
         if moe.router.scoring == "softmax":  # runtime-only buffer, absent from HF softmax blocks
             moe.router.e_score_correction_bias = torch.zeros(num_experts, device=gate.weight.device)
+        for mod in moe.modules():  # runtime-only buffers (static-path state) start at zero
+            for bname, buf in list(mod.named_buffers(recurse=False)):
+                if buf is not None and buf.is_meta:
+                    setattr(mod, bname, torch.zeros(buf.shape, dtype=buf.dtype, device=gate.weight.device))
         return moe
 
     @classmethod
@@ -274,6 +351,19 @@ def apply_config(model: nn.Module, cfg: Any) -> nn.Module:
         r.balance_window = moe_cfg.balance_window
         block.capacity_factor = moe_cfg.capacity_factor
     return model
+
+
+def static_capacity_keep(indices: torch.Tensor, valid: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
+    """`plan_dispatch`'s capacity rule in-graph: [T, k] True for the slots an expert accepts (its first
+    ``ceil(c * S / E)`` valid slots in slot order, S = the valid slots)."""
+    # S = T * k slots, E = experts
+    flat, ok = indices.reshape(-1), valid.reshape(-1)  # [S]
+    hits = F.one_hot(flat, num_experts) * ok.unsqueeze(-1).long()  # [S, E]
+    rank = ((hits.cumsum(0) - hits) * hits).sum(-1)  # [S] valid slots of the same expert before this one
+    n = ok.sum().double()
+    # capacity_for's float64 arithmetic, ceil(c * S / E), at least 1
+    capacity = torch.ceil(capacity_factor * n / num_experts).clamp(min=1)
+    return (rank < capacity).view(indices.shape)
 
 
 def _rename_hf_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -33,6 +33,12 @@ Contract (T = tokens, H = hidden, E = experts, k = top_k):
   weights are exactly those of the same router with those experts' rows removed; for sigmoid
   scoring they are never selected and the kept weights are renormalised as usual. k shrinks to the
   number of healthy experts when fewer than k are left.
+* Static routing (`route_static`, the compiled decode step): the same decision with shapes that do
+  not depend on the data and no host reads. The exclusion is the ``excluded_mask`` buffer [E], the
+  load penalty reads the ``window_share`` buffer [E] (each expert's window share, rewritten by every
+  committed step; zeros while the window is empty, so subtracting it is exact), k stays ``top_k`` and
+  ``Routing.valid`` [T, k] marks the slots past the healthy count (weight 0, never run). Weights,
+  indices and the valid slots equal `forward`'s.
 
 Not here: training losses (`lagoon.moe.losses`), dispatch, and cross-layer monitoring
 (`lagoon.moe.balance`).
@@ -66,6 +72,7 @@ class Routing:
     scores: torch.Tensor  # [T, E] fp32
     weights: torch.Tensor  # [T, k] mixing weights (input dtype)
     indices: torch.Tensor  # [T, k] int64 expert ids
+    valid: torch.Tensor | None = None  # [T, k] bool (`route_static`): False = slot past the healthy experts
 
 
 class Router(nn.Module):
@@ -133,6 +140,9 @@ class Router(nn.Module):
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(num_experts), persistent=scoring == "sigmoid"
         )
+        # routing state the compiled step reads as tensors (never checkpoint data)
+        self.register_buffer("excluded_mask", torch.zeros(num_experts, dtype=torch.bool), persistent=False)  # [E]
+        self.register_buffer("window_share", torch.zeros(num_experts), persistent=False)  # [E] = load_share()
         # host-side bookkeeping, never on the meta device or the accelerator; the [W, E] ring is
         # allocated on the first observe() that needs it (W=1000 x 48 layers would cost ~50 MB)
         self._balance_window = balance_window
@@ -159,6 +169,11 @@ class Router(nn.Module):
             self._window.zero_()
         self._window_sum.zero_()
         self._window_pos = self._window_fill = 0
+        self._sync_share()
+
+    def _sync_share(self) -> None:
+        if not self.window_share.is_meta:
+            self.window_share.copy_(self.load_share())
 
     def window_load(self) -> torch.Tensor:
         """Routed assignments per expert summed over the window, [E] float64."""
@@ -185,12 +200,11 @@ class Router(nn.Module):
             raise ConfigError(f"expert ids {bad} out of range 0..{self.num_experts - 1}")
         if len(bad) == self.num_experts:
             raise ConfigError(f"{self.name}: cannot exclude all {self.num_experts} experts; restore at least one")
-        if not bad:
-            self._excluded = None
-            return
         mask = torch.zeros(self.num_experts, dtype=torch.bool)
         mask[bad] = True
-        self._excluded = mask
+        self._excluded = mask if bad else None
+        if not self.excluded_mask.is_meta:
+            self.excluded_mask.copy_(mask)  # in place: a compiled step holds this tensor
 
     @property
     def excluded(self) -> list[int]:
@@ -235,6 +249,39 @@ class Router(nn.Module):
             weights = weights * self.routed_scaling_factor
         return Routing(logits=logits, scores=scores, weights=weights.to(x.dtype), indices=indices)
 
+    def route_static(self, x: torch.Tensor) -> Routing:
+        """`forward`'s decision with data-independent shapes and no host reads (module docstring)."""
+        # T = tokens, E = experts, k = top_k
+        x = x.reshape(-1, self.hidden_size)  # [T, H]
+        logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())  # [T, E]
+        if self.logit_softcap > 0:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        z = logits / self.temperature if self.temperature != 1.0 else logits
+        excluded = self.excluded_mask  # [E]
+        if self.scoring == "softmax":
+            scores = z.masked_fill(excluded, float("-inf")).softmax(dim=-1)  # [T, E]
+        else:
+            scores = z.sigmoid().masked_fill(excluded, 0.0)
+        choice = scores + self.e_score_correction_bias.float()  # + 0 where forward skips the bias: exact
+        if self.load_balance_weight > 0:
+            choice = choice - self.load_balance_weight * self.window_share
+        if self.n_group > 1:
+            choice = self._group_mask(choice)
+        choice = choice.masked_fill(excluded, float("-inf"))
+        k = self.top_k
+        indices = torch.sort(choice, dim=-1, descending=True, stable=True)[1][:, :k]  # [T, k]
+        healthy = self.num_experts - excluded.sum()
+        valid = (torch.arange(k, device=x.device) < healthy).expand(indices.shape)  # [T, k]
+        if self.weighting == "unit":
+            return Routing(logits=logits, scores=scores, weights=valid.to(x.dtype), indices=indices, valid=valid)
+        weights = scores.gather(1, indices) * valid  # [T, k]
+        if self.norm_topk_prob:
+            denom = weights.sum(dim=-1, keepdim=True)
+            weights = weights / (denom + 1e-20) if self.scoring == "sigmoid" else weights / denom
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
+        return Routing(logits=logits, scores=scores, weights=weights.to(x.dtype), indices=indices, valid=valid)
+
     def _group_mask(self, choice: torch.Tensor) -> torch.Tensor:
         t, e = choice.shape
         per = e // self.n_group
@@ -275,6 +322,7 @@ class Router(nn.Module):
         self._window_sum += counts
         self._window_pos = (self._window_pos + 1) % w
         self._window_fill = min(self._window_fill + 1, w)
+        self._sync_share()
         bias = self.e_score_correction_bias
         if self.bias_update_rate > 0 and (self.training or self.update_bias_in_eval):
             step = torch.sign(counts.mean() - counts).to(bias)  # [E]

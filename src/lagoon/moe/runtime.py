@@ -22,6 +22,13 @@ requests of one batched step see the same state); each committed change is logge
 counted (``lagoon_moe_routing_state_updates_total``; recalibrations also at info and in
 ``lagoon_moe_recalibrations_total``).
 
+Compiled decode: a compiled step runs each block's static path (`lagoon.moe.layer`), whose
+statistics are tensors updated in-graph; `step()` first drains them (`SparseMoE.drain_static`: router
+window, load monitor, drops, experts that emitted non-finite values) and then commits, so
+`lagoon moe stats`, /metrics, balancing and quarantine see compiled steps as they see eager ones.
+`compilable` says whether every block has a static expert path (quantized experts in a packed
+layout do not; their decode stays eager).
+
 Degraded experts are quarantined (`SparseMoE.quarantine`: masked out of routing, logged once,
 ``lagoon_moe_quarantined_total`` / ``lagoon_moe_quarantined_experts`` on /metrics, listed by
 ``lagoon moe info``): at load, experts whose weights are non-finite (a tensor missing from the
@@ -199,8 +206,23 @@ class MoeRuntime:
                     block.quarantine([e], "checksum mismatch")
 
     # ------------------------------------------------------------------ serving
+    @property
+    def compilable(self) -> bool:
+        """Whether every block's experts have a static-shape path, so a decode step can compile."""
+        return all(block.static_ready for _, block in self.blocks)
+
+    def discard_static(self) -> None:
+        """Forget the static calls since the last step (a compile warm-up's padding token is not traffic)."""
+        for _, block in self.blocks:
+            block.reset_static()
+
     def step(self) -> None:
-        """Apply the routing-state updates queued during one scheduler step (call between steps)."""
+        """Drain the compiled steps' statistics, then apply the routing-state updates queued during
+        one scheduler step (call between steps)."""
+        for name, block in self.blocks:
+            drained = block.drain_static()
+            if drained is not None:
+                self.monitor.record(name, *drained)
         changed = 0
         recal_before = sum(b.router.recalibrations for _, b in self.blocks)
         for _, block in self.blocks:

@@ -16,7 +16,15 @@ Kernel choice follows each expert's token count (w8a8 takes `_int_mm` except for
 signature (also HF's, without the plan): the dispatch plan's expert segments run one expert at a
 time and are combined with `index_copy_` into slot order and a sum over each token's k slots;
 capacity drops in the plan are respected. The token-type tags (`lagoon.quant.policy`) are gathered
-per routed slot. Not a router: routing stays in full precision in the MoE block.
+per routed slot.
+
+`gathered(x [T, H], indices [T, k]) -> [T, k, H]` is the static-shape path of the compiled decode
+step (`lagoon.moe.experts` explains it): each slot reads only its expert's stored rows and the
+product is written as multiply + sum so inductor fuses the gather, the int8 → float conversion and
+the reduction. It exists for weight-only schemes whose tensors index per row (``qweight`` [E, N, K]
+with an optional per-row ``scale`` [E, N]: per-channel int8, bf16); `gathered_ok` is False for the
+packed int4 / group-wise int8 layouts (opaque kernel order) and activation-quantized schemes, whose
+MoE decode stays eager. Not a router: routing stays in full precision in the MoE block.
 """
 
 from __future__ import annotations
@@ -112,6 +120,30 @@ class QuantizedExperts(nn.Module):
         self.path_counts[path] += 1
         self.dynamic_tokens += n_dyn
         return y.float()
+
+    def gathered_ok(self) -> bool:
+        """Whether `gathered` supports these schemes (see the module docstring)."""
+        return all(not s.activation_quantized and "qweight" in self._names[p] and set(self._names[p]) <= {"qweight", "scale"}
+                   for p, s in self.schemes.items())
+
+    def _gathered_linear(self, proj: str, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        # x [T, k or 1, K] -> [T, k, N] fp32; the activation rounded as the scheme's kernel rounds it
+        q = getattr(self, f"{proj}_qweight")[indices].float()  # [T, k, N, K]
+        xa = self.schemes[proj].dequantize_activation(x, None).float()
+        y = (q * xa[..., None, :]).sum(-1)  # [T, k, N]
+        if "scale" in self._names[proj]:
+            y = y * getattr(self, f"{proj}_scale")[indices].float()  # per-row scale after the sum: exact
+        return y
+
+    def gathered(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Each slot through its own quantized expert: [T, H], [T, k] -> [T, k, H] fp32."""
+        h = self._gathered_linear("gate_up", x[:, None, :], indices)  # [T, k, 2I]
+        if self.gate_up_bias is not None:
+            h = h + self.gate_up_bias[indices]
+        gate, up = h.chunk(2, dim=-1)
+        h = self.glu(gate, up) if self.glu is not None else self.act_fn(gate) * up
+        y = self._gathered_linear("down", h, indices)  # [T, k, H]
+        return y if self.down_bias is None else y + self.down_bias[indices]
 
     def expert_forward(self, e: int, x: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         """x [n, H] -> [n, H] through expert `e` (no routing weight)."""
