@@ -310,10 +310,14 @@ def test_gpt_oss_missing_or_misshaped_tensor_is_named(gpt_oss, tmp_path, edit, n
         load_checkpoint(path, "float32")
 
 
-def test_mxfp4_dequantizer_equals_gguf_bit_for_bit():
+def test_mxfp4_dequantizer_equals_gguf_bit_for_bit(monkeypatch):
     """Lagoon's ggml-MXFP4 reader against gguf's `dequantize` on every exponent byte (0 and 1 are
-    subnormal scales, 255 overflows) and random codes, and on values quantized by gguf itself."""
+    subnormal scales, 255 overflows) and random codes, and on values quantized by gguf itself;
+    read in chunks of 7 blocks so the chunk seams are crossed."""
+    from lagoon.engine import mxfp4
     from lagoon.engine.mxfp4 import dequant_mxfp4_ggml
+
+    monkeypatch.setattr(mxfp4, "_CHUNK", 7)
 
     rng = np.random.default_rng(0)
     raw = np.zeros((256, 17), np.uint8)

@@ -427,8 +427,8 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
             w = _unpermute(w, args.n_heads)
         elif permuted and name.endswith("k_proj.weight"):
             w = _unpermute(w, args.n_kv_heads)
-        state[name] = w
-        if low_bit or to_int8:
+        state[name] = _cast(w, precision, torch.bfloat16)  # now, not in _assemble: f32 copies of every
+        if low_bit or to_int8:                              # expert at once would double a big MoE's peak
             int8[name] = w
         if native and kind not in _FLOAT_TYPES and name == "lm_head.weight" or (
                 native and kind not in _FLOAT_TYPES and name == "embed_tokens.weight" and args.tie_word_embeddings):

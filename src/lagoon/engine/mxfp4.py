@@ -43,7 +43,13 @@ def dequant_mxfp4_ggml(raw: torch.Tensor) -> torch.Tensor:
     element j of a block = FP4(code_j) · 2^(e − 127), code_j the low nibble of byte j (j < 16) or
     the high nibble of byte j − 16."""
     b = raw.view(-1, 17)
-    packed = b[:, 1:]
-    codes = torch.cat([packed & 0x0F, packed >> 4], dim=1)  # [nb, 32]
-    values = torch.tensor(FP4_VALUES, dtype=torch.float32)[codes.long()]
-    return torch.ldexp(values, b[:, :1].to(torch.int32) - 127).reshape(-1)
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    out = torch.empty(b.shape[0], 32, dtype=torch.float32)
+    for s in range(0, b.shape[0], _CHUNK):  # in chunks: the int64 codes of a whole expert tensor are 8x its f32
+        blk = b[s : s + _CHUNK]
+        codes = torch.cat([blk[:, 1:] & 0x0F, blk[:, 1:] >> 4], dim=1)  # [nb, 32]
+        out[s : s + _CHUNK] = torch.ldexp(lut[codes.long()], blk[:, :1].to(torch.int32) - 127)
+    return out.reshape(-1)
+
+
+_CHUNK = 1 << 16  # blocks (2M values) per step
