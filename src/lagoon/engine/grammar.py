@@ -69,10 +69,13 @@ class Constraint:
     @classmethod
     def tool_call(cls, tools: Sequence[Mapping[str, Any]], syntax: Any) -> Constraint:
         """Exactly one call of one of `tools` (OpenAI tool dicts), written in `syntax` (a
-        `lagoon.tool_calls.ToolSyntax`): the name first, then arguments valid against the
-        tool's `parameters` schema, made strict as OpenAI's strict function calling is (an object
-        that declares its properties takes no others, so a small model cannot copy the prompt's
-        `"argument1": "value1"` example into a real call)."""
+        `lagoon.tool_syntax.ToolSyntax`) as that family writes it: the name first, then arguments
+        valid against the tool's `parameters` schema, made strict as OpenAI's strict function
+        calling is (an object that declares its properties takes no others, so a small model cannot
+        copy the prompt's `"argument1": "value1"` example into a real call). Qwen3-Coder's XML and
+        GLM / Laguna's `<arg_key>` calls write one parameter per tag pair, in the schema's order
+        (required ones always, optional ones or not); a string parameter is free text (up to its
+        `maxLength`, one of its `enum`), any other is JSON for its schema."""
         if not tools:
             raise BadRequestError("a required tool call needs at least one tool")
         rules, alts = [], []
@@ -84,12 +87,13 @@ class Constraint:
             params = fn.get("parameters") or {"type": "object"}
             if not isinstance(params, Mapping):
                 raise BadRequestError(f"tools[{i}] ({name}): parameters must be a JSON schema object")
-            head = '{"name": ' + json.dumps(name) + ', "arguments": '
-            rules.append(f"call_{i}: {_lit(head)} args_{i} {_lit('}')}")
-            rules.append(f"args_{i}: %json " + json.dumps({**strict_schema(params), "x-guidance": JSON_STYLE}))
+            rules += _call_rules(i, name, strict_schema(params), syntax)
             alts.append(f"call_{i}")
         body = " | ".join(alts)
-        start = f"start: {_lit(syntax.open_constraint)} ({body}) {_lit(syntax.close_constraint)}"
+        if syntax.form == "json":
+            start = f"start: {_lit(syntax.open_constraint)} ({body}) {_lit(syntax.close_constraint)}"
+        else:
+            start = f"start: {body}"
         return cls("lark", "\n".join([start, *rules]))
 
     def grammar(self) -> str:
@@ -114,6 +118,64 @@ def strict_schema(schema: Any) -> Any:
     if isinstance(schema.get("properties"), Mapping) and "additionalProperties" not in schema:
         out["additionalProperties"] = False
     return out
+
+
+def _json_rule(rule: str, schema: Mapping[str, Any]) -> str:
+    return f"{rule}: %json " + json.dumps({**schema, "x-guidance": JSON_STYLE})
+
+
+def _call_rules(i: int, name: str, params: Mapping[str, Any], syntax: Any) -> list[str]:
+    """Lark rules `call_{i}` (+ helpers) for one call of `name` in `syntax`'s form."""
+    if syntax.form == "harmony":  # after "<|start|>assistant"; the <|call|> that ends it is an end token
+        head = f" to=functions.{name}<|channel|>commentary json<|message|>"
+        return [f"call_{i}: {_lit(head)} args_{i}", _json_rule(f"args_{i}", params)]
+    if syntax.form == "deepseek":
+        return [f"call_{i}: {_lit(syntax.open + syntax.call_head(name))} args_{i} {_lit(syntax.call_tail() + syntax.close)}",
+                _json_rule(f"args_{i}", params)]
+    if syntax.form == "xml":
+        head, tail = f"<tool_call>\n<function={name}>\n", "</function>\n</tool_call>"
+        key_open, key_close, value_close = "<parameter={k}>\n", "", "\n</parameter>\n"
+    elif syntax.form == "glm":
+        sep = syntax.sep
+        head, tail = f"<tool_call>{name}{sep}", "</tool_call>"
+        key_open, key_close, value_close = "<arg_key>{k}</arg_key>" + sep, "<arg_value>", "</arg_value>" + sep
+    else:
+        value = '{"name": ' + json.dumps(name) + ', "arguments": '
+        return [f"call_{i}: {_lit(value)} args_{i} {_lit('}')}", _json_rule(f"args_{i}", params)]
+    rules, parts = [], []
+    required = set(params.get("required") or ())
+    core = value_close.rstrip("\n")  # the text value's terminator; a separator newline follows it
+    trail = value_close[len(core):]
+    for j, (key, prop) in enumerate((params.get("properties") or {}).items()):
+        prop = prop if isinstance(prop, Mapping) else {}
+        opener = _lit(key_open.format(k=key) + key_close)
+        if prop.get("type") == "string":
+            value = _text_value(f"V_{i}_{j}", prop, core, rules)
+        else:
+            value = f"pv_{i}_{j} {_lit(core)}"
+            rules.append(_json_rule(f"pv_{i}_{j}", prop))
+        rules.append(f"p_{i}_{j}: {opener} {value}" + (f" {_lit(trail)}" if trail else ""))
+        parts.append(f"p_{i}_{j}" + ("" if key in required else "?"))
+    rules.insert(0, f"call_{i}: {_lit(head)} {' '.join(parts)} {_lit(tail)}")
+    return rules
+
+
+def _text_value(terminal: str, prop: Mapping[str, Any], end: str, rules: list[str]) -> str:
+    """A string parameter written as raw text then `end`: one of its `enum`, or any text (up to
+    `maxLength`) without `end` in it, lexed together with `end` as one token (a free-text lexeme
+    followed by its own terminator would never know where to stop)."""
+    enum = prop.get("enum")
+    if isinstance(enum, list) and enum and all(isinstance(e, str) for e in enum):
+        return "(" + " | ".join(_lit(e + end) for e in enum) + ")"
+    size = prop.get("maxLength")
+    body = "(?s:.)" + (f"{{0,{size}}}" if isinstance(size, int) and size >= 0 else "*")
+    rules.append(f"{terminal}: /{body}{_rx(end)}/ & ~/(?s:.)*{_rx(end)}(?s:.)+/")
+    return terminal
+
+
+def _rx(text: str) -> str:
+    """`text` as a literal inside a Lark `/regex/`."""
+    return "".join("\\n" if c == "\n" else "\\/" if c == "/" else re.escape(c) for c in text)
 
 
 def _lit(text: str) -> str:

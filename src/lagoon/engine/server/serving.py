@@ -167,13 +167,13 @@ class OpenAIServing:
         ids, types = self.engine.chat_prompt_typed(req.messages, tools)
         return ids, types, constraint
 
-    def _message(self, text: str, tools: bool) -> tuple[dict[str, Any], str | None]:
+    def _message(self, text: str, tools: list[dict[str, Any]] | None) -> tuple[dict[str, Any], str | None]:
         reasoning, text = split_reasoning(text)  # <think>…</think> / harmony analysis: not the answer
         msg: dict[str, Any] = {"role": "assistant", "content": text}
         if reasoning is not None:
             msg["reasoning_content"] = reasoning
         if tools:
-            content, calls = parse_tool_calls(text)
+            content, calls = parse_tool_calls(text, tools)  # the tools' schemas type XML / GLM values
             if calls:
                 msg["content"] = content or None
                 msg["tool_calls"] = [
@@ -204,7 +204,7 @@ class OpenAIServing:
         finally:
             r.cancel()
         self._observe("chat", stream, len(ids))
-        msg, finish = self._message(text, self._tools(req) is not None)
+        msg, finish = self._message(text, self._tools(req))
         return {
             "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": self.model_name,
             "choices": [{"index": 0, "message": msg, "finish_reason": finish or stream.finish_reason,
@@ -216,7 +216,7 @@ class OpenAIServing:
         ids, types, constraint = self._chat_prompt(req)
         r, stream = self.engine.submit(ids, self._params(req, len(ids)), types, constraint)
         rid, created, model = new_id("chatcmpl"), now(), self.model_name
-        calls = ToolCallStream() if self._tools(req) is not None else None
+        calls = ToolCallStream(tools=self._tools(req)) if self._tools(req) is not None else None
 
         def sse(obj: dict[str, Any]) -> str:
             return f"data: {json.dumps(obj)}\n\n"

@@ -143,7 +143,7 @@ class LocalBackend:
         # typed by source message, so a quantized model scales tool output statically (lagoon.quant.policy)
         ids, types = engine.chat_prompt_typed(rendered, specs or None)
         done = engine.complete(ids, engine.params(max_new_tokens=max_tokens, temperature=temperature), types, constraint)
-        content, calls = parse_tool_calls(done.text) if tools else (done.text, [])
+        content, calls = parse_tool_calls(done.text, specs) if tools else (done.text, [])
         return ChatResponse(
             message=ChatMessage(role="assistant", content=content, tool_calls=tuple(calls)),
             model=engine.name,
