@@ -208,3 +208,29 @@ def test_build_backend_registry(server):
     assert isinstance(build_backend(RouteSection(endpoint=server.url + "/v1/messages")), AnthropicBackend)
     local = build_backend(RouteSection(endpoint="local"))
     assert type(local).__name__ == "LocalBackend"
+
+
+def test_local_backend_loads_with_the_moe_and_deployment_sections(tmp_path):
+    """A local route's engine gets `moe.*` and `model_deployment` as `lagoon serve`'s does: the
+    operator's quarantine reaches the experts and the declared architecture is checked."""
+    from lagoon.config import load_config
+    from lagoon.engine.tiny import save_tiny_model
+    from lagoon.errors import CheckpointError
+    from lagoon.moe.runtime import runtime_of
+    from lagoon.routing import build_router
+
+    folder = save_tiny_model(tmp_path / "moe", "qwen3_moe", num_experts=4, num_experts_per_tok=2)
+    route = f"{{model: {folder}, endpoint: local}}"
+    cfg = load_config(f"router.retrievalBound={route}", f"router.reasoningBound={route}",
+                      "engine.precision=float32", "engine.compile=false", "moe.quarantine=['0:1']")
+    router = build_router(cfg)
+    engine = router.backends["retrieval_bound"].engine
+    try:
+        assert {(q["layer"], q["expert"]) for q in runtime_of(engine.model).quarantined()} == {(0, 1)}
+        assert router.backends["reasoning_bound"].engine is engine  # one load for both routes
+    finally:
+        engine.close()
+    bad = load_config(f"router.retrievalBound={route}", "engine.precision=float32", "engine.compile=false",
+                      "model_deployment.architecture=dense")
+    with pytest.raises(CheckpointError, match="model_deployment.architecture"):
+        _ = build_router(bad).backends["retrieval_bound"].engine

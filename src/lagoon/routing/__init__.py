@@ -63,7 +63,8 @@ def build_router(
     built = {
         key: given[key]
         if key in given
-        else build_backend(getattr(config.router, key), telemetry=telemetry, engine_config=config.engine)
+        else build_backend(getattr(config.router, key), telemetry=telemetry, engine_config=config.engine,
+                           deployment=config.model_deployment, moe=config.moe)
         for key in ROUTES
     }
     stats = StatsStore(config.telemetry.stats_path or None) if config.telemetry.persist_stats else None

