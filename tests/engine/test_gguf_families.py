@@ -410,3 +410,38 @@ def test_deepseek2_q4_0_runs_natively(tmp_path, monkeypatch):
         exact = load_checkpoint(path, "float32")(x)
         assert rel(native(x).float(), exact) <= 5e-2
         assert 0 < rel(exact, hf(x).logits) <= 0.5  # 4-bit weights: a real change, not noise
+
+
+def test_rope_scaling_and_window_pattern_metadata():
+    """`rope.scaling.*` → HF rope parameters (linear, YaRN with DeepSeek's log multiplier, none), bad
+    or incomplete scaling refused; gpt-oss's sliding_window_pattern as a per-layer list or a period."""
+    from lagoon.engine.gguf_arch import arch_config, rope_parameters
+
+    def fields(d):
+        return lambda key, default=None: d.get(key, default)
+
+    assert rope_parameters("qwen2", fields({})) == {}
+    assert rope_parameters("qwen2", fields({"qwen2.rope.scaling.type": "linear", "qwen2.rope.scaling.factor": 1.0})) == {}
+    assert rope_parameters("llama", fields({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0})) == {
+        "rope_type": "linear", "factor": 2.0}
+    yarn = {"deepseek2.rope.scaling.type": "yarn", "deepseek2.rope.scaling.factor": 40.0,
+            "deepseek2.rope.scaling.original_context_length": 4096, "deepseek2.rope.scaling.yarn_log_multiplier": 0.0707,
+            "deepseek2.rope.scaling.yarn_beta_fast": 16.0}
+    got = rope_parameters("deepseek2", fields(yarn))
+    assert got == {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 16.0,
+                   "mscale": 0.707, "mscale_all_dim": 0.707}
+    with pytest.raises(CheckpointError, match="original_context_length"):
+        rope_parameters("deepseek2", fields({k: v for k, v in yarn.items() if "original" not in k}))
+    with pytest.raises(CheckpointError, match="longrope"):
+        rope_parameters("qwen2", fields({"qwen2.rope.scaling.type": "longrope"}))
+    base = {"num_hidden_layers": 4}
+    pattern = {"gpt-oss.attention.sliding_window": 128}
+    assert arch_config("gpt-oss", fields(pattern), base, set())["layer_types"] == [
+        "sliding_attention", "full_attention"] * 2  # llama.cpp's default: even layers slide
+    listed = {**pattern, "gpt-oss.attention.sliding_window_pattern": [False, True, True, False]}
+    assert arch_config("gpt-oss", fields(listed), base, set())["layer_types"] == [
+        "full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    period = {**pattern, "gpt-oss.attention.sliding_window_pattern": 4}
+    assert arch_config("gpt-oss", fields(period), base, set())["layer_types"][-1] == "full_attention"
+    with pytest.raises(CheckpointError, match="sliding_window is missing"):
+        arch_config("gpt-oss", fields({}), base, set())
