@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lagoon.engine.gguf_blocks import INT8_KINDS, dequant_q4_k, q4_k_fields
-from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear
+from lagoon.engine.gguf_blocks import INT8_KINDS, dequant_q4_k, q4_k_fields, q8_0_fields
+from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q8Linear
 
 _SCALE_AT = {"Q4_K": (0, 4), "Q6_K": (208, 210)}  # byte range of the f16 scale(s) in a block
 
@@ -52,6 +52,23 @@ def test_q4_k_runs_exactly_on_the_int4_kernel(seed):
     assert float((layer(x) - ref).norm() / ref.norm()) <= 6e-3
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_q8_0_runs_exactly_on_two_int4_passes(seed):
+    rng = np.random.default_rng(seed)
+    N, K = 48, 256
+    raw = _random_blocks("Q8_0", N * K, rng)
+    ref_w = _oracle("Q8_0", raw, (N, K))
+    d, m, q = q8_0_fields(torch.from_numpy(raw))
+    assert torch.equal((d * q.float() + m).reshape(N, K), ref_w)  # the fields are the file's values
+    x = torch.randn(20, K, generator=torch.Generator().manual_seed(seed))
+    low, both = Q8Linear(d, q, N, K), Q8Linear(d, q, N, K, dense=torch.bfloat16)
+    ref = x.bfloat16().double() @ ref_w.double().t()
+    # bf16 activations, d rounded to bf16 (2^-9 relative), bf16 kernel outputs: measured ~3e-3
+    assert float((low(x[:3]).double() - ref[:3]).norm() / ref[:3].norm()) <= 6e-3
+    assert float((both(x).double() - ref).norm() / ref.norm()) <= 6e-3  # the dense prefill copy
+    assert torch.equal(both(x[:3]), low(x[:3]))  # few rows: the int4 passes themselves
+
+
 @pytest.mark.parametrize("kind", INT8_KINDS)
 def test_wider_kinds_requantize_within_half_an_int8_step(kind):
     rng = np.random.default_rng(len(kind))
@@ -63,13 +80,14 @@ def test_wider_kinds_requantize_within_half_an_int8_step(kind):
     assert bool(((wd - ref_w).abs() <= rowmax / 254 * 1.01).all())  # half a step, bf16-rounded scale
 
 
-def _write_gguf(path, kinds: dict[str, str], dim: int = 256, ffn: int = 512, vocab: int = 96, seed: int = 0) -> None:
-    """A one-layer llama GGUF whose projection `p` (attn_q, ..., ffn_down) is stored as `kinds[p]`
-    (random blocks), F32 norms and embedding, and a Q8_0 output head."""
+def _write_gguf(path, kinds: dict[str, str], dim: int = 256, ffn: int = 512, vocab: int = 96, seed: int = 0,
+                arch: str = "llama") -> None:
+    """A one-layer `arch` GGUF whose projection `p` (attn_q, ..., ffn_down) is stored as `kinds[p]`
+    (random blocks), F32 norms and embedding, and a Q8_0 output head; qwen2 adds q/k/v biases."""
     import gguf
 
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_embedding_length(dim)
     w.add_feed_forward_length(ffn)
@@ -90,6 +108,8 @@ def _write_gguf(path, kinds: dict[str, str], dim: int = 256, ffn: int = 512, voc
         qtype = gguf.GGMLQuantizationType[kind]
         raw = _random_blocks(kind, n * k, rng, std=0.3 / k**0.5)  # a tame network: errors do not blow up
         w.add_tensor(f"blk.0.{name}.weight", raw.reshape(n, -1), raw_dtype=qtype)  # [rows, bytes a row]
+        if arch == "qwen2" and name in ("attn_q", "attn_k", "attn_v"):
+            w.add_tensor(f"blk.0.{name}.bias", (0.5 * rng.standard_normal(n)).astype(np.float32))
     head = gguf.quants.quantize(0.05 * rng.standard_normal((vocab, dim)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
     w.add_tensor("output.weight", head, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     w.write_header_to_file()
@@ -100,26 +120,35 @@ def _write_gguf(path, kinds: dict[str, str], dim: int = 256, ffn: int = 512, voc
 
 MIXED = {"attn_q": "Q4_K", "attn_k": "Q6_K", "attn_v": "Q8_0", "attn_output": "Q5_0",
          "ffn_gate": "Q4_K", "ffn_up": "Q5_1", "ffn_down": "Q6_K"}
+QWEN2 = {**MIXED, "attn_q": "Q4_0", "attn_k": "Q8_0", "attn_v": "Q6_K"}  # every biased kind of layer
 _ATTR = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
          "ffn_down": "mlp.down_proj"}
 
 
+def _want(kind: str, isa: str) -> type:
+    if isa == "avx512":
+        return {"Q4_K": Q4_1Linear, "Q4_0": Q4_1Linear, "Q8_0": Q8Linear}.get(kind, Int8Linear)
+    return Int8Linear
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
-def test_each_kind_loads_at_its_width_and_matches_the_float_file(tmp_path, monkeypatch, isa):
+def test_each_kind_loads_at_its_width_and_matches_the_float_file(tmp_path, monkeypatch, isa, arch):
     from lagoon.engine.checkpoint import load_gguf
 
     monkeypatch.setenv("LAGOON_CPU_ISA", isa)
     monkeypatch.setenv("LAGOON_REPACK_CACHE", "0")
     path = tmp_path / "mixed.gguf"
-    _write_gguf(path, MIXED)
+    _write_gguf(path, MIXED if arch == "llama" else QWEN2, arch=arch)
+    kinds = MIXED if arch == "llama" else QWEN2
     ref = load_gguf(path, "float32")  # the gguf package's dequantization of the same blocks
     got = load_gguf(path, "native")
     g = torch.Generator().manual_seed(3)
-    for name, kind in MIXED.items():
+    for name, kind in kinds.items():
         layer, float_layer = (m.layers[0].get_submodule(_ATTR[name]) for m in (got, ref))
-        want = Q4_1Linear if kind == "Q4_K" and isa == "avx512" else Int8Linear
-        assert type(layer) is want, (name, kind, type(layer))
+        assert type(layer) is _want(kind, isa), (name, kind, type(layer))
+        assert (layer.bias is None) == (float_layer.bias is None)
         for n in (5, 24):  # the low-bit kernel, then the dense prefill copy
             x = torch.randn(n, layer.in_features, generator=g)
             y = float_layer(x)

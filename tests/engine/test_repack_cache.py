@@ -144,3 +144,13 @@ def test_cache_root_reads_one_variable_and_its_alias(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "old"
     monkeypatch.setenv("LAGOON_CACHE_DIR", str(tmp_path / "new"))
     assert cache_root() == tmp_path / "new"
+
+
+def test_biases_and_q8_0_linears_survive_the_cache(gguf_file, tmp_path):
+    from test_gguf_blocks import QWEN2
+
+    path = tmp_path / "qwen2.gguf"
+    _write_gguf(path, QWEN2, arch="qwen2", seed=6)
+    fresh = load_gguf(path, "native")
+    assert fresh.layers[0].self_attn.k_proj.bias is not None  # a Q8Linear with a bias
+    _assert_identical(fresh, load_gguf(path, "native"))

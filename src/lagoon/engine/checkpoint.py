@@ -9,9 +9,9 @@ rows permuted for interleaved RoPE, which is undone here so one model file serve
 `precision`: `float32` casts everything to fp32; `bfloat16` to bf16; `native` keeps a HF
 checkpoint's stored dtype and runs a GGUF at its own bit width where torch has the kernel: Q4_0 /
 Q4_1 / Q4_K linears become `gguf_linear.Q4_1Linear` (torch's CPU int4 layout, exact; see
-`gguf_blocks`) or, where the CPU runs int8 faster (`lagoon.engine.kernels`), `gguf_linear.Int8Linear`;
-Q5_0 / Q5_1 / Q6_K / Q8_0 linears, and a quantized output head (or the Q8_0 embedding it is tied to),
-run int8 per channel; everything else runs dequantized in bf16. A `native` GGUF load is cached
+`gguf_blocks`) and Q8_0 linears `gguf_linear.Q8Linear` (two int4 passes, exact) or, where the CPU
+runs int8 faster (`lagoon.engine.kernels`), `gguf_linear.Int8Linear`; Q5_0 / Q5_1 / Q6_K linears,
+and a quantized output head (or the Q8_0 embedding it is tied to), run int8 per channel; everything else runs dequantized in bf16. A `native` GGUF load is cached
 repacked (`lagoon.engine.repack_cache`) and memory-mapped from there next time. This module does
 *not* download anything.
 """
@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lagoon.engine.gguf_blocks import INT8_KINDS, dequant_q4_k, q4_k_fields
+from lagoon.engine.gguf_blocks import INT8_KINDS, dequant_q4_k, q4_k_fields, q8_0_fields
 from lagoon.engine.kernels import DENSE_PREFILL_MAX_BYTES, KernelPlan, kernel_plan
 from lagoon.engine.mxfp4 import dequant_mxfp4_ggml
 from lagoon.errors import CheckpointError, UnsupportedModelError
@@ -393,6 +393,7 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
     args = gguf_args(reader)
     state: dict[str, torch.Tensor] = {}
     q4: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    q8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     int8: dict[str, torch.Tensor] = {}
     permuted = reader.fields["general.architecture"].contents() == "llama"  # llama.cpp permutes llama's Q/K
     for t in reader.tensors:
@@ -404,15 +405,21 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
         low_bit = native and kind in _Q4_FIELDS and name.endswith("_proj.weight")
         to_int8 = native and kind in INT8_KINDS and name.endswith("_proj.weight")
         # torch's int4 packing needs out rows % 16 == 0 (a tiny or MLA projection may not): those run int8
-        if low_bit and plan.q4 == "int4pack" and shape[0] % 16 == 0:
-            d, m, q = _Q4_FIELDS[kind](torch.from_numpy(np.array(t.data)).reshape(-1))
+        int4_fits = len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 32 == 0
+        exact8 = to_int8 and kind == "Q8_0" and plan.q8 == "int4pack_x2" and int4_fits
+        if (low_bit and plan.q4 == "int4pack" and int4_fits) or exact8:
+            fields = q8_0_fields if exact8 else _Q4_FIELDS[kind]
+            d, m, q = fields(torch.from_numpy(np.array(t.data)).reshape(-1))
             if name.endswith(("q_proj.weight", "k_proj.weight")) and permuted:
                 heads = args.n_heads if "q_proj" in name else args.n_kv_heads
                 rows, blocks = int(t.shape[1]), int(t.shape[0]) // 32  # un-permute whole rows of blocks
                 d, m = (_unpermute(x.reshape(rows, blocks), heads).reshape(-1, 1) for x in (d, m))
                 q = _unpermute(q.reshape(rows, blocks * 32), heads).reshape(-1, 32)
-            q4[name] = (d, m, q)
-            state[name] = torch.empty(shape, dtype=torch.bfloat16, device="meta")  # swapped for Q4_1Linear below
+            if exact8:
+                q8[name] = (d, q)
+            else:
+                q4[name] = (d, m, q)
+            state[name] = torch.empty(shape, dtype=torch.bfloat16, device="meta")  # swapped for a low-bit linear below
             continue
         fast = _DEQUANT.get(kind)
         try:
@@ -445,13 +452,14 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
     arch = reader.fields["general.architecture"].contents()
     model = _assemble(args, state, precision, source=str(path), native=torch.bfloat16,
                       show=lambda k: f"{gguf_name_of(k, arch)!r} ({k})")
-    if q4 or int8:
-        from lagoon.engine.gguf_linear import swap_int8, swap_q4_1
+    if q4 or q8 or int8:
+        from lagoon.engine.gguf_linear import swap_int8, swap_q4_1, swap_q8
 
-        low_bit = sum(q.numel() for _, _, q in q4.values()) + sum(
+        low_bit = sum(q.numel() for _, _, q in q4.values()) + sum(q.numel() for _, q in q8.values()) + sum(
             w.numel() for k, w in int8.items() if k != "lm_head.weight")
         dense = plan.prefill_dtype if low_bit * plan.prefill_dtype.itemsize <= DENSE_PREFILL_MAX_BYTES else None
         swap_q4_1(model, q4, dense)
+        swap_q8(model, q8, dense)
         head = int8.pop("lm_head.weight", None)
         swap_int8(model, int8, dense)
         if head is not None:  # the head sees one row per sequence at prefill (last_only): no dense copy

@@ -9,13 +9,15 @@ of a row, so `gguf_linear.Q4_1Linear` runs them on torch's int4 kernel (group 32
            f16 d and dmin per super-block):
                             w = d·sc·q − dmin·mn      → d·sc,     m = −dmin·mn
 
-Wider formats (Q5_0, Q5_1, Q6_K, Q8_0) have no exact form on torch's CPU kernels: int4 is too
-narrow, and `_weight_int8pack_mm` takes one scale per output channel, while these files scale
-every block of 16 or 32 weights (a group-wise int8 product would be one matmul per group). They run
-re-quantized to int8 per output channel from their dequantized values (`INT8_KINDS`), which costs
-at most half of that channel's int8 step (max|w_row| / 254) on top of the file's own rounding —
-finer than Q5's and Q6_K's own steps, about Q8_0's. Everything here works on whole tensors (no
-Python loop over blocks). This module does not choose kernels (`lagoon.engine.kernels`) or read files
+Q8_0 (w = d·q, q int8, blocks of 32) becomes fields (d, q) that `gguf_linear.Q8Linear` runs exactly
+as two int4 passes over the nibbles of q + 128 (on AVX-512; `lagoon.engine.kernels`).
+`_weight_int8pack_mm` takes one scale per output channel while these files scale every block of 16
+or 32 weights, so the other wider formats (Q5_0, Q5_1, Q6_K; Q8_0 on AVX2) run re-quantized to int8
+per output channel from their dequantized values (`INT8_KINDS`), which costs at most half of that
+channel's int8 step (max|w_row| / 254) on top of the file's own rounding: about a quarter of Q5's
+own step and half of Q6_K's, but about Q8_0's whole step (hence Q8Linear where it is fast; Q6_K's
+16-weight sub-blocks fit no group of 32, and Q5 is kept on the single faster int8 kernel).
+Everything here works on whole tensors (no Python loop over blocks). This module does not choose kernels (`lagoon.engine.kernels`) or read files
 (`lagoon.engine.checkpoint`).
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["q4_k_fields", "dequant_q4_k", "INT8_KINDS", "QK_K"]
+__all__ = ["q4_k_fields", "dequant_q4_k", "q8_0_fields", "INT8_KINDS", "QK_K"]
 
 QK_K = 256
 _Q4_K_BYTES = 2 + 2 + 12 + QK_K // 2  # f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
@@ -61,3 +63,11 @@ def q4_k_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 def dequant_q4_k(raw: torch.Tensor) -> torch.Tensor:
     d, m, q = q4_k_fields(raw)
     return (d * q.float() + m).reshape(-1)
+
+
+def q8_0_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q8_0 blocks of 34 bytes = f16 d + 32 int8 q → d [nb, 1] f32, m = 0 [nb, 1], q [nb, 32]
+    int8 (w = d·q + m, the shape of the 4-bit fields so the same row un-permutation applies)."""
+    b = raw.view(-1, 34)
+    d = _f16(b[:, 0:2])
+    return d, torch.zeros_like(d), b[:, 2:].contiguous().view(torch.int8)

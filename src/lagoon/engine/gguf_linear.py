@@ -26,13 +26,24 @@ from torch import nn
 
 from lagoon.quant.int8 import int8pack_fits, quantize_per_channel_int8
 
-__all__ = ["Q4_1Linear", "Int8Linear", "swap_q4_1", "swap_int8", "GROUP"]
+__all__ = ["Q4_1Linear", "Q8Linear", "Int8Linear", "swap_q4_1", "swap_q8", "swap_int8", "GROUP"]
 
 GROUP = 32
 PREFILL_MIN_M = 16
 """Rows (tokens) from which a linear holding a `dense` copy multiplies by it instead: the low-bit
 matrix-vector kernels are bandwidth-bound wins at decode but 8-10x slower than a bf16 (AMX/AVX-512)
 or fp32 GEMM at prefill (576x1536, M = 1000: int4pack 20 ms, int8pack 20 ms, bf16 1.8 ms, fp32 11 ms)."""
+
+
+def _out(y: torch.Tensor, bias: torch.Tensor | None, shape: torch.Size, n: int, dtype: torch.dtype) -> torch.Tensor:
+    if bias is not None:  # Qwen2's q/k/v projections carry one
+        y = y + bias
+    return y.reshape(*shape[:-1], n).to(dtype)
+
+
+def _take_bias(new: nn.Module, old: nn.Linear) -> nn.Module:
+    new.bias = None if old.bias is None else old.bias.detach()
+    return new
 
 
 def _prefill(x2: torch.Tensor, dense: torch.Tensor | None) -> torch.Tensor | None:
@@ -67,6 +78,7 @@ class Q4_1Linear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K/32, N, 2] bf16
         self.register_buffer("dense", dense, persistent=False)  # [N, K] or None
+        self.register_buffer("bias", None)  # [N] or None (set by the swap)
 
     @classmethod
     def from_packed(cls, packed: torch.Tensor, scales_and_zeros: torch.Tensor, dense: torch.Tensor | None,
@@ -83,7 +95,7 @@ class Q4_1Linear(nn.Module):
         y = _prefill(x2, self.dense)
         if y is None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_and_zeros)  # [M, N]
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return _out(y, self.bias, shape, self.out_features, x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, gguf=Q4_1"
@@ -99,15 +111,87 @@ def swap_q4_1(model: nn.Module, fields: dict[str, tuple[torch.Tensor, torch.Tens
         path = name.removesuffix(".weight").split(".")
         parent = model.get_submodule(".".join(path[:-1]))
         old = getattr(parent, path[-1])
-        if not isinstance(old, nn.Linear) or old.bias is not None or old.in_features % GROUP:
+        if not isinstance(old, nn.Linear) or old.in_features % GROUP:
             continue
-        setattr(parent, path[-1], Q4_1Linear(d, m, q, old.out_features, old.in_features, dense))
+        setattr(parent, path[-1], _take_bias(Q4_1Linear(d, m, q, old.out_features, old.in_features, dense), old))
+        n += 1
+    return n
+
+
+class Q8Linear(nn.Module):
+    """A GGUF Q8_0 weight (blocks of 32: w = d·q, q int8) exactly, up to bf16 scales, on the int4
+    kernel: codes c = q + 128 split into nibbles c = 16·h + l, and
+
+        x·wᵀ = int4mm(x, h; scale 16·d, zero 0) + int4mm(x, l; scale d, zero 8·d)
+
+    (the kernel computes (nibble − 8)·scale + zero per group of 32), the group-wise int8 layout of
+    `lagoon.quant.int8`. With `dense` (a dtype) also a dense copy for prefill-sized inputs."""
+
+    def __init__(self, d: torch.Tensor, q: torch.Tensor, out_features: int, in_features: int,
+                 dense: torch.dtype | None = None) -> None:
+        # d [N*K/32, 1] f32; q [N*K/32, 32] int8 (row-major blocks of the [N, K] weight)
+        super().__init__()
+        N, K = out_features, in_features
+        c = (q.reshape(N, K).to(torch.int32) + 128)  # [N, K] in 0..255
+        hi = torch.ops.aten._convert_weight_to_int4pack_for_cpu((c >> 4).contiguous(), 2)
+        lo = torch.ops.aten._convert_weight_to_int4pack_for_cpu((c & 15).contiguous(), 2)
+        s = d.reshape(N, K // GROUP).t().to(torch.bfloat16)  # [K/32, N]
+        w = None
+        if dense is not None:  # the kernels' own values: q·d with d in bf16
+            w = (q.reshape(N, K // GROUP, GROUP).float() * s.t().float().unsqueeze(-1)).reshape(N, K).to(dense)
+        self._attach(hi, lo, torch.stack([s * 16, torch.zeros_like(s)], dim=-1), w, N, K)
+
+    def _attach(self, packed_hi: torch.Tensor, packed_lo: torch.Tensor, scales_and_zeros: torch.Tensor,
+                dense: torch.Tensor | None, out_features: int, in_features: int) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed_hi", packed_hi)
+        self.register_buffer("packed_lo", packed_lo)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K/32, N, 2] bf16: (16·d, 0)
+        self.register_buffer("dense", dense, persistent=False)  # [N, K] or None
+        self.register_buffer("bias", None)  # [N] or None (set by the swap)
+
+    @classmethod
+    def from_packed(cls, packed_hi: torch.Tensor, packed_lo: torch.Tensor, scales_and_zeros: torch.Tensor,
+                    dense: torch.Tensor | None, out_features: int, in_features: int) -> Q8Linear:
+        """The layer from buffers an earlier one held (`lagoon.engine.repack_cache`), no repacking."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._attach(packed_hi, packed_lo, scales_and_zeros, dense, out_features, in_features)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # [M, K]
+        y = _prefill(x2, self.dense)
+        if y is None:
+            sz = self.scales_and_zeros
+            low = torch.stack([sz[..., 0] / 16, sz[..., 0] / 2], dim=-1)  # (d, 8·d): exact in bf16
+            y = (torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed_hi, GROUP, sz).float()
+                 + torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed_lo, GROUP, low).float())  # [M, N]
+        return _out(y, self.bias, shape, self.out_features, x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, gguf=Q8_0"
+
+
+def swap_q8(model: nn.Module, fields: dict[str, tuple[torch.Tensor, torch.Tensor]],
+            dense: torch.dtype | None = None) -> int:
+    """Replace each `nn.Linear` whose weight name is in `fields` ({name: (d, q)}) by a `Q8Linear`;
+    returns how many were swapped."""
+    n = 0
+    for name, (d, q) in fields.items():
+        path = name.removesuffix(".weight").split(".")
+        parent = model.get_submodule(".".join(path[:-1]))
+        old = getattr(parent, path[-1])
+        if not isinstance(old, nn.Linear) or old.in_features % GROUP:
+            continue
+        setattr(parent, path[-1], _take_bias(Q8Linear(d, q, old.out_features, old.in_features, dense), old))
         n += 1
     return n
 
 
 class Int8Linear(nn.Module):
-    """w ≈ qweight · scale (per output channel), bf16 activations; bias-free. With `dense` (a dtype)
+    """w ≈ qweight · scale (per output channel), bf16 activations. With `dense` (a dtype)
     also a dense copy of the same values for prefill-sized inputs (`PREFILL_MIN_M`)."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, dense: torch.dtype | None = None) -> None:
@@ -118,6 +202,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         w = None if dense is None else (qweight.float() * scale.float()[:, None]).to(dense)
         self.register_buffer("dense", w, persistent=False)  # [N, K] or None
+        self.register_buffer("bias", None)  # [N] or None (set by the swap)
 
     @classmethod
     def from_buffers(cls, qweight: torch.Tensor, scale: torch.Tensor, dense: torch.Tensor | None) -> Int8Linear:
@@ -138,14 +223,14 @@ class Int8Linear(nn.Module):
             y = (x2.float() @ self.qweight.float().t()) * self.scale.float()  # [M, N]
         if y is None:
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)  # [M, N]
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return _out(y, self.bias, shape, self.out_features, x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
 
 
 def swap_int8(model: nn.Module, weights: dict[str, torch.Tensor], dense: torch.dtype | None = None) -> int:
-    """Replace each bias-free `nn.Linear` named in `weights` ({'lm_head.weight': w [N, K] float}) by
+    """Replace each `nn.Linear` (keeping its bias) named in `weights` ({'lm_head.weight': w [N, K] float}) by
     an `Int8Linear` quantized from `w` (with a `dense` prefill copy, if given); returns how many were
     swapped."""
     n = 0
@@ -153,8 +238,8 @@ def swap_int8(model: nn.Module, weights: dict[str, torch.Tensor], dense: torch.d
         path = name.removesuffix(".weight").split(".")
         parent = model.get_submodule(".".join(path[:-1]))
         old = getattr(parent, path[-1])
-        if not isinstance(old, nn.Linear) or old.bias is not None:
+        if not isinstance(old, nn.Linear):
             continue
-        setattr(parent, path[-1], Int8Linear.from_weight(w.float(), dense))
+        setattr(parent, path[-1], _take_bias(Int8Linear.from_weight(w.float(), dense), old))
         n += 1
     return n

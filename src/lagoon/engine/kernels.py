@@ -8,9 +8,13 @@ machine with torch's AVX-512 kernels and then forced to its AVX2 kernels (``ATEN
     AVX2                   41 us            27 us      59 us
 
 so on AVX-512 a 4-bit GGUF linear stays 4-bit (`_weight_int4pack_mm_for_cpu`, exact for Q4_0 /
-Q4_1) and on AVX2 it is re-quantized once to int8 per output channel (`_weight_int8pack_mm`, about a
-third faster there, at twice the bytes). The output projection (tied to a Q8_0 embedding in most
-small GGUFs) runs int8 everywhere: 1.3-1.5 ms against 3.2 ms in bf16 for a 49152x576 head.
+Q4_1 / Q4_K) and on AVX2 it is re-quantized once to int8 per output channel (`_weight_int8pack_mm`,
+about a third faster there, at twice the bytes). A Q8_0 linear runs exactly (up to bf16 scales) on
+AVX-512 as two int4 passes over its codes' nibbles (`gguf_linear.Q8Linear`: ~1.6x int8pack's time,
+still faster than bf16; 92 vs 54-63 vs 130+ us on the shape above, measured on a busy machine), and
+on AVX2, where int4pack is the slower kernel, re-quantized to int8 per channel. The output
+projection (tied to a Q8_0 embedding in most small GGUFs) runs int8 everywhere: 1.3-1.5 ms against
+3.2 ms in bf16 for a 49152x576 head.
 
 `LAGOON_CPU_ISA` (``avx512`` | ``avx2`` | ``default``) forces the choice, so the AVX2 plan can be run
 and tested on an AVX-512 machine (set ``ATEN_CPU_CAPABILITY=avx2`` too to make torch's own kernels
@@ -50,10 +54,12 @@ def cpu_isa() -> str:
 
 @dataclass(frozen=True)
 class KernelPlan:
-    """The kernels a loaded GGUF uses: `q4` for 4-bit linears, `head` for the output projection."""
+    """The kernels a loaded GGUF uses: `q4` for 4-bit linears, `q8` for Q8_0 linears, `head` for the
+    output projection."""
 
     isa: str
     q4: Literal["int4pack", "int8pack"]
+    q8: Literal["int4pack_x2", "int8pack"]
     head: Literal["int8pack"]
     prefill: Literal["bfloat16", "float32"]  # dtype of the dense copies prefill multiplies by
 
@@ -62,11 +68,13 @@ class KernelPlan:
         return getattr(torch, self.prefill)
 
     def describe(self) -> str:
-        return f"{self.isa}: 4-bit linears on {self.q4}, output head on {self.head}, prefill in {self.prefill}"
+        return (f"{self.isa}: 4-bit linears on {self.q4}, Q8_0 linears on {self.q8}, output head on {self.head}, "
+                f"prefill in {self.prefill}")
 
 
 def kernel_plan(isa: str | None = None) -> KernelPlan:
     isa = isa or cpu_isa()
     avx512 = isa == "avx512"
-    return KernelPlan(isa=isa, q4="int4pack" if avx512 else "int8pack", head="int8pack",
+    return KernelPlan(isa=isa, q4="int4pack" if avx512 else "int8pack", q8="int4pack_x2" if avx512 else "int8pack",
+                      head="int8pack",
                       prefill="bfloat16" if avx512 else "float32")

@@ -7,9 +7,10 @@ and the kernel plan (ISA, kernels, prefill dtype); the key adds the file's size 
 dense-copy budget, torch's version and CPU capability (the int4 packing is torch's) and
 `REPACK_FORMAT` (raise it whenever the layout of anything stored changes). Writing an entry deletes
 the older ones of its slot. It holds the model's whole state (int4-packed weights with their
-``scales_and_zeros``, int8 weights with their scales, the bf16 embedding and norms) plus the dense
-prefill copies, every tensor 64-byte aligned, and in its metadata the `ModelArgs` (JSON) and which
-linears are low-bit. Writes are atomic (`lagoon.atomic`); a failed write is logged and the load goes on.
+``scales_and_zeros``, Q8_0's two nibble planes, int8 weights with their scales, biases, the bf16
+embedding and norms) plus the dense prefill copies, every tensor 64-byte aligned, and in its
+metadata the `ModelArgs` (JSON) and which linears are low-bit. Writes are atomic (`lagoon.atomic`);
+a failed write is logged and the load goes on.
 
 On load the entry is checked before anything is built: the safetensors header (truncation, offsets,
 shapes, via `checkpoint._check_safetensors`), the format and key it records, and that every tensor
@@ -37,7 +38,7 @@ from torch import nn
 
 from lagoon.atomic import atomic_path
 from lagoon.cache_dir import cache_root
-from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear
+from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q8Linear
 from lagoon.engine.kernels import DENSE_PREFILL_MAX_BYTES, KernelPlan
 from lagoon.model.args import LayerSpec, ModelArgs
 from lagoon.model.rope import RopeSpec
@@ -47,13 +48,14 @@ __all__ = ["REPACK_FORMAT", "entry_path", "load_cached", "store", "repack_cache_
 
 log = logging.getLogger("lagoon.engine.checkpoint")
 
-REPACK_FORMAT = 1
+REPACK_FORMAT = 2
 _ALIGN = 64
 _PAD = "__pad"
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 _META = "lagoon.repack"
 _DATACLASSES = {c.__name__: c for c in (ModelArgs, LayerSpec, RopeSpec)}
+_KINDS: dict[type, str] = {Q4_1Linear: "q4", Q8Linear: "q8", Int8Linear: "int8"}
 
 
 def repack_cache_enabled() -> bool:
@@ -105,15 +107,15 @@ def _decode(v: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ store
 def _swaps(model: nn.Module) -> dict[str, str] | None:
-    """{module name: 'q4' | 'int8'} for each `gguf_linear` swap, or None when some module is neither
-    the plain `Transformer`'s own nor such a swap (the cache could not rebuild it)."""
+    """{module name: 'q4' | 'q8' | 'int8'} for each `gguf_linear` swap, or None when some module is
+    neither the plain `Transformer`'s own nor such a swap (the cache could not rebuild it)."""
     with torch.device("meta"):
         plain = dict(Transformer(model.args).named_modules())
     swaps: dict[str, str] = {}
     for name, mod in model.named_modules():
         ref = plain.get(name)
-        if isinstance(mod, (Q4_1Linear, Int8Linear)) and isinstance(ref, nn.Linear):
-            swaps[name] = "q4" if isinstance(mod, Q4_1Linear) else "int8"
+        if type(mod) in _KINDS and isinstance(ref, nn.Linear):
+            swaps[name] = _KINDS[type(mod)]
         elif ref is None or type(ref) is not type(mod):
             return None
     return swaps
@@ -228,7 +230,7 @@ def _rebuild(entry: Path) -> Transformer:
         plain = dict(Transformer(args).named_modules())
     for name, kind in swaps.items():
         ref = plain.get(name)
-        if not isinstance(ref, nn.Linear) or kind not in ("q4", "int8"):
+        if not isinstance(ref, nn.Linear) or kind not in _KINDS.values():
             raise _Stale(f"it swaps {name!r} ({kind}), which the model has no linear for")
         N, K = ref.out_features, ref.in_features
         dense = state.pop(f"{name}.dense", None)
@@ -239,11 +241,17 @@ def _rebuild(entry: Path) -> Transformer:
             if tuple(sz.shape) != (K // 32, N, 2):
                 raise _Stale(f"{name}.scales_and_zeros has shape {tuple(sz.shape)}, not {(K // 32, N, 2)}")
             layers[name] = Q4_1Linear.from_packed(packed, sz, dense, N, K)
+        elif kind == "q8":
+            hi, lo, sz = (_take(state, name, b) for b in ("packed_hi", "packed_lo", "scales_and_zeros"))
+            if tuple(sz.shape) != (K // 32, N, 2):
+                raise _Stale(f"{name}.scales_and_zeros has shape {tuple(sz.shape)}, not {(K // 32, N, 2)}")
+            layers[name] = Q8Linear.from_packed(hi, lo, sz, dense, N, K)
         else:
             qweight, scale = _take(state, name, "qweight"), _take(state, name, "scale")
             if tuple(qweight.shape) != (N, K) or tuple(scale.shape) != (N,):
                 raise _Stale(f"{name} holds int8 weights of shape {tuple(qweight.shape)}, not {(N, K)}")
             layers[name] = Int8Linear.from_buffers(qweight, scale, dense)
+        layers[name].bias = state.get(f"{name}.bias")  # also loaded into the plain linear, then dropped
         state[f"{name}.weight"] = torch.empty((N, K), dtype=torch.bfloat16, device="meta")  # swapped out below
     model = _assemble(args, state, "native", source=str(entry), native=torch.bfloat16)
     for name, layer in layers.items():
