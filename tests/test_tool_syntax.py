@@ -84,9 +84,10 @@ def _format(family: Family) -> ChatFormat:
     return ChatFormat(tok)
 
 
-def _turn(family: Family, calls: list, reasoning: bool) -> str:
+def _turn(family: Family, calls: list, reasoning: bool) -> tuple[str, bool]:
     """What the model writes for the assistant message: the rendered conversation with it, after the
-    rendering without it (+ the generation prompt), up to the first end-of-turn token."""
+    rendering without it (+ the generation prompt), up to the first end-of-turn token; and whether
+    the generation prompt opened `<think>` (the reply then starts inside the reasoning)."""
     fmt = _format(family)
     kw = dict(family.thinking or {}) if reasoning else {}
     assistant = {"role": "assistant", "content": "Let me check." if family.content else None,
@@ -110,7 +111,7 @@ def _turn(family: Family, calls: list, reasoning: bool) -> str:
         assert turn.startswith(family.header), turn[:80]
         turn = turn[len(family.header):]
     stops = [at for at in (turn.find(e) for e in family.ends) if at >= 0]
-    return turn[: min(stops)] if stops else turn
+    return (turn[: min(stops)] if stops else turn), prompt.rstrip().endswith("<think>")
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.template)
@@ -119,7 +120,7 @@ def test_calls_and_reasoning_round_trip_through_the_real_template(family, reason
     if reasoning and family.thinking is None:
         pytest.skip(f"{family.template}'s template does not render an assistant turn's reasoning")
     calls = CALLS[:1] if family.one_call else CALLS
-    turn = _turn(family, calls, reasoning)
+    turn, _ = _turn(family, calls, reasoning)
     got_reasoning, rest = split_reasoning(turn)
     content, parsed = parse_tool_calls(rest, TOOLS)
     assert [(c.name, dict(c.arguments)) for c in parsed] == calls, turn
@@ -133,11 +134,10 @@ def test_calls_and_reasoning_round_trip_through_the_real_template(family, reason
 def test_streamed_reply_equals_the_whole_parse(family, reasoning):
     """As the server streams: reasoning split first (`ReasoningStream`), then calls (`ToolCallStream`)."""
     calls = CALLS[:1] if family.one_call else CALLS
-    turn = _turn(family, calls, reasoning) if reasoning and family.thinking is not None else None
-    if reasoning and (turn is None or not turn.lstrip().startswith(("<think>", "<|channel|>"))):
-        pytest.skip(f"{family.template}: no reasoning, or its generation prompt opens it (read when the reply ends)")
-    turn = turn or _turn(family, calls, False)
-    thinking, stream = ReasoningStream(), ToolCallStream(tools=TOOLS)
+    if reasoning and family.thinking is None:
+        pytest.skip(f"{family.template}'s template does not render an assistant turn's reasoning")
+    turn, opened = _turn(family, calls, reasoning)
+    thinking, stream = ReasoningStream(opened=opened), ToolCallStream(tools=TOOLS)
     got: dict = {"reasoning": "", "content": "", "names": [], "args": {}}
     pieces = [turn[i : i + 5] for i in range(0, len(turn), 5)] + [""]
     for i, piece in enumerate(pieces):

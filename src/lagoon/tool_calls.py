@@ -276,6 +276,7 @@ class ReasoningStream:
     finished text also reads a reply whose template opened the tag. A harmony reply (gpt-oss: it opens
     with `<|channel|>`) is held whole and split once it ends: its channels interleave."""
 
+    opened: bool = False  # the prompt ended with `<think>` (the template opened it): the reply starts inside
     text: str = ""
     _state: str = "start"  # start → think → answer, or start → harmony
     _sent: int = 0
@@ -283,6 +284,8 @@ class ReasoningStream:
 
     def feed(self, piece: str, final: bool = False) -> Iterator[tuple[str, str]]:
         self.text += piece
+        if self._state == "start" and self.opened:
+            self._state = "think"
         if self._state == "start":
             stripped = self.text.lstrip()
             if stripped.startswith(THINK_OPEN):

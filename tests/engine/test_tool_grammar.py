@@ -9,9 +9,10 @@ import jsonschema
 import pytest
 
 from lagoon.engine import Constraint, load_model
-from lagoon.engine.tiny import save_tiny_model
+from lagoon.engine.grammar import GrammarCompiler
+from lagoon.engine.tiny import byte_tokenizer, save_tiny_model
 from lagoon.tool_calls import parse_tool_calls
-from lagoon.tool_syntax import DEEPSEEK_V3, DEEPSEEK_V31, GLM45, HARMONY, LAGUNA_V8, QWEN3_CODER
+from lagoon.tool_syntax import DEEPSEEK_V3, DEEPSEEK_V31, GLM45, HARMONY, HERMES, LAGUNA_V8, QWEN3_CODER
 
 TOOLS = [
     {"type": "function", "function": {"name": "edit", "parameters": {
@@ -65,3 +66,21 @@ def test_a_native_form_is_the_only_form(engine):
         m.accept(tok)
     allowed = m.allowed(engine.args.vocab_size)
     assert allowed[engine.encode("<")[0]] and not allowed[engine.encode("{")[0]]
+
+
+@pytest.mark.parametrize(("syntax", "tokens"), [
+    (HERMES, ["<tool_call>", "</tool_call>"]),  # as Qwen2.5's vocabulary has them
+    (GLM45, ["<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"]),
+], ids=lambda v: getattr(v, "name", ""))
+def test_syntax_tokens_of_the_vocabulary_are_accepted_as_those_tokens(syntax, tokens):
+    """llguidance matches an added `<…>` token only as itself: a forced call must accept the
+    family's own `<tool_call>` / `</arg_value>` tokens, not only their spelling in bytes."""
+    tok = byte_tokenizer()
+    tok.add_tokens(tokens)
+    text = syntax.render([("edit", {"path": "a.py", "flags": [1, 2]})])
+    ids = tok.encode(text, add_special_tokens=False)
+    assert set(tok.convert_tokens_to_ids(tokens)) <= set(ids)
+    m = GrammarCompiler(tok).matcher(Constraint.tool_call(TOOLS, syntax))
+    for t in ids:
+        m.accept(t)
+    assert m.accepting

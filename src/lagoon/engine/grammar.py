@@ -42,6 +42,9 @@ class Constraint:
 
     kind: Kind
     source: str
+    # a tool-call grammar: its literal syntax text that is one token of the vocabulary (`<tool_call>`,
+    # `<|channel|>`, …) is matched as that token (see `GrammarCompiler.matcher`)
+    token_literals: bool = False
 
     @classmethod
     def json_schema(cls, schema: Mapping[str, Any] | bool | None = None) -> Constraint:
@@ -94,11 +97,15 @@ class Constraint:
             start = f"start: {_lit(syntax.open_constraint)} ({body}) {_lit(syntax.close_constraint)}"
         else:
             start = f"start: {body}"
-        return cls("lark", "\n".join([start, *rules]))
+        return cls("lark", "\n".join([start, *rules]), token_literals=True)
 
-    def grammar(self) -> str:
-        """The llguidance grammar text."""
+    def grammar(self, specials: Mapping[str, int] | None = None) -> str:
+        """The llguidance grammar text; with `token_literals`, each of `specials` (text → id of a
+        token llguidance matches only as itself) inside a literal becomes a reference to that token."""
         from llguidance import LLMatcher
+
+        if self.kind == "lark" and self.token_literals and specials:
+            return LLMatcher.grammar_from_lark(_token_refs(self.source, specials))
 
         if self.kind == "json_schema":
             return LLMatcher.grammar_from_json_schema(self.source, overrides=JSON_STYLE)
@@ -166,16 +173,45 @@ def _text_value(terminal: str, prop: Mapping[str, Any], end: str, rules: list[st
     followed by its own terminator would never know where to stop)."""
     enum = prop.get("enum")
     if isinstance(enum, list) and enum and all(isinstance(e, str) for e in enum):
-        return "(" + " | ".join(_lit(e + end) for e in enum) + ")"
+        return "(" + " | ".join(f"{_lit(e)} {_lit(end)}" for e in enum) + ")"
     size = prop.get("maxLength")
     body = "(?s:.)" + (f"{{0,{size}}}" if isinstance(size, int) and size >= 0 else "*")
-    rules.append(f"{terminal}: /{body}{_rx(end)}/ & ~/(?s:.)*{_rx(end)}(?s:.)+/")
-    return terminal
+    # the text with its end as bytes, or the text then the end as written (one token when the
+    # vocabulary has it: a lexeme ends where a special token starts)
+    rules.append(f"{terminal}_END: /{body}{_rx(end)}/ & ~/(?s:.)*{_rx(end)}(?s:.)+/")
+    rules.append(f"{terminal}: /{body}/ & ~/(?s:.)*{_rx(end)}(?s:.)*/")
+    return f"({terminal}_END | {terminal} {_lit(end)})"
 
 
 def _rx(text: str) -> str:
     """`text` as a literal inside a Lark `/regex/`."""
     return "".join("\\n" if c == "\n" else "\\/" if c == "/" else re.escape(c) for c in text)
+
+
+_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _token_refs(lark: str, specials: Mapping[str, int]) -> str:
+    """`lark` with each special token's text inside a string literal split out as `<[id]>`: llguidance
+    treats an added token that looks like `<…>` as special, so the literal's bytes would never be
+    that token and the model's own `<tool_call>` token would be refused. `%json` lines are left alone."""
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+
+    def split(m: re.Match[str]) -> str:
+        text = json.loads(m.group(0))
+        if pattern.search(text) is None:
+            return m.group(0)
+        parts, pos = [], 0
+        for hit in pattern.finditer(text):
+            if hit.start() > pos:
+                parts.append(_lit(text[pos : hit.start()]))
+            parts.append(f"<[{specials[hit.group(0)]}]>")
+            pos = hit.end()
+        if pos < len(text):
+            parts.append(_lit(text[pos:]))
+        return "(" + " ".join(parts) + ")"
+
+    return "\n".join(line if "%json" in line else _LITERAL.sub(split, line) for line in lark.split("\n"))
 
 
 def _lit(text: str) -> str:
@@ -232,6 +268,8 @@ class GrammarCompiler:
                 f"{type(tokenizer).__name__} ({exc})"
             ) from exc
         self.words = (self.tokenizer.vocab_size + 31) // 32
+        added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+        self.specials = {t: i for t, i in added.items() if i < self.tokenizer.vocab_size and self.tokenizer.is_special_token(i)}
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
@@ -240,7 +278,7 @@ class GrammarCompiler:
     def matcher(self, constraint: Constraint) -> GrammarMatcher:
         """A fresh matcher at the start of `constraint` (BadRequestError naming the problem when the
         grammar, regex or schema is invalid)."""
-        grammar = constraint.grammar()
+        grammar = constraint.grammar(self.specials)
         with self._lock:
             base = self._cache.get(grammar)
             if base is not None:

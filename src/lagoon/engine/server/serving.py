@@ -228,7 +228,8 @@ class OpenAIServing:
                 elif item:
                     yield sse(chunk(rid, model, created, {"content": item}))
 
-        thinking = ReasoningStream()  # a reply opening with <think> streams it as reasoning_content
+        # a reply opening with <think>, or whose template opened it, streams that as reasoning_content
+        thinking = ReasoningStream(opened=self.engine.decode(ids[-8:]).rstrip().endswith("<think>"))
 
         def split(piece: str, final: bool = False) -> Any:
             for kind, text in thinking.feed(piece, final):

@@ -1,0 +1,65 @@
+"""The real serving path with a family's own chat template and syntax tokens: a tiny random model
+whose tokenizer carries Laguna's template (v8) with `<think>`, `<tool_call>`, `<assistant>` as
+*special* tokens (as Laguna's tokenizer marks them). Over HTTP with the `openai` client: a forced
+call is written in Laguna's `<arg_key>` syntax, survives decoding (special tokens skipped) and
+comes back as an OpenAI tool call; a history with tool calls, reasoning and a tool result goes
+through the template natively."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import openai
+import pytest
+
+from lagoon.engine import load_model
+from lagoon.engine.server import start_test_server
+from lagoon.engine.tiny import byte_tokenizer, save_tiny_model
+from lagoon.tool_syntax import LAGUNA_V8
+
+pytestmark = pytest.mark.network
+
+TEMPLATE = Path(__file__).parents[1] / "fixtures" / "chat_templates" / "laguna_v8.jinja"
+EDIT = {"type": "object", "required": ["path", "line"],
+        "properties": {"path": {"type": "string", "maxLength": 5}, "line": {"type": "integer", "minimum": 1, "maximum": 9}}}
+TOOLS = [{"type": "function", "function": {"name": "edit", "parameters": EDIT}},
+         {"type": "function", "function": {"name": "submit", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    folder = save_tiny_model(tmp_path_factory.mktemp("lg") / "m", "llama", max_position_embeddings=1024)
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<think>", "</think>", "<tool_call>",
+                                                          "</tool_call>", "<assistant>"]})
+    tok.chat_template = TEMPLATE.read_text()
+    tok.save_pretrained(str(folder))
+    engine = load_model(folder, precision="float32")
+    base, stop = start_test_server(engine)
+    yield engine, openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+    stop()
+    engine.close()
+
+
+def test_a_forced_call_in_lagunas_syntax_comes_back_as_an_openai_call(live):
+    engine, client = live
+    assert engine.chat_format.tool_syntax is LAGUNA_V8
+    history = [
+        {"role": "user", "content": "fix a.py"},
+        {"role": "assistant", "content": "", "reasoning_content": "look first",
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "edit", "arguments": '{"path": "a.py", "line": 3}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+    prompt = engine.tokenizer.decode(engine.chat_prompt_typed(history, TOOLS)[0])
+    assert "<tool_call>edit<arg_key>path</arg_key><arg_value>a.py</arg_value>" in prompt  # rendered natively
+    assert "<tool_response>ok</tool_response>" in prompt
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model=engine.name, messages=history, tools=TOOLS, max_tokens=120, temperature=1.0, seed=seed,
+            tool_choice={"type": "function", "function": {"name": "edit"}})
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls" and not msg.content
+        assert [c.function.name for c in msg.tool_calls] == ["edit"]
+        jsonschema.validate(json.loads(msg.tool_calls[0].function.arguments), {**EDIT, "additionalProperties": False})
