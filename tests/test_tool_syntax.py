@@ -194,3 +194,37 @@ def test_syntax_tokens_survive_the_engines_decoding():
     assert decoded == text
     assert [(c.name, dict(c.arguments)) for c in parse_tool_calls(decoded)[1]] == [("run_tests", {"path": "a.py"})]
     assert tok.decode(tok.encode("<|im_start|>x", add_special_tokens=False), skip_special_tokens=True) == "x"
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.template)
+def test_a_history_with_calls_and_results_renders_once_each(family):
+    """The next turn's prompt: the earlier call in the family's syntax and its result, each once (a
+    template that wraps tool results itself gets them bare, not wrapped twice)."""
+    fmt = _format(family)
+    name, args = CALLS[0]
+    history = [{"role": "user", "content": "Run the tests."},
+               {"role": "assistant", "content": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "3 passed"}]
+    prompt = fmt.render(history, TOOLS)
+    assert prompt.count("3 passed") == 1 and "<tool_response>\n<tool_response>" not in prompt
+    turn = prompt[prompt.index("Run the tests.") + len("Run the tests."): prompt.index("3 passed")]
+    assert [(c.name, dict(c.arguments)) for c in parse_tool_calls(turn, TOOLS)[1]] == [CALLS[0]], turn
+
+
+def test_a_template_that_concatenates_the_arguments_gets_them_as_text():
+    """DeepSeek-V3's own template (not a fixture here: see the README) writes
+    `... + tool['function']['arguments'] + ...`, which needs the OpenAI wire string; the line below
+    is that expression, not the whole template."""
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['tool_calls'] %}{% for tool in m['tool_calls'] %}"
+                         "{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + "
+                         "tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' + "
+                         "'```' + '<｜tool▁call▁end｜><｜tool▁calls▁end｜>'}}{% endfor %}"
+                         "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+    fmt = ChatFormat(tok)
+    assert fmt.tool_syntax is DEEPSEEK_V3 and fmt.arguments_as_text
+    name, args = CALLS[1]
+    text = fmt.render([{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]}])
+    assert [(c.name, dict(c.arguments)) for c in parse_tool_calls(text)[1]] == [CALLS[1]]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -137,6 +138,9 @@ class ChatFormat:
         # a template that renders `tool_calls` (and reasoning) itself gets them as OpenAI fields; one
         # that does not (SmolLM2's) gets each call pre-written in the family's syntax as content
         self.template_takes_calls = "tool_calls" in template
+        # DeepSeek-V3's own template concatenates the arguments as the OpenAI wire string; the others
+        # iterate or `tojson` a mapping
+        self.arguments_as_text = re.search(r"(\['arguments'\]|\.arguments)\s*\+", template) is not None
         self.tool_syntax = tool_syntax_for(template, model_type)
         keep_syntax_tokens(tokenizer, self.tool_syntax.tokens)
 
@@ -145,7 +149,8 @@ class ChatFormat:
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Messages as the template gets them (tools folded into the system message when the
         template ignores `tools`) and the template's keyword arguments."""
-        msgs = [out for m in messages for out in _for_template(m, self.tool_syntax, self.template_takes_calls)]
+        msgs = [out for m in messages
+                for out in _for_template(m, self.tool_syntax, self.template_takes_calls, self.arguments_as_text)]
         kw: dict[str, Any] = {}
         if tools:
             if self.template_takes_tools:
@@ -216,7 +221,7 @@ class ChatFormat:
         return ids, roles
 
 
-def _for_template(m: Mapping[str, Any], syntax: ToolSyntax, native: bool) -> list[dict[str, Any]]:
+def _for_template(m: Mapping[str, Any], syntax: ToolSyntax, native: bool, args_as_text: bool = False) -> list[dict[str, Any]]:
     """One OpenAI message → the message(s) the template gets. Content parts become text. A template
     that renders `tool_calls` gets them with their arguments as a mapping (every real template
     iterates or `tojson`s them) and the reasoning; gpt-oss's reads one call per message, so a
@@ -227,7 +232,8 @@ def _for_template(m: Mapping[str, Any], syntax: ToolSyntax, native: bool) -> lis
     for key in ("reasoning_content", "name", "tool_call_id"):
         if m.get(key) is not None:
             out[key] = m[key]
-    calls = [{"id": c.get("id"), "type": "function", "function": {"name": name, "arguments": args}}
+    calls = [{"id": c.get("id"), "type": "function",
+              "function": {"name": name, "arguments": json.dumps(args) if args_as_text else args}}
              for c in m.get("tool_calls") or [] for name, args in [_call_pair(c)]]
     if not calls:
         return [out]
