@@ -228,3 +228,18 @@ def test_a_template_that_concatenates_the_arguments_gets_them_as_text():
     text = fmt.render([{"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]}])
     assert [(c.name, dict(c.arguments)) for c in parse_tool_calls(text)[1]] == [CALLS[1]]
+
+
+@pytest.mark.parametrize("syntax", [QWEN3_CODER, GLM45, LAGUNA_V8], ids=lambda s: s.name)
+def test_a_long_string_argument_streams_in_fragments(syntax):
+    """A file body written as XML / GLM text reaches the client while the model writes it, not only
+    when the reply ends; the fragments join to the finished call's arguments."""
+    body = "".join(f"line {i}: x = {{'k': {i}}}  # </arg_ or </param\n" for i in range(30))
+    text = syntax.render([("write_file", {"path": "src/a.py", "content": body})])
+    stream, frags = ToolCallStream(tools=TOOLS), []
+    for ch in text:
+        frags += [d.arguments for d in stream.feed(ch) if isinstance(d, ToolCallDelta) and d.arguments]
+    before_end = len(frags)
+    frags += [d.arguments for d in stream.feed("", final=True) if isinstance(d, ToolCallDelta) and d.arguments]
+    assert before_end > 100  # streamed as written
+    assert json.loads("".join(frags)) == {"path": "src/a.py", "content": body}

@@ -192,6 +192,7 @@ class ToolCallDelta:
 class _Sent:
     id: str
     args: int = 0  # characters of the arguments text already sent
+    text: str | None = None  # XML / GLM: the arguments JSON sent so far (completed when the reply ends)
 
 
 @dataclass
@@ -217,19 +218,25 @@ class ToolCallStream:
         if safe > self._content:
             yield outside[self._content : safe]
             self._content = safe
-        for i, (name, args) in enumerate(c for b in blocks for c in _scan_block(b)):
+        props = param_schemas(self.tools)
+        for i, (name, args, written) in enumerate(c for b in blocks for c in _scan_block(b, props)):
             if i == len(self._calls):
-                self._calls.append(_Sent(new_call_id()))
+                self._calls.append(_Sent(new_call_id(), text=None if written else ""))
                 yield ToolCallDelta(i, self._calls[i].id, name)
             sent = self._calls[i]
             if len(args) > sent.args:
                 yield ToolCallDelta(i, arguments=args[sent.args :])
                 sent.args = len(args)
-        if final and not self._calls:  # XML / GLM / DeepSeek / harmony calls: sent whole once the reply ends
+                sent.text = None if sent.text is None else args
+        if final:  # complete XML / GLM arguments; DeepSeek / harmony calls are sent whole now
             for i, c in enumerate(parse_tool_calls(self.text, self.tools)[1]):
-                self._calls.append(_Sent(c.id))
-                yield ToolCallDelta(i, c.id, c.name)
-                yield ToolCallDelta(i, arguments=json.dumps(dict(c.arguments)))
+                full = json.dumps(dict(c.arguments))
+                if i == len(self._calls):
+                    self._calls.append(_Sent(c.id))
+                    yield ToolCallDelta(i, c.id, c.name)
+                    yield ToolCallDelta(i, arguments=full)
+                elif self._calls[i].text is not None and full.startswith(self._calls[i].text) and full != self._calls[i].text:
+                    yield ToolCallDelta(i, arguments=full[len(self._calls[i].text) :])
 
 
 def _calls_start(text: str) -> int:
@@ -247,10 +254,15 @@ def _safe_len(outside: str) -> int:
     return min(_safe_tail(outside, OPEN), _safe_tail(outside, DS_CALLS_BEGIN), _safe_tail(outside, HARMONY_TO))
 
 
-def _scan_block(block: str) -> Iterator[tuple[str, str]]:
-    """The calls in a (possibly unfinished) block: (name, arguments text so far). A call appears once
-    its name is complete; its arguments text is exact once the JSON value is complete, else all that
-    was written after `"arguments": ` (an unfinished JSON value has no terminator after it yet)."""
+def _scan_block(block: str, props: Mapping[str, Mapping[str, Any]]) -> Iterator[tuple[str, str, bool]]:
+    """The calls in a (possibly unfinished) block: (name, arguments text so far, whether that text is
+    the model's own JSON). A call appears once its name is complete. JSON: its arguments text is
+    exact once the value is complete, else all that was written after `"arguments": `. XML / GLM
+    (`_scan_text`): the arguments JSON built from the parameters so far, without its closing brace."""
+    if block.lstrip()[:1] not in ("{", "["):
+        for inside in block.split(OPEN):  # while streaming, a text block runs on over the next ones
+            yield from _scan_text(inside.split(CLOSE)[0], props)
+        return
     pos = 0
     dec = json.JSONDecoder()
     while (m := _HEAD_RE.search(block, pos)) is not None:
@@ -258,10 +270,54 @@ def _scan_block(block: str) -> Iterator[tuple[str, str]]:
         try:
             _, end = dec.raw_decode(block, start)
         except json.JSONDecodeError:
-            yield json.loads(m.group(1)), block[start:]
+            yield json.loads(m.group(1)), block[start:], True
             return
-        yield json.loads(m.group(1)), block[start:end]
+        yield json.loads(m.group(1)), block[start:end], True
         pos = end
+
+
+_TEXT_NAME = {"xml": re.compile(r"\s*<function=([^>\s]+)>"), "glm": re.compile(r"\s*([\w.\-]+)(?=\s|<arg_key>)")}
+_TEXT_PARAM = {"xml": re.compile(r"<parameter=([^>\s]+)>\n?((?:(?!</parameter>).)*)(</parameter>)?", re.S),
+               "glm": re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>((?:(?!</arg_value>).)*)(</arg_value>)?", re.S)}
+_TEXT_END = {"xml": "\n</parameter>", "glm": "</arg_value>"}
+
+
+def _scan_text(inside: str, props: Mapping[str, Mapping[str, Any]]) -> Iterator[tuple[str, str, bool]]:
+    """One XML / GLM call as written so far → (name, arguments JSON so far, False). A finished
+    parameter is its typed value; an unfinished one is sent only when the tool's schema says it is a
+    string (its text is final as written), held back by any tail that may start its end tag. The
+    text equals the prefix of `json.dumps` of the finished call's arguments."""
+    form = "xml" if "<function=" in inside else "glm"
+    head = _TEXT_NAME[form].match(inside)
+    if head is None:
+        return
+    name, tool = head.group(1), props.get(head.group(1))
+    body = inside[head.end():]
+    if form == "xml":
+        body = body.split("</function>")[0]
+    parts = []
+    for m in _TEXT_PARAM[form].finditer(body):
+        key = m.group(1).strip() if form == "glm" else m.group(1)
+        prop = tool.get(key) if tool is not None else None
+        raw = m.group(2)
+        if m.group(3) is not None:  # finished
+            if form == "xml" and raw.endswith("\n"):
+                raw = raw[:-1]
+            parts.append(f"{json.dumps(key)}: {json.dumps(_typed_value(raw, prop, tool is not None))}")
+            continue
+        if isinstance(prop, Mapping) and prop.get("type") == "string":
+            safe = raw[: _safe_tail(raw, _TEXT_END[form])]
+            if form == "xml" and safe.endswith("\n"):
+                safe = safe[:-1]  # may be the newline before </parameter>
+            parts.append(f"{json.dumps(key)}: " + json.dumps(safe)[:-1])
+        break  # a later parameter cannot be complete before this one
+    yield name, "{" + ", ".join(parts), False
+
+
+def _typed_value(raw: str, prop: Any, known: bool) -> Any:
+    from lagoon.tool_syntax import typed_value
+
+    return typed_value(raw, prop if known else None)
 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"

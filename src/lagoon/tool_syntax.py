@@ -32,7 +32,8 @@ from typing import Any
 from lagoon.protocols import ToolCall
 
 __all__ = ["ToolSyntax", "HERMES", "SMOLLM2", "QWEN3_CODER", "HARMONY", "GLM45", "LAGUNA", "LAGUNA_V8",
-           "DEEPSEEK_V3", "DEEPSEEK_V31", "SYNTAXES", "syntax_for", "calls_in", "param_schemas", "new_call_id"]
+           "DEEPSEEK_V3", "DEEPSEEK_V31", "SYNTAXES", "syntax_for", "calls_in", "param_schemas", "new_call_id",
+           "typed_value"]
 
 DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -169,7 +170,7 @@ def _glm_call(name: str, args: Mapping[str, Any] | None, sep: str) -> str:
     return f"{name}{sep}{pairs}"
 
 
-def _typed(raw: str, prop: Mapping[str, Any] | None) -> Any:
+def typed_value(raw: str, prop: Mapping[str, Any] | None) -> Any:
     """A parameter written as text → its value: by the schema's type when known, else by its look."""
     kind = prop.get("type") if isinstance(prop, Mapping) else None
     if kind == "string" or (isinstance(kind, list) and kind == ["string"]):
@@ -195,13 +196,13 @@ def calls_in(block: str, syntax_form: str, props: Mapping[str, Mapping[str, Any]
     if syntax_form == "xml":
         for fn in _XML_FN.finditer(block):
             p = props.get(fn.group(1), {})
-            args = {m.group(1): _typed(m.group(2), p.get(m.group(1)) if props else None) for m in _XML_PARAM.finditer(fn.group(2))}
+            args = {m.group(1): typed_value(m.group(2), p.get(m.group(1)) if props else None) for m in _XML_PARAM.finditer(fn.group(2))}
             calls.append(ToolCall(id=new_call_id(), name=fn.group(1), arguments=args))
     elif syntax_form == "glm":
         head = _GLM_NAME.match(block)
         if head is not None:
             name, p = head.group(1), props.get(head.group(1), {})
-            args = {m.group(1).strip(): _typed(m.group(2), p.get(m.group(1).strip()) if props else None)
+            args = {m.group(1).strip(): typed_value(m.group(2), p.get(m.group(1).strip()) if props else None)
                     for m in _GLM_ARG.finditer(block, head.end())}
             calls.append(ToolCall(id=new_call_id(), name=name, arguments=args))
     elif syntax_form == "deepseek":
