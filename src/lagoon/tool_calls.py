@@ -28,6 +28,7 @@ from lagoon.tool_syntax import (
     calls_in,
     new_call_id,
     param_schemas,
+    typed_value,
 )
 
 __all__ = ["ToolSyntax", "HERMES", "SMOLLM2", "QWEN3_CODER", "HARMONY", "parse_tool_calls", "split_blocks",
@@ -303,7 +304,7 @@ def _scan_text(inside: str, props: Mapping[str, Mapping[str, Any]]) -> Iterator[
         if m.group(3) is not None:  # finished
             if form == "xml" and raw.endswith("\n"):
                 raw = raw[:-1]
-            parts.append(f"{json.dumps(key)}: {json.dumps(_typed_value(raw, prop, tool is not None))}")
+            parts.append(f"{json.dumps(key)}: {json.dumps(typed_value(raw, prop if tool is not None else None))}")
             continue
         if isinstance(prop, Mapping) and prop.get("type") == "string":
             safe = raw[: _safe_tail(raw, _TEXT_END[form])]
@@ -312,12 +313,6 @@ def _scan_text(inside: str, props: Mapping[str, Mapping[str, Any]]) -> Iterator[
             parts.append(f"{json.dumps(key)}: " + json.dumps(safe)[:-1])
         break  # a later parameter cannot be complete before this one
     yield name, "{" + ", ".join(parts), False
-
-
-def _typed_value(raw: str, prop: Any, known: bool) -> Any:
-    from lagoon.tool_syntax import typed_value
-
-    return typed_value(raw, prop if known else None)
 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
