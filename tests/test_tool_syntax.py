@@ -243,3 +243,17 @@ def test_a_long_string_argument_streams_in_fragments(syntax):
     frags += [d.arguments for d in stream.feed("", final=True) if isinstance(d, ToolCallDelta) and d.arguments]
     assert before_end > 100  # streamed as written
     assert json.loads("".join(frags)) == {"path": "src/a.py", "content": body}
+
+
+def test_a_harmony_reply_streams_reasoning_then_content_as_written():
+    reply = ("<|channel|>analysis<|message|>" + "think step. " * 20 + "<|end|>"
+             "<|start|>assistant<|channel|>final<|message|>" + "It is 4 < 5. " * 10)
+    s, got, early = ReasoningStream(), {"reasoning": "", "content": ""}, 0
+    for ch in reply:
+        for kind, piece in s.feed(ch):
+            got[kind] += piece
+            early += 1
+    for kind, piece in s.feed("", final=True):
+        got[kind] += piece
+    assert early > 50  # not held until the reply ends
+    assert (got["reasoning"].strip(), got["content"]) == split_reasoning(reply)

@@ -324,14 +324,33 @@ class ReasoningStream:
     """A reply arriving in pieces → ("reasoning", text) and ("content", text) pieces. Streaming splits
     a reply that opens with `<think>` (the whole reply is content otherwise: holding text back until a
     `</think>` that may never come would stall every non-thinking model); `split_reasoning` on the
-    finished text also reads a reply whose template opened the tag. A harmony reply (gpt-oss: it opens
-    with `<|channel|>`) is held whole and split once it ends: its channels interleave."""
+    finished text also reads a reply whose template opened the tag (`opened` says so while streaming).
+    A harmony reply (gpt-oss: it opens with `<|channel|>`) streams its analysis channel as reasoning,
+    its final channel and calls as content."""
 
     opened: bool = False  # the prompt ended with `<think>` (the template opened it): the reply starts inside
     text: str = ""
     _state: str = "start"  # start → think → answer, or start → harmony
     _sent: int = 0
     _answer_started: bool = False
+    _harmony_sent: dict[str, str] = field(default_factory=lambda: {"reasoning": "", "content": ""})
+
+    def _harmony(self, final: bool) -> Iterator[tuple[str, str]]:
+        """Harmony: the analysis channel's text as reasoning, the final channel's and the calls as
+        content, each as it grows (a tail that may be an unfinished `<|…|>` tag waits)."""
+        if final:
+            reasoning, rest = split_reasoning(self.text)
+            now = {"reasoning": reasoning or "", "content": rest}
+        else:
+            parts = [(m.group(1), m.group(2)) for m in _HARMONY_MSG.finditer(self.text)]
+            calls = "".join(m.group(0) for m in _HARMONY_CALL.finditer(self.text))
+            now = {"reasoning": _tag_safe("".join(b for ch, b in parts if ch == "analysis")),
+                   "content": _tag_safe("".join(b for ch, b in parts if ch == "final") + calls)}
+        for kind in ("reasoning", "content"):
+            sent = self._harmony_sent[kind]
+            if now[kind].startswith(sent) and len(now[kind]) > len(sent):
+                yield kind, now[kind][len(sent):]
+                self._harmony_sent[kind] = now[kind]
 
     def feed(self, piece: str, final: bool = False) -> Iterator[tuple[str, str]]:
         self.text += piece
@@ -348,12 +367,7 @@ class ReasoningStream:
             else:
                 self._state, self._answer_started = "answer", True
         if self._state == "harmony":
-            if final:
-                reasoning, rest = split_reasoning(self.text)
-                if reasoning:
-                    yield "reasoning", reasoning
-                if rest.strip():
-                    yield "content", rest
+            yield from self._harmony(final)
             return
         if self._state == "think":
             end = self.text.find(THINK_CLOSE, self._sent)
@@ -376,6 +390,12 @@ class ReasoningStream:
         if rest:
             yield "content", rest
             self._sent = len(self.text)
+
+
+def _tag_safe(text: str) -> str:
+    """`text` without a tail that may be an unfinished harmony tag (`<|end`)."""
+    cut = text.rfind("<")
+    return text[:cut] if cut >= 0 and ">" not in text[cut:] else text
 
 
 def _safe_tail(text: str, tag: str) -> int:
