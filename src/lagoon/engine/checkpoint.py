@@ -370,8 +370,13 @@ def open_gguf(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} not found")
+    from lagoon.engine.gguf_file import GGUFFile, NotQuickReadable
+
     try:
-        return gguf.GGUFReader(str(path))
+        try:
+            return GGUFFile(path)  # the header without gguf's per-value numpy views (seconds on a big vocabulary)
+        except NotQuickReadable:
+            return gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError) as exc:
         raise CheckpointError(f"{path} cannot be read as GGUF ({exc}); the file is truncated or corrupt") from exc
 
