@@ -63,3 +63,24 @@ def test_a_forced_call_in_lagunas_syntax_comes_back_as_an_openai_call(live):
         assert r.choices[0].finish_reason == "tool_calls" and not msg.content
         assert [c.function.name for c in msg.tool_calls] == ["edit"]
         jsonschema.validate(json.loads(msg.tool_calls[0].function.arguments), {**EDIT, "additionalProperties": False})
+
+
+def test_chat_template_kwargs_reach_the_template_and_its_opened_reasoning_is_reasoning(live):
+    """`enable_thinking` opens `<think>` in Laguna's generation prompt: the reply (it never closes
+    it here) is reasoning_content, streamed or not."""
+    engine, client = live
+    msgs = [{"role": "user", "content": "hi"}]
+    on = engine.tokenizer.decode(engine.chat_format.encode(msgs, template_kwargs={"enable_thinking": True}))
+    assert on.endswith("<assistant><think>") and engine.tokenizer.decode(engine.chat_format.encode(msgs)).endswith("</think>")
+    kw = dict(model=engine.name, messages=msgs, max_tokens=12, temperature=1.0, seed=5,
+              extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    whole = client.chat.completions.create(**kw).choices[0].message
+    streamed = {"reasoning_content": "", "content": ""}
+    for ev in client.chat.completions.create(stream=True, **kw):
+        for key in streamed:
+            streamed[key] += (getattr(ev.choices[0].delta, key, None) or "") if ev.choices else ""
+    reasoning = getattr(whole, "reasoning_content", None)
+    assert reasoning and not whole.content
+    assert streamed["reasoning_content"].strip() == reasoning and not streamed["content"]
+    with pytest.raises(openai.BadRequestError, match="may not set tools"):
+        client.chat.completions.create(model=engine.name, messages=msgs, extra_body={"chat_template_kwargs": {"tools": []}})

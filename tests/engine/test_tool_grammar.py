@@ -84,3 +84,21 @@ def test_syntax_tokens_of_the_vocabulary_are_accepted_as_those_tokens(syntax, to
     for t in ids:
         m.accept(t)
     assert m.accepting
+
+
+def test_a_forced_call_after_an_opened_think_closes_the_reasoning_first():
+    """The prompt opened `<think>` (enable_thinking): free reasoning, `</think>` (the vocabulary's
+    token or its bytes), then the call; the call alone is refused until the reasoning is closed."""
+    tok = byte_tokenizer()
+    tok.add_tokens(["</think>"])
+    compiler = GrammarCompiler(tok)
+    call = LAGUNA_V8.render([("edit", {"path": "a.py", "flags": [3]})])
+    for reply in ["plan: edit a.py</think>" + call, "</think>" + call]:
+        m = compiler.matcher(Constraint.tool_call(TOOLS, LAGUNA_V8, think=True))
+        for t in tok.encode(reply, add_special_tokens=False):
+            m.accept(t)
+        assert m.accepting
+    m = compiler.matcher(Constraint.tool_call(TOOLS, LAGUNA_V8, think=True))
+    for t in tok.encode("<tool_call>edit<arg_key>path</arg_key><arg_value>a.py</arg_value>", add_special_tokens=False):
+        m.accept(t)  # still reasoning text: the call is not open yet
+    assert not m.accepting

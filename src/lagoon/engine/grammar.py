@@ -70,7 +70,7 @@ class Constraint:
         return cls("regex", "(" + "|".join(re.escape(o) for o in options) + ")")
 
     @classmethod
-    def tool_call(cls, tools: Sequence[Mapping[str, Any]], syntax: Any) -> Constraint:
+    def tool_call(cls, tools: Sequence[Mapping[str, Any]], syntax: Any, think: bool = False) -> Constraint:
         """Exactly one call of one of `tools` (OpenAI tool dicts), written in `syntax` (a
         `lagoon.tool_syntax.ToolSyntax`) as that family writes it: the name first, then arguments
         valid against the tool's `parameters` schema, made strict as OpenAI's strict function
@@ -78,7 +78,8 @@ class Constraint:
         copy the prompt's `"argument1": "value1"` example into a real call). Qwen3-Coder's XML and
         GLM / Laguna's `<arg_key>` calls write one parameter per tag pair, in the schema's order
         (required ones always, optional ones or not); a string parameter is free text (up to its
-        `maxLength`, one of its `enum`), any other is JSON for its schema."""
+        `maxLength`, one of its `enum`), any other is JSON for its schema. With `think` (the prompt
+        opened `<think>`), free reasoning and its `</think>` come first."""
         if not tools:
             raise BadRequestError("a required tool call needs at least one tool")
         rules, alts = [], []
@@ -97,6 +98,8 @@ class Constraint:
             start = f"start: {_lit(syntax.open_constraint)} ({body}) {_lit(syntax.close_constraint)}"
         else:
             start = f"start: {body}"
+        if think:
+            start = start.replace("start: ", f"start: {_text_value('THINK', {}, '</think>', rules)} ", 1)
         return cls("lark", "\n".join([start, *rules]), token_literals=True)
 
     def grammar(self, specials: Mapping[str, int] | None = None) -> str:

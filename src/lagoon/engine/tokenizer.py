@@ -32,7 +32,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from lagoon.cache_dir import cache_root
-from lagoon.errors import CheckpointError
+from lagoon.errors import BadRequestError, CheckpointError
 from lagoon.tool_calls import parse_tool_calls
 from lagoon.tool_syntax import HARMONY, ToolSyntax, syntax_for
 
@@ -145,13 +145,18 @@ class ChatFormat:
         keep_syntax_tokens(tokenizer, self.tool_syntax.tokens)
 
     def _prepare(
-        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Messages as the template gets them (tools folded into the system message when the
-        template ignores `tools`) and the template's keyword arguments."""
+        template ignores `tools`) and the template's keyword arguments (`template_kwargs`, e.g.
+        `enable_thinking`, are passed on: a request's `chat_template_kwargs`)."""
+        reserved = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template"} & set(template_kwargs or {})
+        if reserved:
+            raise BadRequestError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}; use the request's own fields")
         msgs = [out for m in messages
                 for out in _for_template(m, self.tool_syntax, self.template_takes_calls, self.arguments_as_text)]
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = dict(template_kwargs or {})
         if tools:
             if self.template_takes_tools:
                 kw["tools"] = list(tools)
@@ -164,22 +169,25 @@ class ChatFormat:
                     msgs.insert(0, {"role": "system", "content": note})
         return msgs, kw
 
-    def render(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> str:
-        msgs, kw = self._prepare(messages, tools)
+    def render(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+               template_kwargs: Mapping[str, Any] | None = None) -> str:
+        msgs, kw = self._prepare(messages, tools, template_kwargs)
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
 
-    def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
-        return list(self.tok.encode(self.render(messages, tools), add_special_tokens=False))
+    def encode(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+               template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+        return list(self.tok.encode(self.render(messages, tools, template_kwargs), add_special_tokens=False))
 
     def render_spans(
-        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[str, list[tuple[int, int, str]]]:
         """The rendered prompt and, per rendered message, its character span ``(start, end, role)``.
 
         A message's span is what rendering it adds to the rendering of the messages before it
         (role header included). Where the template is not prefix-stable (it rewrites earlier turns),
         the span falls back to where the message's content occurs in the text, searched in order."""
-        msgs, kw = self._prepare(messages, tools)
+        msgs, kw = self._prepare(messages, tools, template_kwargs)
         text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
         spans: list[tuple[int, int, str]] = []
         prev = 0
@@ -199,12 +207,13 @@ class ChatFormat:
         return text, spans
 
     def encode_with_roles(
-        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None, suffix: str = ""
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None, suffix: str = "",
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[list[int], list[str | None]]:
         """Prompt ids (the rendered chat + `suffix`) and, per token, the role of the message it came
         from (None for text outside every message: the generation prompt, `suffix`). A token that
         straddles two spans takes the role where it starts."""
-        text, spans = self.render_spans(messages, tools)
+        text, spans = self.render_spans(messages, tools, template_kwargs)
         text += suffix
         try:
             enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)

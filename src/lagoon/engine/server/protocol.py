@@ -111,6 +111,7 @@ class ChatCompletionRequest(_Req):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: dict[str, Any] | None = None  # passed to the chat template (vLLM's extension)
 
     @property
     def logprob_count(self) -> int | None:

@@ -150,6 +150,7 @@ class OpenAIServing:
         """Prompt ids, their token types (by source message: `Engine.chat_prompt_typed`) and the
         output constraint (None when the output is free)."""
         tools = self._tools(req)
+        forced = None
         if req.tool_choice in ("required",) or isinstance(req.tool_choice, dict):
             if not tools:
                 raise BadRequestError("tool_choice asks for a tool call but the request has no tools")
@@ -161,14 +162,29 @@ class OpenAIServing:
                 forced = [t for t in tools if (t.get("function") or t).get("name") == name]
                 if not forced:
                     raise BadRequestError(f"tool_choice names {name!r}, which is not in tools")
-            constraint: Constraint | None = Constraint.tool_call(forced, self.engine.chat_format.tool_syntax)
-        else:
-            constraint = _output_constraint(req)
-        ids, types = self.engine.chat_prompt_typed(req.messages, tools)
-        return ids, types, constraint
+        if req.chat_template_kwargs:  # e.g. enable_thinking: the template's own switches
+            from lagoon.quant.policy import types_for_roles
 
-    def _message(self, text: str, tools: list[dict[str, Any]] | None) -> tuple[dict[str, Any], str | None]:
-        reasoning, text = split_reasoning(text)  # <think>…</think> / harmony analysis: not the answer
+            ids, roles = self.engine.chat_format.encode_with_roles(req.messages, tools,
+                                                                   template_kwargs=req.chat_template_kwargs)
+            types = types_for_roles(roles)
+        else:
+            ids, types = self.engine.chat_prompt_typed(req.messages, tools)
+        if forced is None:
+            return ids, types, _output_constraint(req)
+        # a template that opened <think> gets the reasoning closed before the forced call
+        think = self._opens_reasoning(ids)
+        return ids, types, Constraint.tool_call(forced, self.engine.chat_format.tool_syntax, think=think)
+
+    def _opens_reasoning(self, ids: list[int]) -> bool:
+        """The prompt ends with `<think>`: the template opened the reasoning the reply starts in."""
+        return self.engine.decode(ids[-8:]).rstrip().endswith("<think>")
+
+    def _message(self, text: str, tools: list[dict[str, Any]] | None, opened: bool = False) -> tuple[dict[str, Any], str | None]:
+        if opened and "</think>" not in text:  # the template opened <think> and the reply never closed it
+            reasoning, text = text.strip() or None, ""
+        else:
+            reasoning, text = split_reasoning(text)  # <think>…</think> / harmony analysis: not the answer
         msg: dict[str, Any] = {"role": "assistant", "content": text}
         if reasoning is not None:
             msg["reasoning_content"] = reasoning
@@ -204,7 +220,7 @@ class OpenAIServing:
         finally:
             r.cancel()
         self._observe("chat", stream, len(ids))
-        msg, finish = self._message(text, self._tools(req))
+        msg, finish = self._message(text, self._tools(req), self._opens_reasoning(ids))
         return {
             "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": self.model_name,
             "choices": [{"index": 0, "message": msg, "finish_reason": finish or stream.finish_reason,
@@ -229,7 +245,7 @@ class OpenAIServing:
                     yield sse(chunk(rid, model, created, {"content": item}))
 
         # a reply opening with <think>, or whose template opened it, streams that as reasoning_content
-        thinking = ReasoningStream(opened=self.engine.decode(ids[-8:]).rstrip().endswith("<think>"))
+        thinking = ReasoningStream(opened=self._opens_reasoning(ids))
 
         def split(piece: str, final: bool = False) -> Any:
             for kind, text in thinking.feed(piece, final):
