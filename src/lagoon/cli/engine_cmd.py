@@ -63,12 +63,17 @@ def serve(
         require(module, "lagoon serve")
     from lagoon.engine.engine import engine_from_config
     from lagoon.engine.server import serve as run
+    from lagoon.errors import CheckpointError
     from lagoon.telemetry import Telemetry
 
     cfg = load(config)
     engine = engine_from_config(cfg, model=model, precision=precision)
     try:
         typer.echo(f"serving {engine.name} on http://{host or cfg.server.host}:{port or cfg.server.port}/v1", err=True)
+        try:  # built now, before any grammar: it keeps the family's syntax tokens in decoded text
+            typer.echo(f"tool calls in the {engine.chat_format.tool_syntax.name} syntax (from the chat template)", err=True)
+        except CheckpointError:
+            typer.echo("no chat template: /v1/completions only", err=True)
         run(engine, cfg.server, Telemetry(cfg.telemetry), host=host, port=port)
     finally:
         engine.close()
