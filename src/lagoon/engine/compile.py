@@ -1,23 +1,32 @@
 """`DecodeStep`: the scheduler's decode forward (one new token per sequence), compiled from outside.
 
-The model stays the plain `Transformer`; this module wraps its forward for T = 1 with
-`torch.compile` (inductor, `fullgraph=True`), gpt-fast style:
+The model stays the plain `Transformer`; this module compiles `_decode(model, cache, tokens, pos)`
+(its forward for T = 1) with dynamo's ahead-of-time API (`torch.compile(...).aot_compile`,
+inductor, full graph), gpt-fast style:
 
-- two graphs: batch 1 (static, what an agent runs) and batch 2+ (the batch dimension marked dynamic,
-  what a server decoding several requests together runs); in both the attended length S is marked
-  dynamic, so one graph serves every position. Batch 1 is compiled when the engine starts
-  (`warm_up`), batch 2+ on first use (one stall, announced on the terminal, cached for later
-  starts). The warm-up writes only the cache's scratch row / block;
-- the KV cache writes are in-place `index_put_` on one tensor per layer, which inductor keeps in
-  place; the cache's bookkeeping (rows, block tables, mask) runs eagerly in `cache.prepare`;
-- compiled artefacts (inductor's FX-graph and kernel caches) live under
-  ``~/.cache/lagoon/compile/<key>``, the key hashing torch's version, the CPU's vector ISA and the
-  model's tensor names / shapes / dtypes, so a second start loads them instead of compiling;
-- any failure (tracing, compiling, loading a corrupt cache entry) is logged with its reason, the
-  cache entry is cleared, and that graph's batches run eagerly from then on: never worse than eager.
+- two graphs: batch 1 (static, what an agent runs) and batch 2+ (the batch dimension dynamic in
+  2..`max_batch`, what a server decoding several requests together runs); in both the attended
+  length S is dynamic, so one graph serves every position. Batch 1 is made ready when the engine
+  starts (`warm_up`), batch 2+ on first use. The warm-up writes only the cache's scratch row / block;
+- the model and the cache are *arguments* of the compiled function, so weights and KV tensors are
+  read from them on every call (never baked into the artefact) and the KV writes are in-place
+  `index_put_` on one tensor per layer; the cache's bookkeeping (rows, block tables, mask) runs
+  eagerly in `cache.prepare`;
+- each graph is saved whole (dynamo's guards and bytecode plus inductor's code) to
+  ``~/.cache/lagoon/compile/<key>/step-b{1,2}.bin``, inductor's kernel libraries beside it; the
+  key hashes torch's version, the CPU's vector ISA, the device, the thread count and the model's
+  tensor names / shapes / dtypes. A second start loads the file: no re-tracing (a cold compile of SmolLM2-135M
+  takes ~60 s on 2 cores, loading ~1-2 s, see docs/architecture.md);
+- the guards are evaluated on a graph's first call in the process and then switched off (dynamo's
+  per-call guard evaluation cost ~0.8 ms of a ~11 ms step): `__call__` itself routes each batch
+  to the graph whose shapes it was compiled for, under `no_grad`, with the same model and cache;
+- a cache entry that fails to load or whose guards fail is logged, deleted and compiled afresh;
+  any compile failure is logged with its reason, the entry is cleared, and that graph's batches
+  run eagerly from then on: never worse than eager.
 
-`LAGOON_CACHE_DIR` moves the cache root. This module is *not* a scheduler (see `generate`) and
-does not choose kernels (see `lagoon.engine.kernels`).
+On a CUDA device the same path asks inductor for CUDA graphs (``triton.cudagraphs``); that branch
+is untested (no GPU was available). `LAGOON_CACHE_DIR` moves the cache root. This module is *not*
+a scheduler (see `generate`) and does not choose kernels (see `lagoon.engine.kernels`).
 """
 
 from __future__ import annotations
@@ -40,8 +49,15 @@ __all__ = ["DecodeStep", "cache_root", "compile_key", "compile_enabled"]
 
 log = logging.getLogger("lagoon.engine")
 
-# round bf16 intermediates where eager rounds them, so greedy tokens match the eager model's
-_INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
+FORMAT = "aot-1"  # bump when what is saved per entry changes: old entries are then never read
+
+
+def _inductor_options(device: torch.device) -> dict:
+    # round bf16 intermediates where eager rounds them, so greedy tokens match the eager model's
+    opts: dict = {"emulate_precision_casts": True}
+    if device.type == "cuda":  # untested: replay the step as one CUDA graph
+        opts["triton.cudagraphs"] = True
+    return opts
 
 
 def cache_root() -> Path:
@@ -57,10 +73,14 @@ def compile_enabled(config) -> bool:
     return os.environ.get("LAGOON_COMPILE", "1").strip() not in ("0", "false", "off", "no")
 
 
-def compile_key(model: torch.nn.Module, device: torch.device) -> str:
-    """Hash of what a compiled step depends on: torch, CPU ISA / device, the model's tensors."""
+def compile_key(model: torch.nn.Module, device: torch.device, layout: str = "") -> str:
+    """Hash of what a compiled step depends on: torch, CPU ISA / device, the thread count (inductor
+    bakes it into its kernels and dynamo guards on it), the model's tensors and `layout` (the KV
+    cache's tensors, whose shapes the graph is specialized on: see `_cache_layout`)."""
     h = hashlib.sha256()
-    h.update(f"{torch.__version__}|{cpu_isa()}|{device}|{type(model).__name__}".encode())
+    h.update(f"{FORMAT}|{torch.__version__}|{cpu_isa()}|{device}|{torch.get_num_threads()}|{type(model).__name__}".encode())
+    h.update(repr(sorted(_inductor_options(device).items())).encode())
+    h.update(layout.encode())
     for name, t in _tensors(model):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
     for name, mod in model.named_modules():
@@ -71,6 +91,21 @@ def compile_key(model: torch.nn.Module, device: torch.device) -> str:
 def _tensors(model: torch.nn.Module):
     yield from model.named_parameters()
     yield from model.named_buffers()
+
+
+def _cache_layout(cache, max_batch: int) -> str:
+    # the graph is specialized on the KV tensors' shapes (max_seq_len, rows / blocks) and on the
+    # batch range: another engine.max_seq_len gets its own entry instead of failing the guards
+    parts = [type(cache).__name__, str(max_batch)]
+    for name in ("k", "v"):
+        ts = getattr(cache, name, None) or []
+        parts += [f"{name}:{len(ts)}"] + [f"{tuple(t.shape)}:{t.dtype}" for t in ts[:1]]
+    return "|".join(parts)
+
+
+def _decode(model: torch.nn.Module, cache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    # module level, model and cache as arguments: the saved artefact refers to neither
+    return model(tokens, pos, cache)[:, -1]  # [B, V]
 
 
 @contextlib.contextmanager
@@ -86,84 +121,172 @@ def _inductor_cache(path: Path):
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
 
 
+def _vec_isa() -> str:
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return str(pick_vec_isa())
+
+
+@contextlib.contextmanager
+def _trusted_vec_isa(recorded: str | None):
+    """Skip inductor's per-process ISA probe (a compile and a subprocess per ISA: ~1 s of a warm
+    start) when trusting the CPU's flags picks the ISA the entry was compiled with; else probe."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    if recorded is None or valid_vec_isa_list.cache_info().currsize:  # probed already in this process
+        yield
+        return
+    with config.patch({"cpp.vec_isa_ok": True}):
+        same = _vec_isa() == recorded
+    if not same:
+        valid_vec_isa_list.cache_clear()
+    yield
+
+
 class DecodeStep:
     """`step(seq_ids, tokens [B, 1], pos [B, 1]) -> logits [B, V]` over `cache` (prepared here).
 
-    `compile=False` runs the model eagerly (same cache calls). `progress` receives one line when a
-    graph (batch 1, batch 2+) compiles for the first time in this process (stderr by default)."""
+    `compile=False` runs the model eagerly (same cache calls). `max_batch` bounds the batch 2+
+    graph's dynamic batch dimension (larger batches run eagerly). `progress` receives one line when
+    a graph compiles (stderr by default)."""
 
     def __init__(
         self, model: torch.nn.Module, cache, *, max_batch: int, compile: bool = True,
         progress: Callable[[str], None] | None = None,
     ) -> None:
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.max_batch = model, cache, max_batch
         self.progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
         self.device = next(model.parameters()).device
         self.eager_reason: str | None = None if compile else "engine.compile is off"
-        self.compiled_buckets: set[int] = set()
+        self.compiled_buckets: set[int] = set()  # graphs ready (compiled or loaded) in this process
+        self.loaded_buckets: set[int] = set()  # ... of which loaded from the cache
         self._failed: dict[int, str] = {}
-        self._fn: Callable | None = None
-        self.cache_dir: Path | None = None
-        if compile:
-            self.cache_dir = cache_root() / "compile" / compile_key(model, self.device)
-            self._fn = torch.compile(self._forward, fullgraph=True, dynamic=False, options=_INDUCTOR_OPTIONS)
-
-    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens, pos, self.cache)[:, -1]  # [B, V]
+        self._fns: dict[int, Callable] = {}
+        self._checked: set[int] = set()
+        self.enabled = compile
+        self.cache_dir: Path | None = (
+            cache_root() / "compile" / compile_key(model, self.device, _cache_layout(cache, max_batch)) if compile else None)
 
     @property
     def compiled(self) -> bool:
-        return self._fn is not None and bool(self.compiled_buckets)
+        return self.enabled and bool(self.compiled_buckets)
 
     @staticmethod
     def bucket(n: int) -> int:
         """1 for a single sequence, 2 for the dynamic-batch graph."""
         return 1 if n == 1 else 2
 
-    def __call__(self, seq_ids: Sequence[int], tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def entry(self, b: int) -> Path:
+        """The saved graph for bucket `b`."""
+        return self.cache_dir / f"step-b{b}.bin"
+
+    def _eager(self, seq_ids: Sequence[int | None], tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.cache.prepare(list(seq_ids), pos)
+        return self.model(tokens, pos, self.cache)[:, -1]
+
+    def __call__(self, seq_ids: Sequence[int | None], tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         n = len(seq_ids)
         b = self.bucket(n)
-        if self._fn is None or b in self._failed:
-            self.cache.prepare(list(seq_ids), pos)
-            return self.model(tokens, pos, self.cache)[:, -1]
+        if not self.enabled or b in self._failed or n > self.max_batch:
+            return self._eager(seq_ids, tokens, pos)
+        fn = self._fns.get(b)
+        if fn is None:
+            fn = self._ready(b, seq_ids, tokens, pos)
+            if fn is None:
+                return self._eager(seq_ids, tokens, pos)
+        self.cache.prepare(list(seq_ids), pos, static=True)
+        with torch.no_grad():  # grad mode is part of the graph's guards
+            if b not in self._checked:  # the first call checks every guard, then they are off
+                if not fn.guard_check(self.model, self.cache, tokens, pos):
+                    return self._stale(b, seq_ids, tokens, pos)
+                fn.disable_guard_check()
+                self._checked.add(b)
+            return fn(self.model, self.cache, tokens, pos)
+
+    def _stale(self, b: int, seq_ids, tokens, pos) -> torch.Tensor:
+        """A loaded entry whose guards fail (another model or cache layout under the same key):
+        delete it and compile afresh; a graph compiled here that fails its guards runs eagerly."""
+        fresh = b not in self.loaded_buckets
+        self._fns.pop(b, None)
+        self.compiled_buckets.discard(b)
+        self.loaded_buckets.discard(b)
+        if fresh:
+            return self._fail(b, "the compiled graph's guards reject this step", seq_ids, tokens, pos)
+        log.warning("cached decode step %s does not fit this model (guards fail); compiling it afresh", self.entry(b))
+        self.entry(b).unlink(missing_ok=True)
+        return self(seq_ids, tokens, pos)
+
+    def _fail(self, b: int, reason: str, seq_ids, tokens, pos) -> torch.Tensor:
+        self._failed[b] = reason
+        self.eager_reason = reason
+        log.warning("compiled decode step for batch %s failed (%s); running it eagerly and clearing %s",
+                    "1" if b == 1 else "2+", reason, self.cache_dir)
+        shutil.rmtree(self.cache_dir, ignore_errors=True)  # the next start compiles afresh
+        return self._eager(seq_ids, tokens, pos)
+
+    def _ready(self, b: int, seq_ids, tokens, pos) -> Callable | None:
+        """Load bucket `b`'s graph from the cache, else compile and save it; None (and eager from
+        then on, with the reason logged) when neither works."""
+        fn = None
+        if self.entry(b).is_file():
+            try:
+                fn = self._load(b)
+                self.loaded_buckets.add(b)
+            except Exception as exc:  # a corrupt or foreign entry: compile afresh
+                log.warning("cached decode step %s could not be loaded (%s); compiling it afresh",
+                            self.entry(b), _reason(exc))
+                self.entry(b).unlink(missing_ok=True)
+        if fn is None:
+            t0 = time.perf_counter()
+            self.progress(f"lagoon: compiling the decode step for batch {'1' if b == 1 else '2+'} "
+                          f"(first start is slow; cached in {self.cache_dir}) ...")
+            try:
+                fn = self._compile(b, seq_ids, tokens, pos)
+            except Exception as exc:  # any compile failure: eager for this bucket, say why
+                self._fail(b, _reason(exc), seq_ids, tokens, pos)
+                return None
+            self.progress(f"lagoon: decode step ready in {time.perf_counter() - t0:.1f} s")
+        self._fns[b] = fn
+        self.compiled_buckets.add(b)
+        return fn
+
+    def _load(self, b: int) -> Callable:
+        isa_file = self.cache_dir / "vec_isa"
+        recorded = isa_file.read_text().strip() if isa_file.is_file() else None
+        with _inductor_cache(self.cache_dir / "inductor"), _trusted_vec_isa(recorded), self.entry(b).open("rb") as f:
+            return torch.compiler.load_compiled_function(f)
+
+    def _compile(self, b: int, seq_ids, tokens: torch.Tensor, pos: torch.Tensor) -> Callable:
+        tokens, pos = tokens.clone(), pos.clone()  # marks stay off the caller's tensors
         self.cache.prepare(list(seq_ids), pos, static=True)
         for t in self.cache.bound_tensors():
             if t.dim() >= 2 and t.shape[-1] > 1:  # the attended length S (mask, block reads)
                 torch._dynamo.mark_dynamic(t, t.dim() - 1)
             if b > 1:  # rows, positions, mask, block tables: [B, ...]
-                torch._dynamo.mark_dynamic(t, 0)
+                torch._dynamo.mark_dynamic(t, 0, min=2, max=max(self.max_batch, 2))
         if b > 1:
-            torch._dynamo.mark_dynamic(tokens, 0)
-            torch._dynamo.mark_dynamic(pos, 0)
-        first = b not in self.compiled_buckets
-        t0 = time.perf_counter()
-        try:
-            if first:
-                self.progress(f"lagoon: compiling the decode step for batch {'1' if b == 1 else '2+'} (first start is slow; "
-                              f"cached in {self.cache_dir}) ...")
-            with _inductor_cache(self.cache_dir), torch.no_grad():  # grad mode is part of the graph's guards
-                out = self._fn(tokens, pos)
-        except Exception as exc:  # any compile/cached-artefact failure: eager for this bucket, say why
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            self._failed[b] = reason
-            self.eager_reason = reason
-            log.warning("compiled decode step for batch %s failed (%s); running it eagerly and clearing %s",
-                        "1" if b == 1 else "2+", reason, self.cache_dir)
-            shutil.rmtree(self.cache_dir, ignore_errors=True)  # the next start compiles afresh
-            self.cache.prepare(list(seq_ids), pos)
-            return self.model(tokens, pos, self.cache)[:, -1]
-        if first:
-            self.compiled_buckets.add(b)
-            self.progress(f"lagoon: decode step ready in {time.perf_counter() - t0:.1f} s")
-        return out
+            for t in (tokens, pos):
+                torch._dynamo.mark_dynamic(t, 0, min=2, max=max(self.max_batch, 2))
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with _inductor_cache(self.cache_dir / "inductor"), torch.no_grad():
+            fn = torch.compile(_decode, fullgraph=True, dynamic=False, options=_inductor_options(self.device))
+            compiled = fn.aot_compile(((self.model, self.cache, tokens, pos), {}))
+            if self.device.type == "cpu":
+                (self.cache_dir / "vec_isa").write_text(_vec_isa())
+            compiled.save_compiled_function(str(self.entry(b)))  # atomic: a temp file, then a rename
+        return compiled
 
     def warm_up(self, batch: int = 1) -> None:
-        """Compile (or load from the cache) the graph for `batch` now rather than on the first request."""
-        if self._fn is None:
+        """Load (or compile) the graph for `batch` now rather than on the first request."""
+        if not self.enabled:
             return
         seq_ids = [None] * batch
         tokens = torch.zeros(batch, 1, dtype=torch.int64)
-        pos = torch.zeros(batch, 1, dtype=torch.int64)
+        pos = torch.ones(batch, 1, dtype=torch.int64)  # S = 2, so S is traced as dynamic
         # padding slots (`None`) only: every write lands in the cache's scratch row / block
-        pos[:, 0] = 1  # S = 2, so the S dimension is traced as dynamic
         self(seq_ids, tokens, pos)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
