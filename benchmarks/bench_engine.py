@@ -41,19 +41,20 @@ def prompt_ids(engine, n: int) -> list[int]:
     return ids[:n]
 
 
-def start_s(precision: str, cache_dir: str, threads: int) -> float:
-    """Seconds for `load_model` (load + compile or cached compile + warm-up) in a fresh process."""
+def start_s(precision: str, cache_dir: str, threads: int) -> tuple[float, float]:
+    """Seconds for `load_model` (load + compile or cached compile + warm-up) in a fresh process, and
+    of those the decode step's own warm-up (compile, or load from the cache, plus its first call)."""
     code = ("import time; t = time.perf_counter()\n"
             f"import torch; torch.set_num_threads({threads})\n"
             "from lagoon.config import EngineSection\nfrom lagoon.engine import load_model\n"
             f"e = load_model('embedded', precision={precision!r}, config=EngineSection(compile=True, max_batch_size=8))\n"
-            "print('START', time.perf_counter() - t, e.step.compiled)\n")
+            "print('START', time.perf_counter() - t, e.step.warm_up_s, e.step.compiled)\n")
     env = {**os.environ, "LAGOON_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
     line = next((x for x in r.stdout.splitlines() if x.startswith("START")), None)
     if line is None:
         raise RuntimeError(f"start of {precision} failed: {r.stderr[-1500:]}")
-    return float(line.split()[1])
+    return float(line.split()[1]), float(line.split()[2])
 
 
 def lagoon_row(precision: str, compiled: bool, prompt: list[int], n_new: int, repeats: int) -> dict:
@@ -166,7 +167,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"Lagoon kernels {kernel_plan().describe()}, {threads} threads\nCPU flags: {' '.join(flags)}")
 
-    starts: dict[str, tuple[float, float]] = {}
+    starts: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {}
     if not a.no_starts:
         for precision in precisions[:2]:
             with tempfile.TemporaryDirectory() as tmp:
@@ -196,11 +197,13 @@ def main() -> None:
     ref = cpp or rows[-1]
     print(f"\nembedded SmolLM2-135M Q4_1, prompt {n_prompt} tokens, decode {n_new} tokens, {threads} threads; "
           f"ratios to {ref['name']}")
+    print("(start s: a fresh process's load_model, in brackets the decode step's own share)")
     print(f"{'engine':28} {'load s':>7} {'first start s':>14} {'warm start s':>13} {'prefill tok/s':>14} "
           f"{'decode tok/s':>13} {'prefill x':>10} {'decode x':>9}")
     for r in rows:
         st = next((v for k, v in starts.items() if r["name"].startswith(f"lagoon {k} compiled")), None)
-        first, warm = (f"{st[0]:14.1f}", f"{st[1]:13.1f}") if st else (f"{'-':>14}", f"{'-':>13}")
+        first, warm = ((f"{st[0][0]:.1f} ({st[0][1]:.1f})".rjust(14), f"{st[1][0]:.1f} ({st[1][1]:.1f})".rjust(13))
+                       if st else (f"{'-':>14}", f"{'-':>13}"))
         print(f"{r['name']:28} {r['load_s']:7.1f} {first} {warm} {r['prefill']:14.1f} {r['decode']:13.1f} "
               f"{r['prefill'] / ref['prefill']:10.2f} {r['decode'] / ref['decode']:9.2f}")
     if not cpp:

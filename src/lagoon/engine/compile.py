@@ -161,6 +161,8 @@ class DecodeStep:
         self.eager_reason: str | None = None if compile else "engine.compile is off"
         self.compiled_buckets: set[int] = set()  # graphs ready (compiled or loaded) in this process
         self.loaded_buckets: set[int] = set()  # ... of which loaded from the cache
+        self.ready_s: dict[int, float] = {}  # seconds each graph took to load or compile
+        self.warm_up_s = 0.0
         self._failed: dict[int, str] = {}
         self._fns: dict[int, Callable] = {}
         self._checked: set[int] = set()
@@ -228,7 +230,7 @@ class DecodeStep:
     def _ready(self, b: int, seq_ids, tokens, pos) -> Callable | None:
         """Load bucket `b`'s graph from the cache, else compile and save it; None (and eager from
         then on, with the reason logged) when neither works."""
-        fn = None
+        fn, t0 = None, time.perf_counter()
         if self.entry(b).is_file():
             try:
                 fn = self._load(b)
@@ -238,7 +240,6 @@ class DecodeStep:
                             self.entry(b), _reason(exc))
                 self.entry(b).unlink(missing_ok=True)
         if fn is None:
-            t0 = time.perf_counter()
             self.progress(f"lagoon: compiling the decode step for batch {'1' if b == 1 else '2+'} "
                           f"(first start is slow; cached in {self.cache_dir}) ...")
             try:
@@ -248,6 +249,7 @@ class DecodeStep:
                 return None
             self.progress(f"lagoon: decode step ready in {time.perf_counter() - t0:.1f} s")
         self._fns[b] = fn
+        self.ready_s[b] = time.perf_counter() - t0
         self.compiled_buckets.add(b)
         return fn
 
@@ -285,7 +287,9 @@ class DecodeStep:
         tokens = torch.zeros(batch, 1, dtype=torch.int64)
         pos = torch.ones(batch, 1, dtype=torch.int64)  # S = 2, so S is traced as dynamic
         # padding slots (`None`) only: every write lands in the cache's scratch row / block
+        t0 = time.perf_counter()
         self(seq_ids, tokens, pos)
+        self.warm_up_s = time.perf_counter() - t0  # load or compile, plus the first call
 
 
 def _reason(exc: BaseException) -> str:
