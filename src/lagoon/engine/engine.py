@@ -127,7 +127,7 @@ class Engine:
     @property
     def chat_format(self) -> ChatFormat:
         if self._chat is None:
-            self._chat = ChatFormat(self.tokenizer)
+            self._chat = ChatFormat(self.tokenizer, model_type=self.args.family)  # when the template names no syntax
         return self._chat
 
     def encode(self, text: str) -> list[int]:
