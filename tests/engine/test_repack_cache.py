@@ -191,3 +191,17 @@ def test_the_embedded_model_hits_bit_for_bit(tmp_path, monkeypatch):
     fresh = load_gguf(path, "native")
     assert entry_path(path, kernel_plan()).is_file()
     _assert_identical(fresh, load_gguf(path, "native"))
+
+
+@pytest.mark.parametrize("family", ["laguna", "deepseek_v3", "gpt_oss"])
+def test_model_args_round_trip_through_the_entry_metadata(tmp_path, family):
+    import json
+
+    from lagoon.engine.repack_cache import _decode, _encode
+    from lagoon.engine.tiny import save_tiny_model
+    from lagoon.model.args import ModelArgs
+
+    save_tiny_model(tmp_path / "m", family)  # per-layer specs, MLA, sinks and sliding windows
+    args = ModelArgs.from_folder(tmp_path / "m")
+    back = _decode(json.loads(json.dumps(_encode(args))))
+    assert back == args and back.extra == args.extra and back.layers == args.layers

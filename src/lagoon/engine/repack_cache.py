@@ -139,7 +139,8 @@ def store(path: str | Path, plan: KernelPlan, model: Transformer) -> Path | None
     try:
         args = model.args
         encoded = json.dumps(_encode(args))
-        if _decode(json.loads(encoded)) != args:
+        back = _decode(json.loads(encoded))
+        if back != args or back.extra != args.extra:  # `extra` is left out of ModelArgs' equality
             log.debug("%s: not cached (its ModelArgs do not round-trip through JSON)", path)
             return None
         tensors = dict(model.state_dict())
