@@ -7,6 +7,12 @@ start to a ready engine), load_model s, of which checkpoint s and tokenizer s, a
 
     .venv/bin/python benchmarks/bench_load.py [--repeats 3] [--threads N]
 
+Measured (2026-11-29, 2-core AVX-512 VM shared with other jobs, load average ~4.5, --threads 1),
+medians of 3: no repack cache: process 5.8 s, load_model 4.3, checkpoint 2.7, tokenizer 1.2; warm
+cache: process 4.5 s, load_model 3.0, checkpoint 1.3 (0.10-0.17 s when torch._dynamo is already
+imported: building the model on the meta device imports it), tokenizer 1.2. Main before the repack
+cache and the quick GGUF header reader, same run: process 8.6 s, load_model 6.9, checkpoint 5.4.
+
 The tokenizer cache is filled once before timing (its first conversion takes ~20 s and is not what
 this measures); the repack cache lives in a temporary `LAGOON_CACHE_DIR` that this run removes.
 """
