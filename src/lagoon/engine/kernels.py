@@ -10,11 +10,13 @@ machine with torch's AVX-512 kernels and then forced to its AVX2 kernels (``ATEN
 so on AVX-512 a 4-bit GGUF linear stays 4-bit (`_weight_int4pack_mm_for_cpu`, exact for Q4_0 /
 Q4_1 / Q4_K) and on AVX2 it is re-quantized once to int8 per output channel (`_weight_int8pack_mm`,
 about a third faster there, at twice the bytes). A Q8_0 linear runs exactly (up to bf16 scales) on
-AVX-512 as two int4 passes over its codes' nibbles (`gguf_linear.Q8Linear`: ~1.6x int8pack's time,
-still faster than bf16; 92 vs 54-63 vs 130+ us on the shape above, measured on a busy machine), and
-on AVX2, where int4pack is the slower kernel, re-quantized to int8 per channel. The output
-projection (tied to a Q8_0 embedding in most small GGUFs) runs int8 everywhere: 1.3-1.5 ms against
-3.2 ms in bf16 for a 49152x576 head.
+AVX-512 as two int4 passes over its codes' nibbles (`gguf_linear.Q8Linear`): ~1.9x int8pack's time
+and about bf16's (1 thread, M = 1: 576x1536 104 / 54 / 108 us, 4096² 1.69 / 0.92 / 2.0 ms) at half
+bf16's bytes, because re-quantizing per channel would add ~0.8% relative weight error on top of
+Q8_0's own ~0.55% (llama.cpp's Q8_0 tensors of the embedded model). On AVX2, where int4pack is the
+slower kernel, Q8_0 is re-quantized to int8 per channel. The output projection (tied to a Q8_0
+embedding in most small GGUFs) runs int8 everywhere: 1.3-1.5 ms against 3.2 ms in bf16 for a
+49152x576 head.
 
 `LAGOON_CPU_ISA` (``avx512`` | ``avx2`` | ``default``) forces the choice, so the AVX2 plan can be run
 and tested on an AVX-512 machine (set ``ATEN_CPU_CAPABILITY=avx2`` too to make torch's own kernels

@@ -122,8 +122,7 @@ def _swaps(model: nn.Module) -> dict[str, str] | None:
             return None
     expected = {k for k in fresh.state_dict() if k.rpartition(".")[0] not in swaps}
     for name in swaps:
-        expected |= {f"{name}.{b}" for b, t in model.get_submodule(name).named_buffers(recurse=False)
-                     if t is not None and b != "dense"}
+        expected |= {f"{name}.{b}" for b in model.get_submodule(name).state_dict()}
     return swaps if set(model.state_dict()) == expected else None
 
 
