@@ -157,7 +157,7 @@ def store(path: str | Path, plan: KernelPlan, model: Transformer) -> Path | None
             _write_aligned(tmp, tensors, {_META: json.dumps(meta)})
         _prune(target)
         return target
-    except (OSError, RuntimeError, TypeError, ValueError) as exc:
+    except (OSError, RuntimeError, TypeError, ValueError, KeyError) as exc:  # KeyError: a dtype safetensors lacks
         log.warning("could not write the repack cache for %s (%s); the next load repacks again", path, exc)
         return None
 
