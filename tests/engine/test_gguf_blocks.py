@@ -11,7 +11,8 @@ import torch
 from lagoon.engine.gguf_blocks import INT8_KINDS, dequant_q4_k, q4_k_fields, q8_0_fields
 from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q8Linear
 
-_SCALE_AT = {"Q4_K": (0, 4), "Q6_K": (208, 210)}  # byte range of the f16 scale(s) in a block
+_SCALE_AT = {"Q4_K": (0, 4), "Q6_K": (208, 210), "Q2_K": (80, 84), "Q3_K": (108, 110), "Q5_K": (0, 4)}
+"""Byte range of the f16 scale(s) in a block of the kinds the gguf package cannot quantize."""
 
 
 def _random_blocks(kind: str, n_weights: int, rng: np.random.Generator, std: float = 1.0) -> np.ndarray:
@@ -24,7 +25,7 @@ def _random_blocks(kind: str, n_weights: int, rng: np.random.Generator, std: flo
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     b = rng.integers(0, 256, (n_weights // block, size), dtype=np.uint8)  # random codes, scales, mins
     lo, hi = _SCALE_AT[kind]
-    unit = {"Q4_K": 4e-3, "Q6_K": 7.5e-4}[kind]  # d (and dmin) for weights of about 1
+    unit = {"Q4_K": 4e-3, "Q6_K": 7.5e-4, "Q2_K": 4e-2, "Q3_K": 1e-2, "Q5_K": 2e-3}[kind]  # d, dmin: weights of ~1
     f16 = (std * unit * rng.uniform(0.5, 1.5, (b.shape[0], (hi - lo) // 2))).astype(np.float16)
     b[:, lo:hi] = f16.view(np.uint8)
     return b.reshape(-1)
@@ -120,7 +121,8 @@ def _write_gguf(path, kinds: dict[str, str], dim: int = 256, ffn: int = 512, voc
 
 MIXED = {"attn_q": "Q4_K", "attn_k": "Q6_K", "attn_v": "Q8_0", "attn_output": "Q5_0",
          "ffn_gate": "Q4_K", "ffn_up": "Q5_1", "ffn_down": "Q6_K"}
-QWEN2 = {**MIXED, "attn_q": "Q4_0", "attn_k": "Q8_0", "attn_v": "Q6_K"}  # every biased kind of layer
+QWEN2 = {"attn_q": "Q4_0", "attn_k": "Q8_0", "attn_v": "Q6_K", "attn_output": "Q2_K",  # q/k/v: biased
+         "ffn_gate": "Q4_K", "ffn_up": "Q5_K", "ffn_down": "Q3_K"}
 _ATTR = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
          "ffn_down": "mlp.down_proj"}

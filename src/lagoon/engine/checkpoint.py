@@ -10,10 +10,11 @@ rows permuted for interleaved RoPE, which is undone here so one model file serve
 checkpoint's stored dtype and runs a GGUF at its own bit width where torch has the kernel: Q4_0 /
 Q4_1 / Q4_K linears become `gguf_linear.Q4_1Linear` (torch's CPU int4 layout, exact; see
 `gguf_blocks`) and Q8_0 linears `gguf_linear.Q8Linear` (two int4 passes, exact) or, where the CPU
-runs int8 faster (`lagoon.engine.kernels`), `gguf_linear.Int8Linear`; Q5_0 / Q5_1 / Q6_K linears,
-and a quantized output head (or the Q8_0 embedding it is tied to), run int8 per channel; everything else runs dequantized in bf16. A `native` GGUF load is cached
-repacked (`lagoon.engine.repack_cache`) and memory-mapped from there next time. This module does
-*not* download anything.
+runs int8 faster (`lagoon.engine.kernels`), `gguf_linear.Int8Linear`; Q5_0 / Q5_1 / Q2_K / Q3_K /
+Q5_K / Q6_K linears (`gguf_blocks.INT8_KINDS`), and a quantized output head (or the Q8_0 embedding
+it is tied to), run int8 per channel; everything else runs dequantized in bf16. A `native` GGUF load
+is cached repacked (`lagoon.engine.repack_cache`) and memory-mapped from there next time. This
+module does *not* download anything.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ of a row, so `gguf_linear.Q4_1Linear` runs them on torch's int4 kernel (group 32
 Q8_0 (w = d·q, q int8, blocks of 32) becomes fields (d, q) that `gguf_linear.Q8Linear` runs exactly
 as two int4 passes over the nibbles of q + 128 (on AVX-512; `lagoon.engine.kernels`).
 `_weight_int8pack_mm` takes one scale per output channel while these files scale every block of 16
-or 32 weights, so the other wider formats (Q5_0, Q5_1, Q6_K; Q8_0 on AVX2) run re-quantized to int8
-per output channel from their dequantized values (`INT8_KINDS`), which costs at most half of that
+or 32 weights, so the other formats (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, Q6_K; Q8_0 on AVX2) run
+re-quantized to int8 per output channel from their dequantized values (`INT8_KINDS`; the 2-3-bit
+K-quants too: int8 is the faster kernel than a bf16 copy), which costs at most half of that
 channel's int8 step (max|w_row| / 254) on top of the file's own rounding: about a quarter of Q5's
 own step and half of Q6_K's, but about Q8_0's whole step (measured: +0.8% relative weight error on
 Q8_0's own 0.55%, hence Q8Linear at about twice int8's decode time; Q6_K's 16-weight sub-blocks fit
@@ -30,7 +31,7 @@ __all__ = ["q4_k_fields", "dequant_q4_k", "q8_0_fields", "INT8_KINDS", "QK_K"]
 
 QK_K = 256
 _Q4_K_BYTES = 2 + 2 + 12 + QK_K // 2  # f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
-INT8_KINDS = ("Q5_0", "Q5_1", "Q6_K", "Q8_0")
+INT8_KINDS = ("Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q5_K", "Q6_K")
 """GGUF types whose linears run re-quantized to int8 per output channel at `native` precision."""
 
 
