@@ -91,35 +91,47 @@ def test_compiled_step_matches_eager(cache_dir, paged):
     assert step2.loaded_buckets == {1, 2} and _close(got2, ref2)
 
 
+_EDITED = """
+from lagoon.model.transformer import Transformer
+
+
+class Edited(Transformer):
+    def forward(self, tokens, input_pos=None, cache=None, **kw):
+        return super().forward(tokens, input_pos, cache, **kw){tail}
+"""
+
+
 @pytest.mark.slow
-def test_corrupt_or_foreign_entries_are_compiled_afresh(cache_dir, caplog):
-    """An entry that does not unpickle, and a valid entry of another cache layout whose guards
-    fail, are each logged, replaced by a fresh compile, and the answers stay the eager ones."""
-    m = _model()
+def test_corrupt_or_edited_entries_are_compiled_afresh(cache_dir, tmp_path, monkeypatch, caplog):
+    """An entry that does not unpickle, and an entry traced through a model file edited since, are
+    each logged, replaced by a fresh compile, and the answers stay the eager ones."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = tmp_path / "lagoon_edited_model.py"
+    src.write_text(_EDITED.format(tail=""))
+    mod = importlib.import_module("lagoon_edited_model")
+    m = mod.Edited(ARGS).eval()
+    m.load_state_dict(_model().state_dict())
     prompts = [[5, 9, 2, 7, 1, 3]]
     with torch.no_grad():
         ref, step, got = _eager_and_compiled(m, True, prompts, 4)
-        assert _close(got, ref)
+        assert _close(got, ref) and not step.loaded_buckets
         step.entry(1).write_bytes(b"\x00garbage")
         with caplog.at_level(logging.WARNING, logger="lagoon.engine"):
             _, step, got = _eager_and_compiled(m, True, prompts, 4)
         assert "could not be loaded" in caplog.text and not step.loaded_buckets and _close(got, ref)
-        foreign = step.entry(1).read_bytes()
-        # another max_seq_len: its own key; plant the 64-position graph there
-        kw = dict(paged=True, max_batch=4, max_seq_len=48, dtype=torch.float32, block_size=8)
-        ref_cache = make_cache(ARGS, **kw)
-        ref = _run(DecodeStep(m, ref_cache, max_batch=4, compile=False), ref_cache, prompts, 4)
-        cache = make_cache(ARGS, **kw)
-        other = DecodeStep(m, cache, max_batch=4, compile=True, progress=lambda line: None)
-        assert other.cache_dir != step.cache_dir
-        other.cache_dir.mkdir(parents=True)
-        other.entry(1).write_bytes(foreign)
+        _, step, _ = _eager_and_compiled(m, True, prompts, 1)
+        assert step.loaded_buckets == {1}  # the recompiled entry loads
+        src.write_text(_EDITED.format(tail="  # edited"))  # same lines, other text
+        importlib.reload(mod)
+        m2 = mod.Edited(ARGS).eval()
+        m2.load_state_dict(m.state_dict())
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="lagoon.engine"):
-            other.warm_up()
-            got = _run(other, cache, prompts, 4)
-    assert "guards fail" in caplog.text and other.compiled and not other.loaded_buckets
-    assert _close(got, ref) and other.entry(1).read_bytes() != foreign
+            _, step, got = _eager_and_compiled(m2, True, prompts, 4)
+    assert "traced source changed" in caplog.text and "lagoon_edited_model" in caplog.text
+    assert not step.loaded_buckets and step.compiled and _close(got, ref)
 
 
 def test_batches_beyond_max_batch_run_eagerly(cache_dir):
