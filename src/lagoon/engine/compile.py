@@ -27,8 +27,10 @@ inductor, full graph), gpt-fast style:
   afresh; any compile failure is logged with its reason, the entry is cleared, and that graph's
   batches run eagerly from then on: never worse than eager.
 
-On a CUDA device the same path asks inductor for CUDA graphs (``triton.cudagraphs``); that branch
-is untested (no GPU was available). `LAGOON_CACHE_DIR` moves the cache root. This module is *not*
+On a CUDA device the same path asks inductor for CUDA graphs (``triton.cudagraphs``, the KV tensors
+marked as static addresses); that branch is untested (no GPU was available), and with S dynamic
+inductor may skip CUDA graphs for the step (`cudagraph_skip_dynamic_graphs`): a CUDA variant that
+attends over a fixed length is not built. `LAGOON_CACHE_DIR` moves the cache root. This module is *not*
 a scheduler (see `generate`) and does not choose kernels (see `lagoon.engine.kernels`).
 """
 
@@ -46,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from lagoon.cache_dir import cache_root
 from lagoon.engine.kernels import cpu_isa
 
 __all__ = ["DecodeStep", "cache_root", "compile_key", "compile_enabled"]
@@ -64,12 +67,6 @@ def _inductor_options(device: torch.device) -> dict:
     if device.type == "cuda":  # untested: replay the step as one CUDA graph
         opts["triton.cudagraphs"] = True
     return opts
-
-
-def cache_root() -> Path:
-    """Where Lagoon keeps compiled and repacked artefacts (`LAGOON_CACHE_DIR`, else ~/.cache/lagoon)."""
-    env = os.environ.get("LAGOON_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "lagoon"
 
 
 def compile_enabled(config) -> bool:
@@ -275,6 +272,9 @@ class DecodeStep:
         if b > 1:
             for t in (tokens, pos):
                 torch._dynamo.mark_dynamic(t, 0, min=2, max=max(self.max_batch, 2))
+        if self.device.type == "cuda":  # untested: CUDA graphs replay only over fixed KV addresses
+            for t in [*getattr(self.cache, "k", ()), *getattr(self.cache, "v", ())]:
+                torch._dynamo.mark_static_address(t)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with _inductor_cache(self.cache_dir / "inductor"), torch.no_grad():
             fn = torch.compile(_decode, fullgraph=True, dynamic=False, options=_inductor_options(self.device))
