@@ -36,8 +36,9 @@ decode step, `lagoon.engine.compile`) or when ``static_path`` is set, ``forward`
 do not depend on the routing: `Router.route_static` (k slots, quarantine as a mask), the experts'
 ``gathered`` (each slot reads only its chosen expert's weights: llama.cpp's mul_mat_id), capacity
 drops ranked in-graph, and the statistics a call produces accumulated in buffers
-(``static_counts`` [E], ``static_calls``, ``static_dropped``, ``static_nonfinite`` [E]) instead of
-Python state. `drain_static` (called by `MoeRuntime.step` between scheduler steps) moves them into
+(one buffer, ``static_stats`` [2E + 2]: routed slots per expert, non-finite outputs per expert,
+calls, dropped slots) instead of Python state. `MoeRuntime.step` reads every block's buffer in one
+host transfer between scheduler steps and `apply_static` (or `drain_static`, one block) moves them into
 the router's window (one window step per drain), ``last_counts`` / ``dropped_total`` and the load
 monitor, and quarantines experts that emitted non-finite values. Unlike the eager path, which
 re-routes the call at once, a non-finite slot in a static call contributes zero for that call (the
@@ -143,10 +144,8 @@ class SparseMoE(nn.Module):
         self.check_finite = False
         self.static_path = False  # run the static (compiled-decode) path eagerly: tests, benchmarks
         # in-graph statistics of static calls since the last drain_static (runtime state, not checkpoint data)
-        self.register_buffer("static_counts", torch.zeros(num_experts, dtype=torch.int64), persistent=False)  # [E]
-        self.register_buffer("static_calls", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.register_buffer("static_dropped", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.register_buffer("static_nonfinite", torch.zeros(num_experts, dtype=torch.int64), persistent=False)  # [E]
+        # [E] routed slots per expert | [E] non-finite outputs per expert | calls | dropped slots
+        self.register_buffer("static_stats", torch.zeros(2 * num_experts + 2, dtype=torch.int64), persistent=False)
         self.register_load_state_dict_pre_hook(_rename_hf_keys)
 
     @property
@@ -192,40 +191,51 @@ class SparseMoE(nn.Module):
         # T = tokens, k = top_k, E = experts, H = hidden
         routing = self.router.route_static(x2)
         idx, valid = routing.indices, routing.valid  # [T, k]
+        flat = idx.reshape(-1)  # [T*k]
         keep = valid
+        dropped = torch.zeros(1, dtype=torch.int64, device=x2.device)
         if self.capacity_factor is not None:
             keep = valid & static_capacity_keep(idx, valid, self.num_experts, self.capacity_factor)
-            self.static_dropped.add_((valid & ~keep).sum())
+            dropped = (valid & ~keep).sum().view(1)
         ys = self.experts.gathered(x2, idx)  # [T, k, H] fp32
+        nonfinite = torch.zeros(self.num_experts, dtype=torch.int64, device=x2.device)  # [E]
         if self.check_finite:
             bad = keep & ~torch.isfinite(ys).all(-1) & torch.isfinite(x2).all(-1, keepdim=True)  # [T, k]
-            self.static_nonfinite.scatter_add_(0, idx.reshape(-1), bad.reshape(-1).long())
+            nonfinite = nonfinite.scatter_add(0, flat, bad.reshape(-1).long())
             keep = keep & ~bad
         # where, not a product: an unused slot's expert may be a quarantined one emitting NaN
         y = torch.where(keep.unsqueeze(-1), ys * routing.weights.unsqueeze(-1).float(), 0.0).sum(dim=1)  # [T, H]
-        self.static_counts.scatter_add_(0, idx.reshape(-1), valid.reshape(-1).long())
-        self.static_calls.add_(1)
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x2.device).scatter_add(0, flat, valid.reshape(-1).long())
+        self.static_stats.add_(torch.cat([counts, nonfinite, torch.ones_like(dropped), dropped]))  # one in-place update
         return y.to(x2.dtype)
 
     @torch.no_grad()
     def reset_static(self) -> None:
-        """Zero the static-call statistics (in place: a compiled step holds these tensors)."""
-        for t in (self.static_counts, self.static_calls, self.static_dropped, self.static_nonfinite):
-            if not t.is_meta:
-                t.zero_()
+        """Zero the static-call statistics (in place: a compiled step holds the buffer)."""
+        if not self.static_stats.is_meta:
+            self.static_stats.zero_()
 
     @torch.no_grad()
     def drain_static(self) -> tuple[torch.Tensor, int] | None:
-        """Move the static calls' statistics into the router window, ``last_counts``, ``dropped_total``
-        and quarantine; returns (counts [E], dropped) for the load monitor, or None after no static call."""
-        if self.static_calls.is_meta or not int(self.static_calls):
+        """Read, zero and `apply_static` this block's static-call statistics."""
+        if self.static_stats.is_meta:
             return None
-        counts, dropped = self.static_counts.cpu().clone(), int(self.static_dropped)
-        bad = self.static_nonfinite.nonzero().flatten().tolist()
+        row = self.static_stats.tolist()
         self.reset_static()
+        return self.apply_static(row)
+
+    def apply_static(self, row: list[int]) -> tuple[torch.Tensor, int] | None:
+        """Move one read of ``static_stats`` into the router window (one window step), ``last_counts``,
+        ``dropped_total`` and quarantine; returns (counts [E], dropped) for the load monitor, or None
+        when no static call ran."""
+        e = self.num_experts
+        if not row[2 * e]:
+            return None
+        counts, dropped = torch.tensor(row[:e]), row[2 * e + 1]
         self.router.observe(counts)
         self.last_counts, self.last_dropped = counts, dropped
         self.dropped_total += dropped
+        bad = [i for i, n in enumerate(row[e : 2 * e]) if n]
         if bad:
             self.quarantine(bad, "non-finite output")
         return counts, dropped
