@@ -46,9 +46,11 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "unit"])
 def test_compiled_moe_engine_equals_eager(tmp_path, cache_dir, family):
-    folder = save_tiny_model(tmp_path / family, family)
+    # "unit": what `lagoon moefy` writes (the embedded-moe preset): unit expert weights, k = E
+    over = {"num_experts_per_tok": 4, "lagoon_expert_weighting": "unit"} if family == "unit" else {}
+    folder = save_tiny_model(tmp_path / family, "mixtral" if family == "unit" else family, **over)
     results = {}  # the default config: load penalty and recalibration on (routing state changes between steps)
     for compile in (False, True):
         eng = _engine(folder, compile)
@@ -74,3 +76,35 @@ def test_compiled_moe_batch_graph_equals_eager(tmp_path, cache_dir):
         finally:
             eng.close()
     assert results[True] == results[False]
+
+
+@pytest.mark.slow
+def test_compiled_step_with_int8_experts_matches_eager(tmp_path, cache_dir):
+    """Per-channel int8 experts compile through `QuantizedExperts.gathered`; the eager step runs them on
+    torch's int8 kernel, whose bf16 output rounding is the only difference (1e-2 relative)."""
+    import torch
+
+    from lagoon.engine.checkpoint import load_checkpoint
+    from lagoon.engine.compile import DecodeStep
+    from lagoon.engine.kv_cache import make_cache
+    from lagoon.quant.quantize import QuantConfig, quantize_
+
+    model = load_checkpoint(save_tiny_model(tmp_path / "q", "qwen3_moe", moe_intermediate_size=32), "float32")
+    quantize_(model, QuantConfig(scheme="int8", group_size=0, keep=(r"self_attn", r"lm_head", r"embed_tokens")))
+    ids = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    feed = torch.randint(0, 256, (4,), generator=torch.Generator().manual_seed(4)).tolist()
+    logits = {}
+    with torch.no_grad():
+        for compile in (False, True):
+            cache = make_cache(model.args, paged=True, max_batch=2, max_seq_len=64, dtype=torch.float32)
+            step = DecodeStep(model, cache, max_batch=2, compile=compile, progress=lambda line: None)
+            cache.allocate(0, ids)
+            cache.ensure(0, len(ids) + 4)
+            pos = torch.arange(len(ids))[None]
+            cache.prepare([0], pos)
+            model(torch.tensor([ids]), pos, cache)
+            out = [step([0], torch.tensor([[tok]]), torch.tensor([[len(ids) + i]]))[0].clone()  # the same fed tokens
+                   for i, tok in enumerate(feed)]
+            logits[compile] = torch.stack(out)
+            assert step.compiled == compile
+    assert float((logits[True] - logits[False]).norm() / logits[False].norm()) <= 1e-2
