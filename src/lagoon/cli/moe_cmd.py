@@ -143,6 +143,8 @@ def info(
     from lagoon.moe.offload import offload_of
 
     cfg = load(config)
+    if not tokens and cfg.engine.compile is None:
+        cfg.engine.compile = False  # nothing is decoded: do not compile (or load) a decode step
     quiet = logging.getLogger("lagoon.moe.footprint")
     quiet.disabled = True  # the load checks too; the report below is the one shown
     try:
@@ -217,6 +219,8 @@ def stats(
         body = source.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--text {source}: unreadable ({exc}); pass a UTF-8 text file") from exc
+    if cfg.engine.compile is None:
+        cfg.engine.compile = False  # the text runs through the model's forward, never the decode step
     engine = engine_from_config(cfg, model=model)
     try:
         ids = engine.encode(body)
