@@ -45,9 +45,11 @@ def start_s(precision: str, cache_dir: str, threads: int) -> tuple[float, float]
     """Seconds for `load_model` (load + compile or cached compile + warm-up) in a fresh process, and
     of those the decode step's own warm-up (compile, or load from the cache, plus its first call)."""
     code = ("import time; t = time.perf_counter()\n"
-            f"import torch; torch.set_num_threads({threads})\n"
             "from lagoon.config import EngineSection\nfrom lagoon.engine import load_model\n"
-            f"e = load_model('embedded', precision={precision!r}, config=EngineSection(compile=True, max_batch_size=8))\n"
+            # threads through the engine (its compute thread): torch.set_num_threads on this main
+            # thread first made every OpenMP kernel of the compute thread ~100x slower (measured)
+            f"e = load_model('embedded', precision={precision!r}, config=EngineSection(compile=True, max_batch_size=8, "
+            f"threads={threads}))\n"
             "print('START', time.perf_counter() - t, e.step.warm_up_s, e.step.compiled)\n")
     env = {**os.environ, "LAGOON_CACHE_DIR": cache_dir, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
@@ -61,7 +63,7 @@ def lagoon_row(precision: str, compiled: bool, prompt: list[int], n_new: int, re
     t = time.perf_counter()
     engine = load_model("embedded", precision=precision,
                         config=EngineSection(max_seq_len=4096, max_batch_size=8, prefix_cache=False,
-                                             compile=compiled))
+                                             compile=compiled, threads=torch.get_num_threads()))
     load_s = time.perf_counter() - t
     engine.complete(prompt[:16], engine.params(max_new_tokens=4, ignore_eos=True))  # warm-up
     pre, dec = [], []
@@ -140,7 +142,8 @@ def prefix_rows(prefix_len: int) -> list[tuple[str, float, int]]:
     rows = []
     for on in (False, True):
         engine = load_model("embedded", precision="native",
-                            config=EngineSection(max_seq_len=4096, max_batch_size=1, prefix_cache=on))
+                            config=EngineSection(max_seq_len=4096, max_batch_size=1, prefix_cache=on,
+                                                 threads=torch.get_num_threads()))
         prefix = prompt_ids(engine, prefix_len)
         engine.complete(prefix + engine.encode(" step one"), engine.params(max_new_tokens=2))
         c = engine.complete(prefix + engine.encode(" step two"), engine.params(max_new_tokens=2))
