@@ -68,10 +68,14 @@ def test_report_has_plots_and_versioned_summary(oracle_run):
     assert 'alt="Routing share"' in html and 'alt="Expert load"' in html
 
 
-def test_expert_load_of_an_in_process_moe_model_reaches_the_report(starter, tmp_path):
+def test_expert_load_of_an_in_process_moe_model_reaches_the_report(starter, tmp_path, monkeypatch):
     """The lagoon agent over a local tiny MoE model: the trial records the tokens its experts
     routed, and the report draws them (no hand-made `expert_load`)."""
     from lagoon.engine.tiny import save_tiny_model
+
+    # eager decode: compiling the MoE step would add ~18 s here (compiled MoE statistics are tested
+    # in tests/moe/test_moe_compiled.py)
+    monkeypatch.setenv("LAGOON_COMPILE", "0")
 
     folder = save_tiny_model(tmp_path / "moe", "qwen3_moe", max_position_embeddings=8192)
     route = {"model": str(folder), "endpoint": "local", "max_tokens": 4, "temperature": 0.0}
