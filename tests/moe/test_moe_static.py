@@ -166,3 +166,13 @@ def test_int8_per_channel_experts_gathered_match_their_forward(models):
     quantize_(grouped, QuantConfig(scheme="int8", keep=(r"self_attn", r"lm_head", r"embed_tokens")))
     assert not _blocks(grouped)[0].static_ready  # packed layout: decode stays eager
     assert not MoeRuntime(grouped).compilable and MoeRuntime(copy.deepcopy(models["olmoe"])).compilable
+
+
+def test_bf16_model_static_path_matches_eager(models):
+    """bf16 experts: the static path sums in fp32 where eager rounds each matmul's output to bf16 (2^-8)."""
+    model = copy.deepcopy(models["gpt_oss"]).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = _static(model, False)(ids).float()
+        got = _static(model)(ids).float()
+    assert got.dtype == want.dtype and rel(got, want) <= 2e-2
