@@ -116,26 +116,41 @@ def transformers_row(prompt: list[int], n_new: int, repeats: int) -> dict:
     return {"name": "transformers float32", "load_s": load_s, "prefill": max(pre), "decode": max(dec)}
 
 
-def llama_cpp_row(prompt: list[int], n_new: int, repeats: int) -> dict | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
+_LLAMA_CPP = """
+import json, sys, time
+from llama_cpp import Llama
+path, prompt, n_new, repeats, threads = sys.argv[1], json.loads(sys.argv[2]), *map(int, sys.argv[3:6])
+t = time.perf_counter()
+llm = Llama(path, n_ctx=4096, verbose=False, n_threads=threads, n_threads_batch=threads)
+load_s = time.perf_counter() - t
+pre, dec = [], []
+for _ in range(repeats):
+    llm.reset()
     t = time.perf_counter()
-    llm = Llama(str(embedded_gguf_path()), n_ctx=4096, verbose=False, n_threads=torch.get_num_threads(),
-                n_threads_batch=torch.get_num_threads())
-    load_s = time.perf_counter() - t
-    pre, dec = [], []
-    for _ in range(repeats):
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(prompt)
-        pre.append(len(prompt) / (time.perf_counter() - t))
-        t = time.perf_counter()
-        for _ in range(n_new - 1):
-            llm.eval([llm.sample(temp=0.0)])
-        dec.append((n_new - 1) / (time.perf_counter() - t))
-    return {"name": "llama.cpp (Q4_1)", "load_s": load_s, "prefill": max(pre), "decode": max(dec)}
+    llm.eval(prompt)
+    pre.append(len(prompt) / (time.perf_counter() - t))
+    t = time.perf_counter()
+    for _ in range(n_new - 1):
+        llm.eval([llm.sample(temp=0.0)])
+    dec.append((n_new - 1) / (time.perf_counter() - t))
+print("LLAMA_CPP", json.dumps({"load_s": load_s, "prefill": max(pre), "decode": max(dec)}))
+"""
+
+
+def llama_cpp_row(prompt: list[int], n_new: int, repeats: int) -> dict | None:
+    """llama.cpp in a child process: its OpenMP pool in this process made libgomp throttle the
+    engine's compute thread (every Lagoon kernel ~3x slower after it ran here; measured)."""
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    r = subprocess.run([sys.executable, "-c", _LLAMA_CPP, str(embedded_gguf_path()), json.dumps(prompt), str(n_new),
+                        str(repeats), str(torch.get_num_threads())], capture_output=True, text=True, timeout=1800)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("LLAMA_CPP")), None)
+    if line is None:
+        raise RuntimeError(f"llama.cpp failed: {r.stderr[-1500:]}")
+    return {"name": "llama.cpp (Q4_1)", **json.loads(line.split(" ", 1)[1])}
 
 
 def prefix_rows(prefix_len: int) -> list[tuple[str, float, int]]:
