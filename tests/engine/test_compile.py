@@ -166,6 +166,26 @@ def test_unusable_cache_falls_back_to_eager_with_a_reason(tmp_path, monkeypatch,
     assert torch.equal(got, ref)  # the fallback is the eager path itself
 
 
+def test_a_graph_whose_first_call_fails_runs_eagerly(cache_dir, monkeypatch, caplog):
+    # e.g. a loaded entry whose kernel library no longer loads: the step still answers (eagerly)
+    def broken(*args):
+        raise RuntimeError("kernel library missing")
+
+    monkeypatch.setattr(DecodeStep, "_ready", lambda self, b, *a: self._fns.setdefault(b, broken))
+    m = _model()
+    prompts = [[1, 2, 3, 4], [7, 8]]
+    with torch.no_grad():
+        ref_cache = make_cache(ARGS, paged=False, max_batch=2, max_seq_len=64, dtype=torch.float32)
+        ref = _run(DecodeStep(m, ref_cache, max_batch=2, compile=False), ref_cache, prompts, 3)
+        cache = make_cache(ARGS, paged=False, max_batch=2, max_seq_len=64, dtype=torch.float32)
+        step = DecodeStep(m, cache, max_batch=2, compile=True, progress=lambda line: None)
+        with caplog.at_level(logging.WARNING, logger="lagoon.engine"):
+            got = _run(step, cache, prompts, 3)
+    assert "kernel library missing" in step.eager_reason and not step.compiled
+    assert "running it eagerly" in caplog.text
+    assert torch.equal(got, ref)
+
+
 def test_buckets_and_the_compile_switch(monkeypatch):
     assert DecodeStep.bucket(1) == 1 and DecodeStep.bucket(2) == DecodeStep.bucket(8) == 2
     from lagoon.config import EngineSection

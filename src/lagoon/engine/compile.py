@@ -15,8 +15,8 @@ inductor, full graph), gpt-fast style:
 - each graph is saved whole (dynamo's guards and bytecode plus inductor's code) to
   ``~/.cache/lagoon/compile/<key>/step-b{1,2}.bin``, inductor's kernel libraries beside it; the
   key hashes torch's version, the CPU's vector ISA, the device, the thread count and the model's
-  tensor names / shapes / dtypes. A second start loads the file: no re-tracing (a cold compile of SmolLM2-135M
-  takes ~60 s on 2 cores, loading ~1-2 s, see docs/architecture.md);
+  tensor names / shapes / dtypes. A second start loads the file: no re-tracing (SmolLM2-135M on 2 cores: a cold
+  compile 35-95 s a graph, a load ~1 s; see docs/architecture.md);
 - no guards per call (dynamo's guard evaluation cost ~1.2 ms of a ~15 ms step, thread CPU time at
   1 thread): `__call__` itself routes each batch to the graph compiled for its shapes, under
   `no_grad`, with the same model and cache. A graph compiled in this process checks its guards on
@@ -24,8 +24,8 @@ inductor, full graph), gpt-fast style:
   load): the key stands for them, and the traced source (Lagoon's modules, torch's) is compared
   with the files now, so an edited model file is compiled afresh;
 - a cache entry that fails to load or whose source changed is logged, deleted and compiled
-  afresh; any compile failure is logged with its reason, the entry is cleared, and that graph's
-  batches run eagerly from then on: never worse than eager.
+  afresh; any failure to compile, or of a graph's first call, is logged with its reason, the
+  entry is cleared, and that graph's batches run eagerly from then on: never worse than eager.
 
 On a CUDA device the same path asks inductor for CUDA graphs (``triton.cudagraphs``, the KV tensors
 marked as static addresses); that branch is untested (no GPU was available), and with S dynamic
@@ -169,7 +169,7 @@ class DecodeStep:
         self.warm_up_s = 0.0
         self._failed: dict[int, str] = {}
         self._fns: dict[int, Callable] = {}
-        self._checked: set[int] = set()
+        self._proven: set[int] = set()  # graphs whose first call succeeded
         self.enabled = compile
         self.cache_dir: Path | None = (
             cache_root() / "compile" / compile_key(model, self.device, _cache_layout(cache, max_batch)) if compile else None)
@@ -196,33 +196,30 @@ class DecodeStep:
         b = self.bucket(n)
         if not self.enabled or b in self._failed or n > self.max_batch:
             return self._eager(seq_ids, tokens, pos)
-        fn = self._fns.get(b)
+        fn = self._fns.get(b) or self._ready(b, seq_ids, tokens, pos)
         if fn is None:
-            fn = self._ready(b, seq_ids, tokens, pos)
-            if fn is None:
-                return self._eager(seq_ids, tokens, pos)
+            return self._eager(seq_ids, tokens, pos)
         self.cache.prepare(list(seq_ids), pos, static=True)
         with torch.no_grad():  # grad mode is part of the graph's guards
-            if b not in self._checked:  # a graph compiled here checks every guard once, then they are off
-                if not fn.guard_check(self.model, self.cache, tokens, pos):
-                    return self._stale(b, seq_ids, tokens, pos)
-                fn.disable_guard_check()
-                self._checked.add(b)
-            return fn(self.model, self.cache, tokens, pos)
+            if b in self._proven:
+                return fn(self.model, self.cache, tokens, pos)
+            try:  # a graph's first call: guards checked (compiled here), kernels loaded (from the cache)
+                out = fn(self.model, self.cache, tokens, pos)
+            except Exception as exc:  # the step's KV writes are redone by the eager forward
+                self._fail(b, _reason(exc))
+                return self._eager(seq_ids, tokens, pos)
+        fn.disable_guard_check()  # from now on `__call__` routes each batch to the graph for its shapes
+        self._proven.add(b)
+        return out
 
-    def _stale(self, b: int, seq_ids, tokens, pos) -> torch.Tensor:
-        """A graph compiled here whose guards reject the step it was compiled for: eager."""
+    def _fail(self, b: int, reason: str) -> None:
         self._fns.pop(b, None)
         self.compiled_buckets.discard(b)
-        return self._fail(b, "the compiled graph's guards reject this step", seq_ids, tokens, pos)
-
-    def _fail(self, b: int, reason: str, seq_ids, tokens, pos) -> torch.Tensor:
         self._failed[b] = reason
         self.eager_reason = reason
         log.warning("compiled decode step for batch %s failed (%s); running it eagerly and clearing %s",
                     "1" if b == 1 else "2+", reason, self.cache_dir)
         shutil.rmtree(self.cache_dir, ignore_errors=True)  # the next start compiles afresh
-        return self._eager(seq_ids, tokens, pos)
 
     def _ready(self, b: int, seq_ids, tokens, pos) -> Callable | None:
         """Load bucket `b`'s graph from the cache, else compile and save it; None (and eager from
@@ -231,8 +228,7 @@ class DecodeStep:
         if self.entry(b).is_file():
             try:
                 fn = self._load(b)
-                self.loaded_buckets.add(b)
-                self._checked.add(b)  # loaded without guards: the key and the source check stand for them
+                self.loaded_buckets.add(b)  # without guards: the key and the source check stand for them
             except Exception as exc:  # a corrupt or foreign entry: compile afresh
                 log.warning("cached decode step %s could not be loaded (%s); compiling it afresh",
                             self.entry(b), _reason(exc))
@@ -243,7 +239,7 @@ class DecodeStep:
             try:
                 fn = self._compile(b, seq_ids, tokens, pos)
             except Exception as exc:  # any compile failure: eager for this bucket, say why
-                self._fail(b, _reason(exc), seq_ids, tokens, pos)
+                self._fail(b, _reason(exc))
                 return None
             self.progress(f"lagoon: decode step ready in {time.perf_counter() - t0:.1f} s")
         self._fns[b] = fn
