@@ -268,3 +268,17 @@ def test_embedded_model_greedy_tokens_equal_eager():
     finally:
         fast.close()
         eager.close()
+
+
+def test_the_key_follows_module_settings():
+    # a loaded graph runs without guards: a setting baked into the graph must change the key
+    from lagoon.engine.compile import compile_key
+
+    m = _model()
+    base = compile_key(m, torch.device("cpu"))
+    assert compile_key(_model(), torch.device("cpu")) == base  # stable across builds
+    m.layers[0].input_layernorm.eps = 1e-3
+    assert compile_key(m, torch.device("cpu")) != base
+    m.layers[0].input_layernorm.eps = _model().layers[0].input_layernorm.eps
+    assert compile_key(m, torch.device("cpu")) == base
+    assert compile_key(m, torch.device("cpu"), "KVCache|4") != base

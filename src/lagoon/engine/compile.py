@@ -88,8 +88,19 @@ def compile_key(model: torch.nn.Module, device: torch.device, layout: str = "") 
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
     h.update(repr(getattr(model, "args", "")).encode())  # eps, RoPE, windows: constants in the graph
     for name, mod in model.named_modules():
-        h.update(f"{name}={type(mod).__name__}({mod.extra_repr()});".encode())
+        h.update(f"{name}={type(mod).__name__}({mod.extra_repr()}){_plain_attrs(mod)};".encode())
     return h.hexdigest()[:20]
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain_attrs(mod: torch.nn.Module) -> str:
+    # a module's plain Python settings (a router's top_k set by model_deployment, a window, a
+    # softcap) are constants in the traced graph; a loaded graph has no guards to notice a change
+    items = sorted((k, v) for k, v in vars(mod).items() if not k.startswith("_") and (
+        isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v))))
+    return repr(items)
 
 
 def _tensors(model: torch.nn.Module):
