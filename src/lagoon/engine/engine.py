@@ -84,8 +84,10 @@ class Engine:
         self.config = config or EngineSection()
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.args = model.args
-        if self.config.threads:  # OpenMP's thread count is per thread: set it where the forwards run
-            compute.call(torch.set_num_threads, self.config.threads)
+        # OpenMP's thread count is per thread: set it where the forwards run, to `engine.threads` or
+        # the caller's count (a caller's torch.set_num_threads(N) on its own thread left the compute
+        # thread's pool unset, and its kernels ran ~100x slower)
+        compute.call(torch.set_num_threads, self.config.threads or torch.get_num_threads())
         eos = set(self.args.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
