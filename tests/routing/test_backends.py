@@ -230,6 +230,13 @@ def test_local_backend_loads_with_the_moe_and_deployment_sections(tmp_path):
         assert router.backends["reasoning_bound"].engine is engine  # one load for both routes
     finally:
         engine.close()
+    # a closed engine is not handed out again: the next access loads a live one
+    again = router.backends["reasoning_bound"].engine
+    try:
+        assert again is not engine and again.scheduler.running
+        assert router.backends["retrieval_bound"].engine is again
+    finally:
+        again.close()
     bad = load_config(f"router.retrievalBound={route}", "engine.precision=float32", "engine.compile=false",
                       "model_deployment.architecture=dense")
     with pytest.raises(CheckpointError, match="model_deployment.architecture"):

@@ -41,10 +41,14 @@ _ENGINES_LOCK = threading.Lock()
 def _shared_engine(source: str, config: EngineSection, deployment: ModelDeploymentSection | None,
                    moe: MoeSection | None) -> Any:
     """One engine per (checkpoint, config) in the process: when both routes name the same local
-    model (e.g. the demo config) it is loaded once, not twice."""
+    model (e.g. the demo config) it is loaded once, not twice. An engine someone closed meanwhile
+    (its scheduler stopped) is dropped and loaded again rather than handed out dead."""
     key = (source, config.model_dump_json(), deployment and deployment.model_dump_json(), moe and moe.model_dump_json())
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
+        if engine is not None and not engine.scheduler.running:
+            del _ENGINES[key]
+            engine = None
         if engine is None:
             from lagoon.engine import load_model
 
@@ -95,7 +99,7 @@ class LocalBackend:
     def engine(self) -> Any:
         """The loaded engine (loads it on first access; shared with other local routes)."""
         with self._lock:
-            if self._engine is None:
+            if self._engine is None or not self._engine.scheduler.running:
                 self._engine = _shared_engine(self.route.model, self.engine_config, self.deployment, self.moe)
             return self._engine
 
