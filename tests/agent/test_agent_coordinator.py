@@ -111,7 +111,8 @@ def test_kill_9_mid_hop_resumes_without_losing_or_repeating_a_tool_step(repo, tm
     (folder / "coder.json").write_text(json.dumps(coder))
     cmd = [sys.executable, "-c", LAUNCH, "run", TASK, "--repo", str(repo), "--json", "--model", f"scripted:{folder}",
            "-c", "context.rerank=false", "-c", "agent.mode=coordinated"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # the killed run cannot remove its lagoon-env-* folder: keep it in the test's tmp
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     deadline = time.time() + 240
     while not (repo / "ran.log").exists() and time.time() < deadline:

@@ -41,7 +41,9 @@ def _script(path: Path) -> None:
 def _launch(repo: Path, script: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-c", LAUNCH, "run", "crash task", "--repo", str(repo), "--json",
            "--model", f"scripted:{script}", "-c", "context.rerank=false"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    tmp = repo.parent / "tmp"  # a killed run cannot remove its lagoon-env-* folder: keep it in the test's tmp
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp)}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
 
 
