@@ -86,10 +86,11 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACTIVATIONS.load(name)
 
 
-def _grouped_mm_ok(xs: torch.Tensor) -> bool:
+def _grouped_mm_ok(xs: torch.Tensor, intermediate: int) -> bool:
     # CPU: any float dtype, and it matched or beat the loop at every shape benchmarked (decode is
     # memory-bound either way; prefill gained up to ~2x). CUDA kernels want bf16 on SM80+.
-    if not hasattr(F, "grouped_mm"):
+    # Every operand's row stride must be whole 16-byte units (bf16 experts 20 wide are not)
+    if not hasattr(F, "grouped_mm") or any(n * xs.element_size() % 16 for n in (xs.shape[-1], intermediate)):
         return False
     if xs.device.type == "cpu":
         return True
@@ -166,7 +167,7 @@ class Experts(StackedExperts):
         ws = weights.reshape(-1)[plan.order]  # [S]
         impl = self.impl
         if impl == "auto":
-            impl = "grouped_mm" if _grouped_mm_ok(xs) else "loop"
+            impl = "grouped_mm" if _grouped_mm_ok(xs, self.intermediate_size) else "loop"
         ys = self._grouped(xs, plan) if impl == "grouped_mm" else self._loop(xs, plan)  # [S, H]
         ys = ys * ws.unsqueeze(-1).to(ys.dtype)
         # combine: back to slot order, then sum each token's k slots. (index_add_ with repeated
