@@ -420,12 +420,12 @@ def test_rope_scaling_and_window_pattern_metadata():
         rope_parameters("qwen2", fields({"qwen2.rope.scaling.type": "longrope"}))
     base = {"num_hidden_layers": 4}
     pattern = {"gpt-oss.attention.sliding_window": 128}
-    assert arch_config("gpt-oss", fields(pattern), base, set())["layer_types"] == [
+    assert arch_config("gpt-oss", fields(pattern), base, {})["layer_types"] == [
         "sliding_attention", "full_attention"] * 2  # llama.cpp's default: even layers slide
     listed = {**pattern, "gpt-oss.attention.sliding_window_pattern": [False, True, True, False]}
-    assert arch_config("gpt-oss", fields(listed), base, set())["layer_types"] == [
+    assert arch_config("gpt-oss", fields(listed), base, {})["layer_types"] == [
         "full_attention", "sliding_attention", "sliding_attention", "full_attention"]
     period = {**pattern, "gpt-oss.attention.sliding_window_pattern": 4}
-    assert arch_config("gpt-oss", fields(period), base, set())["layer_types"][-1] == "full_attention"
+    assert arch_config("gpt-oss", fields(period), base, {})["layer_types"][-1] == "full_attention"
     with pytest.raises(CheckpointError, match="sliding_window is missing"):
-        arch_config("gpt-oss", fields({}), base, set())
+        arch_config("gpt-oss", fields({}), base, {})

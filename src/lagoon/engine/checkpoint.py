@@ -248,6 +248,7 @@ def gguf_args(reader: Any) -> ModelArgs:
         f = reader.fields.get(key)
         return default if f is None else f.contents()
 
+    from lagoon.engine.gguf_arch import head_count
     from lagoon.engine.gguf_moe import MOE_ARCHS, moe_config
 
     arch = field("general.architecture")
@@ -255,16 +256,18 @@ def gguf_args(reader: Any) -> ModelArgs:
         known = ", ".join([*_GGUF_FAMILIES, *MOE_ARCHS])
         raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported; Lagoon runs: {known}")
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    n_heads = int(field(f"{arch}.attention.head_count"))
+    n_heads = head_count(arch, "head_count", field(f"{arch}.attention.head_count"))
     dim = int(field(f"{arch}.embedding_length"))
     has_output = any(t.name == "output.weight" for t in reader.tensors)
+    # llama.cpp ends generation on any of these (its EOG set): Laguna's turn end </assistant> is eot
+    stops = [field(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     cfg = {
         "model_type": _GGUF_FAMILIES.get(arch),
         "vocab_size": int(emb.shape[1]),
         "hidden_size": dim,
         "num_hidden_layers": int(field(f"{arch}.block_count")),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(field(f"{arch}.attention.head_count_kv", n_heads)),
+        "num_key_value_heads": head_count(arch, "head_count_kv", field(f"{arch}.attention.head_count_kv", n_heads)),
         "head_dim": int(field(f"{arch}.attention.key_length", dim // n_heads)),
         "intermediate_size": int(field(f"{arch}.feed_forward_length", field(f"{arch}.expert_feed_forward_length", 0))),
         "rms_norm_eps": float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
@@ -272,7 +275,7 @@ def gguf_args(reader: Any) -> ModelArgs:
         "max_position_embeddings": int(field(f"{arch}.context_length", 4096)),
         "tie_word_embeddings": not has_output,
         "bos_token_id": field("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        "eos_token_id": [int(t) for t in dict.fromkeys(stops) if t is not None],
     }
     rot = field(f"{arch}.rope.dimension_count")
     if rot:  # fewer than head_dim: partial rotary (GLM-4.5)
@@ -284,7 +287,7 @@ def gguf_args(reader: Any) -> ModelArgs:
 
     if rope := rope_parameters(arch, field):
         cfg["rope_parameters"] = {**rope, "rope_theta": cfg["rope_theta"]}
-    cfg = arch_config(arch, field, cfg, {t.name for t in reader.tensors})
+    cfg = arch_config(arch, field, cfg, {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors})
     if arch == "glm4moe":
         cfg["attention_bias"] = any(t.name == "blk.0.attn_q.bias" for t in reader.tensors)
         cfg["use_qk_norm"] = any(t.name == "blk.0.attn_q_norm.weight" for t in reader.tensors)

@@ -18,8 +18,9 @@
     blk.N.ffn_gate_inp_shexp.weight [H] or [1, H]       → layers.N.mlp.shared_expert_gate.weight [1, H]
 
 Architectures: ``qwen2moe``, ``qwen3moe`` (Qwen3-Coder-30B-A3B), ``olmoe``, ``glm4moe``,
-``deepseek2`` (DeepSeek-V2/V3), ``gpt-oss`` and ``llama`` with experts (Mixtral); the attention side
-of deepseek2 and gpt-oss lives in `lagoon.engine.gguf_arch`. A missing or mis-shaped expert tensor raises `CheckpointError`
+``deepseek2`` (DeepSeek-V2/V3), ``gpt-oss``, ``laguna`` and ``llama`` with experts (Mixtral); the
+attention side of deepseek2, gpt-oss and laguna (and laguna's shared expert and dense layers) lives
+in `lagoon.engine.gguf_arch`. A missing or mis-shaped expert tensor raises `CheckpointError`
 naming the GGUF tensor. This module is *not* the dense GGUF loader (`lagoon.engine.checkpoint`).
 """
 
@@ -37,7 +38,7 @@ from lagoon.model.args import ModelArgs
 __all__ = ["MOE_ARCHS", "moe_config", "moe_tensor_name", "stack_experts"]
 
 MOE_ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "glm4moe": "glm4_moe",
-             "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss"}
+             "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss", "laguna": "laguna"}
 _GROUPED = ("glm4_moe", "deepseek_v3")  # DeepSeek-style grouped router, shared experts, leading dense layers
 
 _NAMES = {
@@ -58,9 +59,9 @@ def moe_config(arch: str, field: Callable[[str, Any], Any]) -> dict[str, Any]:
     family = MOE_ARCHS.get(arch, "mixtral")
     width = int(field(f"{arch}.expert_feed_forward_length", field(f"{arch}.feed_forward_length", 0)))
     shared = int(field(f"{arch}.expert_shared_feed_forward_length", 0) or 0)
-    # llama.cpp: qwen3moe, mixtral, glm4moe and gpt-oss always renormalise the top k, qwen2moe and
-    # olmoe never; deepseek2 only when the key says so (DeepSeek-V2-Lite does not)
-    renorm = family in ("qwen3_moe", "mixtral", "glm4_moe", "gpt_oss")
+    # llama.cpp: qwen3moe, mixtral, glm4moe, gpt-oss and laguna always renormalise the top k, qwen2moe
+    # and olmoe never; deepseek2 only when the key says so (DeepSeek-V2-Lite does not)
+    renorm = family in ("qwen3_moe", "mixtral", "glm4_moe", "gpt_oss", "laguna")
     cfg: dict[str, Any] = {
         "model_type": family,
         "num_experts": int(n_exp), "num_local_experts": int(n_exp), "n_routed_experts": int(n_exp),
