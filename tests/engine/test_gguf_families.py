@@ -1,4 +1,4 @@
-"""DeepSeek-V3 (``deepseek2``) and gpt-oss (``gpt-oss``) GGUFs in llama.cpp's layout load and match the
+"""DeepSeek-V2/V3 (``deepseek2``) and gpt-oss (``gpt-oss``) GGUFs in llama.cpp's layout load and match the
 same tiny model from safetensors: prefill and 4 cached greedy decode steps, fp32, rel. error <= 1e-5
 (and <= 1e-4 against transformers' prefill); greedy tokens equal. Tensor names come from gguf's own
 `TensorNameMap` (the table llama.cpp's converter uses), and the tensors are reshaped as that
@@ -331,6 +331,7 @@ def test_deepseek2_softmax_router_without_q_lora(tmp_path):
     path = tmp_path / "v2.gguf"
     _write(path, hf, arch, tensors, gating=0)
     ours = load_checkpoint(path, "float32")
+    assert ours.args.family == "deepseek_v2" and ours.args.n_group == 1
     assert ours.args.scoring == "softmax" and not ours.args.q_lora_rank and not ours.args.norm_topk_prob
     ref = load_checkpoint(folder, "float32")
     for layer in ref.layers[1:]:
@@ -343,13 +344,20 @@ def test_deepseek2_softmax_router_without_q_lora(tmp_path):
         assert rel(got, load_checkpoint(folder, "float32")(x)) > 1e-4  # softmax routing really differs
 
 
-def test_deepseek2_grouped_softmax_is_refused(deepseek, tmp_path):
-    _, hf = deepseek  # 2 groups: DeepSeek-V2's group-limited greedy, which Lagoon does not implement
+def test_deepseek2_grouped_softmax_is_deepseek_v2(tmp_path):
+    """A DeepSeek-V2 / V2.5-shaped file: softmax gating over 4 expert groups, 2 used (V2's
+    group-limited greedy) loads and matches the same model from safetensors (`deepseek_v2`) and
+    transformers' DeepseekV2 through prefill and cached decode."""
+    folder = save_tiny_model(tmp_path / "m", "deepseek_v2")
+    hf = _hf(folder)
     arch = gguf.MODEL_ARCH.DEEPSEEK2
     path = tmp_path / "g.gguf"
     _write(path, hf, arch, _llama_cpp_tensors(hf, arch), gating=1)
-    with pytest.raises(CheckpointError, match="group-limited greedy"):
-        load_checkpoint(path, "float32")
+    a = load_checkpoint(path, "float32").args
+    assert a.family == "deepseek_v2" and a.scoring == "softmax"
+    assert (a.n_group, a.topk_group, a.routed_scaling_factor) == (4, 2, 1.5)
+    assert not a.norm_topk_prob
+    _matches(path, folder, hf)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])

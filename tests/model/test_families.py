@@ -1,4 +1,4 @@
-"""The per-layer-spec families (GLM-4.5 MoE, Laguna, gpt-oss, DeepSeek-V3) against transformers 5.24 on tiny random
+"""The per-layer-spec families (GLM-4.5 MoE, Laguna, gpt-oss, DeepSeek-V2 and V3) against transformers 5.24 on tiny random
 checkpoints (odd sizes, dense + MoE layers, a sliding window shorter than the prompt): prefill and 8
 cached greedy decode steps agree to rel. error <= 1e-4 in fp32 through the contiguous, paged and
 prefix-cached paged caches; greedy tokens are equal. Then the expert paths (grouped_mm, loop,
@@ -17,7 +17,7 @@ from lagoon.engine.tiny import save_tiny_model
 from lagoon.model.args import ModelArgs
 from lagoon.moe import ReferenceExperts, SparseMoE
 
-NEW = ["glm4_moe", "laguna", "gpt_oss", "deepseek_v3"]
+NEW = ["glm4_moe", "laguna", "gpt_oss", "deepseek_v2", "deepseek_v3"]
 EXPERT_WIDTH = {"gpt_oss": "intermediate_size"}  # the config key of the experts' intermediate size
 
 
@@ -236,3 +236,33 @@ def test_deepseek_v3_variants_prefill(tmp_path, over):
     x = _prompts(2, (2, 9))
     with torch.no_grad():
         assert rel(load_checkpoint(folder, "float32")(x), _hf(folder)(x).logits) <= 1e-4
+
+
+def test_deepseek_v2_group_limited_greedy_is_read_and_live(folders, tmp_path):
+    """V2's config keys become a softmax router over 4 groups (2 kept) without renormalisation;
+    routing without the group limit gives other logits than transformers', so the test above
+    checks the group rule (tests/moe/test_moe_router.py tells V2's rule from V3's). `greedy`
+    (V2-Lite) ignores n_group; an unknown topk_method is refused by name."""
+    from lagoon.errors import UnsupportedModelError
+
+    args = ModelArgs.from_folder(folders["deepseek_v2"])
+    assert (args.family, args.scoring, args.n_group, args.topk_group) == ("deepseek_v2", "softmax", 4, 2)
+    assert not args.norm_topk_prob and args.routed_scaling_factor == 1.5 and not args.q_lora_rank
+    model = load_checkpoint(folders["deepseek_v2"], "float32")
+    x = _prompts()
+    with torch.no_grad():
+        base = model(x)
+        assert rel(base, _hf(folders["deepseek_v2"])(x).logits) <= 1e-4
+        ungrouped = copy.deepcopy(model)
+        for layer in ungrouped.layers[1:]:
+            layer.mlp.router.n_group = 1
+        assert rel(ungrouped(x), base) > 1e-3
+    greedy = save_tiny_model(tmp_path / "g", "deepseek_v2", topk_method="greedy")
+    assert ModelArgs.from_folder(greedy).n_group == 1
+    with torch.no_grad():
+        assert rel(load_checkpoint(greedy, "float32")(x), _hf(greedy)(x).logits) <= 1e-4
+    cfg = tmp_path / "g" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"greedy"', '"noaux_tc"'))
+    with pytest.raises(UnsupportedModelError, match="topk_method 'noaux_tc'"):
+        ModelArgs.from_folder(greedy)
+

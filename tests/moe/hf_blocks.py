@@ -52,10 +52,21 @@ def hf_block(family: str, impl: str = "eager", seed: int = 0, **over) -> torch.n
         )
         kw.update(over)
         cfg = DeepseekV3Config(**kw)
+    elif family == "deepseek_v2":  # DeepSeek-V2 / V2.5: softmax scores, group-limited greedy (4 groups, 2 kept)
+        from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe as B
+
+        kw = dict(
+            hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=E, num_experts_per_tok=K,
+            n_group=4, topk_group=2, topk_method="group_limited_greedy", n_shared_experts=1,
+            routed_scaling_factor=2.5,
+        )
+        kw.update(over)
+        cfg = DeepseekV2Config(**kw)
     else:
         raise KeyError(family)
     cfg._experts_implementation = impl
     return _init(B(cfg), seed)
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]

@@ -14,7 +14,7 @@ from lagoon.engine import compute, engine_from_config
 from lagoon.engine.tiny import save_tiny_model
 from lagoon.moe.runtime import runtime_of
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss", "deepseek_v2", "deepseek_v3"]
 PROMPTS = ["def add(a, b):", "x = [", "hello world, this is"]
 
 

@@ -57,6 +57,67 @@ def test_grouped_topk_stays_in_groups():
     assert (groups == groups[:, :1]).all()  # all 4 picks in the single kept group
 
 
+def _hf_v2_router(n_group: int, topk_group: int, k: int, scale: float, seed: int):
+    from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    cfg = DeepseekV2Config(hidden_size=H, num_attention_heads=4, n_routed_experts=16, num_experts_per_tok=k, n_group=n_group,
+                           topk_group=topk_group, topk_method="group_limited_greedy", routed_scaling_factor=scale)
+    hf = DeepseekV2TopkRouter(cfg)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(16, H, generator=torch.Generator().manual_seed(seed)))
+    return hf
+
+
+@pytest.mark.parametrize(("n_group", "topk_group", "k"), [(4, 2, 3), (8, 3, 6), (4, 1, 4)])
+def test_grouped_softmax_is_deepseek_v2_group_limited_greedy(n_group, topk_group, k):
+    """DeepSeek-V2's router (transformers' DeepseekV2TopkRouter): softmax scores, the topk_group
+    groups with the best single score kept, top k inside them, weights = the softmax probabilities
+    x routed_scaling_factor (no renormalisation). Same experts and weights on 300 fresh tokens; the
+    group limit is live (plain top k differs) and ranks groups by their best expert, not by the sum
+    of their best two (DeepSeek-V3's rule, which picks other experts here)."""
+    hf = _hf_v2_router(n_group, topk_group, k, 2.5, seed=n_group + k)
+    r = Router(H, 16, k, scoring="softmax", n_group=n_group, topk_group=topk_group, norm_topk_prob=False,
+               routed_scaling_factor=2.5)
+    with torch.no_grad():
+        r.weight.copy_(hf.weight)
+        x = torch.randn(300, H, generator=torch.Generator().manual_seed(k))
+        _, want_w, want_i = hf(x)
+        got = r(x)
+    order = want_i.argsort(dim=-1)
+    want_i, want_w = want_i.gather(1, order), want_w.gather(1, order)
+    order = got.indices.argsort(dim=-1)
+    assert torch.equal(got.indices.gather(1, order), want_i)
+    torch.testing.assert_close(got.weights.gather(1, order), want_w, rtol=1e-6, atol=0)
+    plain = got.scores.topk(k, dim=-1).indices.sort(dim=-1).values
+    assert (plain != want_i).any(dim=-1).sum() > 10  # the group limit changes the choice
+    top2 = got.scores.view(300, n_group, -1).topk(2, dim=-1).values.sum(-1)  # V3's group score
+    keep = top2.topk(topk_group, dim=-1).indices
+    mask = torch.zeros(300, n_group, dtype=torch.bool).scatter_(1, keep, True).repeat_interleave(16 // n_group, 1)
+    v3 = got.scores.masked_fill(~mask, -1.0).topk(k, dim=-1).indices.sort(dim=-1).values
+    assert (v3 != want_i).any(dim=-1).sum() > 0  # ... and the max rule is the one that matches
+
+
+def test_grouped_softmax_renormalises_when_asked_and_static_path_agrees():
+    """norm_topk_prob: the kept softmax probabilities sum to routed_scaling_factor; `route_static`
+    (the compiled step's router) picks and weighs as `forward` does, also with an expert quarantined
+    and with a whole group quarantined (its group never wins on the excluded expert's score)."""
+    torch.manual_seed(3)
+    r = Router(H, 16, 3, scoring="softmax", n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.5)
+    x = torch.randn(64, H)
+    with torch.no_grad():
+        out = r(x)
+        torch.testing.assert_close(out.weights.sum(-1), torch.full((64,), 1.5))
+        for bad in ([], [5], [4, 5, 6, 7], [0, 1, 2, 3, 9, 10]):
+            r.exclude(bad)
+            eager, static = r(x), r.route_static(x)
+            assert torch.equal(eager.indices, static.indices), bad
+            torch.testing.assert_close(eager.weights, static.weights, rtol=1e-6, atol=0)
+            assert not set(bad) & set(eager.indices.flatten().tolist())
+            groups = (eager.indices // 4).tolist()
+            assert all(len(set(row)) <= 2 for row in groups), bad  # within the topk_group = 2 kept groups
+
+
 def test_runtime_penalty_changes_selection_not_mixing_weights():
     torch.manual_seed(2)
     plain = Router(H, E, K)

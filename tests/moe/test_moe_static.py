@@ -16,7 +16,7 @@ from lagoon.engine.tiny import save_tiny_model
 from lagoon.moe import SparseMoE
 from lagoon.moe.runtime import MoeRuntime
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss", "deepseek_v2", "deepseek_v3"]
 TOL = 1e-5
 
 

@@ -126,13 +126,16 @@ def _deepseek2(field: Field, cfg: dict[str, Any], tensors: Mapping[str, tuple[in
     if qk is None or v is None:
         raise CheckpointError(f"GGUF {a}: attention.key_length(_mla) / value_length(_mla) are missing")
     out = {k: x for k, x in cfg.items() if k != "partial_rotary_factor"}  # the rope dims are qk_rope_head_dim
+    softmax = cfg.get("scoring_func") == "softmax"  # DeepSeek-V2 / V2.5 / V2-Lite (`lagoon.engine.gguf_moe`)
     out.update(
-        model_type="deepseek_v3",
+        model_type="deepseek_v2" if softmax else "deepseek_v3",
         num_key_value_heads=cfg["num_attention_heads"],  # llama.cpp writes 1 (one latent); HF counts heads
         q_lora_rank=int(field(f"{a}.attention.q_lora_rank", 0) or 0),
         kv_lora_rank=rank, qk_rope_head_dim=rope, qk_nope_head_dim=int(qk) - rope, v_head_dim=int(v),
         rope_interleave=True,  # llama.cpp rotates deepseek2's stored (x0, x1) pairs, as DeepSeek does
     )
+    if softmax:  # V2 with groups is group-limited greedy, without them plain greedy (V2-Lite)
+        out["topk_method"] = "group_limited_greedy" if int(out.get("n_group") or 1) > 1 else "greedy"
     if out["q_lora_rank"] and "blk.0.attn_q_a.weight" not in tensors:
         raise CheckpointError(f"GGUF {a}: attention.q_lora_rank is {out['q_lora_rank']} but tensor "
                               "'blk.0.attn_q_a.weight' is missing")

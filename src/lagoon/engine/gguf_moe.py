@@ -89,11 +89,9 @@ def _grouped(arch: str, field: Callable[[str, Any], Any], width: int, shared: in
     if gating not in (1, 2) or (family == "glm4_moe" and gating != 2):
         raise CheckpointError(f"GGUF {arch}: expert_gating_func {gating} is not supported for {family} "
                               "(1 = softmax, 2 = sigmoid; GLM-4.5 routes by sigmoid)")
+    # groups under softmax are DeepSeek-V2 / V2.5's group-limited greedy (a group ranks by its best
+    # expert), under sigmoid DeepSeek-V3's (its best two): the router picks the rule by the scoring
     n_group = int(field(f"{arch}.expert_group_count", 1) or 1)
-    if gating == 1 and n_group > 1:  # DeepSeek-V2's group_limited_greedy ranks groups by their max score
-        raise CheckpointError(f"GGUF {arch}: softmax routing over {n_group} expert groups (DeepSeek-V2's "
-                              "group-limited greedy) is not implemented; Lagoon runs ungrouped softmax "
-                              "(DeepSeek-V2-Lite, Coder-V2-Lite) and grouped sigmoid (DeepSeek-V3) routers")
     return dict(
         n_shared_experts=n_shared,
         first_k_dense_replace=int(field(f"{arch}.leading_dense_block_count", 0) or 0),

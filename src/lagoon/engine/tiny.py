@@ -98,6 +98,16 @@ def _config(family: str, vocab: int, **over: Any) -> Any:
             "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 20, "num_key_value_heads": 4,
             "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
                                 "mscale_all_dim": 1.0, "original_max_position_embeddings": 128}}),
+        # DeepSeek-V2 / V2.5: the same MLA network (plain q_proj, as V2-Lite) with a softmax router,
+        # group-limited greedy over 4 groups of 2 (2 kept), no renormalisation, routed scaling
+        "deepseek_v2": (tf.DeepseekV2Config, {
+            "num_hidden_layers": 3, "n_routed_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 24,
+            "n_shared_experts": 1, "n_group": 4, "topk_group": 2, "topk_method": "group_limited_greedy",
+            "first_k_dense_replace": 1, "routed_scaling_factor": 1.5, "intermediate_size": 72, "q_lora_rank": None,
+            "kv_lora_rank": 24, "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 20,
+            "num_key_value_heads": 4,
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707,
+                                "mscale_all_dim": 0.707, "original_max_position_embeddings": 128}}),
     }
     if family not in table:
         raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(table)}")
@@ -105,7 +115,8 @@ def _config(family: str, vocab: int, **over: Any) -> Any:
     return cls(**{**common, **extra, **over})
 
 
-TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss", "deepseek_v3")
+TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss",
+                 "deepseek_v2", "deepseek_v3")
 
 
 def save_tiny_model(folder: str | Path, family: str = "llama", *, seed: int = 0, vocab: int = 320, **config: Any) -> Path:

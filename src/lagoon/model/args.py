@@ -24,7 +24,8 @@ from lagoon.model.rope import RopeSpec, rope_spec
 __all__ = ["ModelArgs", "LayerSpec", "FAMILIES", "MOE_FAMILIES", "ATTENTION_KINDS"]
 
 DENSE_FAMILIES = ("llama", "qwen2", "qwen3")
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss", "deepseek_v3")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "laguna", "gpt_oss", "deepseek_v2",
+                "deepseek_v3")
 FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
 ATTENTION_KINDS = ("gqa", "mla")  # grouped-query; multi-head latent (DeepSeek-V3, `lagoon.model.mla`)
 

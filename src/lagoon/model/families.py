@@ -196,10 +196,25 @@ def _gpt_oss(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return a
 
 
+_TOPK_METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",)}
+
+
 def _deepseek_v3(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """DeepSeek-V3: multi-head latent attention (the cache holds the kv latent + the shared roped
     key), grouped sigmoid router with correction bias, shared experts, the first
-    `first_k_dense_replace` layers dense; MTP layers past n_layers are skipped by the loader."""
+    `first_k_dense_replace` layers dense; MTP layers past n_layers are skipped by the loader.
+    DeepSeek-V2 / V2.5 (`deepseek_v2`) is the same network with a softmax router: ``greedy`` (V2-Lite)
+    ignores the groups, ``group_limited_greedy`` (V2, V2.5) keeps the `topk_group` groups holding the
+    best experts; its mixing weights are the softmax probabilities (renormalised only under
+    `norm_topk_prob`, which the released V2 checkpoints leave off) x `routed_scaling_factor`."""
+    method = cfg.get("topk_method") or _TOPK_METHODS[family][0]
+    if method not in _TOPK_METHODS[family]:
+        raise UnsupportedModelError(f"{family} topk_method {method!r} is not supported; Lagoon runs "
+                                    f"{', '.join(_TOPK_METHODS[family])} for {family}")
+    if family == "deepseek_v2":
+        grouped = method == "group_limited_greedy"
+        cfg = {**cfg, "scoring_func": cfg.get("scoring_func") or "softmax", "norm_topk_prob": bool(cfg.get("norm_topk_prob")),
+               "n_group": cfg.get("n_group") if grouped else 1, "topk_group": cfg.get("topk_group") if grouped else 1}
     rope_dim = int(cfg["qk_rope_head_dim"])
     a = _common(family, {**cfg, "head_dim": rope_dim})  # the RoPE table rotates qk_rope_head_dim channels
     a.update(
@@ -225,7 +240,7 @@ PARSERS: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
     "llama": _dense, "qwen2": _dense, "qwen3": _dense,
     "mixtral": _classic_moe, "qwen2_moe": _classic_moe, "qwen3_moe": _classic_moe, "olmoe": _classic_moe,
     "glm4_moe": _glm4_moe, "laguna": _laguna, "gpt_oss": _gpt_oss,
-    "deepseek_v3": _deepseek_v3,
+    "deepseek_v2": _deepseek_v3, "deepseek_v3": _deepseek_v3,
 }
 
 

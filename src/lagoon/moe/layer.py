@@ -289,7 +289,7 @@ class SparseMoE(nn.Module):
         if gate is None or experts is None or not hasattr(experts, "gate_up_proj"):
             raise UnsupportedModelError(
                 f"{type(block).__name__} is not a supported MoE block; supported: MixtralSparseMoeBlock, "
-                "Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, DeepseekV3MoE "
+                "Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock, OlmoeSparseMoeBlock, DeepseekV2Moe, DeepseekV3MoE "
                 "(stacked experts.gate_up_proj / down_proj)"
             )
         num_experts, hidden = gate.weight.shape
@@ -303,6 +303,14 @@ class SparseMoE(nn.Module):
                 n_group=gate.num_group,
                 topk_group=gate.topk_group,
                 routed_scaling_factor=float(gate.routed_scaling_factor),
+            )
+        elif hasattr(gate, "topk_method"):  # DeepSeek-V2: softmax, groups only under group_limited_greedy
+            grouped = gate.topk_method == "group_limited_greedy"
+            kw.update(
+                n_group=int(gate.num_group) if grouped else 1,
+                topk_group=int(gate.topk_group) if grouped else 1,
+                routed_scaling_factor=float(gate.routed_scaling_factor),
+                norm_topk_prob=False,  # transformers' DeepseekV2TopkRouter never renormalises
             )
         shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
         if shared is not None:

@@ -9,8 +9,11 @@ Contract (T = tokens, H = hidden, E = experts, k = top_k):
 * Selection score = ``scores + bias - load_balance_weight * share`` where ``bias`` is the
   ``e_score_correction_bias`` buffer (DeepSeek-V3's, nudged by the aux-loss-free rule and by
   recalibration) and ``share`` is each expert's share of routed assignments over the rolling
-  window of the last ``balance_window`` forward calls. With ``n_group > 1`` only the
-  ``topk_group`` groups with the highest sum of their two best selection scores are eligible.
+  window of the last ``balance_window`` forward calls. With ``n_group > 1`` only the experts of
+  ``topk_group`` groups are eligible: the groups with the highest sum of their two best selection
+  scores under sigmoid scoring (DeepSeek-V3 / GLM-4.5 ``noaux_tc``), the groups with the highest
+  single selection score under softmax scoring (DeepSeek-V2 / V2.5 ``group_limited_greedy``).
+  The rule follows the scoring because each checkpoint family was trained with one pairing.
 * Ties are broken by the lower expert index (a stable descending sort), so the same input and the
   same router state pick the same experts on every run.
 * ``weighting="unit"`` (a `lagoon moefy` model: experts are slices of one dense FFN, so the
@@ -231,7 +234,7 @@ class Router(nn.Module):
         if self.load_balance_weight > 0 and self._window_fill:
             choice = choice - self.load_balance_weight * self.load_share().to(choice.device)
         if self.n_group > 1:
-            choice = self._group_mask(choice)
+            choice = self._group_mask(choice, excluded)
         k = self.top_k
         if excluded is not None:
             choice = choice.masked_fill(excluded, float("-inf"))
@@ -266,7 +269,7 @@ class Router(nn.Module):
         if self.load_balance_weight > 0:
             choice = choice - self.load_balance_weight * self.window_share
         if self.n_group > 1:
-            choice = self._group_mask(choice)
+            choice = self._group_mask(choice, excluded)
         choice = choice.masked_fill(excluded, float("-inf"))
         k = self.top_k
         indices = torch.sort(choice, dim=-1, descending=True, stable=True)[1][:, :k]  # [T, k]
@@ -282,11 +285,17 @@ class Router(nn.Module):
             weights = weights * self.routed_scaling_factor
         return Routing(logits=logits, scores=scores, weights=weights.to(x.dtype), indices=indices, valid=valid)
 
-    def _group_mask(self, choice: torch.Tensor) -> torch.Tensor:
+    def _group_mask(self, choice: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
+        """`choice` [T, E] with the experts outside the `topk_group` best groups at -inf."""
         t, e = choice.shape
         per = e // self.n_group
-        grouped = choice.view(t, self.n_group, per)  # [T, G, E/G]
-        group_scores = grouped.topk(min(2, per), dim=-1)[0].sum(dim=-1)  # [T, G]
+        if self.scoring == "sigmoid":  # DeepSeek-V3 noaux_tc: a group is worth its two best experts
+            grouped = choice.view(t, self.n_group, per)  # [T, G, E/G]
+            group_scores = grouped.topk(min(2, per), dim=-1)[0].sum(dim=-1)  # [T, G]
+        else:  # DeepSeek-V2 group_limited_greedy: a group is worth its best healthy expert
+            if excluded is not None:  # a quarantined expert must not carry its group in
+                choice = choice.masked_fill(excluded, float("-inf"))
+            group_scores = choice.view(t, self.n_group, per).amax(dim=-1)  # [T, G]
         keep = torch.sort(group_scores, dim=-1, descending=True, stable=True)[1][:, : self.topk_group]
         mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)  # [T, G]
         mask = mask.unsqueeze(-1).expand(t, self.n_group, per).reshape(t, e)  # [T, E]
