@@ -257,3 +257,76 @@ def test_a_harmony_reply_streams_reasoning_then_content_as_written():
         got[kind] += piece
     assert early > 50  # not held until the reply ends
     assert (got["reasoning"].strip(), got["content"]) == split_reasoning(reply)
+
+
+DEEPSEEK = [f for f in FAMILIES if f.template.startswith("deepseek")]
+
+
+@pytest.mark.parametrize("family", DEEPSEEK, ids=lambda f: f.template)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_deepseek_calls_stream_as_written(family, seed):
+    """The real template's DeepSeek turn fed in random 1-6 character pieces: each call's name goes out
+    as soon as it is complete and its arguments in many fragments while they are written, all before
+    the calls' closing tag arrives; the fragments join to the whole parse's arguments (the model's own
+    JSON text), the names and content equal it, and the final feed adds nothing."""
+    import random
+
+    from lagoon.tool_syntax import DS_CALLS_END
+
+    turn, _ = _turn(family, CALLS, False)
+    end = turn.index(DS_CALLS_END)
+    rng = random.Random(seed)
+    cuts, at = [], 0
+    while at < len(turn):
+        cuts.append(turn[at : at + rng.randint(1, 6)])
+        at += len(cuts[-1])
+    stream, names, args, content, fed = ToolCallStream(tools=TOOLS), [], {}, "", 0
+    frags_before_end, name_at = 0, {}
+    for piece in cuts:
+        fed += len(piece)
+        for item in stream.feed(piece):
+            if isinstance(item, ToolCallDelta):
+                if item.name:
+                    names.append(item.name)
+                    name_at[item.index] = fed
+                if item.arguments:
+                    args[item.index] = args.get(item.index, "") + item.arguments
+                    frags_before_end += fed <= end
+            else:
+                content += item
+    assert [d for d in stream.feed("", final=True) if not isinstance(d, ToolCallDelta) or d.arguments] == []
+    content_whole, parsed = parse_tool_calls(turn, TOOLS)
+    assert names == [c.name for c in parsed] and content.strip() == content_whole
+    assert [json.loads(args[i]) for i in range(len(parsed))] == [dict(c.arguments) for c in parsed]
+    assert [args[i] for i in range(len(parsed))] == [json.dumps(a) for _, a in CALLS]  # the text as written
+    assert frags_before_end >= 10  # streamed, not one piece at the end
+    first_args = turn.index(CALLS[0][1]["path"])
+    assert name_at[0] < first_args + len(CALLS[0][1]["path"])  # the name went out before its arguments ended
+    assert name_at[1] < turn.index(CALLS[1][1]["path"]) + len(CALLS[1][1]["path"])
+
+
+@pytest.mark.parametrize("syntax", [DEEPSEEK_V31, DEEPSEEK_V3], ids=lambda s: s.name)
+def test_deepseek_odd_calls_stream_like_the_whole_parse(syntax):
+    """A call without the list tag, arguments written as a JSON string (sent whole, decoded), a V3.1
+    tool named `function`, and a call whose arguments are not an object (skipped, as the parse skips
+    it, and the call after it still read)."""
+    from lagoon.tool_syntax import DS_CALL_BEGIN, DS_CALL_END, DS_SEP
+
+    body = syntax.render([("run_tests", {"path": "a b", "k": 2})])[len(syntax.open) :]  # no list tag
+    text = "ok " + body
+    text = text.replace(syntax.close, "")
+    as_string = DS_CALL_BEGIN + "write_file" + DS_SEP + json.dumps(json.dumps({"path": "x"})) + DS_CALL_END
+    named_function = DS_CALL_BEGIN + "function" + DS_SEP + '{"q": 1}' + DS_CALL_END
+    not_object = DS_CALL_BEGIN + "run_tests" + DS_SEP + "[1, 2]" + DS_CALL_END
+    for reply in (text, text + as_string, text + named_function + not_object + as_string):
+        stream, got, names, content = ToolCallStream(tools=TOOLS), {}, [], ""
+        for ch in [*reply, None]:
+            for d in stream.feed(ch or "", final=ch is None):
+                if isinstance(d, ToolCallDelta):
+                    names += [d.name] if d.name else []
+                    got[d.index] = got.get(d.index, "") + d.arguments
+                else:
+                    content += d
+        whole, parsed = parse_tool_calls(reply, TOOLS)
+        assert names == [c.name for c in parsed] and content.strip() == whole == "ok", reply
+        assert [json.loads(got[i]) for i in range(len(parsed))] == [dict(c.arguments) for c in parsed], reply

@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from lagoon.protocols import ToolCall
@@ -28,6 +29,7 @@ from lagoon.tool_syntax import (
     calls_in,
     new_call_id,
     param_schemas,
+    scan_deepseek,
     typed_value,
 )
 
@@ -214,13 +216,15 @@ class ToolCallStream:
 
     def feed(self, piece: str, final: bool = False) -> Iterator[str | ToolCallDelta]:
         self.text += piece
-        outside, blocks = split_blocks(self.text[: _calls_start(self.text)], final)
+        at = _calls_start(self.text)
+        outside, blocks = split_blocks(self.text[:at], final)
         safe = len(outside) if final else _safe_len(outside)
         if safe > self._content:
             yield outside[self._content : safe]
             self._content = safe
         props = param_schemas(self.tools)
-        for i, (name, args, written) in enumerate(c for b in blocks for c in _scan_block(b, props)):
+        scans = chain((c for b in blocks for c in _scan_block(b, props)), scan_deepseek(self.text[at:]))
+        for i, (name, args, written) in enumerate(scans):
             if i == len(self._calls):
                 self._calls.append(_Sent(new_call_id(), text=None if written else ""))
                 yield ToolCallDelta(i, self._calls[i].id, name)
@@ -229,7 +233,7 @@ class ToolCallStream:
                 yield ToolCallDelta(i, arguments=args[sent.args :])
                 sent.args = len(args)
                 sent.text = None if sent.text is None else args
-        if final:  # complete XML / GLM arguments; DeepSeek / harmony calls are sent whole now
+        if final:  # complete XML / GLM / DeepSeek arguments; harmony calls are sent whole now
             for i, c in enumerate(parse_tool_calls(self.text, self.tools)[1]):
                 full = json.dumps(dict(c.arguments))
                 if i == len(self._calls):
@@ -242,7 +246,8 @@ class ToolCallStream:
 
 def _calls_start(text: str) -> int:
     """Where DeepSeek's or harmony's calls begin (everything after is calls); the length when none."""
-    at = text.find(DS_CALLS_BEGIN)
+    found = [i for i in (text.find(DS_CALLS_BEGIN), text.find(DS_CALL_BEGIN)) if i >= 0]  # a call without the list tag too
+    at = min(found) if found else -1
     to = text.find(HARMONY_TO.strip())
     if to >= 0:  # and the header before the recipient: "<|start|>assistant", "<|channel|>commentary "
         to = _HARMONY_HEAD.search(text, 0, to).start()
@@ -252,7 +257,8 @@ def _calls_start(text: str) -> int:
 
 def _safe_len(outside: str) -> int:
     """How much of `outside` can be sent: all but a tail that may be the start of a call's opener."""
-    return min(_safe_tail(outside, OPEN), _safe_tail(outside, DS_CALLS_BEGIN), _safe_tail(outside, HARMONY_TO))
+    return min(_safe_tail(outside, OPEN), _safe_tail(outside, DS_CALLS_BEGIN), _safe_tail(outside, DS_CALL_BEGIN),
+               _safe_tail(outside, HARMONY_TO))
 
 
 def _scan_block(block: str, props: Mapping[str, Mapping[str, Any]]) -> Iterator[tuple[str, str, bool]]:

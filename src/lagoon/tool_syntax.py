@@ -25,15 +25,15 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from lagoon.protocols import ToolCall
 
 __all__ = ["ToolSyntax", "HERMES", "SMOLLM2", "QWEN3_CODER", "HARMONY", "GLM45", "LAGUNA", "LAGUNA_V8",
-           "DEEPSEEK_V3", "DEEPSEEK_V31", "SYNTAXES", "syntax_for", "calls_in", "param_schemas", "new_call_id",
-           "typed_value"]
+           "DEEPSEEK_V3", "DEEPSEEK_V31", "SYNTAXES", "syntax_for", "calls_in", "scan_deepseek", "param_schemas",
+           "new_call_id", "typed_value"]
 
 DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -106,7 +106,7 @@ SYNTAXES = {s.name: s for s in (HERMES, SMOLLM2, QWEN3_CODER, GLM45, LAGUNA, LAG
 
 # the syntax a checkpoint's family uses when its chat template does not say (a GGUF without one)
 _BY_MODEL_TYPE = {"laguna": LAGUNA, "glm4_moe": GLM45, "gpt_oss": HARMONY, "deepseek_v3": DEEPSEEK_V31,
-                  "qwen3_moe": QWEN3_CODER}
+                  "deepseek_v2": DEEPSEEK_V3, "qwen3_moe": QWEN3_CODER}
 
 
 def syntax_for(template: str, model_type: str | None = None) -> ToolSyntax:
@@ -153,6 +153,7 @@ _GLM_NAME = re.compile(r"\s*([\w.\-]+)\s*(?=<arg_key>|$)", re.S)
 _DS_CALL = re.compile(re.escape(DS_CALL_BEGIN) + r"(.*?)" + re.escape(DS_SEP) + r"(.*?)(?:" + re.escape(DS_CALL_END) + r"|$)",
                       re.S)
 _DS_LEGACY = re.compile(r"([^\n]*)\n```(?:json)?\n(.*?)\n```\s*$", re.S)
+_DS_FENCES = ("```json\n", "```\n")
 
 
 def _scalar(v: Any) -> str:
@@ -223,3 +224,49 @@ def calls_in(block: str, syntax_form: str, props: Mapping[str, Mapping[str, Any]
             if isinstance(args, dict) and name:
                 calls.append(ToolCall(id=new_call_id(), name=name, arguments=args))
     return calls
+
+
+def scan_deepseek(region: str) -> Iterator[tuple[str, str, bool]]:
+    """DeepSeek calls as written so far (`region` starts at the calls' opening tag) → per call whose
+    name is complete and whose arguments have begun: (name, arguments text so far, False). The
+    arguments are the model's own JSON text, sent as it grows and cut at the end of the value once
+    that is complete, so the pieces join to exactly what it wrote; `calls_in` reads the same value
+    back from the finished text, and skips what it skips (a finished call whose arguments are not a
+    JSON object). A V3 / R1 call's name is complete at the newline after it, its arguments start
+    after the ```json fence. Arguments written as a JSON *string* (a template that passed them
+    through `tojson`) hold the call back until the string ends; it is then sent decoded. The flag
+    is False ("not necessarily the model's own JSON"): `ToolCallStream`'s final pass may complete it."""
+    dec = json.JSONDecoder()
+    for chunk in region.split(DS_CALL_BEGIN)[1:]:
+        closed = DS_CALL_END in chunk
+        name, sep, raw = chunk.split(DS_CALL_END)[0].partition(DS_SEP)
+        name = name.strip()
+        if name == "function" and raw.lstrip()[:1] not in ("{", '"'):  # V3 / R1: "function<sep>NAME\n```json\n{…}"
+            name, _, rest = raw.partition("\n")
+            name = name.strip()
+            fence = next((f for f in _DS_FENCES if rest.startswith(f)), None)
+            raw = "" if fence is None else rest[len(fence):]
+        start = len(raw) - len(raw.lstrip())
+        head = raw[start : start + 1]
+        args: Any = None
+        if name and head == "{":
+            try:
+                end = dec.raw_decode(raw, start)[1]
+            except json.JSONDecodeError:
+                if not closed:
+                    yield name, raw[start:], False  # still being written
+                    return
+            else:
+                yield name, raw[start:end], False
+                continue
+        elif name and head == '"':  # arguments as a JSON string: the call goes out whole, once it ends
+            try:
+                args = json.loads(dec.raw_decode(raw, start)[0])
+            except (json.JSONDecodeError, TypeError):
+                pass
+            if isinstance(args, dict):
+                yield name, json.dumps(args), False
+                continue
+        if not closed:
+            return  # the name or the arguments' opening is still being written
+        # a finished call `calls_in` does not read: skipped, as it skips it
