@@ -12,6 +12,8 @@ tensor raises CheckpointError naming it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,7 @@ from lagoon.model.rope import attention_scaling, inv_freq
 
 gguf = pytest.importorskip("gguf")
 ARCH = "laguna"
+TEMPLATE = Path(__file__).parents[1] / "fixtures" / "chat_templates" / "laguna_xs2.jinja"
 FULL, SLIDE = "full_attention", "sliding_attention"
 XS2_LIKE = dict(
     num_hidden_layers=5, layer_types=[FULL, SLIDE, SLIDE, SLIDE, FULL], num_attention_heads_per_layer=[6, 4, 4, 2, 6],
@@ -321,6 +324,33 @@ def test_the_files_eot_stops_the_engine(laguna, tmp_path, monkeypatch):
     assert plain.finish_reason == "length" and len(plain.token_ids) == 8
     assert stopped.finish_reason == "stop" and stopped.token_ids[:2] == plain.token_ids[:2]
     assert len(stopped.token_ids) <= 3
+
+
+def test_lagunas_turn_end_is_an_end_of_generation_token(laguna, tmp_path, monkeypatch):
+    """With Laguna's own template (tests/fixtures, XS.2's) and its vocabulary's ``〈|EOS|〉`` and
+    ``</assistant>`` as the converter writes them (CONTROL tokens; eos and eot), every assistant
+    turn the template renders ends in the one token the engine stops on. ``〈|EOS|〉`` is spelled
+    outside the byte alphabet: it keeps its own id (transformers alone gave it a new one, past the
+    model's vocabulary), so the rendered chat runs."""
+    from lagoon.engine import load_model
+
+    monkeypatch.setenv("LAGOON_CACHE_DIR", str(tmp_path / "cache"))
+    _, hf = laguna
+    path = tmp_path / "t.gguf"
+    eos, eot = 260, 261  # after the 256 bytes, 3 ChatML specials and one merge
+    _write(path, hf, _tensors(hf), tokenizer={"eos": eos, "eot": eot, "extra": ("〈|EOS|〉", "</assistant>"),
+                                              "template": TEMPLATE.read_text()})
+    engine = load_model(path, precision="float32")
+    assert {eos, eot} <= engine.eos_ids
+    tok = engine.tokenizer
+    assert tok.convert_tokens_to_ids(["〈|EOS|〉", "</assistant>"]) == [eos, eot]
+    text = engine.chat_format.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                      {"role": "user", "content": "again"}])
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids[0] == eos and ids.count(eot) == 1  # the template opens with 〈|EOS|〉; one closed assistant turn
+    after = ids[ids.index(eot) + 1:]
+    assert tok.decode(after).startswith("\n<user>") and max(ids) < hf.config.vocab_size
+    assert engine.complete(text, SamplingParams(max_new_tokens=2, ignore_eos=True)).completion_tokens == 2
 
 
 def test_laguna_metadata_rules():

@@ -74,12 +74,48 @@ def _gguf_tokenizer(p: Path) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     except (ValueError, TypeError):
         # AutoTokenizer first reads the *model* config, which transformers 5.24 cannot for deepseek2,
-        # glm4moe or olmoe (ValueError) nor for a gpt-oss file with YaRN keys (TypeError); the
+        # glm4moe, olmoe or laguna (ValueError) nor for a gpt-oss file with YaRN keys (TypeError); the
         # tokenizer needs none of it: its vocabulary, merges and template are tokenizer.* keys
-        return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
+        tok = PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
+    _keep_added_tokens(tok, p)
+    return tok
+
+
+def _keep_added_tokens(tok: Any, p: Path) -> None:
+    """Put a byte-level GGUF's control and user-defined tokens spelled outside the byte alphabet
+    (Laguna's ``〈|EOS|〉``, its eos and the first text of its template) back at their own ids, whole.
+    transformers respells the vocabulary into that alphabet and skips such a token; its eos (or the
+    template's text) then becomes a *new* token past the model's vocabulary, an index the embedding
+    does not have."""
+    from tokenizers import Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from lagoon.engine.checkpoint import open_gguf
+
+    fields = open_gguf(p).fields
+    model, types = fields.get("tokenizer.ggml.model"), fields.get("tokenizer.ggml.token_type")
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or model is None or types is None or model.contents() != "gpt2":
+        return
+    alphabet = set(bytes_to_unicode().values())
+    odd = {i: (t, kind) for i, (t, kind) in enumerate(zip(fields["tokenizer.ggml.tokens"].contents(), types.contents(), strict=True))
+           if kind in (3, 4) and not set(t) <= alphabet}  # 3 CONTROL, 4 USER_DEFINED
+    if not odd:
+        return
+    spec = json.loads(backend.to_str())
+    vocab = spec["model"]["vocab"]
+    spelled = {i: k for k, i in vocab.items() if i in odd}
+    for i, (text, _) in odd.items():
+        vocab.pop(spelled.get(i, text), None)
+        vocab[text] = i
+    texts = {text for text, _ in odd.values()}
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["content"] not in texts] + [
+        {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": kind == 3} for i, (text, kind) in sorted(odd.items())]
+    tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
 
 
 _TOOL_SYSTEM = {
