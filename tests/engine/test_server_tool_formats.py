@@ -3,7 +3,8 @@ whose tokenizer carries Laguna's template (v8) with `<think>`, `<tool_call>`, `<
 *special* tokens (as Laguna's tokenizer marks them). Over HTTP with the `openai` client: a forced
 call is written in Laguna's `<arg_key>` syntax, survives decoding (special tokens skipped) and
 comes back as an OpenAI tool call; a history with tool calls, reasoning and a tool result goes
-through the template natively."""
+through the template natively. With DeepSeek-V3.1's template a streamed forced call's arguments
+arrive while the model writes them."""
 
 from __future__ import annotations
 
@@ -84,3 +85,37 @@ def test_chat_template_kwargs_reach_the_template_and_its_opened_reasoning_is_rea
     assert streamed["reasoning_content"].strip() == reasoning and not streamed["content"]
     with pytest.raises(openai.BadRequestError, match="may not set tools"):
         client.chat.completions.create(model=engine.name, messages=msgs, extra_body={"chat_template_kwargs": {"tools": []}})
+
+
+def test_a_forced_deepseek_call_streams_its_arguments_while_written(tmp_path):
+    """DeepSeek-V3.1's template over HTTP: a forced call streamed with `stream=True` sends its name,
+    then its arguments in many fragments (not one at the end) that join to the non-streamed reply's
+    arguments, the same seed writing the same call."""
+    from lagoon.tool_syntax import DEEPSEEK_V31
+
+    folder = save_tiny_model(tmp_path / "m", "llama", max_position_embeddings=1024)
+    tok = byte_tokenizer()
+    tok.chat_template = (TEMPLATE.parent / "deepseek_v3_1.jinja").read_text()
+    tok.save_pretrained(str(folder))
+    note = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string", "minLength": 20, "maxLength": 30}}}
+    tools = [{"type": "function", "function": {"name": "note", "parameters": note}}]
+    engine = load_model(folder, precision="float32")
+    base, stop = start_test_server(engine)
+    try:
+        assert engine.chat_format.tool_syntax is DEEPSEEK_V31
+        client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+        kw = dict(model=engine.name, messages=[{"role": "user", "content": "note it"}], tools=tools, max_tokens=400,
+                  temperature=1.0, seed=3, tool_choice={"type": "function", "function": {"name": "note"}})
+        whole = client.chat.completions.create(**kw).choices[0].message.tool_calls
+        names, frags = [], []
+        for ev in client.chat.completions.create(stream=True, **kw):
+            for c in (ev.choices[0].delta.tool_calls or []) if ev.choices else []:
+                names += [c.function.name] if c.function.name else []
+                frags += [c.function.arguments] if c.function.arguments else []
+    finally:
+        stop()
+        engine.close()
+    assert [c.function.name for c in whole] == names == ["note"]
+    assert len(frags) >= 10  # written token by token, not sent whole at the end
+    assert json.loads("".join(frags)) == json.loads(whole[0].function.arguments)
+    jsonschema.validate(json.loads("".join(frags)), note)

@@ -206,7 +206,9 @@ def _deepseek_v3(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
     DeepSeek-V2 / V2.5 (`deepseek_v2`) is the same network with a softmax router: ``greedy`` (V2-Lite)
     ignores the groups, ``group_limited_greedy`` (V2, V2.5) keeps the `topk_group` groups holding the
     best experts; its mixing weights are the softmax probabilities (renormalised only under
-    `norm_topk_prob`, which the released V2 checkpoints leave off) x `routed_scaling_factor`."""
+    `norm_topk_prob`, which the released V2 checkpoints leave off) x `routed_scaling_factor`. (Under
+    `norm_topk_prob` DeepSeek's own V2 code skips the scaling, vLLM and llama.cpp apply both, as
+    Lagoon does; transformers never renormalises. No released V2 checkpoint sets it.)"""
     method = cfg.get("topk_method") or _TOPK_METHODS[family][0]
     if method not in _TOPK_METHODS[family]:
         raise UnsupportedModelError(f"{family} topk_method {method!r} is not supported; Lagoon runs "
