@@ -266,3 +266,14 @@ def test_deepseek_v2_group_limited_greedy_is_read_and_live(folders, tmp_path):
     with pytest.raises(UnsupportedModelError, match="topk_method 'noaux_tc'"):
         ModelArgs.from_folder(greedy)
 
+
+
+def test_generation_config_eos_ids_join_the_stop_set(tmp_path):
+    """Chat checkpoints often list their end-of-turn id only in generation_config.json; it stops
+    generation as in transformers and vLLM. A broken generation_config.json is optional and ignored."""
+    folder = save_tiny_model(tmp_path / "m", "llama")
+    base = ModelArgs.from_folder(folder).eos_token_ids
+    (folder / "generation_config.json").write_text('{"eos_token_id": [258, 7, 11]}')
+    assert ModelArgs.from_folder(folder).eos_token_ids == tuple(dict.fromkeys(base + (258, 7, 11)))
+    (folder / "generation_config.json").write_text("{not json")
+    assert ModelArgs.from_folder(folder).eos_token_ids == base

@@ -14,7 +14,7 @@ config loader for Lagoon itself (see `lagoon.config`); it only describes the net
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -164,4 +164,18 @@ class ModelArgs:
             raise CheckpointError(f"{path} is not valid JSON ({exc}); re-export the checkpoint") from exc
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{path} is a JSON {type(cfg).__name__}, not an object; re-export the checkpoint")
-        return cls.from_hf_config(cfg)
+        args = cls.from_hf_config(cfg)
+        extra = _generation_eos(Path(folder) / "generation_config.json")
+        return replace(args, eos_token_ids=tuple(dict.fromkeys(args.eos_token_ids + extra))) if extra else args
+
+
+def _generation_eos(path: Path) -> tuple[int, ...]:
+    """The stop ids of `generation_config.json` (as transformers' `generate` and vLLM use them): chat
+    models often list their end-of-turn token there only (e.g. `<|eot_id|>` beside
+    `<|end_of_text|>`). A missing or unreadable file adds nothing: it is optional."""
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    ids = eos if isinstance(eos, list) else [eos]
+    return tuple(int(t) for t in ids if isinstance(t, int) and not isinstance(t, bool))
