@@ -248,6 +248,11 @@ def test_deepseek_v2_group_limited_greedy_is_read_and_live(folders, tmp_path):
     args = ModelArgs.from_folder(folders["deepseek_v2"])
     assert (args.family, args.scoring, args.n_group, args.topk_group) == ("deepseek_v2", "softmax", 4, 2)
     assert not args.norm_topk_prob and args.routed_scaling_factor == 1.5 and not args.q_lora_rank
+    from lagoon.model.variants import check_variant  # the presets name V2's family: only the sizes differ
+
+    for name in ("deepseek_coder_v2_lite", "deepseek_v25"):
+        warns = " ".join(check_variant(name, args, args.num_experts, args.top_k))
+        assert "checkpoint is deepseek_v2" not in warns and "routed experts" in warns and "experts per token" in warns
     model = load_checkpoint(folders["deepseek_v2"], "float32")
     x = _prompts()
     with torch.no_grad():

@@ -38,6 +38,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("glm45_air", "glm4_moe", 106e9, 12e9, 128, 8, 46, "GLM-4.5-Air"),
     Variant("glm45", "glm4_moe", 355e9, 32e9, 160, 8, 92, "GLM-4.5"),
     Variant("deepseek_v3", "deepseek_v3", 671e9, 37e9, 256, 8, 61, "DeepSeek-V3 / V3.1"),
+    Variant("deepseek_v25", "deepseek_v2", 236e9, 21e9, 160, 6, 60, "DeepSeek-V2.5 / V2 (group-limited greedy router)"),
+    Variant("deepseek_coder_v2_lite", "deepseek_v2", 15.7e9, 2.4e9, 64, 6, 27, "DeepSeek-Coder-V2-Lite-Instruct"),
     Variant("mixtral_8x7b", "mixtral", 46.7e9, 12.9e9, 8, 2, 32, "Mixtral-8x7B"),
 )}
 
