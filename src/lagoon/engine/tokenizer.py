@@ -1,8 +1,10 @@
-"""Tokenizers and chat templates (through `transformers.AutoTokenizer`), and tool-call parsing.
+"""Tokenizers and chat templates, and tool-call parsing.
 
-`load_tokenizer(source)` reads the tokenizer from a HF folder, or from a GGUF file; converting a
-GGUF vocabulary is slow (~20 s), so the converted tokenizer is kept in `cache_root()/tokenizers`
-(keyed by the file's size and mtime, written to a temp folder then renamed) and reused.
+`load_tokenizer(source)` reads the tokenizer from a HF folder (`transformers.AutoTokenizer`), or
+from a GGUF file; converting a GGUF vocabulary is slow (~20 s), so the converted tokenizer is kept
+in `cache_root()/tokenizers` (keyed by the file's size and mtime, written to a temp folder then
+renamed) with a `lagoon.engine.fast_tokenizer` record of it, which later loads read without
+importing transformers (a record that cannot be read is logged, deleted and written again).
 
 `ChatFormat` renders OpenAI-style messages and tools through the checkpoint's own chat template,
 and knows the family's tool-call syntax (`ChatFormat.tool_syntax`, read from the template by
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,29 +35,39 @@ from typing import Any
 from jinja2 import TemplateError
 
 from lagoon.cache_dir import cache_root
+from lagoon.engine.fast_tokenizer import RECORD, read_record, write_record
 from lagoon.errors import BadRequestError, CheckpointError
 from lagoon.tool_calls import parse_tool_calls
 from lagoon.tool_syntax import HARMONY, ToolSyntax, syntax_for
 
 __all__ = ["load_tokenizer", "ChatFormat", "parse_tool_calls"]
 
+log = logging.getLogger("lagoon.engine")
+
 
 def _cache_root() -> Path:
     return cache_root() / "tokenizers"
 
 
-def load_tokenizer(source: str | Path) -> Any:
-    from transformers import AutoTokenizer
+def gguf_tokenizer_folder(path: Path) -> Path:
+    """Where the tokenizer converted from the GGUF file `path` is cached (whether or not it is)."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _cache_root() / key
 
+
+def load_tokenizer(source: str | Path) -> Any:
+    """A HF folder's tokenizer (transformers'), or a GGUF file's: converted once by transformers,
+    then read from the cache as a `FastTokenizer` (no transformers import on a warm start)."""
     p = Path(source)
     try:
         if p.is_dir():
+            from transformers import AutoTokenizer
+
             return AutoTokenizer.from_pretrained(str(p))
-        st = p.stat()
-        key = hashlib.sha256(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        cached = _cache_root() / key
+        cached = gguf_tokenizer_folder(p)
         if (cached / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(cached))
+            return _cached_tokenizer(cached)
         tok = _gguf_tokenizer(p)
         tmp: Path | None = None
         try:
@@ -65,9 +78,32 @@ def load_tokenizer(source: str | Path) -> Any:
         except OSError:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)  # a cache miss next time, nothing worse
-        return tok
+            return tok
+        return _cached_tokenizer(cached)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot load a tokenizer from {source} ({exc}); the checkpoint needs one") from exc
+
+
+def _cached_tokenizer(folder: Path) -> Any:
+    """A converted GGUF tokenizer from the cache: its `FastTokenizer` record, written on first use
+    from what transformers loads from the folder (so both paths behave the same)."""
+    try:
+        fast = read_record(folder)
+    except Exception as exc:  # noqa: BLE001 - any defect of the record means "rebuild it"; said here
+        log.warning("tokenizer record in %s is unusable (%s: %s); rebuilding it", folder, type(exc).__name__, exc)
+        (folder / RECORD).unlink(missing_ok=True)
+        fast = None
+    if fast is not None:
+        return fast
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    try:
+        if write_record(tok, folder):
+            return read_record(folder) or tok
+    except OSError as exc:  # a read-only cache: transformers' tokenizer serves, at its load cost
+        log.warning("could not write the tokenizer record in %s (%s)", folder, exc)
+    return tok
 
 
 def _gguf_tokenizer(p: Path) -> Any:
