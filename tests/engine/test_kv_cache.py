@@ -63,3 +63,18 @@ def test_blocks_are_returned_and_evicted_lru():
     assert cache.free_blocks == 0
     cache.free(1, [])
     assert cache.allocate(2, list(range(9))) == 0  # the old prefix was evicted
+
+
+def test_pools_start_zeroed_aligned_and_writable():
+    # the pools are calloc'ed (zeroed by the OS on first touch), not filled: they must still read as
+    # zeros, be 64-byte aligned and own their memory for in-place writes
+    m = _model()
+    for paged in (True, False):
+        for dtype in (torch.float32, torch.bfloat16):
+            cache = make_cache(m.args, paged=paged, max_batch=2, max_seq_len=64, dtype=dtype)
+            for t in (*cache.k, *cache.v):
+                assert t.dtype == dtype and t.is_contiguous() and t.data_ptr() % 64 == 0
+                assert not t.any()
+            x = torch.randn(cache.k[0].shape).to(dtype)
+            cache.k[0].copy_(x)
+            assert torch.equal(cache.k[0], x) and not cache.k[1].any()
