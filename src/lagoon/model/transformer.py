@@ -212,13 +212,19 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        # built on the meta device (every checkpoint load), the embedding skips its normal_ init and the
+        # RoPE tables their arithmetic: those meta kernels are Python decompositions, and the first
+        # one called imports torch._dynamo (~0.8 s)
+        meta = torch.get_default_device().type == "meta"
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim,
+                                         _weight=torch.empty(args.vocab_size, args.dim) if meta else None)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope_scale = {name: attention_scaling(spec) for name, spec in args.ropes}
-        for name, spec in args.ropes:
-            self.register_buffer(f"inv_freq_{name}", inv_freq(spec), persistent=False)
+        for name, spec in args.ropes:  # on meta only its shape: `reset_rope` computes it after the load
+            self.register_buffer(f"inv_freq_{name}", torch.empty(-(-spec.dim // 2)) if meta else inv_freq(spec),
+                                 persistent=False)
 
     def reset_rope(self) -> None:
         """Recompute the RoPE buffers (after building on the meta device)."""
