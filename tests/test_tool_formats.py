@@ -88,7 +88,7 @@ def test_streamed_reasoning_equals_the_split_of_the_whole(text, size):
 
 
 @pytest.mark.parametrize("syntax", [QWEN3_CODER, HARMONY], ids=lambda s: s.name)
-def test_streamed_xml_and_harmony_calls_arrive_whole_at_the_end(syntax):
+def test_streamed_xml_and_harmony_calls_join_to_the_rendered_calls(syntax):
     from lagoon.tool_calls import ToolCallDelta, ToolCallStream
 
     text = syntax.render(CALLS)

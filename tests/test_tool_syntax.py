@@ -330,3 +330,108 @@ def test_deepseek_odd_calls_stream_like_the_whole_parse(syntax):
         whole, parsed = parse_tool_calls(reply, TOOLS)
         assert names == [c.name for c in parsed] and content.strip() == whole == "ok", reply
         assert [json.loads(got[i]) for i in range(len(parsed))] == [dict(c.arguments) for c in parsed], reply
+
+
+GPT_OSS = next(f for f in FAMILIES if f.template == "gpt_oss")
+ANSWER = "Both ran: a < b holds, and x<y> is `{'k': 1}`.\n"
+
+
+def _harmony_reply(form: str) -> str:
+    """A gpt-oss reply with reasoning. `template`: the real template's assistant turn with a call
+    (the recipient before the channel); `native`: as the model writes it (the recipient after the
+    channel, `<|constrain|>json`, compact JSON); each ends with the `<|call|>` end token. `final`:
+    the template's turn with an answer on the final channel, up to `<|return|>`."""
+    if form == "template":
+        return _turn(GPT_OSS, CALLS[:1], True)[0] + "<|call|>"
+    if form == "native":
+        name, args = CALLS[1]
+        return (f"<|channel|>analysis<|message|>{REASONING}<|end|><|start|>assistant<|channel|>commentary "
+                f"to=functions.{name} <|constrain|>json<|message|>{json.dumps(args, separators=(',', ':'))}<|call|>")
+    fmt = _format(GPT_OSS)
+    msgs = [{"role": "user", "content": "Run the tests."}]
+    before = fmt.tok.apply_chat_template(fmt._prepare(msgs, TOOLS)[0], tokenize=False, **fmt._prepare(msgs, TOOLS)[1])
+    prepared, kw = fmt._prepare([*msgs, {"role": "assistant", "content": ANSWER, "reasoning_content": REASONING}], TOOLS)
+    full = fmt.tok.apply_chat_template(prepared, tokenize=False, **kw)
+    assert full.startswith(before + GPT_OSS.header), full[len(before):]
+    return full[len(before + GPT_OSS.header) : full.index("<|return|>")]
+
+
+@pytest.mark.parametrize("form", ["template", "native", "final"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_harmony_reasoning_calls_and_answer_stream_as_written(form, seed):
+    """A gpt-oss reply fed as the server feeds it (`ReasoningStream`, then `ToolCallStream`) in
+    random 1-6 character pieces: the analysis channel goes out as reasoning while written (never as
+    content), the call's name once its header is complete, its arguments in many fragments before
+    `<|call|>` arrives (the model's own JSON text), the final channel as content while written; each
+    joins to the whole reply's parse (`split_reasoning` + `parse_tool_calls`), and the final feed
+    adds no arguments."""
+    import random
+
+    reply = _harmony_reply(form)
+    rng = random.Random(seed)
+    cuts, at = [], 0
+    while at < len(reply):
+        cuts.append(reply[at : at + rng.randint(1, 6)])
+        at += len(cuts[-1])
+    thinking, stream = ReasoningStream(), ToolCallStream(tools=TOOLS)
+    got: dict = {"reasoning": "", "content": "", "names": [], "args": {}}
+    seen: dict = {"reasoning": [], "content": [], "args": [], "name": []}  # characters fed when each piece went out
+    fed = 0
+
+    def take(items, final=False):
+        for item in items:
+            if isinstance(item, ToolCallDelta):
+                assert not final or not item.arguments  # nothing held back to the end
+                if item.name:
+                    got["names"].append(item.name)
+                    seen["name"].append(fed)
+                if item.arguments:
+                    got["args"][item.index] = got["args"].get(item.index, "") + item.arguments
+                    seen["args"].append(fed)
+            elif item:
+                got["content"] += item
+                seen["content"].append(fed)
+
+    for i, piece in enumerate([*cuts, ""]):
+        fed += len(piece)
+        final = i == len(cuts)
+        for kind, text in thinking.feed(piece, final):
+            if kind == "reasoning":
+                got["reasoning"] += text
+                seen["reasoning"].append(fed)
+            else:
+                take(stream.feed(text))
+        if final:
+            take(stream.feed("", final=True), final=True)
+    reasoning, rest = split_reasoning(reply)
+    content, parsed = parse_tool_calls(rest, TOOLS)
+    assert got["reasoning"] == REASONING == reasoning and REASONING not in got["content"]
+    assert sum(f <= reply.index(REASONING) + len(REASONING) for f in seen["reasoning"]) >= 5  # while written
+    assert got["names"] == [c.name for c in parsed] and got["content"].strip() == content.strip()
+    assert [json.loads(got["args"][i]) for i in range(len(parsed))] == [dict(c.arguments) for c in parsed]
+    if form == "final":
+        assert not parsed and got["content"] == content == ANSWER
+        assert sum(f < len(reply) for f in seen["content"]) >= 5
+        return
+    name, args = CALLS[0] if form == "template" else CALLS[1]
+    assert [(c.name, dict(c.arguments)) for c in parsed] == [(name, args)] and got["content"] == ""
+    written = reply[reply.index("<|message|>{") + len("<|message|>") : reply.index("<|call|>")]
+    assert got["args"][0] == written  # the model's own text
+    end = reply.index("<|call|>")
+    assert sum(f <= end for f in seen["args"]) >= 10  # streamed before the end marker
+    assert seen["name"][0] <= reply.index("<|message|>{") + len("<|message|>{") + 6
+
+
+def test_a_harmony_reply_cut_short_keeps_its_reasoning_out_of_the_content():
+    """A reply stopped (max_tokens) inside the analysis channel: all of it is reasoning, streamed or
+    whole, none of it (nor the channel tags) content; a `<` in it goes out before the next tag does."""
+    reply = "<|channel|>analysis<|message|>if a < b then x<|y> holds"
+    s, got, before_end = ReasoningStream(), {"reasoning": "", "content": ""}, ""
+    for ch in reply:
+        for kind, piece in s.feed(ch):
+            got[kind] += piece
+    before_end = got["reasoning"]
+    for kind, piece in s.feed("", final=True):
+        got[kind] += piece
+    assert split_reasoning(reply) == ("if a < b then x<|y> holds", "")
+    assert got == {"reasoning": "if a < b then x<|y> holds", "content": ""} and before_end == got["reasoning"]

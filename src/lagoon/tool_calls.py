@@ -22,6 +22,7 @@ from lagoon.tool_syntax import (
     DS_CALLS_BEGIN,
     DS_CALLS_END,
     HARMONY,
+    HARMONY_CALL,
     HERMES,
     QWEN3_CODER,
     SMOLLM2,
@@ -30,6 +31,7 @@ from lagoon.tool_syntax import (
     new_call_id,
     param_schemas,
     scan_deepseek,
+    scan_harmony,
     typed_value,
 )
 
@@ -39,13 +41,9 @@ __all__ = ["ToolSyntax", "HERMES", "SMOLLM2", "QWEN3_CODER", "HARMONY", "parse_t
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 HARMONY_TO = " to=functions."
 _HEAD_RE = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*')
-# the recipient may sit before or after the channel: "to=functions.f<|channel|>commentary json<|message|>"
-_HARMONY_CALL = re.compile(
-    r"(?:<\|start\|>assistant)?(?:<\|channel\|>\w+\s*)?\s*to=functions\.([\w.\-]+)(?:(?!<\|message\|>).)*<\|message\|>(.*?)"
-    r"(?:<\|call\|>|$)", re.S)
 _HARMONY_HEAD = re.compile(r"(?:<\|start\|>assistant)?(?:<\|channel\|>\w+)?\s*$")
 _HARMONY_MSG = re.compile(
-    r"<\|channel\|>(\w+)(?:(?!<\|message\|>).)*<\|message\|>(.*?)(?=<\|end\|>|<\|return\|>|<\|call\|>|<\|start\|>|$)",
+    r"<\|channel\|>(\w+)(?:(?!<\|message\|>).)*<\|message\|>(.*?)(?=<\|end\|>|<\|return\|>|<\|call\|>|<\|start\|>|<\|channel\|>|\Z)",
     re.S)
 
 
@@ -54,11 +52,8 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     template having opened the tag, and closes it) → R; harmony: the analysis channel is the
     reasoning, the final channel the content, commentary (tool calls) stays in the rest."""
     if "<|channel|>" in text:
-        parts = [(m.group(1), m.group(2)) for m in _HARMONY_MSG.finditer(text)]
-        reasoning = "".join(body for ch, body in parts if ch == "analysis").strip() or None
-        final = "".join(body for ch, body in parts if ch == "final")
-        calls = "".join(m.group(0) for m in _HARMONY_CALL.finditer(text))
-        return reasoning, (final + calls) if (final or calls) else text
+        reasoning, rest, found = _harmony_split(text)
+        return reasoning.strip() or None, rest if found else text
     end = text.find("</think>")
     if end < 0:
         return None, text
@@ -69,6 +64,17 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     return head.strip() or None, text[end + len("</think>") :].lstrip()
 
 
+def _harmony_split(text: str) -> tuple[str, str, bool]:
+    """A harmony reply → (its analysis channel's text, its final channel's text and its calls as
+    written, in the order written; whether any of those was found). Commentary without a recipient
+    (a preamble) is neither."""
+    found = [(m.start(), m.group(1) == "analysis", m.group(2)) for m in _HARMONY_MSG.finditer(text)
+             if m.group(1) in ("analysis", "final")]
+    found += [(m.start(), False, m.group(0)) for m in HARMONY_CALL.finditer(text)]
+    found.sort(key=lambda f: f[0])
+    return "".join(t for _, r, t in found if r), "".join(t for _, r, t in found if not r), bool(found)
+
+
 def parse_tool_calls(text: str, tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[str, list[ToolCall]]:
     """Split a reply into (content without the calls, parsed calls), in any family's syntax. A JSON
     block may hold one call object or a list of them; a reply that is only a bare
@@ -76,10 +82,10 @@ def parse_tool_calls(text: str, tools: Sequence[Mapping[str, Any]] | None = None
     XML / GLM calls write as text (a `string` parameter keeps its exact text)."""
     props = param_schemas(tools)
     if HARMONY_TO.strip() in text:  # harmony (gpt-oss)
-        calls = [c for m in _HARMONY_CALL.finditer(text) for c in _calls_from_json(
+        calls = [c for m in HARMONY_CALL.finditer(text) for c in _calls_from_json(
             json.dumps({"name": m.group(1), "arguments": _json_or_none(m.group(2))}))]
         if calls:
-            return _HARMONY_CALL.sub("", text).strip(), calls
+            return HARMONY_CALL.sub("", text).strip(), calls
     if DS_CALL_BEGIN in text:  # DeepSeek-V3 / V3.1
         at = text.find(DS_CALLS_BEGIN)
         at = text.find(DS_CALL_BEGIN) if at < 0 else at
@@ -223,7 +229,8 @@ class ToolCallStream:
             yield outside[self._content : safe]
             self._content = safe
         props = param_schemas(self.tools)
-        scans = chain((c for b in blocks for c in _scan_block(b, props)), scan_deepseek(self.text[at:]))
+        scans = chain((c for b in blocks for c in _scan_block(b, props)), scan_deepseek(self.text[at:]),
+                      scan_harmony(self.text[at:]))
         for i, (name, args, written) in enumerate(scans):
             if i == len(self._calls):
                 self._calls.append(_Sent(new_call_id(), text=None if written else ""))
@@ -233,7 +240,7 @@ class ToolCallStream:
                 yield ToolCallDelta(i, arguments=args[sent.args :])
                 sent.args = len(args)
                 sent.text = None if sent.text is None else args
-        if final:  # complete XML / GLM / DeepSeek arguments; harmony calls are sent whole now
+        if final:  # complete XML / GLM arguments; a call no scanner saw (a bare JSON reply) is sent whole now
             for i, c in enumerate(parse_tool_calls(self.text, self.tools)[1]):
                 full = json.dumps(dict(c.arguments))
                 if i == len(self._calls):
@@ -342,16 +349,15 @@ class ReasoningStream:
     _harmony_sent: dict[str, str] = field(default_factory=lambda: {"reasoning": "", "content": ""})
 
     def _harmony(self, final: bool) -> Iterator[tuple[str, str]]:
-        """Harmony: the analysis channel's text as reasoning, the final channel's and the calls as
-        content, each as it grows (a tail that may be an unfinished `<|…|>` tag waits)."""
+        """Harmony: the analysis channel's text as reasoning, the final channel's and the calls (their
+        header and arguments as written, for `ToolCallStream` to read) as content, each as it grows;
+        a tail that may be an unfinished `<|…|>` tag waits. The pieces join to `split_reasoning`'s
+        split of the whole reply (the reasoning before its strip)."""
+        reasoning, content, found = _harmony_split(self.text)
         if final:
-            reasoning, rest = split_reasoning(self.text)
-            now = {"reasoning": reasoning or "", "content": rest}
+            now = {"reasoning": reasoning, "content": content if found else self.text}
         else:
-            parts = [(m.group(1), m.group(2)) for m in _HARMONY_MSG.finditer(self.text)]
-            calls = "".join(m.group(0) for m in _HARMONY_CALL.finditer(self.text))
-            now = {"reasoning": _tag_safe("".join(b for ch, b in parts if ch == "analysis")),
-                   "content": _tag_safe("".join(b for ch, b in parts if ch == "final") + calls)}
+            now = {"reasoning": _tag_safe(reasoning), "content": _tag_safe(content)}
         for kind in ("reasoning", "content"):
             sent = self._harmony_sent[kind]
             if now[kind].startswith(sent) and len(now[kind]) > len(sent):
@@ -398,10 +404,14 @@ class ReasoningStream:
             self._sent = len(self.text)
 
 
+_TAG_TAIL = re.compile(r"<(?:\|\w*\|?)?\Z")
+
+
 def _tag_safe(text: str) -> str:
-    """`text` without a tail that may be an unfinished harmony tag (`<|end`)."""
-    cut = text.rfind("<")
-    return text[:cut] if cut >= 0 and ">" not in text[cut:] else text
+    """`text` without a tail that may be an unfinished harmony tag (`<`, `<|en`, `<|end|`); a `<` in
+    the text (`a < b`, code in a call's arguments) goes out as soon as what follows it is no tag."""
+    m = _TAG_TAIL.search(text)
+    return text[: m.start()] if m is not None else text
 
 
 def _safe_tail(text: str, tag: str) -> int:

@@ -9,7 +9,9 @@ tests/fixtures/chat_templates are those templates):
 - xml (Qwen3-Coder): `<tool_call>\\n<function=N>\\n<parameter=K>\\nV\\n</parameter>\\n</function>\\n</tool_call>`.
 - glm (GLM-4.5/4.6, Laguna): `<tool_call>N\\n<arg_key>K</arg_key>\\n<arg_value>V</arg_value>\\n</tool_call>`
   (Laguna's later template writes it without the newlines: `sep=""`).
-- harmony (gpt-oss): after `<|start|>assistant`, ` to=functions.N<|channel|>commentary json<|message|>{…}<|call|>`.
+- harmony (gpt-oss): after `<|start|>assistant`, ` to=functions.N<|channel|>commentary json<|message|>{…}<|call|>`
+  (the template's order); the model itself writes `<|channel|>commentary to=functions.N <|constrain|>json<|message|>{…}`,
+  its analysis channel (reasoning) and final channel (the answer) as `<|channel|>C<|message|>…<|end|>`.
 - deepseek (DeepSeek-V3.1): `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>N<｜tool▁sep｜>{…}<｜tool▁call▁end｜>…<｜tool▁calls▁end｜>`;
   DeepSeek-V3/R1 put `function<｜tool▁sep｜>N\\n```json\\n{…}\\n```` between the call tags.
 
@@ -32,12 +34,19 @@ from typing import Any
 from lagoon.protocols import ToolCall
 
 __all__ = ["ToolSyntax", "HERMES", "SMOLLM2", "QWEN3_CODER", "HARMONY", "GLM45", "LAGUNA", "LAGUNA_V8",
-           "DEEPSEEK_V3", "DEEPSEEK_V31", "SYNTAXES", "syntax_for", "calls_in", "scan_deepseek", "param_schemas",
+           "DEEPSEEK_V3", "DEEPSEEK_V31", "SYNTAXES", "syntax_for", "calls_in", "scan_deepseek", "scan_harmony",
+           "HARMONY_CALL", "param_schemas",
            "new_call_id", "typed_value"]
 
 DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 HARMONY_TOKENS = ("<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>", "<|call|>", "<|return|>")
+# one harmony call, whole or still being written: the recipient may sit before or after the channel
+# ("to=functions.f<|channel|>commentary json<|message|>" or "<|channel|>commentary to=functions.f <|constrain|>json<|message|>");
+# group 1 the name, group 2 the arguments text (up to `<|call|>`, an end token the engine does not decode)
+HARMONY_CALL = re.compile(
+    r"(?:<\|start\|>assistant)?(?:<\|channel\|>\w+\s*)?\s*to=functions\.([\w.\-]+)(?:(?!<\|message\|>).)*<\|message\|>(.*?)"
+    r"(?:<\|call\|>|\Z)", re.S)
 
 
 @dataclass(frozen=True)
@@ -270,3 +279,41 @@ def scan_deepseek(region: str) -> Iterator[tuple[str, str, bool]]:
         if not closed:
             return  # the name or the arguments' opening is still being written
         # a finished call `calls_in` does not read: skipped, as it skips it
+
+
+def scan_harmony(region: str) -> Iterator[tuple[str, str, bool]]:
+    """Harmony calls as written so far (`region` starts at the first call's header) → per call whose
+    header is complete (`<|message|>` written, so the name is whole) and whose arguments have begun:
+    (name, arguments text so far, False), as `scan_deepseek` does: the model's own JSON, sent as it
+    grows and cut at the end of the value once complete, so the pieces join to exactly what it wrote
+    and `json.loads` of them equals the whole-reply parse (`lagoon.tool_calls.parse_tool_calls`,
+    which reads `HARMONY_CALL`). Arguments written as a JSON string go out whole, decoded, once the
+    string ends; a finished call whose arguments are not a JSON object is skipped, as the parse skips
+    it. A call ends at `<|call|>` or at the end of the text (the engine does not decode that end token)."""
+    dec = json.JSONDecoder()
+    for m in HARMONY_CALL.finditer(region):
+        name, raw = m.group(1), m.group(2)
+        closed = m.group(0).endswith("<|call|>")
+        start = len(raw) - len(raw.lstrip())
+        head = raw[start : start + 1]
+        if head == "{":
+            try:
+                end = dec.raw_decode(raw, start)[1]
+            except json.JSONDecodeError:
+                if not closed:
+                    yield name, raw[start:], False  # still being written
+                    return
+            else:
+                yield name, raw[start:end], False
+                continue
+        elif head == '"':  # arguments as a JSON string: the call goes out whole, once the string ends
+            args: Any = None
+            try:
+                args = json.loads(dec.raw_decode(raw, start)[0])
+            except (json.JSONDecodeError, TypeError):
+                pass
+            if isinstance(args, dict):
+                yield name, json.dumps(args), False
+                continue
+        if not closed:
+            return  # the arguments' opening (or a string) is still being written
