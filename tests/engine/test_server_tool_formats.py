@@ -4,7 +4,7 @@ whose tokenizer carries Laguna's template (v8) with `<think>`, `<tool_call>`, `<
 call is written in Laguna's `<arg_key>` syntax, survives decoding (special tokens skipped) and
 comes back as an OpenAI tool call; a history with tool calls, reasoning and a tool result goes
 through the template natively. With DeepSeek-V3.1's template a streamed forced call's arguments
-arrive while the model writes them."""
+arrive while the model writes them; with gpt-oss's (harmony) so do its reasoning, call and answer."""
 
 from __future__ import annotations
 
@@ -119,3 +119,62 @@ def test_a_forced_deepseek_call_streams_its_arguments_while_written(tmp_path):
     assert len(frags) >= 10  # written token by token, not sent whole at the end
     assert json.loads("".join(frags)) == json.loads(whole[0].function.arguments)
     jsonschema.validate(json.loads("".join(frags)), note)
+
+
+def test_a_gpt_oss_reply_streams_reasoning_calls_and_answer_while_written(tmp_path):
+    """gpt-oss's template over HTTP: a forced call (the template's header order), and replies held by
+    a regex to what gpt-oss itself writes (analysis, then a call on the commentary channel or an
+    answer on the final channel). Streamed, the reasoning arrives as `reasoning_content` in many
+    pieces (never as content), the call's name once, its arguments in many fragments, the answer in
+    many content pieces; each joins to the non-streamed reply's, the same seed writing the same text."""
+    from lagoon.tool_syntax import HARMONY
+
+    folder = save_tiny_model(tmp_path / "m", "llama", max_position_embeddings=1024)
+    tok = byte_tokenizer()
+    tok.chat_template = (TEMPLATE.parent / "gpt_oss.jinja").read_text()
+    tok.save_pretrained(str(folder))
+    note = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string", "minLength": 20, "maxLength": 30}}}
+    tools = [{"type": "function", "function": {"name": "note", "description": "Take a note", "parameters": note}}]
+    analysis = r"<\|channel\|>analysis<\|message\|>[a-z ]{12,16}<\|end\|><\|start\|>assistant"
+    native_call = analysis + r'<\|channel\|>commentary to=functions\.note <\|constrain\|>json<\|message\|>\{"text": "[a-z ]{20,30}"\}'
+    final = analysis + r"<\|channel\|>final<\|message\|>[a-z ]{12,16}"
+    engine = load_model(folder, precision="float32")
+    base, stop = start_test_server(engine)
+    got = []
+    try:
+        assert engine.chat_format.tool_syntax is HARMONY
+        client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+        base_kw = dict(model=engine.name, messages=[{"role": "user", "content": "note it"}], tools=tools, max_tokens=300,
+                       temperature=1.0, seed=3)
+        for extra in ({"tool_choice": {"type": "function", "function": {"name": "note"}}},
+                      {"extra_body": {"guided_regex": native_call}}, {"extra_body": {"guided_regex": final}}):
+            kw = {**base_kw, **extra}
+            whole = client.chat.completions.create(**kw).choices[0].message
+            streamed = {"reasoning_content": [], "content": [], "names": [], "args": []}
+            for ev in client.chat.completions.create(stream=True, **kw):
+                delta = ev.choices[0].delta if ev.choices else None
+                for key in ("reasoning_content", "content"):
+                    streamed[key] += [getattr(delta, key, None)] if getattr(delta, key, None) else []
+                for c in (delta.tool_calls or []) if delta is not None else []:
+                    streamed["names"] += [c.function.name] if c.function.name else []
+                    streamed["args"] += [c.function.arguments] if c.function.arguments else []
+            got.append((whole, streamed))
+    finally:
+        stop()
+        engine.close()
+    for whole, streamed in got:
+        calls = whole.tool_calls or []
+        assert [c.function.name for c in calls] == streamed["names"]
+        assert "".join(streamed["content"]).strip() == (whole.content or "")
+        assert "".join(streamed["reasoning_content"]).strip() == (getattr(whole, "reasoning_content", None) or "")
+        if calls:
+            assert len(streamed["args"]) >= 10  # written token by token, not sent whole at the end
+            assert json.loads("".join(streamed["args"])) == json.loads(calls[0].function.arguments)
+            jsonschema.validate(json.loads("".join(streamed["args"])), note)
+    (forced, f_stream), (native, n_stream), (answer, a_stream) = got
+    assert forced.tool_calls and native.tool_calls and not answer.tool_calls
+    assert not getattr(forced, "reasoning_content", None) and not forced.content
+    for msg, stream in ((native, n_stream), (answer, a_stream)):
+        assert 12 <= len(msg.reasoning_content) <= 16 and len(stream["reasoning_content"]) >= 10
+        assert "analysis" not in "".join(stream["content"]) and "<|" not in (msg.content or "")
+    assert not native.content and 12 <= len(answer.content) <= 16 and len(a_stream["content"]) >= 10
