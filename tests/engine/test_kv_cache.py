@@ -78,3 +78,58 @@ def test_pools_start_zeroed_aligned_and_writable():
             x = torch.randn(cache.k[0].shape).to(dtype)
             cache.k[0].copy_(x)
             assert torch.equal(cache.k[0], x) and not cache.k[1].any()
+
+
+def _reference_binding(cache: PagedKVCache, seq_ids, input_pos: torch.Tensor):
+    # every index rebuilt from the block tables (what prepare computed each step before it kept
+    # each sequence's unrolled slots): slot = block * block_size + offset
+    bs, S = cache.block_size, int(input_pos.max()) + 1
+    rows = []
+    for s in seq_ids:
+        table = [cache.scratch] * -(-S // bs) if s is None else cache.tables[s]
+        rows.append([table[j // bs] * bs + j % bs if j // bs < len(table) else None for j in range(S)])
+    write = torch.tensor([[rows[b][int(p)] for p in input_pos[b]] for b in range(len(seq_ids))])
+    keys = torch.arange(S)
+    return write, rows, (keys[None, None, :] <= input_pos[:, :, None])[:, None]
+
+
+def test_prepare_binds_the_slots_of_each_block_table():
+    # sequences that grow across block boundaries, share a prefix-cached table start, are freed
+    # and their ids reused, decoded together with padding slots: the bound write / read / mask
+    # indices equal ones rebuilt from the tables (reads past a shorter sequence are masked)
+    g = torch.Generator().manual_seed(5)
+    cache = PagedKVCache(ARGS, num_blocks=40, block_size=4, dtype=torch.float32, max_seq_len=64)
+    prompts = {0: torch.randint(0, 64, (9,), generator=g).tolist()}
+    prompts[1] = prompts[0][:8] + [5, 6, 7]
+    cache.allocate(0, prompts[0])
+    cache.ensure(0, 9)
+    cache.free(0, prompts[0])  # two full blocks keyed for the next prompt
+    cache.allocate(0, prompts[0])
+    assert cache.allocate(1, prompts[1]) == 8
+    cache.allocate(2, [1, 2])
+    lens = {0: 9, 1: 11, 2: 2}
+    for step in range(12):
+        ids = [0, None, 1, 2] if step % 3 else [1]
+        for s in ids:
+            if s is not None:
+                cache.ensure(s, lens[s] + 1)
+        pos = torch.tensor([[lens[s] if s is not None else 3] for s in ids])
+        if step == 5:  # a prefill of several tokens for sequence 2 alone
+            ids, pos = [2], torch.arange(lens[2], lens[2] + 6)[None]
+            cache.ensure(2, lens[2] + 6)
+            lens[2] += 5
+        cache.prepare(ids, pos)
+        write, read, mask = cache._bound
+        ref_write, ref_rows, ref_mask = _reference_binding(cache, ids, pos)
+        assert torch.equal(write, ref_write) and torch.equal(mask, ref_mask)
+        for b, row in enumerate(ref_rows):
+            visible = mask[b, 0, -1]
+            assert read[b][visible].tolist() == [x for x, v in zip(row, visible.tolist(), strict=True) if v]
+        for s in ids:
+            if s is not None:
+                lens[s] += 1
+        if step == 7:  # sequence 2 finishes; its id comes back with a new prompt
+            cache.free(2, [])
+            cache.allocate(2, [3] * 5)
+            cache.ensure(2, 5)
+            lens[2] = 5

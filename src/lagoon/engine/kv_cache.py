@@ -141,6 +141,9 @@ class PagedKVCache:
         self.tables: dict[int, list[int]] = {}
         self.hits = 0  # tokens served from the prefix cache (for telemetry and tests)
         self._bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._slot_rows: dict[int, tuple[int, torch.Tensor]] = {}  # seq -> (blocks, slots [blocks * bs])
+        self._zeros = torch.zeros(max_seq_len, dtype=torch.int64)
+        self._scratch_slots = num_blocks * block_size + torch.arange(max_seq_len) % block_size
 
     @property
     def free_blocks(self) -> int:
@@ -188,6 +191,7 @@ class PagedKVCache:
                 self.refs[b] += 1
                 table.append(b)
         self.tables[seq_id] = table
+        self._slot_rows.pop(seq_id, None)
         n = len(table) * self.block_size
         self.hits += n
         return n
@@ -204,6 +208,7 @@ class PagedKVCache:
 
     def free(self, seq_id: int, token_ids: Sequence[int] = ()) -> None:
         table = self.tables.pop(seq_id, None)
+        self._slot_rows.pop(seq_id, None)
         if table is None:
             return
         keys = self._keys(token_ids, min(len(token_ids) // self.block_size, len(table))) if self.prefix_cache else []
@@ -220,16 +225,27 @@ class PagedKVCache:
     def bound_tensors(self) -> list[torch.Tensor]:
         return list(self._bound)
 
+    def _slots(self, seq_id: int | None) -> torch.Tensor:
+        """The cache slots of a sequence's positions 0.. (its block table unrolled), rebuilt only
+        when the table grew: a decode step then slices it instead of rebuilding every index."""
+        if seq_id is None:
+            return self._scratch_slots
+        table = self.tables[seq_id]
+        have = self._slot_rows.get(seq_id)
+        if have is None or have[0] != len(table):
+            bs = self.block_size
+            slots = (torch.tensor(table, dtype=torch.int64)[:, None] * bs + torch.arange(bs)).flatten()
+            have = self._slot_rows[seq_id] = (len(table), slots)
+        return have[1]
+
     def prepare(self, seq_ids: Sequence[int | None], input_pos: torch.Tensor, static: bool = False) -> None:
         """Bind a step; a `None` id is a padding slot (writes the scratch block). `static` changes
-        nothing here: block reads are always a gather."""
-        bs = self.block_size
+        nothing here: block reads are always a gather. Positions past a shorter sequence's
+        blocks read slot 0 (masked)."""
         S = int(input_pos.max()) + 1
-        n = self.blocks_for(S)
-        tables = torch.tensor([([self.scratch] * n if s is None else (self.tables[s] + [0] * n)[:n]) for s in seq_ids])
-        write = tables.gather(1, input_pos // bs) * bs + input_pos % bs  # [B, T]
-        j = torch.arange(S)
-        read = tables[:, j // bs] * bs + j % bs  # [B, S]
+        rows = [self._slots(s) for s in seq_ids]
+        read = torch.stack([r[:S] if len(r) >= S else torch.cat([r, self._zeros[: S - len(r)]]) for r in rows])  # [B, S]
+        write = read.gather(1, input_pos)  # [B, T]
         self._bound = (write, read, _mask(input_pos, S))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
