@@ -13,7 +13,7 @@ from lagoon.config import LagoonConfig
 from lagoon.errors import QuantizationError
 from lagoon.quant import QuantConfig, TokenType, get_scheme, token_types
 from lagoon.quant.linear import QuantizedLinear
-from lagoon.quant.policy import activation_absmax, current_token_types
+from lagoon.quant.policy import activation_absmax, current_token_types, reasoning_types
 
 C, TO, R = TokenType.CONTEXT, TokenType.TOOL_OUTPUT, TokenType.REASONING
 
@@ -55,6 +55,16 @@ def test_tags_apply_only_when_counts_match() -> None:
         assert current_token_types(4) is None
     assert current_token_types(3) is None
     with pytest.raises(QuantizationError, match="token types"), token_types([5]):
+        pass
+
+
+def test_reasoning_types_are_built_once_and_others_still_checked() -> None:
+    # a decode step's tags come from reasoning_types (built once per batch size, taken unchecked);
+    # any other tensor, even one equal to them, is still checked
+    assert reasoning_types(3) is reasoning_types(3) and reasoning_types(3).tolist() == [R, R, R]
+    with token_types(reasoning_types(3)):
+        assert current_token_types(3) is reasoning_types(3)
+    with pytest.raises(QuantizationError, match="token types"), token_types(torch.tensor([R, R, 7])):
         pass
 
 

@@ -35,7 +35,7 @@ from lagoon.engine.compile import DecodeStep
 from lagoon.engine.grammar import GrammarMatcher
 from lagoon.engine.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
 from lagoon.errors import BadRequestError, ContextWindowExceededError, LagoonError
-from lagoon.quant.policy import TokenType, token_types
+from lagoon.quant.policy import TokenType, reasoning_types, token_types
 
 __all__ = ["Scheduler", "Request", "TextStream"]
 
@@ -190,9 +190,9 @@ class Scheduler:
         batch = list(self.active)  # _emit may retire requests from self.active
         for req in batch:
             self.cache.ensure(req.id, len(req.prompt_ids) + len(req.output_ids))
-        tokens = torch.tensor([[r.output_ids[-1]] for r in batch])  # [B, 1]
-        pos = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in batch])  # [B, 1]
-        with token_types(torch.full((len(batch),), int(TokenType.REASONING), dtype=torch.int64)):
+        tokens = torch.tensor([r.output_ids[-1] for r in batch]).view(-1, 1)  # [B, 1]
+        pos = torch.tensor([len(r.prompt_ids) + len(r.output_ids) - 1 for r in batch]).view(-1, 1)  # [B, 1]
+        with token_types(reasoning_types(len(batch))):
             logits = self.step([r.id for r in batch], tokens, pos)  # [B, V]
         for i, req in enumerate(batch):
             self._emit(req, logits[i])
