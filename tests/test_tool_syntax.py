@@ -435,3 +435,28 @@ def test_a_harmony_reply_cut_short_keeps_its_reasoning_out_of_the_content():
         got[kind] += piece
     assert split_reasoning(reply) == ("if a < b then x<|y> holds", "")
     assert got == {"reasoning": "if a < b then x<|y> holds", "content": ""} and before_end == got["reasoning"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_harmony_matches_kept_as_the_text_grows_equal_a_fresh_search(seed):
+    """`GrowingMatches` (what `ReasoningStream` reads a streamed harmony reply with, in linear time)
+    against a fresh `finditer` after every piece of random harmony-like text: tags whole and cut,
+    channels, recipients, JSON, stray `<`; messages ended by each token, calls ended by `<|call|>`,
+    by another token, or not at all."""
+    import random
+
+    from lagoon.tool_syntax import HARMONY_CALL, HARMONY_MESSAGE, HARMONY_MESSAGE_ENDS, GrowingMatches
+
+    words = ["<|channel|>", "<|message|>", "<|start|>", "assistant", "<|end|>", "<|call|>", "<|return|>",
+             "<|constrain|>", "analysis", "final", "commentary", " to=functions.", "run_tests", "json", "{", '"a": 1',
+             "}", " ", "\n", "x", "a < b", "<|", "<|en", "|>", "to=", "functions."]
+    rng = random.Random(seed)
+    for _ in range(60):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(5, 60)))
+        growing = [GrowingMatches(HARMONY_MESSAGE, HARMONY_MESSAGE_ENDS),
+                   GrowingMatches(HARMONY_CALL, ("<|call|>",), needs="to=functions.")]
+        at = 0
+        while at < len(text):
+            at += rng.randint(1, 8)
+            for g in growing:
+                assert g.update(text[:at]) == GrowingMatches.spans(g.pattern, text[:at]), (text[:at], g.pattern.pattern[:20])

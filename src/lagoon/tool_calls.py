@@ -23,9 +23,13 @@ from lagoon.tool_syntax import (
     DS_CALLS_END,
     HARMONY,
     HARMONY_CALL,
+    HARMONY_MESSAGE,
+    HARMONY_MESSAGE_ENDS,
     HERMES,
     QWEN3_CODER,
     SMOLLM2,
+    GrowingMatches,
+    Span,
     ToolSyntax,
     calls_in,
     new_call_id,
@@ -42,9 +46,6 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 HARMONY_TO = " to=functions."
 _HEAD_RE = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 _HARMONY_HEAD = re.compile(r"(?:<\|start\|>assistant)?(?:<\|channel\|>\w+)?\s*$")
-_HARMONY_MSG = re.compile(
-    r"<\|channel\|>(\w+)(?:(?!<\|message\|>).)*<\|message\|>(.*?)(?=<\|end\|>|<\|return\|>|<\|call\|>|<\|start\|>|<\|channel\|>|\Z)",
-    re.S)
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:
@@ -64,13 +65,16 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     return head.strip() or None, text[end + len("</think>") :].lstrip()
 
 
-def _harmony_split(text: str) -> tuple[str, str, bool]:
+def _harmony_split(text: str, messages: list[Span] | None = None, calls: list[Span] | None = None) -> tuple[str, str, bool]:
     """A harmony reply → (its analysis channel's text, its final channel's text and its calls as
     written, in the order written; whether any of those was found). Commentary without a recipient
-    (a preamble) is neither."""
-    found = [(m.start(), m.group(1) == "analysis", m.group(2)) for m in _HARMONY_MSG.finditer(text)
-             if m.group(1) in ("analysis", "final")]
-    found += [(m.start(), False, m.group(0)) for m in HARMONY_CALL.finditer(text)]
+    (a preamble) is neither. `messages` / `calls`: the spans of `HARMONY_MESSAGE` / `HARMONY_CALL`
+    in `text` when already known (`ReasoningStream` keeps them as the text grows)."""
+    messages = GrowingMatches.spans(HARMONY_MESSAGE, text) if messages is None else messages
+    calls = GrowingMatches.spans(HARMONY_CALL, text) if calls is None else calls
+    found = [(start, channel == "analysis", text[body:end]) for start, end, channel, body in messages
+             if channel in ("analysis", "final")]
+    found += [(start, False, text[start:end]) for start, end, _, _ in calls]
     found.sort(key=lambda f: f[0])
     return "".join(t for _, r, t in found if r), "".join(t for _, r, t in found if not r), bool(found)
 
@@ -347,13 +351,15 @@ class ReasoningStream:
     _sent: int = 0
     _answer_started: bool = False
     _harmony_sent: dict[str, str] = field(default_factory=lambda: {"reasoning": "", "content": ""})
+    _messages: GrowingMatches = field(default_factory=lambda: GrowingMatches(HARMONY_MESSAGE, HARMONY_MESSAGE_ENDS))
+    _calls: GrowingMatches = field(default_factory=lambda: GrowingMatches(HARMONY_CALL, ("<|call|>",), needs="to=functions."))
 
     def _harmony(self, final: bool) -> Iterator[tuple[str, str]]:
         """Harmony: the analysis channel's text as reasoning, the final channel's and the calls (their
         header and arguments as written, for `ToolCallStream` to read) as content, each as it grows;
         a tail that may be an unfinished `<|…|>` tag waits. The pieces join to `split_reasoning`'s
         split of the whole reply (the reasoning before its strip)."""
-        reasoning, content, found = _harmony_split(self.text)
+        reasoning, content, found = _harmony_split(self.text, self._messages.update(self.text), self._calls.update(self.text))
         if final:
             now = {"reasoning": reasoning, "content": content if found else self.text}
         else:
@@ -410,7 +416,7 @@ _TAG_TAIL = re.compile(r"<(?:\|\w*\|?)?\Z")
 def _tag_safe(text: str) -> str:
     """`text` without a tail that may be an unfinished harmony tag (`<`, `<|en`, `<|end|`); a `<` in
     the text (`a < b`, code in a call's arguments) goes out as soon as what follows it is no tag."""
-    m = _TAG_TAIL.search(text)
+    m = _TAG_TAIL.search(text, max(0, len(text) - 12))  # the longest tag is 11 characters
     return text[: m.start()] if m is not None else text
 
 

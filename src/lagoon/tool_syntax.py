@@ -28,25 +28,30 @@ import json
 import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lagoon.protocols import ToolCall
 
 __all__ = ["ToolSyntax", "HERMES", "SMOLLM2", "QWEN3_CODER", "HARMONY", "GLM45", "LAGUNA", "LAGUNA_V8",
            "DEEPSEEK_V3", "DEEPSEEK_V31", "SYNTAXES", "syntax_for", "calls_in", "scan_deepseek", "scan_harmony",
-           "HARMONY_CALL", "param_schemas",
+           "HARMONY_CALL", "HARMONY_MESSAGE", "HARMONY_MESSAGE_ENDS", "GrowingMatches", "Span", "param_schemas",
            "new_call_id", "typed_value"]
 
 DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 HARMONY_TOKENS = ("<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>", "<|call|>", "<|return|>")
+# one harmony message: group 1 its channel, group 2 its text (up to the token that ends it, or the text's end)
+HARMONY_MESSAGE = re.compile(
+    r"<\|channel\|>(\w+)(?:(?!<\|message\|>).)*<\|message\|>(.*?)(?=<\|end\|>|<\|return\|>|<\|call\|>|<\|start\|>|<\|channel\|>|\Z)",
+    re.S)
+HARMONY_MESSAGE_ENDS = ("<|end|>", "<|return|>", "<|call|>", "<|start|>", "<|channel|>")
 # one harmony call, whole or still being written: the recipient may sit before or after the channel
 # ("to=functions.f<|channel|>commentary json<|message|>" or "<|channel|>commentary to=functions.f <|constrain|>json<|message|>");
 # group 1 the name, group 2 the arguments text (up to `<|call|>`, an end token the engine does not decode)
-HARMONY_CALL = re.compile(
-    r"(?:<\|start\|>assistant)?(?:<\|channel\|>\w+\s*)?\s*to=functions\.([\w.\-]+)(?:(?!<\|message\|>).)*<\|message\|>(.*?)"
-    r"(?:<\|call\|>|\Z)", re.S)
+_HARMONY_CALL_HEAD = r"(?:<\|start\|>assistant)?(?:<\|channel\|>\w+\s*)?\s*to=functions\.([\w.\-]+)(?:(?!<\|message\|>).)*<\|message\|>"
+HARMONY_CALL = re.compile(_HARMONY_CALL_HEAD + r"(.*?)(?:<\|call\|>|\Z)", re.S)
+_HARMONY_HEAD_RE = re.compile(_HARMONY_CALL_HEAD, re.S)
 
 
 @dataclass(frozen=True)
@@ -290,10 +295,13 @@ def scan_harmony(region: str) -> Iterator[tuple[str, str, bool]]:
     which reads `HARMONY_CALL`). Arguments written as a JSON string go out whole, decoded, once the
     string ends; a finished call whose arguments are not a JSON object is skipped, as the parse skips
     it. A call ends at `<|call|>` or at the end of the text (the engine does not decode that end token)."""
-    dec = json.JSONDecoder()
-    for m in HARMONY_CALL.finditer(region):
-        name, raw = m.group(1), m.group(2)
-        closed = m.group(0).endswith("<|call|>")
+    dec, pos = json.JSONDecoder(), 0
+    # HARMONY_CALL's matches, each body found without a regex (a long one is read again per piece)
+    while (m := _HARMONY_HEAD_RE.search(region, pos)) is not None:
+        close = region.find("<|call|>", m.end())
+        closed = close >= 0
+        name, raw = m.group(1), region[m.end() : close if closed else len(region)]
+        pos = close + len("<|call|>") if closed else len(region)
         start = len(raw) - len(raw.lstrip())
         head = raw[start : start + 1]
         if head == "{":
@@ -317,3 +325,56 @@ def scan_harmony(region: str) -> Iterator[tuple[str, str, bool]]:
                 continue
         if not closed:
             return  # the arguments' opening (or a string) is still being written
+
+
+Span = tuple[int, int, str, int]  # a match's start, end, group 1 and where its last group (the body) starts
+
+
+@dataclass
+class GrowingMatches:
+    """`pattern.finditer` over a text that only grows (a streamed reply), as `Span`s, reading again
+    only what may have changed, so a long reply costs linear time, not quadratic. The pattern's last
+    group is a body that ends at a token of `closes` (or the text's end). A match whose body ended
+    before the end stays as found (a later start failed for good: the text it read is complete); the
+    last may run to the end of the text (still being written): it grows with the text, without a
+    search, while no closing token arrives. `needs`, a literal every match holds, skips the search
+    while absent. The spans always equal a fresh `finditer`'s (`spans`; tests check every prefix)."""
+
+    pattern: re.Pattern[str]
+    closes: tuple[str, ...]
+    needs: str | None = None
+    _settled: list[Span] = field(default_factory=list)
+    _open: Span | None = None  # the last match, its body running to the end of the text at `_seen`
+    _resume: int = 0  # where the next search starts: the end of the last settled match
+    _seen: int = 0
+    _absent: int = 0  # `needs` does not start before this
+
+    @staticmethod
+    def spans(pattern: re.Pattern[str], text: str) -> list[Span]:
+        return [(m.start(), m.end(), m.group(1), m.start(pattern.groups)) for m in pattern.finditer(text)]
+
+    def update(self, text: str) -> list[Span]:
+        n, seen, self._seen = len(text), self._seen, len(text)
+        if self._open is not None:
+            start, _, label, body = self._open
+            # a closing token that ends the body must start in what is new (one that started earlier and
+            # was complete would have ended it already; one cut by the old end may complete now)
+            region = text[max(body, seen - max(map(len, self.closes)) + 1) :]
+            if not any(c in region for c in self.closes):
+                self._open = (start, n, label, body)
+                return [*self._settled, self._open]
+            self._open = None
+        if self.needs is not None:
+            at = text.find(self.needs, max(self._resume, self._absent))
+            if at < 0:
+                self._absent = max(self._absent, n - len(self.needs) + 1)
+                return list(self._settled)
+        body_group = self.pattern.groups
+        for m in self.pattern.finditer(text, self._resume):
+            span = (m.start(), m.end(), m.group(1), m.start(body_group))
+            if m.end(body_group) == n:  # the body runs to the end: only the last match can
+                self._open = span
+                return [*self._settled, span]
+            self._settled.append(span)
+            self._resume = m.end()
+        return list(self._settled)
