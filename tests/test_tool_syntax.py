@@ -334,18 +334,20 @@ def test_deepseek_odd_calls_stream_like_the_whole_parse(syntax):
 
 GPT_OSS = next(f for f in FAMILIES if f.template == "gpt_oss")
 ANSWER = "Both ran: a < b holds, and x<y> is `{'k': 1}`.\n"
+PREAMBLE = "I'll write a.py now."  # commentary without a recipient: for the user
 
 
 def _harmony_reply(form: str) -> str:
     """A gpt-oss reply with reasoning. `template`: the real template's assistant turn with a call
-    (the recipient before the channel); `native`: as the model writes it (the recipient after the
-    channel, `<|constrain|>json`, compact JSON); each ends with the `<|call|>` end token. `final`:
+    (the recipient before the channel); `native`: as the model writes it (a preamble, the recipient
+    after the channel, `<|constrain|>json`, compact JSON); each ends with the `<|call|>` end token. `final`:
     the template's turn with an answer on the final channel, up to `<|return|>`."""
     if form == "template":
         return _turn(GPT_OSS, CALLS[:1], True)[0] + "<|call|>"
     if form == "native":
         name, args = CALLS[1]
-        return (f"<|channel|>analysis<|message|>{REASONING}<|end|><|start|>assistant<|channel|>commentary "
+        return (f"<|channel|>analysis<|message|>{REASONING}<|end|><|start|>assistant<|channel|>commentary<|message|>"
+                f"{PREAMBLE}<|end|><|start|>assistant<|channel|>commentary "
                 f"to=functions.{name} <|constrain|>json<|message|>{json.dumps(args, separators=(',', ':'))}<|call|>")
     fmt = _format(GPT_OSS)
     msgs = [{"role": "user", "content": "Run the tests."}]
@@ -362,7 +364,7 @@ def test_harmony_reasoning_calls_and_answer_stream_as_written(form, seed):
     """A gpt-oss reply fed as the server feeds it (`ReasoningStream`, then `ToolCallStream`) in
     random 1-6 character pieces: the analysis channel goes out as reasoning while written (never as
     content), the call's name once its header is complete, its arguments in many fragments before
-    `<|call|>` arrives (the model's own JSON text), the final channel as content while written; each
+    `<|call|>` arrives (the model's own JSON text), the final channel (and a preamble) as content; each
     joins to the whole reply's parse (`split_reasoning` + `parse_tool_calls`), and the final feed
     adds no arguments."""
     import random
@@ -414,7 +416,8 @@ def test_harmony_reasoning_calls_and_answer_stream_as_written(form, seed):
         assert sum(f < len(reply) for f in seen["content"]) >= 5
         return
     name, args = CALLS[0] if form == "template" else CALLS[1]
-    assert [(c.name, dict(c.arguments)) for c in parsed] == [(name, args)] and got["content"] == ""
+    assert [(c.name, dict(c.arguments)) for c in parsed] == [(name, args)]
+    assert got["content"] == content == (PREAMBLE if form == "native" else "")
     written = reply[reply.index("<|message|>{") + len("<|message|>") : reply.index("<|call|>")]
     assert got["args"][0] == written  # the model's own text
     end = reply.index("<|call|>")
@@ -460,3 +463,13 @@ def test_harmony_matches_kept_as_the_text_grows_equal_a_fresh_search(seed):
             at += rng.randint(1, 8)
             for g in growing:
                 assert g.update(text[:at]) == GrowingMatches.spans(g.pattern, text[:at]), (text[:at], g.pattern.pattern[:20])
+
+
+def test_harmony_commentary_is_content_only_without_a_recipient():
+    """A preamble (commentary to no one) is for the user; commentary addressed to a tool (a function,
+    or a built-in one such as the browser) is not, whichever side of the channel names it."""
+    reply = ("<|channel|>commentary<|message|>Checking.<|end|>"
+             "<|start|>assistant to=browser.search<|channel|>commentary json<|message|>{\"q\": 1}<|end|>"
+             "<|start|>assistant<|channel|>commentary to=python<|message|>print(1)<|end|>"
+             "<|start|>assistant<|channel|>final<|message|>Done.")
+    assert split_reasoning(reply) == (None, "Checking.Done.")

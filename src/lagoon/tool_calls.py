@@ -66,17 +66,26 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
 
 
 def _harmony_split(text: str, messages: list[Span] | None = None, calls: list[Span] | None = None) -> tuple[str, str, bool]:
-    """A harmony reply → (its analysis channel's text, its final channel's text and its calls as
-    written, in the order written; whether any of those was found). Commentary without a recipient
-    (a preamble) is neither. `messages` / `calls`: the spans of `HARMONY_MESSAGE` / `HARMONY_CALL`
-    in `text` when already known (`ReasoningStream` keeps them as the text grows)."""
+    """A harmony reply → (its analysis channel's text, its final channel's text, its preambles and its
+    calls as written, in the order written; whether any of those was found). A preamble is commentary
+    without a recipient, which the harmony spec means for the user (vLLM shows it too). `messages` /
+    `calls`: the spans of `HARMONY_MESSAGE` / `HARMONY_CALL` in `text` when already known
+    (`ReasoningStream` keeps them as the text grows)."""
     messages = GrowingMatches.spans(HARMONY_MESSAGE, text) if messages is None else messages
     calls = GrowingMatches.spans(HARMONY_CALL, text) if calls is None else calls
     found = [(start, channel == "analysis", text[body:end]) for start, end, channel, body in messages
-             if channel in ("analysis", "final")]
+             if channel in ("analysis", "final") or (channel == "commentary" and not _addressed(text, start, body))]
     found += [(start, False, text[start:end]) for start, end, _, _ in calls]
     found.sort(key=lambda f: f[0])
     return "".join(t for _, r, t in found if r), "".join(t for _, r, t in found if not r), bool(found)
+
+
+def _addressed(text: str, start: int, body: int) -> bool:
+    """Whether the message whose channel starts at `start` has a recipient (`to=…`), after its
+    channel or before it (`<|start|>assistant to=functions.f<|channel|>…`)."""
+    lo = max(0, start - 256)  # the header since the last message ended (or the reply began)
+    head = max([lo, *(text.rfind(t, lo, start) for t in ("<|start|>", "<|end|>", "<|call|>", "<|return|>", "<|message|>"))])
+    return "to=" in text[head:body]
 
 
 def parse_tool_calls(text: str, tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[str, list[ToolCall]]:
