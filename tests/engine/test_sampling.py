@@ -14,6 +14,20 @@ def test_greedy_is_argmax():
     assert sample(logits, SamplingParams(temperature=0)) == int(logits.argmax())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_picks_argmax_first_maximum_on_ties(dtype):
+    # bf16 logits tie often: the fast pick must be argmax's (the first maximum), also with top_k=1,
+    # and inside a grammar's mask
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        logits = (torch.randn(49152, generator=g) * 2).round().to(dtype)  # many exact ties
+        assert sample(logits, SamplingParams(temperature=0)) == int(torch.argmax(logits))
+        assert sample(logits, SamplingParams(temperature=0.7, top_k=1)) == int(torch.argmax(logits))
+        allowed = torch.rand(49152, generator=g) < 0.3
+        masked = logits.masked_fill(~allowed, float("-inf"))
+        assert sample(logits, SamplingParams(temperature=0), allowed=allowed) == int(torch.argmax(masked))
+
+
 def test_top_k_and_top_p_support():
     logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
     kept = filter_logits(logits, top_k=2, top_p=1.0)
