@@ -1,5 +1,5 @@
 """`cache_root()`: the one folder where Lagoon keeps what it can rebuild but would rather not —
-compiled decode steps (``compile/``), repacked GGUF weights (``gguf/``), converted tokenizers
+compiled decode steps (``compile/``), repacked GGUF weights (``gguf/``), built native kernels (``kernels/``), converted tokenizers
 (``tokenizers/``), moefied models (``models/``), SWE-bench mirrors (``mirrors/``).
 
 ``LAGOON_CACHE_DIR`` moves it (default ``~/.cache/lagoon``); ``LAGOON_CACHE``, the name some parts

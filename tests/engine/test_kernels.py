@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lagoon.engine.checkpoint import dequant_q4_0, load_gguf, q4_0_fields
-from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear
+from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q4ActLinear
 from lagoon.engine.kernels import cpu_isa, kernel_plan
 from lagoon.errors import ConfigError
 
@@ -17,9 +17,12 @@ def test_isa_is_forceable(monkeypatch):
     cap = torch.backends.cpu.get_cpu_capability()
     assert cpu_isa() == ("avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") else "default")
     monkeypatch.setenv("LAGOON_CPU_ISA", "avx2")
-    assert cpu_isa() == "avx2" and kernel_plan().q4 == "int8pack"
+    assert cpu_isa() == "avx2" and kernel_plan(native=False).q4 == "int8pack"
+    assert kernel_plan(native=True).q4 == "q8act_avx2" and kernel_plan(native=True).q4_isa == "avx2"
     monkeypatch.setenv("LAGOON_CPU_ISA", "AVX512")
-    assert kernel_plan().q4 == "int4pack"
+    assert kernel_plan(native=False).q4 == "int4pack" and kernel_plan(native=False).q4_isa is None
+    monkeypatch.setenv("LAGOON_CPU_ISA", "default")
+    assert kernel_plan(native=True).q4 == "int8pack"  # no portable build of Lagoon's kernel is planned
     monkeypatch.setenv("LAGOON_CPU_ISA", "neon9000")
     with pytest.raises(ConfigError, match="LAGOON_CPU_ISA"):
         cpu_isa()
@@ -37,20 +40,26 @@ def q4_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("isa,linear", [("avx512", Q4_1Linear), ("avx2", Int8Linear)])
-def test_plan_picks_the_kernel_and_matches_the_float_file(q4_file, monkeypatch, isa, linear):
+@pytest.mark.parametrize("isa,native,linear", [("avx512", False, Q4_1Linear), ("avx2", False, Int8Linear),
+                                               ("avx512", True, Q4ActLinear), ("avx2", True, Q4ActLinear)])
+def test_plan_picks_the_kernel_and_matches_the_float_file(q4_file, monkeypatch, isa, native, linear):
+    from lagoon.engine import cpu_kernels
+
+    if native and not cpu_kernels.cpu_has(isa):
+        pytest.skip(f"no {isa} here, or Lagoon's kernels did not build: {cpu_kernels.unavailable_reason()}")
     monkeypatch.setenv("LAGOON_CPU_ISA", isa)
     ref = load_gguf(q4_file, "float32")  # the same 4-bit values, dequantized
-    got = load_gguf(q4_file, "native")
+    got = load_gguf(q4_file, "native", plan=kernel_plan(native=native))
     proj = got.layers[0].mlp.up_proj
     assert isinstance(proj, linear) and isinstance(got.lm_head, Int8Linear)
-    assert proj.dense is not None and proj.dense.dtype == kernel_plan(isa).prefill_dtype
+    assert proj.dense is not None and proj.dense.dtype == kernel_plan(isa, native).prefill_dtype
     g = torch.Generator().manual_seed(4)
     for n in (6, 24):  # 12 rows: the low-bit kernels; 48 rows: the dense prefill copies
         x = torch.randint(0, 256, (2, n), generator=g)
         with torch.no_grad():
             a, b = ref(x), got(x).float()
-        # bf16 activations and KV, bf16 norms / embedding, int8 head (and int8 re-quantization on avx2)
+        # bf16 activations and KV, bf16 norms / embedding, int8 head (and int8 re-quantization on avx2,
+        # or int8 activations on Lagoon's kernel)
         assert float((a - b).norm() / a.norm()) <= 5e-2
         assert bool((a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9)
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from lagoon.cache_dir import cache_root
-from lagoon.engine import checkpoint
+from lagoon.engine import checkpoint, cpu_kernels
 from lagoon.engine.checkpoint import load_gguf
-from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear
+from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q4ActLinear
 from lagoon.engine.kernels import kernel_plan
 from lagoon.engine.repack_cache import entry_path
 
@@ -34,7 +34,7 @@ def gguf_file(tmp_path, monkeypatch):
 
 
 def _dense(model):
-    return {n: m.dense for n, m in model.named_modules() if isinstance(m, (Q4_1Linear, Int8Linear))}
+    return {n: m.dense for n, m in model.named_modules() if isinstance(m, (Q4_1Linear, Q4ActLinear, Int8Linear))}
 
 
 def _assert_identical(a, b):
@@ -52,8 +52,13 @@ def _assert_identical(a, b):
         assert torch.equal(a(x), b(x)) and torch.equal(a(x[:, :3]), b(x[:, :3]))  # prefill and decode kernels
 
 
-def test_a_hit_equals_a_fresh_load_without_reading_the_gguf(gguf_file, monkeypatch):
+@pytest.mark.parametrize("native", [True, False])  # Lagoon's kernel's tiles, or torch's int4 packing
+def test_a_hit_equals_a_fresh_load_without_reading_the_gguf(gguf_file, monkeypatch, native):
+    if not native:
+        monkeypatch.setattr(cpu_kernels, "_state", cpu_kernels._State(tried=True, reason="off in this test"))
     fresh = load_gguf(gguf_file, "native")
+    q4 = Q4ActLinear if native and cpu_kernels.available() else Q4_1Linear
+    assert isinstance(fresh.layers[0].self_attn.q_proj, q4)
     entry = entry_path(gguf_file, kernel_plan())
     assert entry.is_file() and entry.parent == cache_root() / "gguf"
 
@@ -115,7 +120,8 @@ def test_the_avx2_plan_has_its_own_entry(gguf_file, monkeypatch):
     load_gguf(gguf_file, "native")
     monkeypatch.setenv("LAGOON_CPU_ISA", "avx2")
     fresh = load_gguf(gguf_file, "native")
-    assert isinstance(fresh.layers[0].self_attn.q_proj, Int8Linear)  # Q4_K on int8 under this plan
+    want = Q4ActLinear if kernel_plan().q4_isa else Int8Linear  # Q4_K on Lagoon's kernel, else int8 on AVX2
+    assert isinstance(fresh.layers[0].self_attn.q_proj, want)
     assert len(list((cache_root() / "gguf").iterdir())) == 2
     _assert_identical(fresh, load_gguf(gguf_file, "native"))
 
@@ -132,7 +138,7 @@ def test_an_unwritable_cache_does_not_stop_the_load(gguf_file, monkeypatch, tmp_
     monkeypatch.setenv("LAGOON_CACHE_DIR", str(blocker))
     with caplog.at_level(logging.WARNING, logger="lagoon.engine.checkpoint"):
         model = load_gguf(gguf_file, "native")
-    assert isinstance(model.layers[0].self_attn.q_proj, Q4_1Linear)
+    assert isinstance(model.layers[0].self_attn.q_proj, Q4ActLinear if kernel_plan().q4_isa else Q4_1Linear)
     assert "could not write the repack cache" in caplog.text
 
 

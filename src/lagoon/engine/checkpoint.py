@@ -416,7 +416,8 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
         # torch's int4 packing needs out rows % 16 == 0 (a tiny or MLA projection may not): those run int8
         int4_fits = len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 32 == 0
         exact8 = to_int8 and kind == "Q8_0" and plan.q8 == "int4pack_x2" and int4_fits
-        if (low_bit and plan.q4 == "int4pack" and int4_fits) or exact8:
+        q4_fits = int4_fits if plan.q4_isa is None else len(shape) == 2 and shape[1] % 32 == 0  # any rows
+        if (low_bit and plan.q4 in ("int4pack", "q8act_vnni", "q8act_avx2") and q4_fits) or exact8:
             fields = q8_0_fields if exact8 else _Q4_FIELDS[kind]
             d, m, q = fields(torch.from_numpy(np.array(t.data)).reshape(-1))
             if name.endswith(("q_proj.weight", "k_proj.weight")) and permuted:
@@ -467,7 +468,7 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
         low_bit = sum(q.numel() for _, _, q in q4.values()) + sum(q.numel() for _, q in q8.values()) + sum(
             w.numel() for k, w in int8.items() if k != "lm_head.weight")
         dense = plan.prefill_dtype if low_bit * plan.prefill_dtype.itemsize <= DENSE_PREFILL_MAX_BYTES else None
-        swap_q4_1(model, q4, dense)
+        swap_q4_1(model, q4, dense, plan.q4_isa)
         swap_q8(model, q8, dense)
         head = int8.pop("lm_head.weight", None)
         swap_int8(model, int8, dense)

@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from lagoon.cache_dir import cache_root
+from lagoon.engine import cpu_kernels
 from lagoon.engine.kernels import cpu_isa
 
 __all__ = ["DecodeStep", "cache_root", "compile_key", "compile_enabled"]
@@ -77,11 +78,12 @@ def compile_enabled(config) -> bool:
 
 
 def compile_key(model: torch.nn.Module, device: torch.device, layout: str = "") -> str:
-    """Hash of what a compiled step depends on: torch, CPU ISA / device, the thread count (inductor
+    """Hash of what a compiled step depends on: torch, CPU ISA / device, Lagoon's kernel library, the thread count (inductor
     bakes it into its kernels and dynamo guards on it), the model's tensors and `layout` (the KV
     cache's tensors, whose shapes the graph is specialized on: see `_cache_layout`)."""
     h = hashlib.sha256()
     h.update(f"{FORMAT}|{torch.__version__}|{cpu_isa()}|{device}|{torch.get_num_threads()}|{type(model).__name__}".encode())
+    h.update(cpu_kernels.build_tag().encode())  # the graph calls Lagoon's own ops by name (extern kernels)
     h.update(repr(sorted(_inductor_options(device).items())).encode())
     h.update(layout.encode())
     for name, t in _tensors(model):

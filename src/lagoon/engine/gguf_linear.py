@@ -7,6 +7,10 @@ from `lagoon.engine.gguf_blocks`):
     Q4_K (sub-blocks of 32): w = (d·sc)·q − dmin·mn  (d ← d·sc, m = −dmin·mn)
     torch int4 (group g): w = (q − 8)·scale + zero  →  scale = d, zero = m + 8·d, g = 32
 
+`Q4ActLinear` holds the same (d, m, q) in `lagoon.engine.cpu_kernels`' layout (f16 d and m, which
+Q4_0 / Q4_1 store exactly) and runs Lagoon's own kernel with int8 activations, the faster choice
+where its library builds (`lagoon.engine.kernels`).
+
 `Int8Linear` is weight-only int8 per output channel on `torch._weight_int8pack_mm`: the output head
 (tied to a Q8_0 embedding) everywhere, Q5_0 / Q5_1 / Q6_K / Q8_0 linears, and 4-bit linears on
 CPUs where int8 is the faster kernel (`lagoon.engine.kernels`). Its re-quantization error is below
@@ -26,7 +30,7 @@ from torch import nn
 
 from lagoon.quant.int8 import int8pack_fits, quantize_per_channel_int8
 
-__all__ = ["Q4_1Linear", "Q8Linear", "Int8Linear", "swap_q4_1", "swap_q8", "swap_int8", "GROUP"]
+__all__ = ["Q4ActLinear", "Q4_1Linear", "Q8Linear", "Int8Linear", "swap_q4_1", "swap_q8", "swap_int8", "GROUP"]
 
 GROUP = 32
 PREFILL_MIN_M = 16
@@ -101,11 +105,62 @@ class Q4_1Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, gguf=Q4_1"
 
 
+class Q4ActLinear(nn.Module):
+    """A Q4_0 / Q4_1 / Q4_K weight on `lagoon.engine.cpu_kernels`' int8-activation kernel (variant
+    `isa`: 'avx512' | 'avx2' | 'default'); with `dense` (a dtype) also a dense copy of the same values
+    for prefill-sized inputs (`PREFILL_MIN_M`). Any number of output rows; in_features % 32 == 0."""
+
+    def __init__(self, d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, out_features: int, in_features: int,
+                 isa: str, dense: torch.dtype | None = None) -> None:
+        # d, m [N*K/32, 1] f32; q [N*K/32, 32] uint8 (row-major blocks of the [N, K] weight)
+        from lagoon.engine.cpu_kernels import pack_q4
+
+        super().__init__()
+        N, K = out_features, in_features
+        w = None
+        if dense is not None:  # the kernel's own values: q·d + m with f16 d and m
+            d16, m16 = (t.reshape(-1, 1).to(torch.float16).float() for t in (d, m))
+            w = (q.reshape(-1, GROUP).float() * d16 + m16).reshape(N, K).to(dense)
+        self._attach(pack_q4(d, m, q, N, K), w, N, K, isa)
+
+    def _attach(self, packed: torch.Tensor, dense: torch.Tensor | None, out_features: int, in_features: int,
+                isa: str) -> None:
+        from lagoon.engine.cpu_kernels import ISA_CODES
+
+        self.in_features, self.out_features = in_features, out_features
+        self.isa = ISA_CODES[isa]  # a plain int: a constant in the compiled graph (and in its cache key)
+        self.register_buffer("packed", packed)  # [ceil(N/16), K/32, 320] uint8
+        self.register_buffer("dense", dense, persistent=False)  # [N, K] or None
+        self.register_buffer("bias", None)  # [N] or None (set by the swap)
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, dense: torch.Tensor | None, out_features: int, in_features: int,
+                    isa: str) -> Q4ActLinear:
+        """The layer from buffers an earlier one held (`lagoon.engine.repack_cache`), no repacking."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._attach(packed, dense, out_features, in_features, isa)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [M, K]
+        y = _prefill(x2, self.dense)
+        if y is None:
+            if x2.dtype not in (torch.float32, torch.bfloat16):
+                x2 = x2.float()
+            y = torch.ops.lagoon.q4_matvec(x2, self.packed, self.out_features, self.isa)  # [M, N]
+        return _out(y, self.bias, shape, self.out_features, x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, gguf=Q4, int8 activations"
+
+
 def swap_q4_1(model: nn.Module, fields: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-              dense: torch.dtype | None = None) -> int:
+              dense: torch.dtype | None = None, act_isa: str | None = None) -> int:
     """Replace each `nn.Linear` whose weight name is in `fields` ({'layers.0.mlp.up_proj.weight':
-    (d, m, q)}) by a `Q4_1Linear` (with a `dense` prefill copy in that dtype, if given); returns how
-    many were swapped."""
+    (d, m, q)}) by a `Q4_1Linear`, or with `act_isa` a `Q4ActLinear` running that kernel variant
+    (with a `dense` prefill copy in that dtype, if given); returns how many were swapped."""
     n = 0
     for name, (d, m, q) in fields.items():
         path = name.removesuffix(".weight").split(".")
@@ -113,7 +168,9 @@ def swap_q4_1(model: nn.Module, fields: dict[str, tuple[torch.Tensor, torch.Tens
         old = getattr(parent, path[-1])
         if not isinstance(old, nn.Linear) or old.in_features % GROUP:
             continue
-        setattr(parent, path[-1], _take_bias(Q4_1Linear(d, m, q, old.out_features, old.in_features, dense), old))
+        N, K = old.out_features, old.in_features
+        new = Q4_1Linear(d, m, q, N, K, dense) if act_isa is None else Q4ActLinear(d, m, q, N, K, act_isa, dense)
+        setattr(parent, path[-1], _take_bias(new, old))
         n += 1
     return n
 

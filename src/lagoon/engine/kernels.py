@@ -7,7 +7,7 @@ machine with torch's AVX-512 kernels and then forced to its AVX2 kernels (``ATEN
     AVX-512                26 us            22 us      62 us
     AVX2                   41 us            27 us      59 us
 
-so on AVX-512 a 4-bit GGUF linear stays 4-bit (`_weight_int4pack_mm_for_cpu`, exact for Q4_0 /
+so on AVX-512 a 4-bit GGUF linear could stay 4-bit (`_weight_int4pack_mm_for_cpu`, exact for Q4_0 /
 Q4_1 / Q4_K) and on AVX2 it is re-quantized once to int8 per output channel (`_weight_int8pack_mm`,
 about a third faster there, at twice the bytes). A Q8_0 linear runs exactly (up to bf16 scales) on
 AVX-512 as two int4 passes over its codes' nibbles (`gguf_linear.Q8Linear`): ~1.9x int8pack's time
@@ -17,6 +17,12 @@ Q8_0's own ~0.55% (llama.cpp's Q8_0 tensors of the embedded model). On AVX2, whe
 slower kernel, Q8_0 is re-quantized to int8 per channel. The output projection (tied to a Q8_0
 embedding in most small GGUFs) runs int8 everywhere: 1.3-1.5 ms against 3.2 ms in bf16 for a
 49152x576 head.
+
+Both are beaten at decode by Lagoon's own kernel (`lagoon.engine.cpu_kernels`: int8 activations,
+integer dot products; `q4="q8act_vnni"` with AVX-512 VNNI, else `"q8act_avx2"`), which AVX-512 and
+AVX2 CPUs plan whenever its library builds
+(576x1536, M = 1, 2 threads: ~14 us against int4pack's 44-66 us); where it does not, the table above
+decides. It holds the GGUF's own 4-bit codes with f16 scales, so it replaces int8pack on AVX2 too.
 
 `LAGOON_CPU_ISA` (``avx512`` | ``avx2`` | ``default``) forces the choice, so the AVX2 plan can be run
 and tested on an AVX-512 machine (set ``ATEN_CPU_CAPABILITY=avx2`` too to make torch's own kernels
@@ -60,10 +66,15 @@ class KernelPlan:
     output projection."""
 
     isa: str
-    q4: Literal["int4pack", "int8pack"]
+    q4: Literal["q8act_vnni", "q8act_avx2", "int4pack", "int8pack"]
     q8: Literal["int4pack_x2", "int8pack"]
     head: Literal["int8pack"]
     prefill: Literal["bfloat16", "float32"]  # dtype of the dense copies prefill multiplies by
+
+    @property
+    def q4_isa(self) -> str | None:
+        """The `lagoon.engine.cpu_kernels` ISA the 4-bit linears run on, or None (torch's kernels)."""
+        return {"q8act_vnni": "avx512", "q8act_avx2": "avx2"}.get(self.q4)
 
     @property
     def prefill_dtype(self) -> torch.dtype:
@@ -74,9 +85,21 @@ class KernelPlan:
                 f"prefill in {self.prefill}")
 
 
-def kernel_plan(isa: str | None = None) -> KernelPlan:
+def kernel_plan(isa: str | None = None, native: bool | None = None) -> KernelPlan:
+    """The plan for `isa` (default: `cpu_isa()`); `native` says whether Lagoon's own kernels may be
+    planned (default: whether their library builds and loads, see `lagoon.engine.cpu_kernels`)."""
     isa = isa or cpu_isa()
     avx512 = isa == "avx512"
-    return KernelPlan(isa=isa, q4="int4pack" if avx512 else "int8pack", q8="int4pack_x2" if avx512 else "int8pack",
+    if native is None:
+        from lagoon.engine import cpu_kernels
+
+        native = isa != "default" and cpu_kernels.available()
+    q4 = "int4pack" if avx512 else "int8pack"
+    if native and isa != "default":
+        from lagoon.engine import cpu_kernels
+
+        vnni = avx512 and cpu_kernels.cpu_has("avx512")  # torch's AVX-512 level does not imply VNNI
+        q4 = "q8act_vnni" if vnni else "q8act_avx2"
+    return KernelPlan(isa=isa, q4=q4, q8="int4pack_x2" if avx512 else "int8pack",
                       head="int8pack",
                       prefill="bfloat16" if avx512 else "float32")

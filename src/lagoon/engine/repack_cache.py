@@ -7,7 +7,8 @@ and the kernel plan (ISA, kernels, prefill dtype); the key adds the file's size 
 dense-copy budget, torch's version and CPU capability (the int4 packing is torch's) and
 `REPACK_FORMAT` (raise it whenever the layout of anything stored changes). Writing an entry deletes
 the older ones of its slot and those whose GGUF is gone. An entry holds the model's whole state
-(int4-packed weights with their ``scales_and_zeros``, Q8_0's two nibble planes, int8 weights with
+(int4-packed weights with their ``scales_and_zeros`` or, for Lagoon's own kernel, its tiles
+(`cpu_kernels.Q4_LAYOUT`, in the key), Q8_0's two nibble planes, int8 weights with
 their scales, biases, the bf16 embedding and norms) plus the dense prefill copies, every tensor
 64-byte aligned, and in its metadata the `ModelArgs` (JSON), the GGUF's path and which linears are
 low-bit. Writes are atomic (`lagoon.atomic`); a failed write is logged and the load goes on.
@@ -38,7 +39,8 @@ from torch import nn
 
 from lagoon.atomic import atomic_path
 from lagoon.cache_dir import cache_root
-from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q8Linear
+from lagoon.engine.cpu_kernels import Q4_LAYOUT
+from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q4ActLinear, Q8Linear
 from lagoon.engine.kernels import DENSE_PREFILL_MAX_BYTES, KernelPlan
 from lagoon.model.args import LayerSpec, ModelArgs
 from lagoon.model.rope import RopeSpec
@@ -48,14 +50,14 @@ __all__ = ["REPACK_FORMAT", "entry_path", "load_cached", "store", "repack_cache_
 
 log = logging.getLogger("lagoon.engine.checkpoint")
 
-REPACK_FORMAT = 2
+REPACK_FORMAT = 3
 _ALIGN = 64
 _PAD = "__pad"
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 _META = "lagoon.repack"
 _DATACLASSES = {c.__name__: c for c in (ModelArgs, LayerSpec, RopeSpec)}
-_KINDS: dict[type, str] = {Q4_1Linear: "q4", Q8Linear: "q8", Int8Linear: "int8"}
+_KINDS: dict[type, str] = {Q4_1Linear: "q4", Q4ActLinear: "q4x", Q8Linear: "q8", Int8Linear: "int8"}
 
 
 def repack_cache_enabled() -> bool:
@@ -65,7 +67,7 @@ def repack_cache_enabled() -> bool:
 def _key(path: Path, plan: KernelPlan) -> str:
     st = path.stat()
     parts = [str(path.resolve()), st.st_size, st.st_mtime_ns, dataclasses.asdict(plan), DENSE_PREFILL_MAX_BYTES,
-             torch.__version__, torch.backends.cpu.get_cpu_capability(), REPACK_FORMAT]
+             torch.__version__, torch.backends.cpu.get_cpu_capability(), REPACK_FORMAT, Q4_LAYOUT]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -222,7 +224,7 @@ def load_cached(path: str | Path, plan: KernelPlan) -> Transformer | None:
     if not entry.is_file():
         return None
     try:
-        return _rebuild(entry)
+        return _rebuild(entry, plan)
     except Exception as exc:  # noqa: BLE001 - any defect of a cache entry means "load the GGUF"; said below
         log.warning("repack cache entry %s is unusable (%s: %s); deleting it and loading %s afresh",
                     entry, type(exc).__name__, exc, path)
@@ -230,7 +232,7 @@ def load_cached(path: str | Path, plan: KernelPlan) -> Transformer | None:
         return None
 
 
-def _rebuild(entry: Path) -> Transformer:
+def _rebuild(entry: Path, plan: KernelPlan) -> Transformer:
     from lagoon.engine.checkpoint import _assemble, read_safetensors
 
     meta = _read_meta(entry)
@@ -260,6 +262,11 @@ def _rebuild(entry: Path) -> Transformer:
             if tuple(sz.shape) != (K // 32, N, 2):
                 raise _Stale(f"{name}.scales_and_zeros has shape {tuple(sz.shape)}, not {(K // 32, N, 2)}")
             layers[name] = Q4_1Linear.from_packed(packed, sz, dense, N, K)
+        elif kind == "q4x":
+            packed = _take(state, name, "packed")
+            if plan.q4_isa is None or tuple(packed.shape) != (-(-N // 16), K // 32, 320):
+                raise _Stale(f"{name}.packed has shape {tuple(packed.shape)} under plan {plan.q4}")
+            layers[name] = Q4ActLinear.from_packed(packed, dense, N, K, plan.q4_isa)
         elif kind == "q8":
             hi, lo, sz = (_take(state, name, b) for b in ("packed_hi", "packed_lo", "scales_and_zeros"))
             if tuple(sz.shape) != (K // 32, N, 2):

@@ -1,0 +1,173 @@
+"""Lagoon's native CPU kernels: `csrc/q4_matvec.cpp`, a 4-bit GGUF matrix-vector product with int8
+activations (`torch.ops.lagoon.q4_matvec`), built from source at first use and loaded as torch ops.
+
+Why: torch's `_weight_int4pack_mm_for_cpu` widens every nibble to float and multiplies in float
+(~11 GB/s of weights on this machine, half of a decode step of the embedded model). Quantizing the
+activation row to int8 per block of 32 (llama.cpp's Q8_1 idea) turns each block's dot product into
+integer multiply-adds (`vpdpbusd` on AVX-512 VNNI, `vpmaddubsw` + `vpmaddwd` on AVX2), 3-6x faster
+per call at decode shapes (benchmarks/bench_kernels.py). The cost is the activations' rounding:
+per block of 32 a relative error of about 1/254 of the block's largest value.
+
+Build: the source is compiled once with the C++ compiler `$CXX` (default ``g++``, the one inductor
+uses too) against torch's headers into ``cache_root()/kernels/<tag>/lagoon_kernels.so``, atomically;
+`tag` hashes the source, torch's version, the compiler and its flags. A later start loads that file
+directly (no build machinery imported). If building or loading fails (no compiler, say) the reason
+is logged once and `available()` is False: `lagoon.engine.kernels` then plans torch's int4 / int8
+kernels as before. ``LAGOON_NATIVE_KERNELS=0`` skips the library the same way. The ops are
+registered with a fake (meta) implementation, so inductor's compiled decode step calls them as
+extern kernels; threads are torch's own (`at::parallel_for`).
+
+`pack_q4` owns the weight layout the kernel reads (described in the C++ source); `Q4_LAYOUT` names it
+for caches of packed weights. This module does not choose kernels (`lagoon.engine.kernels` does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lagoon.atomic import atomic_path
+from lagoon.cache_dir import cache_root
+
+__all__ = ["ISA_CODES", "Q4_LAYOUT", "SOURCE", "available", "build_tag", "library", "pack_q4", "q4_matvec",
+           "unavailable_reason", "TILE", "cpu_has"]
+
+log = logging.getLogger("lagoon.engine")
+
+SOURCE = Path(__file__).with_name("csrc") / "q4_matvec.cpp"
+ISA_CODES = {"default": 0, "avx2": 1, "avx512": 2}  # the C++ `isa` argument
+Q4_LAYOUT = "q4-tile16-f16dm-1"  # raise when pack_q4's layout changes
+TILE = 16  # output rows a tile
+_TILE_BYTES = 4 * 64 + 2 * TILE * 2
+_FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w")
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or "g++"
+
+
+def build_tag() -> str:
+    """Hash of what the built library depends on: its source, torch, the compiler and flags."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(f"|{torch.__version__}|{_compiler()}|{' '.join(_FLAGS)}|{torch._C._GLIBCXX_USE_CXX11_ABI}".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class _State:
+    tried: bool = False
+    path: Path | None = None
+    reason: str = ""
+
+
+_state = _State()
+_lock = threading.Lock()
+
+
+def _enabled() -> bool:
+    return os.environ.get("LAGOON_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def library() -> Path | None:
+    """The loaded kernel library (built first if needed), or None when it cannot be had (the reason
+    is logged once per process and kept in `unavailable_reason()`)."""
+    with _lock:
+        if not _state.tried:
+            _state.tried = True
+            try:
+                if not _enabled():
+                    raise _Off("LAGOON_NATIVE_KERNELS=0")
+                _state.path = _load()
+            except _Off as exc:
+                _state.reason = str(exc)
+                log.info("native CPU kernels off (%s); using torch's int4 / int8 kernels", exc)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _state.reason = f"{type(exc).__name__}: {exc}"
+                log.warning("native CPU kernels unavailable (%s); using torch's int4 / int8 kernels", _state.reason)
+        return _state.path
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def unavailable_reason() -> str:
+    library()
+    return _state.reason
+
+
+class _Off(Exception):
+    pass
+
+
+def _load() -> Path:
+    target = cache_root() / "kernels" / build_tag() / "lagoon_kernels.so"
+    if not target.is_file():
+        _build(target)
+    if not hasattr(torch.ops.lagoon, "q4_matvec"):  # a second load (another cache dir) would re-register
+        torch.ops.load_library(str(target))
+        _register_fake()
+    return target
+
+
+def _build(target: Path) -> None:
+    from torch.utils.cpp_extension import include_paths, library_paths  # only when building
+
+    log.warning("building Lagoon's native CPU kernels into %s (once, ~10 s)", target.parent)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target, suffix=".so") as tmp:
+        cmd = [_compiler(), *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *(f"-I{p}" for p in include_paths()), str(SOURCE), *(f"-L{p}" for p in library_paths()),
+               "-lc10", "-ltorch_cpu", "-o", str(tmp)]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+        except subprocess.CalledProcessError as exc:
+            tail = "\n".join((exc.stderr or "").strip().splitlines()[-5:])
+            raise RuntimeError(f"{cmd[0]} failed (exit {exc.returncode}): {tail}") from None
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("lagoon::q4_matvec")
+    def _(x: torch.Tensor, packed: torch.Tensor, n: int, isa: int) -> torch.Tensor:
+        torch._check(x.dim() == 2 and packed.dim() == 3 and x.shape[1] == packed.shape[1] * 32)
+        return x.new_empty((x.shape[0], n))
+
+
+def cpu_has(isa: str) -> bool:
+    """Whether this CPU runs the kernel variant `isa` (the loaded library asks the CPU)."""
+    return library() is not None and bool(torch.ops.lagoon.cpu_has(ISA_CODES[isa]))
+
+
+def q4_matvec(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
+    """x [M, K] (float32 or bf16) · Wᵀ -> [M, n] in x's dtype, W packed by `pack_q4`; `isa` one of
+    `ISA_CODES` (the CPU must have it)."""
+    return torch.ops.lagoon.q4_matvec(x, packed, n, ISA_CODES[isa])
+
+
+def pack_q4(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, out_features: int,
+            in_features: int) -> torch.Tensor:
+    """The kernel's layout of a weight w = d·q + m (blocks of 32 along each row; d, m [N*K/32] any
+    float dtype, stored as f16; q [N*K/32, 32] codes 0..15): uint8 [ceil(N/16), K/32, 320]."""
+    N, K = out_features, in_features
+    if K % 32:
+        raise ValueError(f"pack_q4: in_features {K} is not a multiple of 32")
+    nt, kb = -(-N // TILE), K // 32
+    q = q.reshape(N, kb, 32).to(torch.uint8)
+    d, m = (t.reshape(N, kb).to(torch.float16) for t in (d, m))
+    pad = nt * TILE - N  # zero rows: their outputs are never written
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, kb, 32)])
+        d, m = (torch.cat([t, t.new_zeros(pad, kb)]) for t in (d, m))
+    q = q.reshape(nt, TILE, kb, 2, 4, 4).permute(0, 2, 4, 1, 5, 3)  # [tile, block, chunk, row, byte, nibble]
+    nibbles = (q[..., 0] | (q[..., 1] << 4)).reshape(nt, kb, 256)
+    d, m = (t.reshape(nt, TILE, kb).transpose(1, 2).contiguous().view(torch.uint8) for t in (d, m))  # [nt, kb, 32]
+    out = torch.cat([nibbles, d, m], dim=-1).contiguous()
+    assert out.shape[-1] == _TILE_BYTES
+    return out

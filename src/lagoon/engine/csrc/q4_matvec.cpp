@@ -1,0 +1,213 @@
+// lagoon::q4_matvec: y = x · Wᵀ for a 4-bit GGUF weight (blocks of 32, w = d·q + m, q in 0..15)
+// with the activations quantized to int8 per block of 32 (dx = amax/127, xq = round(x/dx), and the
+// block's sum sx = dx·Σxq), so each block's dot product is integer work:
+//
+//     Σ_k w·x ≈ d·dx·Σ_k q·xq + m·sx
+//
+// Weight layout (`lagoon.engine.cpu_kernels.pack_q4`): tiles of 16 output rows; per tile and block
+// 320 bytes: 4 chunks of 64 bytes, then the 16 rows' d (f16), then their m (f16). Chunk c holds, at
+// byte 4·r + i, row r's code for k = 4c + i in its low nibble and for k = 16 + 4c + i in its high
+// nibble, so one 64-byte load feeds one `vpdpbusd` per nibble with 4 activation bytes broadcast, and
+// the 16 int32 lanes are the tile's 16 rows (no horizontal sums).
+//
+// `isa`: 2 AVX-512 VNNI, 1 AVX2 (vpmaddubsw + vpmaddwd), 0 portable C++; chosen by the caller
+// (`lagoon.engine.kernels`), checked here against the CPU. Rows of x (a small decode batch) share
+// each weight tile while it is in L1. Threads: at::parallel_for over tiles (torch's own pool).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kTile = 16;
+constexpr int64_t kBlock = 32;
+constexpr int64_t kTileBytes = 4 * 64 + 2 * kTile * 2;  // nibbles, d, m
+
+struct Acts {  // one row of x, quantized
+  const int8_t* q;  // [K]
+  const float* d;   // [K/32]
+  const float* s;   // [K/32]
+};
+
+// ---------------------------------------------------------------------------------- portable
+void tile_scalar(const uint8_t* w, int64_t nb, const Acts& a, float* out) {
+  for (int64_t r = 0; r < kTile; ++r) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* p = w + b * kTileBytes;
+      const int8_t* xq = a.q + b * kBlock;
+      int32_t dot = 0;
+      for (int c = 0; c < 4; ++c)
+        for (int i = 0; i < 4; ++i) {
+          uint8_t v = p[64 * c + 4 * r + i];
+          dot += int32_t(v & 15) * xq[4 * c + i] + int32_t(v >> 4) * xq[16 + 4 * c + i];
+        }
+      const c10::Half* dm = reinterpret_cast<const c10::Half*>(p + 256);
+      acc += float(dm[r]) * a.d[b] * float(dot) + float(dm[kTile + r]) * a.s[b];
+    }
+    out[r] = acc;
+  }
+}
+
+// ------------------------------------------------------------------------------------- AVX2
+__attribute__((target("avx2,fma,f16c"))) void tile_avx2(const uint8_t* w, int64_t nb, const Acts& a, float* out) {
+  const __m256i low = _mm256_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // rows 0-7, 8-15
+  __m256 mac0 = _mm256_setzero_ps(), mac1 = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = w + b * kTileBytes;
+    const int32_t* xb = reinterpret_cast<const int32_t*>(a.q + b * kBlock);
+    // |q·xq| pairs <= 2·15·127, eight of them fit int16
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      const __m256i xl = _mm256_set1_epi32(xb[c]), xh = _mm256_set1_epi32(xb[4 + c]);
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * c + 32));
+      s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(v0, low), xl));
+      s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low), xh));
+      s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(v1, low), xl));
+      s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low), xh));
+    }
+    const __m256 dx = _mm256_set1_ps(a.d[b]), sx = _mm256_set1_ps(a.s[b]);
+    const __m128i* dm = reinterpret_cast<const __m128i*>(p + 256);
+    const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(dm)), d1 = _mm256_cvtph_ps(_mm_loadu_si128(dm + 1));
+    const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128(dm + 2)), m1 = _mm256_cvtph_ps(_mm_loadu_si128(dm + 3));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s0, ones)), _mm256_mul_ps(d0, dx), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s1, ones)), _mm256_mul_ps(d1, dx), acc1);
+    mac0 = _mm256_fmadd_ps(m0, sx, mac0);
+    mac1 = _mm256_fmadd_ps(m1, sx, mac1);
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(acc0, mac0));
+  _mm256_storeu_ps(out + 8, _mm256_add_ps(acc1, mac1));
+}
+
+// --------------------------------------------------------------------------------- AVX-512 VNNI
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c"))) void tile_avx512(
+    const uint8_t* w, int64_t nb, const Acts& a, float* out) {
+  const __m512i low = _mm512_set1_epi8(15);
+  __m512 acc = _mm512_setzero_ps(), mac = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = w + b * kTileBytes;
+    const int32_t* xb = reinterpret_cast<const int32_t*>(a.q + b * kBlock);
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    __m512i s2 = _mm512_setzero_si512(), s3 = _mm512_setzero_si512();
+    const __m512i v0 = _mm512_loadu_si512(p), v1 = _mm512_loadu_si512(p + 64);
+    const __m512i v2 = _mm512_loadu_si512(p + 128), v3 = _mm512_loadu_si512(p + 192);
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v0, low), _mm512_set1_epi32(xb[0]));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v0, 4), low), _mm512_set1_epi32(xb[4]));
+    s2 = _mm512_dpbusd_epi32(s2, _mm512_and_si512(v1, low), _mm512_set1_epi32(xb[1]));
+    s3 = _mm512_dpbusd_epi32(s3, _mm512_and_si512(_mm512_srli_epi16(v1, 4), low), _mm512_set1_epi32(xb[5]));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v2, low), _mm512_set1_epi32(xb[2]));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v2, 4), low), _mm512_set1_epi32(xb[6]));
+    s2 = _mm512_dpbusd_epi32(s2, _mm512_and_si512(v3, low), _mm512_set1_epi32(xb[3]));
+    s3 = _mm512_dpbusd_epi32(s3, _mm512_and_si512(_mm512_srli_epi16(v3, 4), low), _mm512_set1_epi32(xb[7]));
+    const __m512i s = _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3));
+    const __m256i* dm = reinterpret_cast<const __m256i*>(p + 256);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(dm)), m = _mm512_cvtph_ps(_mm256_loadu_si256(dm + 1));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(a.d[b])), acc);
+    mac = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s[b]), mac);
+  }
+  _mm512_storeu_ps(out, _mm512_add_ps(acc, mac));
+}
+
+bool cpu_has(int64_t isa) {
+  if (isa == 2)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == 1)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return isa == 0;
+}
+
+// x [K] (float or bf16) -> int8 codes per block of 32, the blocks' scales and sums
+template <typename T>
+void quantize_row(const T* x, int64_t K, int8_t* q, float* d, float* s) {
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    const T* xb = x + b * kBlock;
+    float amax = 0.f;
+    for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(float(xb[i])));
+    const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int i = 0; i < kBlock; ++i) {
+      const int32_t v = int32_t(std::nearbyint(float(xb[i]) * inv));
+      q[b * kBlock + i] = int8_t(v);
+      sum += v;
+    }
+    d[b] = scale;
+    s[b] = scale * float(sum);
+  }
+}
+
+using TileFn = void (*)(const uint8_t*, int64_t, const Acts&, float*);
+
+at::Tensor q4_matvec(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "q4_matvec: x must be a 2-D CPU tensor, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "q4_matvec: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kTileBytes &&
+                  packed.is_contiguous(),
+              "q4_matvec: packed must be contiguous uint8 [N/16, K/32, ", kTileBytes, "], got ", packed.sizes());
+  const int64_t M = x.size(0), K = x.size(1), nb = K / kBlock, nt = packed.size(0);
+  TORCH_CHECK(K % kBlock == 0 && packed.size(1) == nb, "q4_matvec: x has K = ", K, ", the weight ",
+              packed.size(1) * kBlock);
+  TORCH_CHECK(n > (nt - 1) * kTile && n <= nt * kTile, "q4_matvec: n = ", n, " does not fit ", nt, " tiles");
+  TORCH_CHECK(cpu_has(isa), "q4_matvec: this CPU lacks the instructions of kernel ", isa);
+  const TileFn tile = isa == 2 ? tile_avx512 : isa == 1 ? tile_avx2 : tile_scalar;
+
+  const at::Tensor xc = x.contiguous();
+  auto qx = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto ds = at::empty({2, M, nb}, x.options().dtype(at::kFloat));
+  int8_t* qp = qx.data_ptr<int8_t>();
+  float* dp = ds.data_ptr<float>();
+  float* sp = dp + M * nb;
+  for (int64_t r = 0; r < M; ++r) {
+    if (x.scalar_type() == at::kFloat)
+      quantize_row(xc.data_ptr<float>() + r * K, K, qp + r * K, dp + r * nb, sp + r * nb);
+    else
+      quantize_row(xc.data_ptr<c10::BFloat16>() + r * K, K, qp + r * K, dp + r * nb, sp + r * nb);
+  }
+  auto y = at::empty({M, n}, x.options());
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const bool f32 = x.scalar_type() == at::kFloat;
+  void* yp = y.data_ptr();
+  // ~64k multiply-adds a task at least: a thread's wake-up costs about as much as a small tile's work
+  const int64_t grain = std::max<int64_t>(1, 65536 / (kTile * K * M));
+  at::parallel_for(0, nt, grain, [&](int64_t t0, int64_t t1) {
+    alignas(64) float out[kTile];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t rows = std::min(kTile, n - t * kTile);
+      for (int64_t r = 0; r < M; ++r) {
+        const Acts a{qp + r * K, dp + r * nb, sp + r * nb};
+        tile(w + t * nb * kTileBytes, nb, a, out);
+        if (f32)
+          std::memcpy(static_cast<float*>(yp) + r * n + t * kTile, out, rows * sizeof(float));
+        else
+          for (int64_t i = 0; i < rows; ++i)
+            static_cast<c10::BFloat16*>(yp)[r * n + t * kTile + i] = c10::BFloat16(out[i]);
+      }
+    }
+  });
+  return y;
+}
+
+bool has_isa(int64_t isa) { return cpu_has(isa); }
+
+}  // namespace
+
+TORCH_LIBRARY(lagoon, m) {
+  m.def("q4_matvec(Tensor x, Tensor packed, int n, int isa) -> Tensor");
+  m.def("cpu_has(int isa) -> bool", has_isa);
+}
+
+TORCH_LIBRARY_IMPL(lagoon, CPU, m) { m.impl("q4_matvec", q4_matvec); }

@@ -1,0 +1,167 @@
+"""Lagoon's native CPU kernel (`lagoon.engine.cpu_kernels`, `torch.ops.lagoon.q4_matvec`): each ISA
+variant against the float product with the same 4-bit weights on fresh random inputs, the layer
+that runs it, the op inside a compiled graph, and the fallback when the library cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lagoon.engine import cpu_kernels
+from lagoon.engine.gguf_linear import Q4_1Linear, Q4ActLinear, swap_q4_1
+from lagoon.engine.kernels import kernel_plan
+
+ISAS = ("avx512", "avx2", "default")
+
+
+def _need(isa: str) -> None:
+    if not cpu_kernels.cpu_has(isa):
+        pytest.skip(f"this CPU has no {isa}, or the kernels did not build ({cpu_kernels.unavailable_reason()})")
+
+
+def _weight(N: int, K: int, g: torch.Generator):
+    """GGUF-like fields (d > 0, m < 0 as in Q4_1 / Q4_0 / Q4_K) and the float weight the kernel
+    holds: d and m rounded to f16, its storage type."""
+    blocks = N * K // 32
+    d = torch.rand(blocks, 1, generator=g) * 0.02 + 1e-3
+    m = -torch.rand(blocks, 1, generator=g) * 0.15
+    q = torch.randint(0, 16, (blocks, 32), generator=g, dtype=torch.uint8)
+    w = (q.float() * d.half().float() + m.half().float()).reshape(N, K)
+    return (d, m, q), w
+
+
+def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """|y − x·wᵀ| allowed [M, N]: each activation is off by at most half an int8 step of its block
+    (amax/254), so a block of 32 adds at most amax/254 · Σ|w| over it; plus fp32 summation slack."""
+    M, K = x.shape
+    amax = x.abs().reshape(M, K // 32, 32).amax(-1)  # [M, K/32]
+    wabs = w.abs().reshape(w.shape[0], K // 32, 32).sum(-1)  # [N, K/32]
+    return (amax / 254) @ wabs.t() * (1 + 1e-3) + 1e-5 * (x.abs() @ w.abs().t())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("N,K", [(576, 576), (192, 1536), (37, 64), (1, 32)])
+def test_op_matches_the_float_product(isa, N, K):
+    _need(isa)
+    g = torch.Generator().manual_seed(N * 1000 + K)
+    (d, m, q), w = _weight(N, K, g)
+    packed = cpu_kernels.pack_q4(d, m, q, N, K)
+    assert packed.shape == (-(-N // 16), K // 32, 320)
+    for M in range(1, 9):
+        x = torch.randn(M, K, generator=g) * torch.rand(1, K, generator=g) * 3  # uneven channel scales
+        ref = x.double() @ w.double().t()
+        y = cpu_kernels.q4_matvec(x, packed, N, isa)
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        assert bool(((y.double() - ref).abs() <= _bound(x, w).double()).all())
+        # and in aggregate llama.cpp's Q8_1 error: well under 1e-2 of |x|·|w| (cancellation-free scale)
+        assert float((y.double() - ref).norm() / (x.abs().double() @ w.abs().double().t()).norm()) <= 1e-2
+        xb = x.bfloat16()  # bf16 in, bf16 out (rounded once from the fp32 sum)
+        yb = cpu_kernels.q4_matvec(xb, packed, N, isa)
+        refb = xb.double() @ w.double().t()
+        assert yb.dtype == torch.bfloat16
+        assert bool(((yb.double() - refb).abs() <= _bound(xb.float(), w).double() + refb.abs() / 128).all())
+
+
+def test_isas_agree_with_each_other():
+    # the same integer sums in another order: equal up to fp32 rounding of the per-block scaling
+    _need("avx2")
+    g = torch.Generator().manual_seed(3)
+    (d, m, q), _ = _weight(48, 256, g)
+    packed = cpu_kernels.pack_q4(d, m, q, 48, 256)
+    x = torch.randn(5, 256, generator=g)
+    ys = [cpu_kernels.q4_matvec(x, packed, 48, isa) for isa in ISAS if cpu_kernels.cpu_has(isa)]
+    for y in ys[1:]:
+        assert torch.allclose(y, ys[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_refused():
+    _need("default")
+    g = torch.Generator().manual_seed(4)
+    (d, m, q), _ = _weight(16, 64, g)
+    packed = cpu_kernels.pack_q4(d, m, q, 16, 64)
+    with pytest.raises(RuntimeError, match="K = 96"):
+        cpu_kernels.q4_matvec(torch.randn(1, 96), packed, 16, "default")
+    with pytest.raises(RuntimeError, match="does not fit"):
+        cpu_kernels.q4_matvec(torch.randn(1, 64), packed, 17, "default")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu_kernels.pack_q4(d, m, q, 32, 48)
+
+
+def test_layer_matches_the_int4pack_layer_and_its_dense_copy():
+    _need("avx2")
+    isa = "avx512" if cpu_kernels.cpu_has("avx512") else "avx2"
+    g = torch.Generator().manual_seed(5)
+    N, K = 64, 96
+    (d, m, q), w = _weight(N, K, g)
+    layer = Q4ActLinear(d, m, q, N, K, isa, dense=torch.float32)
+    old = Q4_1Linear(d, m, q, N, K)
+    x = torch.randn(3, K, generator=g).bfloat16()
+    ref = x.double() @ w.double().t()
+    y, y_old = layer(x), old(x)
+    assert y.dtype == torch.bfloat16
+    assert float((y.double() - ref).norm() / ref.norm()) <= 1.5e-2
+    assert float((y.double() - y_old.double()).norm() / ref.norm()) <= 2e-2  # bf16 scales there, int8 here
+    xs = torch.randn(20, K, generator=g)  # >= PREFILL_MIN_M rows: the dense copy, the kernel's own values
+    assert torch.allclose(layer(xs), xs @ w.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_swap_handles_any_row_count_and_keeps_the_bias():
+    _need("avx2")
+    g = torch.Generator().manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 40, bias=True))  # 40 rows: not a multiple of 16
+    (d, m, q), w = _weight(40, 64, g)
+    assert swap_q4_1(model, {"0.weight": (d, m, q)}, act_isa="avx2") == 1
+    layer = model[0]
+    assert isinstance(layer, Q4ActLinear) and layer.bias is not None
+    x = torch.randn(2, 1, 64, generator=g)
+    ref = x @ w.t() + layer.bias
+    assert float((layer(x) - ref).norm() / ref.norm()) <= 1.5e-2
+
+
+def test_compiled_graph_calls_the_op_and_equals_eager():
+    from torch._inductor.utils import run_and_get_code
+
+    _need("avx2")
+    isa = "avx512" if cpu_kernels.cpu_has("avx512") else "avx2"
+    g = torch.Generator().manual_seed(7)
+    (d1, m1, q1), _ = _weight(96, 64, g)
+    (d2, m2, q2), _ = _weight(64, 96, g)
+    up, down = Q4ActLinear(d1, m1, q1, 96, 64, isa), Q4ActLinear(d2, m2, q2, 64, 96, isa)
+
+    def block(x):
+        return x + down(torch.nn.functional.silu(up(x)))
+
+    x = torch.randn(2, 1, 64, generator=g)
+    with torch.no_grad():
+        eager = block(x)
+        got, code = run_and_get_code(torch.compile(block, fullgraph=True, dynamic=False), x)
+    assert "lagoon.q4_matvec" in "\n".join(code)  # an extern kernel call, not a decomposition
+    assert torch.allclose(got, eager, rtol=1e-5, atol=1e-5)  # the same kernel; only the glue is fused
+
+
+def test_a_failed_build_falls_back_to_torch_kernels(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernels, "_state", cpu_kernels._State())
+    monkeypatch.setenv("LAGOON_CACHE_DIR", str(tmp_path))  # no built library there
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger="lagoon.engine"):
+        assert not cpu_kernels.available() and not cpu_kernels.available()
+    assert "no-such-compiler" in cpu_kernels.unavailable_reason()
+    assert sum("native CPU kernels unavailable" in r.message for r in caplog.records) == 1  # once
+    assert not (tmp_path / "kernels" / cpu_kernels.build_tag() / "lagoon_kernels.so").exists()  # nothing half-written
+    assert kernel_plan("avx512").q4 == "int4pack" and kernel_plan("avx2").q4 == "int8pack"
+
+
+def test_the_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state", cpu_kernels._State())
+    monkeypatch.setenv("LAGOON_NATIVE_KERNELS", "0")
+    assert not cpu_kernels.available() and "LAGOON_NATIVE_KERNELS" in cpu_kernels.unavailable_reason()
+    assert kernel_plan("avx2").q4_isa is None
+
+
+def test_the_built_library_lives_in_the_cache_under_its_tag():
+    _need("default")
+    path = cpu_kernels.library()
+    assert path.name == "lagoon_kernels.so" and path.parent.name == cpu_kernels.build_tag()
+    assert path.parent.parent.name == "kernels"
