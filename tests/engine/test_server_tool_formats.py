@@ -179,3 +179,27 @@ def test_a_gpt_oss_reply_streams_reasoning_calls_and_answer_while_written(tmp_pa
         assert 12 <= len(msg.reasoning_content) <= 16 and len(stream["reasoning_content"]) >= 10
         assert "analysis" not in "".join(stream["content"]) and "<|" not in (msg.content or "")
     assert 5 <= len(native.content) <= 8 and 12 <= len(answer.content) <= 16 and len(a_stream["content"]) >= 10
+
+
+def test_a_request_the_template_cannot_render_is_a_400_naming_the_template(tmp_path):
+    """gpt-oss's real template reads every tool's `description`; a tool without one (many clients
+    leave it out) is the request's fault: 400 with the template's complaint, and the server goes on."""
+    folder = save_tiny_model(tmp_path / "m", "llama", max_position_embeddings=1024)
+    tok = byte_tokenizer()
+    tok.chat_template = (TEMPLATE.parent / "gpt_oss.jinja").read_text()
+    tok.save_pretrained(str(folder))
+    engine = load_model(folder, precision="float32")
+    base, stop = start_test_server(engine)
+    try:
+        client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+        bare = [{"type": "function", "function": {"name": "note", "parameters": {"type": "object", "properties": {}}}}]
+        with pytest.raises(openai.BadRequestError, match="chat template cannot render.*description"):
+            client.chat.completions.create(model=engine.name, messages=[{"role": "user", "content": "hi"}],
+                                           tools=bare, max_tokens=2)
+        described = [{"type": "function", "function": {**bare[0]["function"], "description": "Take a note"}}]
+        r = client.chat.completions.create(model=engine.name, messages=[{"role": "user", "content": "hi"}],
+                                           tools=described, max_tokens=2)
+        assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    finally:
+        stop()
+        engine.close()

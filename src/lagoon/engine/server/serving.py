@@ -162,19 +162,32 @@ class OpenAIServing:
                 forced = [t for t in tools if (t.get("function") or t).get("name") == name]
                 if not forced:
                     raise BadRequestError(f"tool_choice names {name!r}, which is not in tools")
-        if req.chat_template_kwargs:  # e.g. enable_thinking: the template's own switches
-            from lagoon.quant.policy import types_for_roles
-
-            ids, roles = self.engine.chat_format.encode_with_roles(req.messages, tools,
-                                                                   template_kwargs=req.chat_template_kwargs)
-            types = types_for_roles(roles)
-        else:
-            ids, types = self.engine.chat_prompt_typed(req.messages, tools)
+        ids, types = self._render(req, tools)
         if forced is None:
             return ids, types, _output_constraint(req)
         # a template that opened <think> gets the reasoning closed before the forced call
         think = self._opens_reasoning(ids)
         return ids, types, Constraint.tool_call(forced, self.engine.chat_format.tool_syntax, think=think)
+
+    def _render(self, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> tuple[list[int], list[int]]:
+        """The request through the model's chat template. A template that cannot render it (a field
+        it reads is missing, e.g. gpt-oss's needs every tool's `description`, or its own
+        `raise_exception`) is the request's fault: a 400 that names the template's complaint."""
+        import jinja2
+
+        try:
+            if req.chat_template_kwargs:  # e.g. enable_thinking: the template's own switches
+                from lagoon.quant.policy import types_for_roles
+
+                ids, roles = self.engine.chat_format.encode_with_roles(req.messages, tools,
+                                                                       template_kwargs=req.chat_template_kwargs)
+                return ids, types_for_roles(roles)
+            return self.engine.chat_prompt_typed(req.messages, tools)
+        except jinja2.TemplateError as exc:
+            raise BadRequestError(
+                f"the model's chat template cannot render this request ({type(exc).__name__}: {exc}); "
+                "give the messages and tools the fields the template reads (e.g. a description on every tool)"
+            ) from exc
 
     def _opens_reasoning(self, ids: list[int]) -> bool:
         """The prompt ends with `<think>`: the template opened the reasoning the reply starts in."""
