@@ -143,3 +143,16 @@ def test_corrupt_or_old_record_is_rebuilt(embedded, tmp_path, caplog):
     (folder / RECORD).write_text(json.dumps(record))
     assert read_record(folder) is None
     assert isinstance(_cached_tokenizer(folder), FastTokenizer) and read_record(folder) is not None
+
+
+def test_save_pretrained_round_trips_through_transformers(embedded, tmp_path):
+    # lagoon.moe.moefy ships the tokenizer with a moefied model; transformers must read it back the same
+    fast, _, _ = embedded
+    fast.save_pretrained(tmp_path / "out")
+    from transformers import AutoTokenizer
+
+    back = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert back.chat_template == fast.chat_template and back.eos_token_id == fast.eos_token_id
+    for text in TEXTS:
+        assert back.encode(text, add_special_tokens=False) == fast.encode(text, add_special_tokens=False)
+    assert ChatFormat(back).encode(CONVERSATIONS[2], TOOLS) == ChatFormat(fast).encode(CONVERSATIONS[2], TOOLS)

@@ -14,12 +14,13 @@ without one; a record it cannot read raises (the caller deletes it and loads thr
 
 It offers the part of transformers' tokenizer API Lagoon uses (`encode`, `decode`, `__call__` with
 offsets, `apply_chat_template(tokenize=False)`, `eos_token_id`, `backend_tokenizer`, `get_added_vocab`,
-`len`); it is *not* a general replacement for transformers' tokenizers.
+`len`, `save_pretrained`); it is *not* a general replacement for transformers' tokenizers.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,9 @@ class FastTokenizer:
     """A `tokenizers.Tokenizer` with transformers' named special tokens and chat template."""
 
     def __init__(self, backend: Tokenizer, *, chat_template: str | None, special_tokens: Mapping[str, str],
-                 special_ids: Mapping[str, int | None]) -> None:
+                 special_ids: Mapping[str, int | None], source: Path | None = None) -> None:
         self._tokenizer = backend
+        self.source = source  # the folder transformers saved it to (`save_pretrained` copies its config)
         self.special_tokens_map = dict(special_tokens)
         self._ids = dict(special_ids)
         self._template: ChatTemplate | None = None
@@ -114,6 +116,22 @@ class FastTokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write a folder transformers loads as this tokenizer (`lagoon.moe.moefy` ships one with a
+        moefied model): the source folder's files as transformers wrote them, the backend and the
+        chat template as they are now (`ChatFormat` may have made syntax tokens non-special)."""
+        if self.source is None:
+            raise ValueError("this FastTokenizer was not read from a folder; it has no config to save")
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in self.source.iterdir():
+            if f.is_file() and f.name not in (RECORD, "tokenizer.json", "chat_template.jinja"):
+                shutil.copyfile(f, out / f.name)
+        (out / "tokenizer.json").write_text(self._tokenizer.to_str(), encoding="utf-8")
+        if self._chat_template is not None:
+            (out / "chat_template.jinja").write_text(self._chat_template, encoding="utf-8")
+
+
 def write_record(hf_tokenizer: Any, folder: Path) -> bool:
     """Snapshot a transformers tokenizer (loaded from `folder`) into `folder`'s record; False (and
     nothing written) when its behaviour is not all in the snapshot."""
@@ -143,4 +161,4 @@ def read_record(folder: Path) -> FastTokenizer | None:
     if record.get("format") != FORMAT:
         return None
     return FastTokenizer(Tokenizer.from_str(record["backend"]), chat_template=record["chat_template"],
-                         special_tokens=record["special_tokens"], special_ids=record["special_ids"])
+                         special_tokens=record["special_tokens"], special_ids=record["special_ids"], source=folder)
