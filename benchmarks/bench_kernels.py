@@ -6,8 +6,9 @@ process, interleaved (A, B, A, B ...: a noisy machine disturbs both sides alike)
 
 Columns: best-of-rounds us per call of torch int4pack (`_weight_int4pack_mm_for_cpu`, bf16), torch
 int8pack (`_weight_int8pack_mm`, bf16), Lagoon's kernel with AVX-512 VNNI and with AVX2 (when the
-CPU has them), and the ratios int4pack / Lagoon. The last row per M sums one decoder layer (q, k,
-v, o, gate, up, down) times 30 layers: the 4-bit share of a decode step. Everything runs on
+CPU has them), and the ratios int4pack / Lagoon. The head row's Lagoon columns run its int8 kernel
+(`lagoon::i8_matvec`), to be read against int8pack, the head's kernel otherwise. The last row per M
+sums one decoder layer (q, k, v, o, gate, up, down) times 30 layers: the 4-bit share of a decode step. Everything runs on
 `lagoon.engine.compute`'s thread, as the engine does (see /work/notes/common.md's libgomp fact).
 """
 
@@ -38,10 +39,12 @@ def _calls(N: int, K: int, M: int, g: torch.Generator) -> dict:
     s8 = torch.rand(N, generator=g).bfloat16()
     calls = {"int4pack": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4, 32, sz),
              "int8pack": lambda: torch._weight_int8pack_mm(x, w8, s8)}
-    packed = cpu_kernels.pack_q4(d, m, q, N, K)
+    head = N == 49152  # the output head: int8 weights (blocks of 32) on lagoon::i8_matvec
+    packed = cpu_kernels.pack_i8(*cpu_kernels.quantize_i8(w8.float())) if head else cpu_kernels.pack_q4(d, m, q, N, K)
+    op = cpu_kernels.i8_matvec if head else cpu_kernels.q4_matvec
     for isa in ("avx512", "avx2"):
         if cpu_kernels.cpu_has(isa):
-            calls[f"lagoon-{isa}"] = lambda isa=isa: cpu_kernels.q4_matvec(x, packed, N, isa)
+            calls[f"lagoon-{isa}"] = lambda isa=isa: op(x, packed, N, isa)
     return calls
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lagoon.engine import cpu_kernels
-from lagoon.engine.gguf_linear import Q4_1Linear, Q4ActLinear, swap_q4_1
+from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q4ActLinear, Q8ActLinear, swap_int8, swap_q4_1
 from lagoon.engine.kernels import kernel_plan
 
 ISAS = ("avx512", "avx2", "default")
@@ -62,6 +62,45 @@ def test_op_matches_the_float_product(isa, N, K):
         refb = xb.double() @ w.double().t()
         assert yb.dtype == torch.bfloat16
         assert bool(((yb.double() - refb).abs() <= _bound(xb.float(), w).double() + refb.abs() / 128).all())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("N,K", [(49152 // 64, 576), (37, 64), (1, 32)])
+def test_int8_op_matches_the_float_product(isa, N, K):
+    _need(isa)
+    g = torch.Generator().manual_seed(N * 1000 + K + 1)
+    w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
+    d, q = cpu_kernels.quantize_i8(w)
+    wq = (q.float().reshape(N, K // 32, 32) * d.float().unsqueeze(-1)).reshape(N, K)  # the kernel's weight
+    assert float((wq - w).abs().max()) <= float(w.abs().max()) / 254 + 1e-6  # half a step of Q8_0's rounding
+    assert all(torch.equal(a, b) for a, b in zip(cpu_kernels.quantize_i8(wq), (d, q), strict=True))  # Q8_0 codes kept
+    packed = cpu_kernels.pack_i8(d, q)
+    assert packed.shape == (-(-N // 16), K // 32, 576)
+    for M in (1, 2, 5, 8):
+        x = torch.randn(M, K, generator=g) * torch.rand(1, K, generator=g) * 3
+        ref = x.double() @ wq.double().t()
+        y = cpu_kernels.i8_matvec(x, packed, N, isa)
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        assert bool(((y.double() - ref).abs() <= _bound(x, wq).double()).all())
+        assert float((y.double() - ref).norm() / (x.abs().double() @ wq.abs().double().t()).norm()) <= 1e-2
+
+
+def test_the_int8_head_layer_matches_int8pack():
+    _need("avx2")
+    isa = "avx512" if cpu_kernels.cpu_has("avx512") else "avx2"
+    g = torch.Generator().manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 200, bias=False))
+    w = torch.randn(200, 96, generator=g)
+    assert swap_int8(model, {"0.weight": w}, act_isa=isa) == 1 and isinstance(model[0], Q8ActLinear)
+    x = torch.randn(3, 96, generator=g).bfloat16()
+    ref = x.double() @ w.double().t()
+    y, y8 = model[0](x), Int8Linear.from_weight(w)(x)
+    assert y.dtype == torch.bfloat16
+    # int8 blocks of 32 and int8 activations here, int8 per channel and bf16 activations there
+    assert float((y.double() - ref).norm() / ref.norm()) <= 1.5e-2
+    assert float((y8.double() - ref).norm() / ref.norm()) <= 1.5e-2
+    with pytest.raises(ValueError, match="-127..127"):
+        cpu_kernels.pack_i8(torch.ones(16, 3), torch.full((16, 96), -128, dtype=torch.int8))
 
 
 def test_isas_agree_with_each_other():
@@ -129,15 +168,16 @@ def test_compiled_graph_calls_the_op_and_equals_eager():
     (d1, m1, q1), _ = _weight(96, 64, g)
     (d2, m2, q2), _ = _weight(64, 96, g)
     up, down = Q4ActLinear(d1, m1, q1, 96, 64, isa), Q4ActLinear(d2, m2, q2, 64, 96, isa)
+    head = Q8ActLinear(torch.randn(80, 64, generator=g), isa)
 
     def block(x):
-        return x + down(torch.nn.functional.silu(up(x)))
+        return head(x + down(torch.nn.functional.silu(up(x))))
 
     x = torch.randn(2, 1, 64, generator=g)
     with torch.no_grad():
         eager = block(x)
         got, code = run_and_get_code(torch.compile(block, fullgraph=True, dynamic=False), x)
-    assert "lagoon.q4_matvec" in "\n".join(code)  # an extern kernel call, not a decomposition
+    assert "lagoon.q4_matvec" in "\n".join(code) and "lagoon.i8_matvec" in "\n".join(code)  # extern kernel calls
     assert torch.allclose(got, eager, rtol=1e-5, atol=1e-5)  # the same kernel; only the glue is fused
 
 

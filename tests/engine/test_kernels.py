@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lagoon.engine.checkpoint import dequant_q4_0, load_gguf, q4_0_fields
-from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q4ActLinear
+from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q4ActLinear, Q8ActLinear
 from lagoon.engine.kernels import cpu_isa, kernel_plan
 from lagoon.errors import ConfigError
 
@@ -19,6 +19,7 @@ def test_isa_is_forceable(monkeypatch):
     monkeypatch.setenv("LAGOON_CPU_ISA", "avx2")
     assert cpu_isa() == "avx2" and kernel_plan(native=False).q4 == "int8pack"
     assert kernel_plan(native=True).q4 == "q8act_avx2" and kernel_plan(native=True).q4_isa == "avx2"
+    assert kernel_plan(native=True).head_isa == "avx2" and kernel_plan(native=False).head == "int8pack"
     monkeypatch.setenv("LAGOON_CPU_ISA", "AVX512")
     assert kernel_plan(native=False).q4 == "int4pack" and kernel_plan(native=False).q4_isa is None
     monkeypatch.setenv("LAGOON_CPU_ISA", "default")
@@ -51,7 +52,7 @@ def test_plan_picks_the_kernel_and_matches_the_float_file(q4_file, monkeypatch, 
     ref = load_gguf(q4_file, "float32")  # the same 4-bit values, dequantized
     got = load_gguf(q4_file, "native", plan=kernel_plan(native=native))
     proj = got.layers[0].mlp.up_proj
-    assert isinstance(proj, linear) and isinstance(got.lm_head, Int8Linear)
+    assert isinstance(proj, linear) and isinstance(got.lm_head, Q8ActLinear if native else Int8Linear)
     assert proj.dense is not None and proj.dense.dtype == kernel_plan(isa, native).prefill_dtype
     g = torch.Generator().manual_seed(4)
     for n in (6, 24):  # 12 rows: the low-bit kernels; 48 rows: the dense prefill copies

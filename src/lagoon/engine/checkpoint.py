@@ -473,7 +473,7 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
         head = int8.pop("lm_head.weight", None)
         swap_int8(model, int8, dense)
         if head is not None:  # the head sees one row per sequence at prefill (last_only): no dense copy
-            swap_int8(model, {"lm_head.weight": head})
+            swap_int8(model, {"lm_head.weight": head}, act_isa=plan.head_isa)
     if native:
         from lagoon.engine.repack_cache import store
 

@@ -1,5 +1,6 @@
 """Lagoon's native CPU kernels: `csrc/q4_matvec.cpp`, a 4-bit GGUF matrix-vector product with int8
-activations (`torch.ops.lagoon.q4_matvec`), built from source at first use and loaded as torch ops.
+activations (`torch.ops.lagoon.q4_matvec`) and the same for int8 weights in blocks of 32 (GGUF Q8_0;
+the output head: `torch.ops.lagoon.i8_matvec`), built from source at first use and loaded as torch ops.
 
 Why: torch's `_weight_int4pack_mm_for_cpu` widens every nibble to float and multiplies in float
 (~11 GB/s of weights on this machine, half of a decode step of the embedded model). Quantizing the
@@ -17,7 +18,7 @@ kernels as before. ``LAGOON_NATIVE_KERNELS=0`` skips the library the same way. T
 registered with a fake (meta) implementation, so inductor's compiled decode step calls them as
 extern kernels; threads are torch's own (`at::parallel_for`).
 
-`pack_q4` owns the weight layout the kernel reads (described in the C++ source); `Q4_LAYOUT` names it
+`pack_q4` and `pack_i8` own the weight layouts the kernel reads (described in the C++ source); `Q4_LAYOUT` names it
 for caches of packed weights. This module does not choose kernels (`lagoon.engine.kernels` does).
 """
 
@@ -37,15 +38,16 @@ from lagoon.atomic import atomic_path
 from lagoon.cache_dir import cache_root
 
 __all__ = ["ISA_CODES", "Q4_LAYOUT", "SOURCE", "available", "build_tag", "library", "pack_q4", "q4_matvec",
-           "unavailable_reason", "TILE", "cpu_has"]
+           "unavailable_reason", "TILE", "cpu_has", "i8_matvec", "pack_i8", "quantize_i8"]
 
 log = logging.getLogger("lagoon.engine")
 
 SOURCE = Path(__file__).with_name("csrc") / "q4_matvec.cpp"
 ISA_CODES = {"default": 0, "avx2": 1, "avx512": 2}  # the C++ `isa` argument
-Q4_LAYOUT = "q4-tile16-f16dm-1"  # raise when pack_q4's layout changes
+Q4_LAYOUT = "q4-tile16-f16dm-1|i8-tile16-sums-1"  # raise when pack_q4's or pack_i8's layout changes
 TILE = 16  # output rows a tile
 _TILE_BYTES = 4 * 64 + 2 * TILE * 2
+_I8_TILE_BYTES = 8 * 64 + TILE * 2 + TILE * 2
 _FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w")
 
 
@@ -139,6 +141,11 @@ def _register_fake() -> None:
         torch._check(x.dim() == 2 and packed.dim() == 3 and x.shape[1] == packed.shape[1] * 32)
         return x.new_empty((x.shape[0], n))
 
+    @torch.library.register_fake("lagoon::i8_matvec")
+    def _(x: torch.Tensor, packed: torch.Tensor, n: int, isa: int) -> torch.Tensor:
+        torch._check(x.dim() == 2 and packed.dim() == 3 and x.shape[1] == packed.shape[1] * 32)
+        return x.new_empty((x.shape[0], n))
+
 
 def cpu_has(isa: str) -> bool:
     """Whether this CPU runs the kernel variant `isa` (the loaded library asks the CPU)."""
@@ -149,6 +156,44 @@ def q4_matvec(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.
     """x [M, K] (float32 or bf16) · Wᵀ -> [M, n] in x's dtype, W packed by `pack_q4`; `isa` one of
     `ISA_CODES` (the CPU must have it)."""
     return torch.ops.lagoon.q4_matvec(x, packed, n, ISA_CODES[isa])
+
+
+def i8_matvec(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
+    """x [M, K] (float32 or bf16) · Wᵀ -> [M, n] in x's dtype, W packed by `pack_i8`."""
+    return torch.ops.lagoon.i8_matvec(x, packed, n, ISA_CODES[isa])
+
+
+def quantize_i8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (d [N, K/32] f16, q [N, K] int8 in -127..127): GGUF Q8_0's rounding (d =
+    block absmax / 127), so a weight dequantized from a Q8_0 file gets its own codes back."""
+    N, K = w.shape
+    blocks = w.float().reshape(N, K // 32, 32)
+    d = (blocks.abs().amax(-1) / 127).to(torch.float16)  # [N, K/32]
+    inv = torch.where(d > 0, 1 / d.float(), torch.zeros((), dtype=torch.float32))
+    q = torch.round(blocks * inv.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8).reshape(N, K)
+    return d, q
+
+
+def pack_i8(d: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The kernel's layout of an int8 weight w = d·q in blocks of 32 along each row (d [N, K/32],
+    stored as f16; q [N, K] int8 in -127..127): uint8 [ceil(N/16), K/32, 576]."""
+    N, K = q.shape
+    if K % 32:
+        raise ValueError(f"pack_i8: in_features {K} is not a multiple of 32")
+    if q.numel() and int(q.min()) < -127:  # AVX2 moves x's sign onto w: -128 would overflow
+        raise ValueError("pack_i8: codes must lie in -127..127")
+    nt, kb = -(-N // TILE), K // 32
+    pad = nt * TILE - N
+    d = d.reshape(N, kb).to(torch.float16)
+    if pad:
+        q, d = torch.cat([q, q.new_zeros(pad, K)]), torch.cat([d, d.new_zeros(pad, kb)])
+    q = q.reshape(nt, TILE, kb, 8, 4).permute(0, 2, 3, 1, 4)  # [tile, block, chunk, row, byte]
+    sums = q.to(torch.int32).sum((2, 4)).to(torch.int16)  # [tile, block, row]: |sum| <= 32·127
+    d = d.reshape(nt, TILE, kb).transpose(1, 2)  # [tile, block, row]
+    out = torch.cat([q.reshape(nt, kb, 512).view(torch.uint8), sums.contiguous().view(torch.uint8),
+                     d.contiguous().view(torch.uint8)], dim=-1)
+    assert out.shape[-1] == _I8_TILE_BYTES
+    return out.contiguous()
 
 
 def pack_q4(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, out_features: int,

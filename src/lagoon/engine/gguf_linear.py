@@ -9,7 +9,8 @@ from `lagoon.engine.gguf_blocks`):
 
 `Q4ActLinear` holds the same (d, m, q) in `lagoon.engine.cpu_kernels`' layout (f16 d and m, which
 Q4_0 / Q4_1 store exactly) and runs Lagoon's own kernel with int8 activations, the faster choice
-where its library builds (`lagoon.engine.kernels`).
+where its library builds (`lagoon.engine.kernels`); `Q8ActLinear` likewise runs the output head in int8 blocks of 32
+(Q8_0's own codes when the head is a Q8_0 tensor, where `Int8Linear` re-quantizes per channel).
 
 `Int8Linear` is weight-only int8 per output channel on `torch._weight_int8pack_mm`: the output head
 (tied to a Q8_0 embedding) everywhere, Q5_0 / Q5_1 / Q6_K / Q8_0 linears, and 4-bit linears on
@@ -30,7 +31,7 @@ from torch import nn
 
 from lagoon.quant.int8 import int8pack_fits, quantize_per_channel_int8
 
-__all__ = ["Q4ActLinear", "Q4_1Linear", "Q8Linear", "Int8Linear", "swap_q4_1", "swap_q8", "swap_int8", "GROUP"]
+__all__ = ["Q4ActLinear", "Q4_1Linear", "Q8Linear", "Int8Linear", "Q8ActLinear", "swap_q4_1", "swap_q8", "swap_int8", "GROUP"]
 
 GROUP = 32
 PREFILL_MIN_M = 16
@@ -286,10 +287,52 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
 
 
-def swap_int8(model: nn.Module, weights: dict[str, torch.Tensor], dense: torch.dtype | None = None) -> int:
+class Q8ActLinear(nn.Module):
+    """A weight in int8 blocks of 32 along each row (w = d·q, GGUF Q8_0's rounding; a weight read
+    from a Q8_0 file gets its own codes back) on `lagoon.engine.cpu_kernels`' int8-activation kernel
+    (variant `isa`). For the output head: one row per sequence at decode and at prefill, so no
+    dense copy. in_features % 32 == 0."""
+
+    def __init__(self, w: torch.Tensor, isa: str) -> None:
+        # w [N, K] float
+        from lagoon.engine.cpu_kernels import pack_i8, quantize_i8
+
+        super().__init__()
+        self._attach(pack_i8(*quantize_i8(w)), *w.shape, isa)
+
+    def _attach(self, packed: torch.Tensor, out_features: int, in_features: int, isa: str) -> None:
+        from lagoon.engine.cpu_kernels import ISA_CODES
+
+        self.out_features, self.in_features = out_features, in_features
+        self.isa = ISA_CODES[isa]  # a plain int: a constant in the compiled graph (and in its cache key)
+        self.register_buffer("packed", packed)  # [ceil(N/16), K/32, 576] uint8
+        self.register_buffer("bias", None)  # [N] or None (set by the swap)
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, out_features: int, in_features: int, isa: str) -> Q8ActLinear:
+        """The layer from buffers an earlier one held (`lagoon.engine.repack_cache`), no repacking."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._attach(packed, out_features, in_features, isa)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [M, K]
+        if x2.dtype not in (torch.float32, torch.bfloat16):
+            x2 = x2.float()
+        y = torch.ops.lagoon.i8_matvec(x2, self.packed, self.out_features, self.isa)  # [M, N]
+        return _out(y, self.bias, shape, self.out_features, x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 blocks of 32, int8 activations"
+
+
+def swap_int8(model: nn.Module, weights: dict[str, torch.Tensor], dense: torch.dtype | None = None,
+              act_isa: str | None = None) -> int:
     """Replace each `nn.Linear` (keeping its bias) named in `weights` ({'lm_head.weight': w [N, K] float}) by
-    an `Int8Linear` quantized from `w` (with a `dense` prefill copy, if given); returns how many were
-    swapped."""
+    an `Int8Linear` quantized from `w` (with a `dense` prefill copy, if given), or with `act_isa` (and
+    no `dense`) a `Q8ActLinear` running that kernel variant; returns how many were swapped."""
     n = 0
     for name, w in weights.items():
         path = name.removesuffix(".weight").split(".")
@@ -297,6 +340,10 @@ def swap_int8(model: nn.Module, weights: dict[str, torch.Tensor], dense: torch.d
         old = getattr(parent, path[-1])
         if not isinstance(old, nn.Linear):
             continue
-        setattr(parent, path[-1], _take_bias(Int8Linear.from_weight(w.float(), dense), old))
+        if act_isa is not None and dense is None and old.in_features % GROUP == 0:
+            new: nn.Module = Q8ActLinear(w, act_isa)
+        else:
+            new = Int8Linear.from_weight(w.float(), dense)
+        setattr(parent, path[-1], _take_bias(new, old))
         n += 1
     return n

@@ -23,6 +23,8 @@ integer dot products; `q4="q8act_vnni"` with AVX-512 VNNI, else `"q8act_avx2"`),
 AVX2 CPUs plan whenever its library builds
 (576x1536, M = 1, 2 threads: ~14 us against int4pack's 44-66 us); where it does not, the table above
 decides. It holds the GGUF's own 4-bit codes with f16 scales, so it replaces int8pack on AVX2 too.
+The output head then runs on its int8 sibling (`lagoon::i8_matvec`, int8 blocks of 32: a Q8_0
+head's own codes) instead of int8pack.
 
 `LAGOON_CPU_ISA` (``avx512`` | ``avx2`` | ``default``) forces the choice, so the AVX2 plan can be run
 and tested on an AVX-512 machine (set ``ATEN_CPU_CAPABILITY=avx2`` too to make torch's own kernels
@@ -68,13 +70,18 @@ class KernelPlan:
     isa: str
     q4: Literal["q8act_vnni", "q8act_avx2", "int4pack", "int8pack"]
     q8: Literal["int4pack_x2", "int8pack"]
-    head: Literal["int8pack"]
+    head: Literal["q8act_vnni", "q8act_avx2", "int8pack"]
     prefill: Literal["bfloat16", "float32"]  # dtype of the dense copies prefill multiplies by
 
     @property
     def q4_isa(self) -> str | None:
         """The `lagoon.engine.cpu_kernels` ISA the 4-bit linears run on, or None (torch's kernels)."""
         return {"q8act_vnni": "avx512", "q8act_avx2": "avx2"}.get(self.q4)
+
+    @property
+    def head_isa(self) -> str | None:
+        """The `lagoon.engine.cpu_kernels` ISA the output head runs on, or None (int8pack)."""
+        return {"q8act_vnni": "avx512", "q8act_avx2": "avx2"}.get(self.head)
 
     @property
     def prefill_dtype(self) -> torch.dtype:
@@ -101,5 +108,5 @@ def kernel_plan(isa: str | None = None, native: bool | None = None) -> KernelPla
         vnni = avx512 and cpu_kernels.cpu_has("avx512")  # torch's AVX-512 level does not imply VNNI
         q4 = "q8act_vnni" if vnni else "q8act_avx2"
     return KernelPlan(isa=isa, q4=q4, q8="int4pack_x2" if avx512 else "int8pack",
-                      head="int8pack",
+                      head=q4 if q4.startswith("q8act") else "int8pack",
                       prefill="bfloat16" if avx512 else "float32")

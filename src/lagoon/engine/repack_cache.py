@@ -40,7 +40,7 @@ from torch import nn
 from lagoon.atomic import atomic_path
 from lagoon.cache_dir import cache_root
 from lagoon.engine.cpu_kernels import Q4_LAYOUT
-from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q4ActLinear, Q8Linear
+from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q4ActLinear, Q8ActLinear, Q8Linear
 from lagoon.engine.kernels import DENSE_PREFILL_MAX_BYTES, KernelPlan
 from lagoon.model.args import LayerSpec, ModelArgs
 from lagoon.model.rope import RopeSpec
@@ -57,7 +57,8 @@ _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 _META = "lagoon.repack"
 _DATACLASSES = {c.__name__: c for c in (ModelArgs, LayerSpec, RopeSpec)}
-_KINDS: dict[type, str] = {Q4_1Linear: "q4", Q4ActLinear: "q4x", Q8Linear: "q8", Int8Linear: "int8"}
+_KINDS: dict[type, str] = {Q4_1Linear: "q4", Q4ActLinear: "q4x", Q8Linear: "q8", Q8ActLinear: "q8x",
+                           Int8Linear: "int8"}
 
 
 def repack_cache_enabled() -> bool:
@@ -148,7 +149,7 @@ def store(path: str | Path, plan: KernelPlan, model: Transformer) -> Path | None
         if args.tie_word_embeddings and "lm_head" not in swaps:
             tensors.pop("lm_head.weight", None)  # the same tensor as the embedding; tie_weights restores it
         for name in swaps:
-            dense = model.get_submodule(name).dense
+            dense = getattr(model.get_submodule(name), "dense", None)  # Q8ActLinear keeps none
             if dense is not None:
                 tensors[f"{name}.dense"] = dense
         tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -267,6 +268,11 @@ def _rebuild(entry: Path, plan: KernelPlan) -> Transformer:
             if plan.q4_isa is None or tuple(packed.shape) != (-(-N // 16), K // 32, 320):
                 raise _Stale(f"{name}.packed has shape {tuple(packed.shape)} under plan {plan.q4}")
             layers[name] = Q4ActLinear.from_packed(packed, dense, N, K, plan.q4_isa)
+        elif kind == "q8x":
+            packed = _take(state, name, "packed")
+            if plan.head_isa is None or tuple(packed.shape) != (-(-N // 16), K // 32, 576):
+                raise _Stale(f"{name}.packed has shape {tuple(packed.shape)} under plan {plan.head}")
+            layers[name] = Q8ActLinear.from_packed(packed, N, K, plan.head_isa)
         elif kind == "q8":
             hi, lo, sz = (_take(state, name, b) for b in ("packed_hi", "packed_lo", "scales_and_zeros"))
             if tuple(sz.shape) != (K // 32, N, 2):

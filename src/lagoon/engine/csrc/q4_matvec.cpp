@@ -1,4 +1,4 @@
-// lagoon::q4_matvec: y = x · Wᵀ for a 4-bit GGUF weight (blocks of 32, w = d·q + m, q in 0..15)
+// lagoon::q4_matvec (and lagoon::i8_matvec for int8 weights, below): y = x · Wᵀ for a 4-bit GGUF weight (blocks of 32, w = d·q + m, q in 0..15)
 // with the activations quantized to int8 per block of 32 (dx = amax/127, xq = round(x/dx), and the
 // block's sum sx = dx·Σxq), so each block's dot product is integer work:
 //
@@ -149,21 +149,95 @@ void quantize_row(const T* x, int64_t K, int8_t* q, float* d, float* s) {
   }
 }
 
+// ------------------------------------------------------- int8 weights in blocks of 32 (GGUF Q8_0)
+// w = d·q, q in -127..127. Layout (`lagoon.engine.cpu_kernels.pack_i8`): per tile and block 576
+// bytes: 8 chunks of 64 bytes (byte 4·r + i of chunk g: row r's code for k = 4g + i), the 16 rows'
+// sums of the block's codes (int16), their d (f16). y = Σ_blocks d·dx · Σ_k q·xq.
+constexpr int64_t kI8TileBytes = 8 * 64 + kTile * 2 + kTile * 2;
+
+void i8tile_scalar(const uint8_t* w, int64_t nb, const Acts& a, float* out) {
+  for (int64_t r = 0; r < kTile; ++r) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int8_t* p = reinterpret_cast<const int8_t*>(w + b * kI8TileBytes);
+      const int8_t* xq = a.q + b * kBlock;
+      int32_t dot = 0;
+      for (int g = 0; g < 8; ++g)
+        for (int i = 0; i < 4; ++i) dot += int32_t(p[64 * g + 4 * r + i]) * xq[4 * g + i];
+      acc += float(reinterpret_cast<const c10::Half*>(p + 544)[r]) * a.d[b] * float(dot);
+    }
+    out[r] = acc;
+  }
+}
+
+// vpmaddubsw needs one unsigned side: |x| there and x's sign moved onto w (|x| <= 127: no saturation)
+__attribute__((target("avx2,fma,f16c"))) void i8tile_avx2(const uint8_t* w, int64_t nb, const Acts& a, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = w + b * kI8TileBytes;
+    const int32_t* xb = reinterpret_cast<const int32_t*>(a.q + b * kBlock);
+    __m256i i0 = _mm256_setzero_si256(), i1 = _mm256_setzero_si256();
+    for (int g = 0; g < 8; ++g) {
+      const __m256i x = _mm256_set1_epi32(xb[g]), ax = _mm256_sign_epi8(x, x);
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * g));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * g + 32));
+      i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(v0, x)), ones));
+      i1 = _mm256_add_epi32(i1, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(v1, x)), ones));
+    }
+    const __m256 dx = _mm256_set1_ps(a.d[b]);
+    const __m128i* dw = reinterpret_cast<const __m128i*>(p + 544);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(dw)), dx), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(dw + 1)), dx), acc1);
+  }
+  _mm256_storeu_ps(out, acc0);
+  _mm256_storeu_ps(out + 8, acc1);
+}
+
+// vpdpbusd's unsigned side is x + 128 (x xor 0x80); the block's Σw·128 is taken back from the sums
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c"))) void i8tile_avx512(
+    const uint8_t* w, int64_t nb, const Acts& a, float* out) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = w + b * kI8TileBytes;
+    const int32_t* xb = reinterpret_cast<const int32_t*>(a.q + b * kBlock);
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    __m512i s2 = _mm512_setzero_si512(), s3 = _mm512_setzero_si512();
+    for (int g = 0; g < 8; g += 4) {
+      s0 = _mm512_dpbusd_epi32(s0, _mm512_xor_si512(_mm512_set1_epi32(xb[g]), flip), _mm512_loadu_si512(p + 64 * g));
+      s1 = _mm512_dpbusd_epi32(s1, _mm512_xor_si512(_mm512_set1_epi32(xb[g + 1]), flip),
+                               _mm512_loadu_si512(p + 64 * g + 64));
+      s2 = _mm512_dpbusd_epi32(s2, _mm512_xor_si512(_mm512_set1_epi32(xb[g + 2]), flip),
+                               _mm512_loadu_si512(p + 64 * g + 128));
+      s3 = _mm512_dpbusd_epi32(s3, _mm512_xor_si512(_mm512_set1_epi32(xb[g + 3]), flip),
+                               _mm512_loadu_si512(p + 64 * g + 192));
+    }
+    const __m512i sums = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 512)));
+    const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)),
+                                       _mm512_slli_epi32(sums, 7));
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 544)));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(a.d[b])), acc);
+  }
+  _mm512_storeu_ps(out, acc);
+}
+
 using TileFn = void (*)(const uint8_t*, int64_t, const Acts&, float*);
 
-at::Tensor q4_matvec(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "q4_matvec: x must be a 2-D CPU tensor, got ", x.sizes());
+// y [M, n] = x [M, K] · Wᵀ for a weight packed in tiles of `tile_bytes` per block
+at::Tensor matvec(const char* op, const at::Tensor& x, const at::Tensor& packed, int64_t tile_bytes, int64_t n,
+                  int64_t isa, TileFn tile) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), op, ": x must be a 2-D CPU tensor, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "q4_matvec: x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kTileBytes &&
+              op, ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == tile_bytes &&
                   packed.is_contiguous(),
-              "q4_matvec: packed must be contiguous uint8 [N/16, K/32, ", kTileBytes, "], got ", packed.sizes());
+              op, ": packed must be contiguous uint8 [N/16, K/32, ", tile_bytes, "], got ", packed.sizes());
   const int64_t M = x.size(0), K = x.size(1), nb = K / kBlock, nt = packed.size(0);
-  TORCH_CHECK(K % kBlock == 0 && packed.size(1) == nb, "q4_matvec: x has K = ", K, ", the weight ",
+  TORCH_CHECK(K % kBlock == 0 && packed.size(1) == nb, op, ": x has K = ", K, ", the weight ",
               packed.size(1) * kBlock);
-  TORCH_CHECK(n > (nt - 1) * kTile && n <= nt * kTile, "q4_matvec: n = ", n, " does not fit ", nt, " tiles");
-  TORCH_CHECK(cpu_has(isa), "q4_matvec: this CPU lacks the instructions of kernel ", isa);
-  const TileFn tile = isa == 2 ? tile_avx512 : isa == 1 ? tile_avx2 : tile_scalar;
+  TORCH_CHECK(n > (nt - 1) * kTile && n <= nt * kTile, op, ": n = ", n, " does not fit ", nt, " tiles");
+  TORCH_CHECK(cpu_has(isa), op, ": this CPU lacks the instructions of kernel ", isa);
 
   const at::Tensor xc = x.contiguous();
   auto qx = at::empty({M, K}, x.options().dtype(at::kChar));
@@ -189,7 +263,7 @@ at::Tensor q4_matvec(const at::Tensor& x, const at::Tensor& packed, int64_t n, i
       const int64_t rows = std::min(kTile, n - t * kTile);
       for (int64_t r = 0; r < M; ++r) {
         const Acts a{qp + r * K, dp + r * nb, sp + r * nb};
-        tile(w + t * nb * kTileBytes, nb, a, out);
+        tile(w + t * nb * tile_bytes, nb, a, out);
         if (f32)
           std::memcpy(static_cast<float*>(yp) + r * n + t * kTile, out, rows * sizeof(float));
         else
@@ -201,13 +275,27 @@ at::Tensor q4_matvec(const at::Tensor& x, const at::Tensor& packed, int64_t n, i
   return y;
 }
 
+at::Tensor q4_matvec(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t isa) {
+  const TileFn tile = isa == 2 ? tile_avx512 : isa == 1 ? tile_avx2 : tile_scalar;
+  return matvec("q4_matvec", x, packed, kTileBytes, n, isa, tile);
+}
+
+at::Tensor i8_matvec(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t isa) {
+  const TileFn tile = isa == 2 ? i8tile_avx512 : isa == 1 ? i8tile_avx2 : i8tile_scalar;
+  return matvec("i8_matvec", x, packed, kI8TileBytes, n, isa, tile);
+}
+
 bool has_isa(int64_t isa) { return cpu_has(isa); }
 
 }  // namespace
 
 TORCH_LIBRARY(lagoon, m) {
   m.def("q4_matvec(Tensor x, Tensor packed, int n, int isa) -> Tensor");
+  m.def("i8_matvec(Tensor x, Tensor packed, int n, int isa) -> Tensor");
   m.def("cpu_has(int isa) -> bool", has_isa);
 }
 
-TORCH_LIBRARY_IMPL(lagoon, CPU, m) { m.impl("q4_matvec", q4_matvec); }
+TORCH_LIBRARY_IMPL(lagoon, CPU, m) {
+  m.impl("q4_matvec", q4_matvec);
+  m.impl("i8_matvec", i8_matvec);
+}
