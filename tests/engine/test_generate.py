@@ -109,3 +109,40 @@ def test_text_stream_decodes_incrementally_and_matches_a_full_decode(folder):
             assert (incremental.text, incremental.finish_reason) == (text, redecoding.finish_reason)
     finally:
         engine.close()
+
+
+def test_batched_greedy_picks_equal_sampling_each_row(folder):
+    # the scheduler picks every unconstrained greedy row of a decode step in one reduction; on
+    # coarsely rounded logits (many exact ties) each pick must be what `sample` takes for the row
+    from lagoon.engine.sampling import sample
+
+    engine = load_model(folder, precision="float32", config=EngineSection(max_seq_len=128, max_batch_size=4))
+    real, seen = engine.scheduler.step, []
+
+    def rounded_step(seq_ids, tokens, pos):
+        logits = (real(seq_ids, tokens, pos) * 2).round()
+        seen.append((list(seq_ids), logits.clone()))
+        return logits
+
+    engine.scheduler.step = rounded_step
+    try:
+        greedy = engine.params(max_new_tokens=12, ignore_eos=True)
+        sampled = engine.params(max_new_tokens=12, ignore_eos=True, temperature=0.8, seed=3)
+        with cf.ThreadPoolExecutor(3) as pool:
+            futs = [pool.submit(engine.submit, ids, p) for ids, p in
+                    (([5, 6, 7], greedy), ([9, 1], sampled), ([4, 4, 4, 4], greedy))]
+            reqs = [f.result()[0] for f in futs]
+            for f in futs:
+                list(f.result()[1])
+        by_id = {r.id: r for r in reqs}
+        checked, steps = 0, dict.fromkeys(by_id, 0)
+        for seq_ids, logits in seen:
+            for row, sid in enumerate(seq_ids):
+                req = by_id[sid]
+                steps[sid] += 1  # output token 0 came from the prefill, token n from its n-th decode step
+                if req.params.greedy:
+                    assert req.output_ids[steps[sid]] == sample(logits[row], req.params)
+                    checked += 1
+        assert checked >= 16 and any(len(s) > 1 for s, _ in seen)  # batched steps were checked
+    finally:
+        engine.close()

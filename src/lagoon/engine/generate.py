@@ -194,17 +194,23 @@ class Scheduler:
         pos = torch.tensor([len(r.prompt_ids) + len(r.output_ids) - 1 for r in batch]).view(-1, 1)  # [B, 1]
         with token_types(reasoning_types(len(batch))):
             logits = self.step([r.id for r in batch], tokens, pos)  # [B, V]
+        # every unconstrained greedy row's pick in one reduction (what `sample` picks, row by row)
+        picks = (logits.max(-1).indices.tolist() if any(r.params.greedy and r.grammar is None for r in batch)
+                 else [None] * len(batch))
         for i, req in enumerate(batch):
-            self._emit(req, logits[i])
+            self._emit(req, logits[i], picks[i])
 
-    def _emit(self, req: Request, logits: torch.Tensor) -> None:
+    def _emit(self, req: Request, logits: torch.Tensor, greedy_pick: int | None = None) -> None:
         now = time.perf_counter()
         if req.cancelled.is_set():
             self._retire(req, "cancelled")
             return
         try:
             allowed = None if req.grammar is None else req.grammar.allowed(logits.shape[-1])  # [V]
-            tok = sample(logits, req.params, req.generator, allowed)
+            if greedy_pick is not None and req.params.greedy and allowed is None:
+                tok = greedy_pick
+            else:
+                tok = sample(logits, req.params, req.generator, allowed)
             is_eos = tok in self.eos_ids and not req.params.ignore_eos
             if req.grammar is not None and not is_eos:
                 req.grammar.accept(tok)
