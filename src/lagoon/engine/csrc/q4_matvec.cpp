@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -118,6 +119,40 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c"))) void ti
     mac = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s[b]), mac);
   }
   _mm512_storeu_ps(out, _mm512_add_ps(acc, mac));
+}
+
+// Up to 4 rows of x against one tile: the unpacked nibbles stay in registers for all of them (a
+// small decode batch reads and unpacks each weight once, not once per row)
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c"))) void tile_avx512_rows(
+    const uint8_t* w, int64_t nb, const Acts* a, float* out) {
+  const __m512i low = _mm512_set1_epi8(15);
+  __m512 acc[R], mac[R];
+  for (int r = 0; r < R; ++r) acc[r] = mac[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = w + b * kTileBytes;
+    __m512i lo[4], hi[4];
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512(p + 64 * c);
+      lo[c] = _mm512_and_si512(v, low);
+      hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    const __m256i* dm = reinterpret_cast<const __m256i*>(p + 256);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(dm)), m = _mm512_cvtph_ps(_mm256_loadu_si256(dm + 1));
+    for (int r = 0; r < R; ++r) {
+      const int32_t* xb = reinterpret_cast<const int32_t*>(a[r].q + b * kBlock);
+      __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_set1_epi32(xb[0]));
+      __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], _mm512_set1_epi32(xb[4]));
+      for (int c = 1; c < 4; ++c) {
+        s0 = _mm512_dpbusd_epi32(s0, lo[c], _mm512_set1_epi32(xb[c]));
+        s1 = _mm512_dpbusd_epi32(s1, hi[c], _mm512_set1_epi32(xb[4 + c]));
+      }
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(d, _mm512_set1_ps(a[r].d[b])),
+                               acc[r]);
+      mac[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a[r].s[b]), mac[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + kTile * r, _mm512_add_ps(acc[r], mac[r]));
 }
 
 bool cpu_has(int64_t isa) {
@@ -223,10 +258,26 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c"))) void i8
 }
 
 using TileFn = void (*)(const uint8_t*, int64_t, const Acts&, float*);
+// rows (1..4) of x against one tile, out [rows][16]
+using RowsFn = void (*)(const uint8_t*, int64_t, const Acts*, int, float*);
+
+template <TileFn F>
+void one_by_one(const uint8_t* w, int64_t nb, const Acts* a, int rows, float* out) {
+  for (int r = 0; r < rows; ++r) F(w, nb, a[r], out + kTile * r);
+}
+
+void q4_rows_avx512(const uint8_t* w, int64_t nb, const Acts* a, int rows, float* out) {
+  switch (rows) {
+    case 1: return tile_avx512(w, nb, a[0], out);
+    case 2: return tile_avx512_rows<2>(w, nb, a, out);
+    case 3: return tile_avx512_rows<3>(w, nb, a, out);
+    default: return tile_avx512_rows<4>(w, nb, a, out);
+  }
+}
 
 // y [M, n] = x [M, K] · Wᵀ for a weight packed in tiles of `tile_bytes` per block
 at::Tensor matvec(const char* op, const at::Tensor& x, const at::Tensor& packed, int64_t tile_bytes, int64_t n,
-                  int64_t isa, TileFn tile) {
+                  int64_t isa, RowsFn tile) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), op, ": x must be a 2-D CPU tensor, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               op, ": x must be float32 or bfloat16, got ", x.scalar_type());
@@ -257,18 +308,23 @@ at::Tensor matvec(const char* op, const at::Tensor& x, const at::Tensor& packed,
   void* yp = y.data_ptr();
   // ~64k multiply-adds a task at least: a thread's wake-up costs about as much as a small tile's work
   const int64_t grain = std::max<int64_t>(1, 65536 / (kTile * K * M));
+  std::vector<Acts> acts(M);
+  for (int64_t r = 0; r < M; ++r) acts[r] = Acts{qp + r * K, dp + r * nb, sp + r * nb};
   at::parallel_for(0, nt, grain, [&](int64_t t0, int64_t t1) {
-    alignas(64) float out[kTile];
+    alignas(64) float out[4 * kTile];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t rows = std::min(kTile, n - t * kTile);
-      for (int64_t r = 0; r < M; ++r) {
-        const Acts a{qp + r * K, dp + r * nb, sp + r * nb};
-        tile(w + t * nb * tile_bytes, nb, a, out);
-        if (f32)
-          std::memcpy(static_cast<float*>(yp) + r * n + t * kTile, out, rows * sizeof(float));
-        else
-          for (int64_t i = 0; i < rows; ++i)
-            static_cast<c10::BFloat16*>(yp)[r * n + t * kTile + i] = c10::BFloat16(out[i]);
+      for (int64_t r0 = 0; r0 < M; r0 += 4) {
+        const int xrows = static_cast<int>(std::min<int64_t>(4, M - r0));
+        tile(w + t * nb * tile_bytes, nb, acts.data() + r0, xrows, out);
+        for (int j = 0; j < xrows; ++j) {
+          const int64_t r = r0 + j;
+          if (f32)
+            std::memcpy(static_cast<float*>(yp) + r * n + t * kTile, out + kTile * j, rows * sizeof(float));
+          else
+            for (int64_t i = 0; i < rows; ++i)
+              static_cast<c10::BFloat16*>(yp)[r * n + t * kTile + i] = c10::BFloat16(out[kTile * j + i]);
+        }
       }
     }
   });
@@ -276,12 +332,14 @@ at::Tensor matvec(const char* op, const at::Tensor& x, const at::Tensor& packed,
 }
 
 at::Tensor q4_matvec(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t isa) {
-  const TileFn tile = isa == 2 ? tile_avx512 : isa == 1 ? tile_avx2 : tile_scalar;
+  const RowsFn tile = isa == 2 ? q4_rows_avx512 : isa == 1 ? one_by_one<tile_avx2> : one_by_one<tile_scalar>;
   return matvec("q4_matvec", x, packed, kTileBytes, n, isa, tile);
 }
 
 at::Tensor i8_matvec(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t isa) {
-  const TileFn tile = isa == 2 ? i8tile_avx512 : isa == 1 ? i8tile_avx2 : i8tile_scalar;
+  const RowsFn tile = isa == 2   ? one_by_one<i8tile_avx512>
+                      : isa == 1 ? one_by_one<i8tile_avx2>
+                                 : one_by_one<i8tile_scalar>;
   return matvec("i8_matvec", x, packed, kI8TileBytes, n, isa, tile);
 }
 
