@@ -261,10 +261,12 @@ def test_embedded_model_greedy_tokens_equal_eager():
         with ThreadPoolExecutor(3) as pool:  # decoded together: the dynamic-batch graph
             together = list(pool.map(lambda p: fast.complete(p, fast.params(**params)).token_ids, prompts))
         alone = [eager.complete(p, eager.params(**params)).token_ids for p in prompts]
-        # a batch of 3 runs the int4 kernel with M = 3 (another bf16 summation order than M = 1), so
-        # a near-tie may flip late; measured: equal for 17+ tokens on each of these prompts
+        # Lagoon's kernels give each row what it gets alone (tests/engine/test_cpu_kernels.py), but the
+        # batch graph's attention and norms round differently in bf16, and the int8 rounding of the
+        # next linear's input turns such a difference into a whole int8 step: a near-tie may flip;
+        # measured: equal for 9+ tokens on each of these prompts (17+ on torch's int4 kernel)
         for t, a in zip(together, alone, strict=True):
-            assert t[:12] == a[:12]
+            assert t[:6] == a[:6]
     finally:
         fast.close()
         eager.close()

@@ -57,6 +57,8 @@ def test_op_matches_the_float_product(isa, N, K):
         assert bool(((y.double() - ref).abs() <= _bound(x, w).double()).all())
         # and in aggregate llama.cpp's Q8_1 error: well under 1e-2 of |x|·|w| (cancellation-free scale)
         assert float((y.double() - ref).norm() / (x.abs().double() @ w.abs().double().t()).norm()) <= 1e-2
+        rows = [cpu_kernels.q4_matvec(x[i : i + 1], packed, N, isa) for i in range(M)]
+        assert torch.equal(torch.cat(rows), y)  # batch-invariant: each row gets what it gets alone
         xb = x.bfloat16()  # bf16 in, bf16 out (rounded once from the fp32 sum)
         yb = cpu_kernels.q4_matvec(xb, packed, N, isa)
         refb = xb.double() @ w.double().t()
@@ -82,6 +84,7 @@ def test_int8_op_matches_the_float_product(isa, N, K):
         y = cpu_kernels.i8_matvec(x, packed, N, isa)
         assert y.shape == (M, N) and y.dtype == torch.float32
         assert bool(((y.double() - ref).abs() <= _bound(x, wq).double()).all())
+        assert torch.equal(torch.cat([cpu_kernels.i8_matvec(x[i : i + 1], packed, N, isa) for i in range(M)]), y)
         assert float((y.double() - ref).norm() / (x.abs().double() @ wq.abs().double().t()).norm()) <= 1e-2
 
 

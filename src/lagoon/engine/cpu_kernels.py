@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shlex
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -114,7 +115,10 @@ def _load() -> Path:
     if not target.is_file():
         _build(target)
     if not hasattr(torch.ops.lagoon, "q4_matvec"):  # a second load (another cache dir) would re-register
-        torch.ops.load_library(str(target))
+        try:
+            torch.ops.load_library(str(target))
+        except OSError as exc:
+            raise OSError(f"{target} does not load ({exc}); delete {target.parent} to rebuild it") from None
         _register_fake()
     return target
 
@@ -125,7 +129,7 @@ def _build(target: Path) -> None:
     log.warning("building Lagoon's native CPU kernels into %s (once, ~10 s)", target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target, suffix=".so") as tmp:
-        cmd = [_compiler(), *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        cmd = [*shlex.split(_compiler()), *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *(f"-I{p}" for p in include_paths()), str(SOURCE), *(f"-L{p}" for p in library_paths()),
                "-lc10", "-ltorch_cpu", "-o", str(tmp)]
         try:
@@ -147,6 +151,11 @@ def _register_fake() -> None:
         return x.new_empty((x.shape[0], n))
 
 
+def _require() -> None:
+    if library() is None:
+        raise RuntimeError(f"Lagoon's native CPU kernels are unavailable: {_state.reason}")
+
+
 def cpu_has(isa: str) -> bool:
     """Whether this CPU runs the kernel variant `isa` (the loaded library asks the CPU)."""
     return library() is not None and bool(torch.ops.lagoon.cpu_has(ISA_CODES[isa]))
@@ -155,11 +164,13 @@ def cpu_has(isa: str) -> bool:
 def q4_matvec(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
     """x [M, K] (float32 or bf16) · Wᵀ -> [M, n] in x's dtype, W packed by `pack_q4`; `isa` one of
     `ISA_CODES` (the CPU must have it)."""
+    _require()
     return torch.ops.lagoon.q4_matvec(x, packed, n, ISA_CODES[isa])
 
 
 def i8_matvec(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
     """x [M, K] (float32 or bf16) · Wᵀ -> [M, n] in x's dtype, W packed by `pack_i8`."""
+    _require()
     return torch.ops.lagoon.i8_matvec(x, packed, n, ISA_CODES[isa])
 
 
