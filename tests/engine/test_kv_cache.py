@@ -73,7 +73,8 @@ def test_pools_start_zeroed_aligned_and_writable():
         for dtype in (torch.float32, torch.bfloat16):
             cache = make_cache(m.args, paged=paged, max_batch=2, max_seq_len=64, dtype=dtype)
             for t in (*cache.k, *cache.v):
-                assert t.dtype == dtype and t.is_contiguous() and t.data_ptr() % 64 == 0
+                assert t.dtype == dtype and t.is_contiguous() and t.data_ptr() % 64 == 0 and t.storage_offset() == 0
+                assert t._base is None  # not a view: the compiled step sees the pools as torch.zeros' were
                 assert not t.any()
             x = torch.randn(cache.k[0].shape).to(dtype)
             cache.k[0].copy_(x)

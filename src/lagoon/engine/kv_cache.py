@@ -39,9 +39,12 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     defaults, 0.2-0.6 s of a warm start to fill) and decoding touches only what it uses. Aligned to
     64 bytes, as torch's own allocations are (vectorized kernels)."""
     n = math.prod(shape) * dtype.itemsize
-    raw = torch.from_numpy(np.zeros(n + 64, dtype=np.uint8))  # the tensor keeps the array alive
-    start = -raw.data_ptr() % 64
-    return raw[start:start + n].view(dtype).view(shape)
+    raw = np.zeros(n + 64, dtype=np.uint8)
+    start = -raw.ctypes.data % 64
+    storage = torch.frombuffer(raw, dtype=torch.uint8, count=n, offset=start).untyped_storage()  # keeps raw alive
+    # set_ on the storage, not .view(dtype) of the uint8 tensor: the compiled step then gets each pool
+    # as a plain input (no view base, storage offset 0), as torch.zeros' were
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def _mask(input_pos: torch.Tensor, S: int) -> torch.Tensor:
