@@ -20,11 +20,16 @@ embedding in most small GGUFs) runs int8 everywhere: 1.3-1.5 ms against 3.2 ms i
 
 Both are beaten at decode by Lagoon's own kernel (`lagoon.engine.cpu_kernels`: int8 activations,
 integer dot products; `q4="q8act_vnni"` with AVX-512 VNNI, else `"q8act_avx2"`), which AVX-512 and
-AVX2 CPUs plan whenever its library builds
-(576x1536, M = 1, 2 threads: ~14 us against int4pack's 44-66 us); where it does not, the table above
-decides. It holds the GGUF's own 4-bit codes with f16 scales, so it replaces int8pack on AVX2 too.
-The output head then runs on its int8 sibling (`lagoon::i8_matvec`, int8 blocks of 32: a Q8_0
-head's own codes) instead of int8pack.
+AVX2 CPUs plan whenever its library builds; where it does not, the table above decides. Measured
+(benchmarks/bench_kernels.py, interleaved, a busy shared machine, 1 thread, M = 1): the model's
+4-bit linears x30 2.1 ms (VNNI) / 2.5 ms (AVX2 code) against int4pack's 5.3 ms; M = 4 and 8 ~2.0x
+int4pack on VNNI (rows share each unpacked tile), ~1.2x on AVX2; the 49152x576 head ~1.2 ms against
+int8pack's ~3.4 ms. It holds the GGUF's own 4-bit codes with f16 scales, so it replaces int8pack on
+AVX2 too. The output head then runs on its int8 sibling (`lagoon::i8_matvec`, int8 blocks of 32: a
+Q8_0 head's own codes) instead of int8pack. End to end (the embedded model, compiled, 2 threads,
+two engines in one process, alternating, load ~3.5 from other jobs): 86-89 tok/s against 68-76 on
+torch's kernels. The price is int8 activations: logits 2.5-4.5% from the float32 load's against
+2.3-3.3% on torch's kernels (tests/engine/test_cpu_kernels.py, slow).
 
 `LAGOON_CPU_ISA` (``avx512`` | ``avx2`` | ``default``) forces the choice, so the AVX2 plan can be run
 and tested on an AVX-512 machine (set ``ATEN_CPU_CAPABILITY=avx2`` too to make torch's own kernels
