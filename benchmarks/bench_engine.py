@@ -65,7 +65,8 @@ def lagoon_row(precision: str, compiled: bool, prompt: list[int], n_new: int, re
                         config=EngineSection(max_seq_len=4096, max_batch_size=8, prefix_cache=False,
                                              compile=compiled, threads=torch.get_num_threads()))
     load_s = time.perf_counter() - t
-    engine.complete(prompt[:16], engine.params(max_new_tokens=4, ignore_eos=True))  # warm-up
+    # warm-up on the measured length (a first call of a shape pays one-time allocations: ~2x its ttft)
+    engine.complete(prompt, engine.params(max_new_tokens=4, ignore_eos=True))
     pre, dec = [], []
     for _ in range(repeats):
         c = engine.complete(prompt, engine.params(max_new_tokens=n_new, ignore_eos=True))
@@ -123,6 +124,7 @@ path, prompt, n_new, repeats, threads = sys.argv[1], json.loads(sys.argv[2]), *m
 t = time.perf_counter()
 llm = Llama(path, n_ctx=4096, verbose=False, n_threads=threads, n_threads_batch=threads)
 load_s = time.perf_counter() - t
+llm.eval(prompt)  # warm-up on the measured length, as the Lagoon rows get
 pre, dec = [], []
 for _ in range(repeats):
     llm.reset()

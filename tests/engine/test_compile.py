@@ -240,7 +240,11 @@ def test_corrupt_cache_entries_in_a_new_process(cache_dir):
 @pytest.mark.timeout(3600)  # two cold compiles of a 30-layer model on 2 shared cores
 def test_embedded_model_greedy_tokens_equal_eager():
     """SmolLM2-135M (GGUF Q4_1 on this CPU's kernels): the compiled step's greedy tokens equal the eager
-    step's for a few prompts, alone and batched together."""
+    step's for a few prompts, alone and batched together, up to the first position where the eager
+    step's own top two tokens are a near-tie. The compiled graph fuses norms and RoPE and rounds bf16
+    differently, and Lagoon's int8-activation kernels turn such a difference into a whole int8 step of
+    the next linear's input (tests/engine/test_cpu_kernels.py): a flip is allowed only where the
+    reference itself is within `NEAR_TIE` nats of choosing the other token; a flip with a clear margin fails."""
     import importlib.util
 
     from lagoon.config import EngineSection
@@ -254,22 +258,37 @@ def test_embedded_model_greedy_tokens_equal_eager():
     prompts = ["def quicksort(xs):", "The capital of France is", "Write a haiku about the sea.\n"]
     params = dict(max_new_tokens=40, ignore_eos=True)
     try:
-        for p in prompts:
-            assert fast.complete(p, fast.params(**params)).token_ids == eager.complete(p, eager.params(**params)).token_ids
+        refs = [_greedy_with_margins(eager, p, params) for p in prompts]
+        for p, ref in zip(prompts, refs, strict=True):
+            _agree_until_near_tie(fast.complete(p, fast.params(**params)).token_ids, *ref)
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(3) as pool:  # decoded together: the dynamic-batch graph
             together = list(pool.map(lambda p: fast.complete(p, fast.params(**params)).token_ids, prompts))
-        alone = [eager.complete(p, eager.params(**params)).token_ids for p in prompts]
-        # Lagoon's kernels give each row what it gets alone (tests/engine/test_cpu_kernels.py), but the
-        # batch graph's attention and norms round differently in bf16, and the int8 rounding of the
-        # next linear's input turns such a difference into a whole int8 step: a near-tie may flip;
-        # measured: equal for 9+ tokens on each of these prompts (17+ on torch's int4 kernel)
-        for t, a in zip(together, alone, strict=True):
-            assert t[:6] == a[:6]
+        for got, ref in zip(together, refs, strict=True):
+            _agree_until_near_tie(got, *ref)
     finally:
         fast.close()
         eager.close()
+
+
+# nats between the reference's top two tokens: int8 activations make the compiled and eager logits
+# differ by a few tenths of a nat late in a sequence (measured: a flip at a 0.25-nat margin, token 17)
+NEAR_TIE = 0.5
+
+
+def _greedy_with_margins(engine, prompt: str, params: dict) -> tuple[list[int], list[float]]:
+    req, stream = engine.submit(engine.encode(prompt), engine.params(**params, logprobs=2))
+    list(stream)
+    return list(req.output_ids), [lp.top[0][1] - lp.top[1][1] for lp in req.logprobs]
+
+
+def _agree_until_near_tie(got: list[int], ref: list[int], margins: list[float]) -> None:
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        if g != r:
+            print(f"first difference at token {i}: the reference's margin {margins[i]:.3f} nats")
+            assert margins[i] < NEAR_TIE, f"token {i} differs although the reference's margin is {margins[i]:.3f} nats"
+            return
 
 
 def test_the_key_follows_module_settings():
