@@ -247,3 +247,34 @@ def test_embedded_model_tokens_match_the_torch_kernels():
     # measured 2026-11-29: 51/54 (the misses are near-ties); errors 0.025-0.045 vs 0.023-0.033 (int8 vs bf16 activations)
     assert agree >= 0.85 * total
     assert all(e_ours <= 2 * e_torch + 0.05 for e_ours, e_torch in errs)
+
+
+def test_the_kernels_build_where_a_compiler_is():
+    """Every kernel test skips where the library is unavailable; on a machine with the compiler (CI has
+    one: inductor needs it) a build that fails is a defect, not a skip."""
+    import os
+    import shlex
+    import shutil
+
+    if os.environ.get("LAGOON_NATIVE_KERNELS") == "0" or not shutil.which(shlex.split(cpu_kernels._compiler())[0]):
+        pytest.skip("the kernels are switched off or there is no C++ compiler here")
+    assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+
+
+@pytest.mark.slow  # one full build of the library (~10-30 s)
+def test_a_corrupt_library_in_the_cache_is_rebuilt(tmp_path):
+    """A truncated .so in the cache (a disk filled mid-copy, a foreign file) is built again, not a
+    permanent fallback: a fresh process loads it and runs the op."""
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "kernels" / cpu_kernels.build_tag() / "lagoon_kernels.so"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"\x7fELF not really")
+    code = ("from lagoon.engine import cpu_kernels\n"
+            "assert cpu_kernels.available(), cpu_kernels.unavailable_reason()\nprint('LOADED')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "LAGOON_CACHE_DIR": str(tmp_path)})
+    assert "LOADED" in r.stdout, r.stderr[-2000:]
+    assert "rebuilding it" in r.stderr and target.stat().st_size > 10_000

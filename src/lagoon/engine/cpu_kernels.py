@@ -117,8 +117,14 @@ def _load() -> Path:
     if not hasattr(torch.ops.lagoon, "q4_matvec"):  # a second load (another cache dir) would re-register
         try:
             torch.ops.load_library(str(target))
-        except OSError as exc:
-            raise OSError(f"{target} does not load ({exc}); delete {target.parent} to rebuild it") from None
+        except OSError as exc:  # a truncated or foreign file: nothing got loaded, so build it again once
+            log.warning("%s does not load (%s); rebuilding it", target, exc)
+            target.unlink(missing_ok=True)
+            _build(target)
+            try:
+                torch.ops.load_library(str(target))
+            except OSError as again:
+                raise OSError(f"{target} does not load even after a rebuild ({again}); check $CXX") from None
         _register_fake()
     return target
 
