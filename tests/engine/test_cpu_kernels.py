@@ -278,3 +278,43 @@ def test_a_corrupt_library_in_the_cache_is_rebuilt(tmp_path):
                        env={**os.environ, "LAGOON_CACHE_DIR": str(tmp_path)})
     assert "LOADED" in r.stdout, r.stderr[-2000:]
     assert "rebuilding it" in r.stderr and target.stat().st_size > 10_000
+
+
+def _q4_model(qkv_bias: bool = False):
+    """A tiny Transformer whose attention and MLP linears are Lagoon-kernel 4-bit linears (random
+    GGUF-like fields, dense float32 prefill copies)."""
+    from lagoon.model.args import ModelArgs
+    from lagoon.model.transformer import Transformer
+
+    isa = "avx512" if cpu_kernels.cpu_has("avx512") else "avx2"
+    args = ModelArgs(family="qwen2" if qkv_bias else "llama", vocab_size=96, dim=32, n_layers=2, n_heads=4,
+                     n_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=256, qkv_bias=qkv_bias)
+    torch.manual_seed(11)
+    model = Transformer(args).eval()
+    g = torch.Generator().manual_seed(12)
+    fields = {name: _weight(*mod.weight.shape, g)[0] for name, mod in model.named_modules()
+              if name.endswith("_proj") and isinstance(mod, torch.nn.Linear)}
+    swap_q4_1(model, {f"{n}.weight": f for n, f in fields.items()}, dense=torch.float32, act_isa=isa)
+    return model
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_fused_projections_equal_the_separate_ones(qkv_bias):
+    """q/k/v and gate/up joined into one kernel call each give bit-identical logits at decode (kernel)
+    and prefill (dense copy) sizes; a biased q/k/v (Qwen2) stays separate, gate/up still joins."""
+    import copy
+
+    from lagoon.engine.gguf_linear import fuse_projections
+
+    _need("avx2")
+    plain = _q4_model(qkv_bias)
+    fused = copy.deepcopy(plain)
+    assert fuse_projections(fused) == (2 if qkv_bias else 4)
+    attn, mlp = fused.layers[0].self_attn, fused.layers[0].mlp
+    assert (attn.qkv_proj is None) == qkv_bias and mlp.gate_up_proj is not None
+    assert not hasattr(mlp, "gate_proj") and hasattr(attn, "q_proj") == qkv_bias  # no bytes held twice
+    g = torch.Generator().manual_seed(13)
+    for T in (1, 3, 20):
+        ids = torch.randint(0, 96, (2, T), generator=g)
+        with torch.no_grad():
+            assert torch.equal(fused(ids), plain(ids)), T

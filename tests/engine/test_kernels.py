@@ -51,7 +51,7 @@ def test_plan_picks_the_kernel_and_matches_the_float_file(q4_file, monkeypatch, 
     monkeypatch.setenv("LAGOON_CPU_ISA", isa)
     ref = load_gguf(q4_file, "float32")  # the same 4-bit values, dequantized
     got = load_gguf(q4_file, "native", plan=kernel_plan(native=native))
-    proj = got.layers[0].mlp.up_proj
+    proj = got.layers[0].mlp.down_proj  # (gate/up may be joined: fuse_projections)
     assert isinstance(proj, linear) and isinstance(got.lm_head, Q8ActLinear if native else Int8Linear)
     assert proj.dense is not None and proj.dense.dtype == kernel_plan(isa, native).prefill_dtype
     g = torch.Generator().manual_seed(4)

@@ -397,7 +397,7 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
 
         cached = load_cached(path, plan)
         if cached is not None:
-            return cached
+            return _fuse(cached)
     reader = open_gguf(path)
     args = gguf_args(reader)
     state: dict[str, torch.Tensor] = {}
@@ -478,6 +478,14 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
         from lagoon.engine.repack_cache import store
 
         store(path, plan, model)
+        model = _fuse(model)  # after the repack cache took the separate linears
+    return model
+
+
+def _fuse(model: Transformer) -> Transformer:
+    from lagoon.engine.gguf_linear import fuse_projections
+
+    fuse_projections(model)
     return model
 
 

@@ -347,3 +347,43 @@ def swap_int8(model: nn.Module, weights: dict[str, torch.Tensor], dense: torch.d
         setattr(parent, path[-1], _take_bias(new, old))
         n += 1
     return n
+
+
+def _fused(parts: list[nn.Module]) -> Q4ActLinear | None:
+    """One `Q4ActLinear` whose rows are `parts`' rows in order, or None when they cannot share one:
+    not all Lagoon-kernel 4-bit linears, a bias, different inputs or kernels, a part whose rows end
+    inside a 16-row tile, or a dense copy on some only."""
+    from lagoon.engine.cpu_kernels import ISA_CODES
+
+    if not all(type(p) is Q4ActLinear and p.bias is None for p in parts):
+        return None
+    first = parts[0]
+    if any(p.in_features != first.in_features or p.isa != first.isa or p.out_features % 16 for p in parts):
+        return None
+    if len({p.dense is None or p.dense.dtype for p in parts}) != 1:
+        return None
+    dense = None if first.dense is None else torch.cat([p.dense for p in parts])
+    isa = {v: k for k, v in ISA_CODES.items()}[first.isa]
+    return Q4ActLinear.from_packed(torch.cat([p.packed for p in parts]), dense,
+                                   sum(p.out_features for p in parts), first.in_features, isa)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Join each attention's q/k/v and each MLP's gate/up into one `Q4ActLinear` (the model's
+    `qkv_proj` / `gate_up_proj`): one kernel call and one activation quantization instead of three
+    and two. Exact: the kernel gives each output row what it gives alone (tests). Returns how many
+    were joined; the separate linears are removed so nothing holds their bytes twice."""
+    n = 0
+    for module in model.modules():
+        for names, target in ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj")):
+            if not hasattr(module, target) or getattr(module, target) is not None:
+                continue
+            parts = [getattr(module, a, None) for a in names]
+            fused = None if None in parts else _fused(parts)
+            if fused is None:
+                continue
+            setattr(module, target, fused)
+            for a in names:
+                delattr(module, a)
+            n += 1
+    return n

@@ -96,10 +96,16 @@ class Attention(nn.Module):
         self.g_proj = None if spec.output_gate is None else nn.Linear(
             args.dim, spec.n_heads if self.gate_per_head else q_out, bias=False)
         self.sinks = nn.Parameter(torch.zeros(spec.n_heads)) if spec.sinks else None  # [H]
+        # one linear for q, k and v, set from outside (`gguf_linear.fuse_projections`): one kernel call
+        self.qkv_proj: nn.Module | None = None
+        self.qkv_split = (q_out, kv_out, kv_out)
 
     def forward(self, x: torch.Tensor, step: Step, cache: CacheLike | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*D], [B, T, K*D] x2
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*D], [B, T, K*D] x2
         if self.clip_qkv is not None:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         if self.q_norm is not None and self.qk_norm_full:
@@ -154,8 +160,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one linear, set from outside
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
