@@ -240,6 +240,31 @@ def calls_in(block: str, syntax_form: str, props: Mapping[str, Mapping[str, Any]
     return calls
 
 
+def _arguments_so_far(dec: json.JSONDecoder, raw: str, closed: bool) -> tuple[str | None, bool]:
+    """A streamed call's arguments as written so far → (text to send or None, stop reading): a JSON
+    object goes out as the model's own text, cut at the value's end once complete (still being
+    written: what there is, and stop); arguments written as a JSON string go out whole, decoded, once
+    the string ends; a finished call whose arguments are neither is skipped, as the whole-reply parse
+    skips it; an unfinished one stops the scan until more is written."""
+    start = len(raw) - len(raw.lstrip())
+    head = raw[start : start + 1]
+    if head == "{":
+        try:
+            end = dec.raw_decode(raw, start)[1]
+        except json.JSONDecodeError:
+            return (None, False) if closed else (raw[start:], True)
+        return raw[start:end], False
+    if head == '"':
+        args: Any = None
+        try:
+            args = json.loads(dec.raw_decode(raw, start)[0])
+        except (json.JSONDecodeError, TypeError):
+            pass
+        if isinstance(args, dict):
+            return json.dumps(args), False
+    return None, not closed
+
+
 def scan_deepseek(region: str) -> Iterator[tuple[str, str, bool]]:
     """DeepSeek calls as written so far (`region` starts at the calls' opening tag) → per call whose
     name is complete and whose arguments have begun: (name, arguments text so far, False). The
@@ -260,30 +285,11 @@ def scan_deepseek(region: str) -> Iterator[tuple[str, str, bool]]:
             name = name.strip()
             fence = next((f for f in _DS_FENCES if rest.startswith(f)), None)
             raw = "" if fence is None else rest[len(fence):]
-        start = len(raw) - len(raw.lstrip())
-        head = raw[start : start + 1]
-        args: Any = None
-        if name and head == "{":
-            try:
-                end = dec.raw_decode(raw, start)[1]
-            except json.JSONDecodeError:
-                if not closed:
-                    yield name, raw[start:], False  # still being written
-                    return
-            else:
-                yield name, raw[start:end], False
-                continue
-        elif name and head == '"':  # arguments as a JSON string: the call goes out whole, once it ends
-            try:
-                args = json.loads(dec.raw_decode(raw, start)[0])
-            except (json.JSONDecodeError, TypeError):
-                pass
-            if isinstance(args, dict):
-                yield name, json.dumps(args), False
-                continue
-        if not closed:
-            return  # the name or the arguments' opening is still being written
-        # a finished call `calls_in` does not read: skipped, as it skips it
+        text, stop = _arguments_so_far(dec, raw, closed) if name else (None, not closed)
+        if text is not None:
+            yield name, text, False
+        if stop:
+            return  # the name or the arguments are still being written
 
 
 def scan_harmony(region: str) -> Iterator[tuple[str, str, bool]]:
@@ -302,28 +308,10 @@ def scan_harmony(region: str) -> Iterator[tuple[str, str, bool]]:
         closed = close >= 0
         name, raw = m.group(1), region[m.end() : close if closed else len(region)]
         pos = close + len("<|call|>") if closed else len(region)
-        start = len(raw) - len(raw.lstrip())
-        head = raw[start : start + 1]
-        if head == "{":
-            try:
-                end = dec.raw_decode(raw, start)[1]
-            except json.JSONDecodeError:
-                if not closed:
-                    yield name, raw[start:], False  # still being written
-                    return
-            else:
-                yield name, raw[start:end], False
-                continue
-        elif head == '"':  # arguments as a JSON string: the call goes out whole, once the string ends
-            args: Any = None
-            try:
-                args = json.loads(dec.raw_decode(raw, start)[0])
-            except (json.JSONDecodeError, TypeError):
-                pass
-            if isinstance(args, dict):
-                yield name, json.dumps(args), False
-                continue
-        if not closed:
+        text, stop = _arguments_so_far(dec, raw, closed)
+        if text is not None:
+            yield name, text, False
+        if stop:
             return  # the arguments' opening (or a string) is still being written
 
 

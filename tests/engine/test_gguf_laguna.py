@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_gguf_families import _decode  # the same prefill + greedy cached-decode driver
 
 from lagoon.engine.checkpoint import load_checkpoint
-from lagoon.engine.kv_cache import make_cache
 from lagoon.engine.sampling import SamplingParams
 from lagoon.engine.tiny import byte_tokenizer, save_tiny_model
 from lagoon.errors import CheckpointError
@@ -164,28 +164,6 @@ def _add_tokenizer(w, vocab_size: int, *, eos: int, eot: int | None = None, extr
 
 
 # ------------------------------------------------------------------------ checks
-def _decode(model, prompts, steps):
-    cache = make_cache(model.args, paged=False, max_batch=prompts.shape[0], max_seq_len=32, dtype=torch.float32)
-    B, T = prompts.shape
-    logits_all, toks = [], []
-    with torch.no_grad():
-        for i in range(B):
-            cache.allocate(i, prompts[i].tolist())
-            cache.ensure(i, T + steps)
-        pos = torch.arange(T).expand(B, T)
-        cache.prepare(list(range(B)), pos)
-        logits = model(prompts, pos, cache)
-        logits_all.append(logits)
-        for s in range(steps):
-            nxt = logits[:, -1].argmax(-1)
-            toks.append(nxt.tolist())
-            pos = torch.full((B, 1), T + s)
-            cache.prepare(list(range(B)), pos)
-            logits = model(nxt[:, None], pos, cache)
-            logits_all.append(logits)
-    return toks, logits_all
-
-
 def _matches(ours, folder, tol=1e-5):
     ref = load_checkpoint(folder, "float32")
     a, b = ours.args, ref.args
