@@ -1,6 +1,8 @@
 """Lagoon's native CPU kernels: `csrc/q4_matvec.cpp`, a 4-bit GGUF matrix-vector product with int8
 activations (`torch.ops.lagoon.q4_matvec`) and the same for int8 weights in blocks of 32 (GGUF Q8_0;
-the output head: `torch.ops.lagoon.i8_matvec`), built from source at first use and loaded as torch ops.
+the output head: `torch.ops.lagoon.i8_matvec`), `csrc/moe_matvec.cpp`, both for an MoE layer's routed
+experts (`moe_matvec`: each slot reads only its chosen expert's tiles), built from source at first use
+and loaded as torch ops.
 
 Why: torch's `_weight_int4pack_mm_for_cpu` widens every nibble to float and multiplies in float
 (~11 GB/s of weights on this machine, half of a decode step of the embedded model). Quantizing the
@@ -39,11 +41,15 @@ from lagoon.atomic import atomic_path
 from lagoon.cache_dir import cache_root
 
 __all__ = ["ISA_CODES", "Q4_LAYOUT", "SOURCE", "available", "build_tag", "library", "pack_q4", "q4_matvec",
-           "unavailable_reason", "TILE", "cpu_has", "i8_matvec", "pack_i8", "quantize_i8"]
+           "unavailable_reason", "TILE", "cpu_has", "i8_matvec", "pack_i8", "quantize_i8", "moe_matvec"]
 
 log = logging.getLogger("lagoon.engine")
 
-SOURCE = Path(__file__).with_name("csrc") / "q4_matvec.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "q4_matvec.cpp"
+# every C++ file under csrc/ is compiled into the one library (each registers its ops with
+# TORCH_LIBRARY_FRAGMENT or, q4_matvec.cpp, TORCH_LIBRARY); headers are hashed into the tag too
+SOURCES = tuple(sorted(CSRC.glob("*.cpp")))
 ISA_CODES = {"default": 0, "avx2": 1, "avx512": 2}  # the C++ `isa` argument
 Q4_LAYOUT = "q4-tile16-f16dm-1|i8-tile16-sums-1"  # raise when pack_q4's or pack_i8's layout changes
 TILE = 16  # output rows a tile
@@ -58,7 +64,9 @@ def _compiler() -> str:
 
 def build_tag() -> str:
     """Hash of what the built library depends on: its source, torch, the compiler and flags."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for f in sorted(CSRC.glob("*.[ch]*")):  # the .cpp files and the headers they share
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
     h.update(f"|{torch.__version__}|{_compiler()}|{' '.join(_FLAGS)}|{torch._C._GLIBCXX_USE_CXX11_ABI}".encode())
     return h.hexdigest()[:16]
 
@@ -136,7 +144,7 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target, suffix=".so") as tmp:
         cmd = [*shlex.split(_compiler()), *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *(f"-I{p}" for p in include_paths()), str(SOURCE), *(f"-L{p}" for p in library_paths()),
+               *(f"-I{p}" for p in include_paths()), *map(str, SOURCES), *(f"-L{p}" for p in library_paths()),
                "-lc10", "-ltorch_cpu", "-o", str(tmp)]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
@@ -155,6 +163,12 @@ def _register_fake() -> None:
     def _(x: torch.Tensor, packed: torch.Tensor, n: int, isa: int) -> torch.Tensor:
         torch._check(x.dim() == 2 and packed.dim() == 3 and x.shape[1] == packed.shape[1] * 32)
         return x.new_empty((x.shape[0], n))
+
+    for op in ("q4_moe_matvec", "i8_moe_matvec"):  # lagoon.engine.packed_experts
+        @torch.library.register_fake(f"lagoon::{op}")
+        def _(x: torch.Tensor, packed: torch.Tensor, ids: torch.Tensor, n: int, isa: int) -> torch.Tensor:
+            torch._check(packed.dim() == 4 and x.shape[-1] == packed.shape[2] * 32 and ids.dim() == 2)
+            return x.new_empty((ids.shape[0], ids.shape[1], n), dtype=torch.float32)
 
 
 def _require() -> None:
@@ -178,6 +192,15 @@ def i8_matvec(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.
     """x [M, K] (float32 or bf16) · Wᵀ -> [M, n] in x's dtype, W packed by `pack_i8`."""
     _require()
     return torch.ops.lagoon.i8_matvec(x, packed, n, ISA_CODES[isa])
+
+
+def moe_matvec(x: torch.Tensor, packed: torch.Tensor, ids: torch.Tensor, n: int, isa: str, layout: str) -> torch.Tensor:
+    """The routed experts' product (`csrc/moe_matvec.cpp`): x [T, K] or [T, k, K], `packed` [E, ...]
+    (one `pack_q4` (layout ``q4``) or `pack_i8` (``i8``) weight per expert), ids [T, k] -> [T, k, n]
+    float32, each slot through its own expert."""
+    _require()
+    op = torch.ops.lagoon.q4_moe_matvec if layout == "q4" else torch.ops.lagoon.i8_moe_matvec
+    return op(x, packed, ids, n, ISA_CODES[isa])
 
 
 def quantize_i8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
