@@ -67,11 +67,18 @@ def _gguf_tensors(hf, arch: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _write(path, hf, arch: str, tensors: dict[str, np.ndarray], q8_experts: bool = False, mtp: int = 0) -> None:
+def _write(path, hf, arch: str, tensors: dict[str, np.ndarray], q8_experts: bool = False, mtp: int = 0, *,
+           expert_kinds: dict[str, str] | None = None, tokenizer: bool = False) -> None:
+    """`expert_kinds`: GGML type per expert tensor kind (``ffn_gate_exps`` ...), quantized by the gguf
+    package; `tokenizer`: the tiny byte-level vocabulary and ChatML template (an engine can load it)."""
     import gguf
 
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
+    if tokenizer:
+        from test_gguf_families import _add_tokenizer
+
+        _add_tokenizer(w, c.vocab_size)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     u32 = {"block_count": c.num_hidden_layers + mtp, "embedding_length": c.hidden_size,
            "feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads,
@@ -93,8 +100,9 @@ def _write(path, hf, arch: str, tensors: dict[str, np.ndarray], q8_experts: bool
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
     w.add_float32(f"{arch}.rope.freq_base", float(c.rope_parameters["rope_theta"]))
     for name, t in tensors.items():
-        if q8_experts and "_exps" in name:
-            kind = gguf.GGMLQuantizationType.Q8_0
+        kind_name = (expert_kinds or {}).get(name.split(".")[2] if name.startswith("blk.") else "") or ("Q8_0" if q8_experts and "_exps" in name else None)
+        if kind_name is not None:
+            kind = gguf.GGMLQuantizationType[kind_name]
             w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(t), kind), raw_dtype=kind)
         else:
             w.add_tensor(name, np.ascontiguousarray(t))

@@ -405,12 +405,22 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
     q8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     int8: dict[str, torch.Tensor] = {}
     permuted = reader.fields["general.architecture"].contents() == "llama"  # llama.cpp permutes llama's Q/K
+    experts: dict[str, tuple[str, Any, list[int]]] = {}  # kept packed (engine.packed_experts), by Lagoon name
+    pack_layers: set[int] = set()
+    if native and plan.q4_isa is not None and args.is_moe:
+        from lagoon.engine.gguf_moe import packed_expert_layers
+
+        pack_layers = packed_expert_layers(reader.tensors)
     for t in reader.tensors:
         name = gguf_tensor_name(t.name)
         if name is None or (t.name.startswith("blk.") and int(t.name.split(".")[1]) >= args.n_layers):
             continue  # not a model tensor, or a multi-token-prediction block
         kind = t.tensor_type.name
         shape = [int(d) for d in reversed(t.shape)]
+        if pack_layers and "_exps.weight" in t.name and int(t.name.split(".")[1]) in pack_layers:
+            experts[name] = (kind, t.data, shape)  # the memory map: packed one expert at a time below
+            state[name] = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+            continue
         low_bit = native and kind in _Q4_FIELDS and name.endswith("_proj.weight")
         to_int8 = native and kind in INT8_KINDS and name.endswith("_proj.weight")
         # torch's int4 packing needs out rows % 16 == 0 (a tiny or MLA projection may not): those run int8
@@ -462,6 +472,10 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
     arch = reader.fields["general.architecture"].contents()
     model = _assemble(args, state, precision, source=str(path), native=torch.bfloat16,
                       show=lambda k: f"{gguf_name_of(k, arch)!r} ({k})")
+    if experts:
+        from lagoon.engine.gguf_moe import pack_experts
+
+        pack_experts(model, experts, _Q4_FIELDS, plan.q4_isa)
     if q4 or q8 or int8:
         from lagoon.engine.gguf_linear import swap_int8, swap_q4_1, swap_q8
 

@@ -35,7 +35,7 @@ import torch
 from lagoon.errors import CheckpointError
 from lagoon.model.args import ModelArgs
 
-__all__ = ["MOE_ARCHS", "moe_config", "moe_tensor_name", "stack_experts"]
+__all__ = ["MOE_ARCHS", "moe_config", "moe_tensor_name", "packed_expert_layers", "pack_experts", "stack_experts"]
 
 MOE_ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "glm4moe": "glm4_moe",
              "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss", "laguna": "laguna"}
@@ -49,6 +49,7 @@ _NAMES = {
 _EXPS = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down", "ffn_gate_up_exps": "gate_up"}
 _KINDS = {v: k for k, v in _EXPS.items()}
 _EXP_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.gguf_(gate_up|gate|up|down)(_bias)?$")
+_PACKABLE = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K")  # packed_experts
 
 
 def moe_config(arch: str, field: Callable[[str, Any], Any]) -> dict[str, Any]:
@@ -164,3 +165,34 @@ def stack_experts(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, 
                               f"this {args.family} model (layer {layer} is {args.layers[layer].mlp}); the file does "
                               "not match its metadata")
     return out
+
+
+def packed_expert_layers(tensors: list[Any]) -> set[int]:
+    """The MoE layers whose every expert weight is a type `lagoon.engine.packed_experts` keeps packed
+    (4-bit as it is, the others of `_PACKABLE` as int8 blocks); `tensors` are a GGUF reader's. A layer
+    with a float or MXFP4 expert tensor stays float (dequantized) as before."""
+    kinds: dict[int, list[str]] = {}
+    for t in tensors:
+        parts = t.name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in _EXPS and parts[3] == "weight":
+            kinds.setdefault(int(parts[1]), []).append(t.tensor_type.name)
+    return {layer for layer, ks in kinds.items() if all(k in _PACKABLE for k in ks)}
+
+
+def pack_experts(model: torch.nn.Module, raw: dict[str, tuple[str, Any, list[int]]],
+                 q4_fields: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
+                 isa: str) -> int:
+    """Swap the experts of every layer in `raw` (Lagoon name ``layers.N.mlp.experts.gguf_<proj>`` ->
+    (GGML type, raw blocks, shape), as `packed_expert_layers` chose them) for `PackedExperts`."""
+    from lagoon.engine.packed_experts import pack_gguf_experts, swap_packed_experts
+
+    by_layer: dict[int, dict[str, tuple[str, Any, tuple[int, int, int]]]] = {}
+    for name, (kind, data, shape) in raw.items():
+        m = _EXP_KEY.match(name)
+        assert m is not None and not m.group(3), name  # only expert weights are collected
+        by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = (kind, data, (shape[0], shape[1], shape[2]))
+    packed = {}
+    for layer, projs in sorted(by_layer.items()):
+        gate_up = [projs["gate_up"]] if "gate_up" in projs else [projs["gate"], projs["up"]]
+        packed[layer] = {"gate_up": pack_gguf_experts(gate_up, q4_fields), "down": pack_gguf_experts([projs["down"]], q4_fields)}
+    return swap_packed_experts(model, packed, isa)

@@ -1,0 +1,154 @@
+"""`PackedExperts`: an MoE layer's routed experts kept at a GGUF's own bit width, in the layouts of
+Lagoon's kernels, and run by the MoE ops of `lagoon.engine.cpu_kernels` (`csrc/moe_matvec.cpp`).
+
+Why: a 4-bit MoE GGUF (Qwen3-30B-A3B, DeepSeek, Laguna at Q4_K_M) was dequantized to bf16 at load,
+3.6x its bytes, and decode read 16 bits a weight. Here each projection stays packed, one weight per
+expert stacked on a leading axis: ``gate_up_packed [E, 2I/16, H/32, tile]`` (an expert's gate rows, then
+its up rows, one kernel call for both) and ``down_packed [E, H/16, I/32, tile]``, each in layout
+``q4`` (`cpu_kernels.pack_q4`: Q4_0 / Q4_1 / Q4_K codes as they are, f16 scales) or ``i8``
+(`cpu_kernels.pack_i8`: Q8_0's own codes; Q5_0 / Q5_1 / Q2_K / Q3_K / Q5_K / Q6_K re-quantized to int8
+blocks of 32, Q8_0's rounding, the dense linears' int8 price; also a 4-bit projection whose partner is
+not 4-bit, as in Q4_K_M files with a Q6_K ``up``). The activations are quantized to int8 per block of 32,
+as for the dense 4-bit linears.
+
+The module has the experts' interface (`lagoon.moe.experts`): ``forward(x [T, H], indices [T, k],
+weights [T, k], plan=None) -> [T, H]`` for eager decode and prefill (a plan's capacity drops zero
+their slots) and ``gathered(x, indices) -> [T, k, H]`` fp32, the static path of the compiled decode
+step (`gathered_ok` is True, so `MoeRuntime.compilable` holds): both are the same two op calls, which
+the compiled step calls as extern kernels. The gated unit (`lagoon.moe.experts.GLU`) and biases are
+the float experts' own. It is applied from outside (`swap_packed_experts`, by `lagoon.engine.checkpoint`
+at ``native`` precision when the kernels are planned): the model definition keeps its float `Experts`.
+Not here: which GGUF tensors pack (`lagoon.engine.gguf_moe.packed_expert_layers`), the kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lagoon.engine import cpu_kernels
+from lagoon.engine.gguf_blocks import q8_0_fields
+from lagoon.moe.dispatch import DispatchPlan
+from lagoon.moe.experts import GLU
+
+__all__ = ["LAYOUTS", "PackedExperts", "pack_gguf_experts", "swap_packed_experts"]
+
+LAYOUTS = ("q4", "i8")
+_TILE_BYTES = {"q4": 320, "i8": 576}
+Q4_KINDS = ("Q4_0", "Q4_1", "Q4_K")
+
+Fields = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class PackedExperts(nn.Module):
+    """E experts whose two projections stay packed (see the module docstring)."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, layouts: tuple[str, str], hidden_size: int,
+                 intermediate_size: int, isa: str, glu: GLU | None = None, *,
+                 gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        e, h, i = gate_up.shape[0], hidden_size, intermediate_size
+        for (name, t), layout, (rows, cols) in zip((("gate_up", gate_up), ("down", down)), layouts,
+                                                    ((2 * i, h), (h, i)), strict=True):
+            want = (e, -(-rows // 16), cols // 32, _TILE_BYTES.get(layout, -1))
+            if layout not in LAYOUTS or tuple(t.shape) != want or t.dtype != torch.uint8:
+                raise ValueError(f"PackedExperts: {name} is {layout} {tuple(t.shape)} {t.dtype}, expected one of "
+                                 f"{LAYOUTS} shaped {want} uint8")
+        self.num_experts, self.hidden_size, self.intermediate_size = e, h, i
+        self.layouts = {"gate_up": layouts[0], "down": layouts[1]}
+        self.isa = isa
+        self._isa_code = cpu_kernels.ISA_CODES[isa]
+        self.glu = glu or GLU()
+        self.register_buffer("gate_up_packed", gate_up)
+        self.register_buffer("down_packed", down)
+        self.register_buffer("gate_up_bias", gate_up_bias)  # [E, 2I] float (gpt-oss-style experts)
+        self.register_buffer("down_bias", down_bias)  # [E, H]
+        cpu_kernels.library()  # loaded (and the fake impls registered) before any trace reaches the ops
+
+    def gathered_ok(self) -> bool:
+        return True
+
+    def _matvec(self, proj: str, x: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
+        op = torch.ops.lagoon.q4_moe_matvec if self.layouts[proj] == "q4" else torch.ops.lagoon.i8_moe_matvec
+        return op(x, getattr(self, f"{proj}_packed"), indices, n, self._isa_code)
+
+    def gathered(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Each slot through its own expert: [T, H], [T, k] -> [T, k, H] fp32 (no routing weight)."""
+        ids = indices.long()
+        h = self._matvec("gate_up", x, ids, 2 * self.intermediate_size)  # [T, k, 2I]
+        if self.gate_up_bias is not None:
+            h = h + self.gate_up_bias[ids].float()
+        gate, up = h.chunk(2, dim=-1)
+        y = self._matvec("down", self.glu(gate, up), ids, self.hidden_size)  # [T, k, H]
+        return y if self.down_bias is None else y + self.down_bias[ids].float()
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                plan: DispatchPlan | None = None) -> torch.Tensor:
+        w = weights.float()  # [T, k]
+        if plan is not None and plan.dropped:
+            w = w * plan.kept.view(indices.shape)
+        return (self.gathered(x, indices) * w.unsqueeze(-1)).sum(dim=1).to(x.dtype)  # [T, H]
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers() if b is not None)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+                f"gate_up={self.layouts['gate_up']}, down={self.layouts['down']}, isa={self.isa}, glu={self.glu.kind}")
+
+
+# ------------------------------------------------------------------------------------- from a GGUF
+def _layout(kinds: list[str]) -> str:
+    return "q4" if all(k in Q4_KINDS for k in kinds) else "i8"
+
+
+def pack_gguf_experts(parts: list[tuple[str, Any, tuple[int, int, int]]], q4_fields: dict[str, Fields]) -> tuple[str, torch.Tensor]:
+    """One stacked projection from its GGUF tensors (``ffn_gate_exps`` + ``ffn_up_exps``, or one
+    tensor): each part is (GGML type name, its raw blocks [E, rows, bytes] (a memory map: read one
+    expert at a time), shape [E, rows, K]); the parts' rows are stacked in order. Returns the layout
+    and the packed [E, rows/16, K/32, tile] tensor."""
+    import gguf
+
+    layout = _layout([kind for kind, _, _ in parts])
+    e, k = parts[0][2][0], parts[0][2][2]
+    rows = sum(shape[1] for _, _, shape in parts)
+    out = torch.empty((e, -(-rows // 16), k // 32, _TILE_BYTES[layout]), dtype=torch.uint8)
+    for i in range(e):
+        blocks = [(kind, torch.from_numpy(np.array(data[i])).reshape(-1), shape) for kind, data, shape in parts]
+        if layout == "q4":
+            d, m, q = (torch.cat(f) for f in zip(*(q4_fields[kind](raw) for kind, raw, _ in blocks), strict=True))
+            out[i] = cpu_kernels.pack_q4(d, m, q, rows, k)
+            continue
+        ds, qs = [], []
+        for kind, raw, (_, n, _) in blocks:
+            d = q = None
+            if kind == "Q8_0":  # its own codes, unless one is -128 (the AVX2 kernel cannot take it)
+                d, _, q = q8_0_fields(raw)
+                d, q = (d.reshape(n, k // 32), q.reshape(n, k)) if int(q.min()) >= -127 else (None, None)
+            if d is None:
+                w = np.asarray(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[kind]), dtype=np.float32)
+                d, q = cpu_kernels.quantize_i8(torch.from_numpy(w).reshape(n, k))
+            ds.append(d)
+            qs.append(q)
+        out[i] = cpu_kernels.pack_i8(torch.cat(ds), torch.cat(qs))
+    return layout, out
+
+
+def swap_packed_experts(model: nn.Module, packed: dict[int, dict[str, tuple[str, torch.Tensor]]], isa: str) -> int:
+    """Replace layer L's float experts by `PackedExperts` for each ``packed[L] = {"gate_up": (layout,
+    tensor), "down": (layout, tensor)}`` (the float experts' GLU and biases move over); returns how many."""
+    for layer, proj in packed.items():
+        moe = model.layers[layer].mlp
+        old = moe.experts
+        moe.experts = PackedExperts(proj["gate_up"][1], proj["down"][1], (proj["gate_up"][0], proj["down"][0]),
+                                    old.hidden_size, old.intermediate_size, isa, old.glu,
+                                    gate_up_bias=_real(old.gate_up_bias), down_bias=_real(old.down_bias))
+    return len(packed)
+
+
+def _real(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float()
