@@ -1,33 +1,36 @@
 """`DecodeStep`: the scheduler's decode forward (one new token per sequence), compiled from outside.
 
-The model stays the plain `Transformer`; this module compiles `_decode(model, cache, tokens, pos)`
-(its forward for T = 1) with dynamo's ahead-of-time API (`torch.compile(...).aot_compile`,
-inductor, full graph), gpt-fast style:
+The model stays the plain `Transformer`; this module compiles its forward for T = 1, gpt-fast style:
 
 - two graphs: batch 1 (static, what an agent runs) and batch 2+ (the batch dimension dynamic in
   2..`max_batch`, what a server decoding several requests together runs); in both the attended
   length S is dynamic, so one graph serves every position. Batch 1 is made ready when the engine
   starts (`warm_up`), batch 2+ on first use. The warm-up writes only the cache's scratch row / block;
-- the model and the cache are *arguments* of the compiled function, so weights and KV tensors are
-  read from them on every call (never baked into the artefact) and the KV writes are in-place
-  `index_put_` on one tensor per layer; the cache's bookkeeping (rows, block tables, mask) runs
-  eagerly in `cache.prepare`;
-- each graph is saved whole (dynamo's guards and bytecode plus inductor's code) to
-  ``~/.cache/lagoon/compile/<key>/step-b{1,2}.bin``, inductor's kernel libraries beside it; the
-  key hashes torch's version, the CPU's vector ISA, the device, the thread count and the model's
-  tensor names / shapes / dtypes. A second start loads the file: no re-tracing (SmolLM2-135M on 2 cores: a cold
-  compile 35-95 s a graph, a load ~1 s; see docs/architecture.md);
-- no guards per call (dynamo's guard evaluation cost ~1.2 ms of a ~15 ms step, thread CPU time at
-  1 thread): `__call__` itself routes each batch to the graph compiled for its shapes, under
-  `no_grad`, with the same model and cache. A graph compiled in this process checks its guards on
-  its first call; a loaded one is not given its guards at all (rebuilding them is a third of the
-  load): the key stands for them, and the traced source (Lagoon's modules, torch's) is compared
-  with the files now, so an edited model file is compiled afresh;
+- weights and KV tensors are never baked into the artefact: the graph reads the model's and the
+  cache's own tensors and writes the KV pools in place; the cache's bookkeeping (rows, block
+  tables, mask) runs eagerly in `cache.prepare`;
+- on CPU each graph is an AOTInductor package (`lagoon.engine.aoti_step`: exported non-strict,
+  loaded by torch's C++ loader with the model's tensors as user-managed constants, ~0.01 s, no
+  torch._dynamo / torch._inductor import on a warm start; Lagoon's kernels run through its proxy
+  executor); on CUDA (CUDA graphs), for MoE models (their static path), and where a package cannot
+  be built, dynamo's ahead-of-time artefact (`torch.compile(...).aot_compile`: guards, bytecode and
+  inductor's code, with the model and cache as arguments; loading it imports dynamo and inductor,
+  ~1.8 s). `LAGOON_COMPILE_BACKEND=aoti|dynamo` forces one;
+- saved to ``~/.cache/lagoon/compile/<key>/step-b{1,2}.{pt2,bin}``; the key hashes torch's version,
+  the CPU's vector ISA, the device, the thread count, Lagoon's kernel library, the compile options and
+  the model's tensor names / shapes / dtypes / settings and the KV layout. A second start loads the
+  file: no re-tracing (SmolLM2-135M on 2 cores: a cold compile 35-95 s a graph; see docs/architecture.md);
+- no guards per call: `__call__` routes each batch to the graph compiled for its shapes, under
+  `no_grad`. A dynamo graph compiled in this process checks its guards on its first call; a loaded
+  one is not given its guards (rebuilding them is a third of the load): the key stands for them,
+  and the traced source is compared with the files now (a package records the hashes of the source
+  files it was traced through), so an edited model file is compiled afresh;
 - a cache entry that fails to load or whose source changed is logged, deleted and compiled
-  afresh; any failure to compile, or of a graph's first call, is logged with its reason, the
-  entry is cleared, and that graph's batches run eagerly from then on: never worse than eager.
+  afresh; a package that fails to compile is logged and dynamo tried next; any failure of dynamo's
+  compile, or of a graph's first call, is logged with its reason, the entry is cleared, and that
+  graph's batches run eagerly from then on: never worse than eager.
 
-On a CUDA device the same path asks inductor for CUDA graphs (``triton.cudagraphs``, the KV tensors
+On a CUDA device the dynamo path asks inductor for CUDA graphs (``triton.cudagraphs``, the KV tensors
 marked as static addresses); that branch is untested (no GPU was available), and with S dynamic
 inductor may skip CUDA graphs for the step (`cudagraph_skip_dynamic_graphs`): a CUDA variant that
 attends over a fixed length is not built. `LAGOON_CACHE_DIR` moves the cache root. This module is *not*
@@ -50,7 +53,9 @@ import torch
 
 from lagoon.cache_dir import cache_root
 from lagoon.engine import cpu_kernels
+from lagoon.engine.aoti_step import AOTI_OPTIONS
 from lagoon.engine.kernels import cpu_isa
+from lagoon.errors import ConfigError
 
 __all__ = ["DecodeStep", "cache_root", "compile_key", "compile_enabled"]
 
@@ -85,6 +90,7 @@ def compile_key(model: torch.nn.Module, device: torch.device, layout: str = "") 
     h.update(f"{FORMAT}|{torch.__version__}|{cpu_isa()}|{device}|{torch.get_num_threads()}|{type(model).__name__}".encode())
     h.update(cpu_kernels.build_tag().encode())  # the graph calls Lagoon's own ops by name (extern kernels)
     h.update(repr(sorted(_inductor_options(device).items())).encode())
+    h.update(repr(sorted(AOTI_OPTIONS.items())).encode())
     h.update(layout.encode())
     for name, t in _tensors(model):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
@@ -170,7 +176,7 @@ class DecodeStep:
 
     def __init__(
         self, model: torch.nn.Module, cache, *, max_batch: int, compile: bool = True,
-        progress: Callable[[str], None] | None = None,
+        progress: Callable[[str], None] | None = None, backend: str | None = None,
     ) -> None:
         self.model, self.cache, self.max_batch = model, cache, max_batch
         self.progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -184,6 +190,7 @@ class DecodeStep:
         self._fns: dict[int, Callable] = {}
         self._proven: set[int] = set()  # graphs whose first call succeeded
         self.enabled = compile
+        self.backend = backend or _default_backend(model, self.device)
         self.cache_dir: Path | None = (
             cache_root() / "compile" / compile_key(model, self.device, _cache_layout(cache, max_batch)) if compile else None)
 
@@ -196,9 +203,9 @@ class DecodeStep:
         """1 for a single sequence, 2 for the dynamic-batch graph."""
         return 1 if n == 1 else 2
 
-    def entry(self, b: int) -> Path:
-        """The saved graph for bucket `b`."""
-        return self.cache_dir / f"step-b{b}.bin"
+    def entry(self, b: int, backend: str | None = None) -> Path:
+        """The saved graph for bucket `b` (an AOTInductor package, or dynamo's artefact)."""
+        return self.cache_dir / f"step-b{b}.{'pt2' if (backend or self.backend) == 'aoti' else 'bin'}"
 
     def _eager(self, seq_ids: Sequence[int | None], tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.cache.prepare(list(seq_ids), pos)
@@ -213,15 +220,16 @@ class DecodeStep:
         if fn is None:
             return self._eager(seq_ids, tokens, pos)
         self.cache.prepare(list(seq_ids), pos, static=True)
-        with torch.no_grad():  # grad mode is part of the graph's guards
+        with torch.no_grad():  # grad mode is part of a dynamo graph's guards
             if b in self._proven:
-                return fn(self.model, self.cache, tokens, pos)
+                return fn(tokens, pos)
             try:  # a graph's first call: guards checked (compiled here), kernels loaded (from the cache)
-                out = fn(self.model, self.cache, tokens, pos)
+                out = fn(tokens, pos)
             except Exception as exc:  # the step's KV writes are redone by the eager forward
                 self._fail(b, _reason(exc))
                 return self._eager(seq_ids, tokens, pos)
-        fn.disable_guard_check()  # from now on `__call__` routes each batch to the graph for its shapes
+        if isinstance(fn, _DynamoGraph):
+            fn.proven()  # from now on `__call__` routes each batch to the graph for its shapes
         self._proven.add(b)
         return out
 
@@ -235,24 +243,36 @@ class DecodeStep:
         shutil.rmtree(self.cache_dir, ignore_errors=True)  # the next start compiles afresh
 
     def _ready(self, b: int, seq_ids, tokens, pos) -> Callable | None:
-        """Load bucket `b`'s graph from the cache, else compile and save it; None (and eager from
-        then on, with the reason logged) when neither works."""
+        """Load bucket `b`'s graph from the cache, else compile and save it (an AOTInductor package
+        on CPU; dynamo's artefact on CUDA, for MoE models, or when the package cannot be built);
+        None (and eager from then on, with the reason logged) when nothing works."""
         fn, t0 = None, time.perf_counter()
-        if self.entry(b).is_file():
-            try:
-                fn = self._load(b)
-                self.loaded_buckets.add(b)  # without guards: the key and the source check stand for them
-            except Exception as exc:  # a corrupt or foreign entry: compile afresh
-                log.warning("cached decode step %s could not be loaded (%s); compiling it afresh",
-                            self.entry(b), _reason(exc))
-                self.entry(b).unlink(missing_ok=True)
+        for backend in (self.backend, "dynamo") if self.backend == "aoti" else (self.backend,):
+            entry = self.entry(b, backend)
+            if entry.is_file():
+                try:
+                    fn = self._load(b, backend)
+                    self.loaded_buckets.add(b)  # without guards: the key and the source check stand for them
+                    break
+                except Exception as exc:  # a corrupt, stale or foreign entry: compile afresh
+                    log.warning("cached decode step %s could not be loaded (%s); compiling it afresh",
+                                entry, _reason(exc))
+                    _remove_entry(entry)
         if fn is None:
             self.progress(f"lagoon: compiling the decode step for batch {'1' if b == 1 else '2+'} "
                           f"(first start is slow; cached in {self.cache_dir}) ...")
-            try:
-                fn = self._compile(b, seq_ids, tokens, pos)
-            except Exception as exc:  # any compile failure: eager for this bucket, say why
-                self._fail(b, _reason(exc))
+            reasons = []
+            for backend in (self.backend, "dynamo") if self.backend == "aoti" else (self.backend,):
+                try:
+                    fn = self._compile(b, seq_ids, tokens, pos, backend)
+                    break
+                except Exception as exc:  # AOTInductor failed: dynamo next; dynamo failed: eager
+                    reasons.append(f"{backend}: {_reason(exc)}")
+                    log.warning("compiling the decode step for batch %s with %s failed (%s)",
+                                "1" if b == 1 else "2+", backend, _reason(exc))
+                    _remove_entry(self.entry(b, backend))
+            if fn is None:
+                self._fail(b, "; ".join(reasons))
                 return None
             self.progress(f"lagoon: decode step ready in {time.perf_counter() - t0:.1f} s")
         self._fns[b] = fn
@@ -260,17 +280,28 @@ class DecodeStep:
         self.compiled_buckets.add(b)
         return fn
 
-    def _load(self, b: int) -> Callable:
+    def _load(self, b: int, backend: str) -> Callable:
+        if backend == "aoti":
+            from lagoon.engine.aoti_step import load_package
+
+            return load_package(self.entry(b, backend), self.model, self.cache)
         isa_file = self.cache_dir / "vec_isa"
         recorded = isa_file.read_text().strip() if isa_file.is_file() else None
         with _inductor_cache(self.cache_dir / "inductor"), _trusted_vec_isa(recorded):
-            fn = _unguarded_class().deserialize(self.entry(b).read_bytes())
+            fn = _unguarded_class().deserialize(self.entry(b, backend).read_bytes())
         changed = _changed_source(fn)
         if changed:
             raise RuntimeError(f"the traced source changed since it was compiled: {changed}")
-        return fn
+        return _DynamoGraph(fn, self.model, self.cache)
 
-    def _compile(self, b: int, seq_ids, tokens: torch.Tensor, pos: torch.Tensor) -> Callable:
+    def _compile(self, b: int, seq_ids, tokens: torch.Tensor, pos: torch.Tensor, backend: str) -> Callable:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if backend == "aoti":
+            from lagoon.engine.aoti_step import compile_package, load_package
+
+            with _inductor_cache(self.cache_dir.parent / "inductor"), _own_build_dirs(self.cache_dir.parent / "inductor"):
+                compile_package(self.model, self.cache, self.entry(b, backend), batch=b, max_batch=self.max_batch)
+            return load_package(self.entry(b, backend), self.model, self.cache)
         tokens, pos = tokens.clone(), pos.clone()  # marks stay off the caller's tensors
         self.cache.prepare(list(seq_ids), pos, static=True)
         for t in self.cache.bound_tensors():
@@ -284,14 +315,13 @@ class DecodeStep:
         if self.device.type == "cuda":  # untested: CUDA graphs replay only over fixed KV addresses
             for t in [*getattr(self.cache, "k", ()), *getattr(self.cache, "v", ())]:
                 torch._dynamo.mark_static_address(t)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         with _inductor_cache(self.cache_dir / "inductor"), torch.no_grad():
             fn = torch.compile(_decode, fullgraph=True, dynamic=False, options=_inductor_options(self.device))
             compiled = fn.aot_compile(((self.model, self.cache, tokens, pos), {}))
             if self.device.type == "cpu":
                 (self.cache_dir / "vec_isa").write_text(_vec_isa())
-            compiled.save_compiled_function(str(self.entry(b)))  # atomic: a temp file, then a rename
-        return compiled
+            compiled.save_compiled_function(str(self.entry(b, backend)))  # atomic: a temp file, then a rename
+        return _DynamoGraph(compiled, self.model, self.cache)
 
     def warm_up(self, batch: int = 1) -> None:
         """Load (or compile) the graph for `batch` now rather than on the first request."""
@@ -304,6 +334,55 @@ class DecodeStep:
         t0 = time.perf_counter()
         self(seq_ids, tokens, pos)
         self.warm_up_s = time.perf_counter() - t0  # load or compile, plus the first call
+
+
+class _DynamoGraph:
+    """dynamo's compiled `_decode` bound to the model and cache: `fn(tokens, pos)`."""
+
+    def __init__(self, fn, model, cache) -> None:
+        self.fn, self.model, self.cache = fn, model, cache
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.model, self.cache, tokens, pos)
+
+    def proven(self) -> None:
+        self.fn.disable_guard_check()
+
+
+BACKENDS = ("aoti", "dynamo")
+
+
+def _default_backend(model: torch.nn.Module, device: torch.device) -> str:
+    """AOTInductor on CPU (no dynamo / inductor import on a warm start); dynamo on CUDA (CUDA graphs)
+    and for MoE models (their static path is compiled and tested through dynamo). `LAGOON_COMPILE_BACKEND`
+    forces one (benchmarks compare them)."""
+    forced = os.environ.get("LAGOON_COMPILE_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ConfigError(f"LAGOON_COMPILE_BACKEND={forced!r} is unknown; use one of {', '.join(BACKENDS)} or unset it")
+        return forced
+    if device.type != "cpu" or any(hasattr(m, "static_path") for m in model.modules()):
+        return "dynamo"
+    return "aoti"
+
+
+def _remove_entry(entry: Path) -> None:
+    for f in (entry, entry.with_suffix(".constants.pt")):
+        with contextlib.suppress(OSError):  # e.g. the cache root is not a folder: nothing to remove
+            f.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _own_build_dirs(root: Path):
+    """Remove the build folders an AOTInductor compile leaves under inductor's cache `root` (the package
+    holds what it needs); inductor's ISA probes and headers (short names) stay for the next compile."""
+    before = set(os.listdir(root)) if root.is_dir() else set()
+    try:
+        yield
+    finally:
+        for name in set(os.listdir(root)) - before if root.is_dir() else ():
+            if len(name) > 2:
+                shutil.rmtree(root / name, ignore_errors=True)
 
 
 def _unguarded_class():
