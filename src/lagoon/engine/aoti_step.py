@@ -169,7 +169,9 @@ def compile_package(model: nn.Module, cache, path: Path, *, batch: int, max_batc
     cache.prepare([None] * B, pos, static=True)  # padding slots: writes land in the scratch row / block
     bound = [t.clone() for t in cache.bound_tensors()]  # no input aliases another (KVCache binds pos itself)
     tokens = torch.zeros(B, 1, dtype=torch.int64)
-    dim_s = Dim("S", min=2, max=max(cache.max_seq_len, 3))
+    # S = max_seq_len (the very last position) is left out: at that length the KV row's `[:S]` slice
+    # is the whole row and export specializes on it; `DecodeStep` runs that step eagerly
+    dim_s = Dim("S", min=2, max=max(cache.max_seq_len - 1, 3))
     dim_b = Dim("B", min=2, max=max(max_batch, 3)) if batch > 1 else None
 
     def spec(t: torch.Tensor) -> dict[int, Dim] | None:

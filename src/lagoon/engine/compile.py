@@ -191,6 +191,7 @@ class DecodeStep:
         self._proven: set[int] = set()  # graphs whose first call succeeded
         self.enabled = compile
         self.backend = backend or _default_backend(model, self.device)
+        self._last_pos = cache.max_seq_len - 1  # a step attending max_seq_len keys runs eagerly (see aoti_step)
         self.cache_dir: Path | None = (
             cache_root() / "compile" / compile_key(model, self.device, _cache_layout(cache, max_batch)) if compile else None)
 
@@ -214,7 +215,7 @@ class DecodeStep:
     def __call__(self, seq_ids: Sequence[int | None], tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         n = len(seq_ids)
         b = self.bucket(n)
-        if not self.enabled or b in self._failed or n > self.max_batch:
+        if not self.enabled or b in self._failed or n > self.max_batch or int(pos.max()) >= self._last_pos:
             return self._eager(seq_ids, tokens, pos)
         fn = self._fns.get(b) or self._ready(b, seq_ids, tokens, pos)
         if fn is None:
