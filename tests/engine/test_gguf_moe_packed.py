@@ -4,8 +4,8 @@ with one) as int8 blocks; each projection's weights equal the file's (exactly fo
 within half an int8 step re-quantized), the experts' output equals the float experts' within the int8
 activations' rounding (rel. <= 2e-2: x and the gated unit's output), the model's logits the float32 load's (rel. <= 5e-2, bf16 elsewhere),
 the static (compiled-decode) path equals eager bit for bit, `MoeRuntime.compilable` holds; without the
-kernels the experts load as float, as before. Slow: a compiled engine decodes the greedy tokens of the
-eager one."""
+kernels the experts load as float, as before; the repack cache keeps them packed. Slow: a compiled
+engine decodes the greedy tokens of the eager one and its monitor counts the same routed slots."""
 
 from __future__ import annotations
 
@@ -149,3 +149,19 @@ def test_compiled_engine_decodes_the_packed_experts_like_eager(tiny, tmp_path, m
             eng.close()
     assert sum(sum(c) for c in out["0counts"].values()) > 0  # the monitor saw the routed slots
     assert out["1"] == out["0"] and out["1counts"] == out["0counts"]
+
+
+def test_the_repack_cache_keeps_the_packed_experts(tiny, tmp_path):
+    from lagoon.engine.repack_cache import entry_path
+
+    path = _file(tiny, tmp_path, CASES["mixed"][0])
+    fresh = load_gguf(path, "native")  # writes the entry
+    assert entry_path(path, kernel_plan()).is_file()
+    cached = load_gguf(path, "native")  # memory-maps it
+    for a, b in zip(fresh.modules(), cached.modules(), strict=True):
+        if isinstance(a, SparseMoE):
+            assert isinstance(b.experts, PackedExperts) and b.experts.layouts == a.experts.layouts
+            assert torch.equal(b.experts.gate_up_packed, a.experts.gate_up_packed)
+            assert torch.equal(b.experts.down_packed, a.experts.down_packed)
+    prompts = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(_prefill(cached, prompts), _prefill(fresh, prompts))

@@ -42,15 +42,17 @@ from lagoon.cache_dir import cache_root
 from lagoon.engine.cpu_kernels import Q4_LAYOUT
 from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q4ActLinear, Q8ActLinear, Q8Linear
 from lagoon.engine.kernels import DENSE_PREFILL_MAX_BYTES, KernelPlan
+from lagoon.engine.packed_experts import LAYOUTS, PackedExperts
 from lagoon.model.args import LayerSpec, ModelArgs
 from lagoon.model.rope import RopeSpec
 from lagoon.model.transformer import Transformer
+from lagoon.moe.experts import StackedExperts
 
 __all__ = ["REPACK_FORMAT", "entry_path", "load_cached", "store", "repack_cache_enabled"]
 
 log = logging.getLogger("lagoon.engine.checkpoint")
 
-REPACK_FORMAT = 3
+REPACK_FORMAT = 4  # 4: an MoE GGUF's packed experts (engine.packed_experts); 3's entries hold them as bf16
 _ALIGN = 64
 _PAD = "__pad"
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
@@ -110,9 +112,10 @@ def _decode(v: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ store
 def _swaps(model: nn.Module) -> dict[str, str] | None:
-    """{module name: 'q4' | 'q8' | 'int8'} for each `gguf_linear` swap, or None when the cache could
-    not rebuild `model`: a module that is neither the plain `Transformer`'s own nor such a swap, or a
-    tensor outside the plain model's state and the swaps' buffers (say, one a loader attached)."""
+    """{module name: 'q4' | 'q8' | 'int8' | 'experts:<gate_up layout>:<down layout>'} for each
+    `gguf_linear` swap and `PackedExperts`, or None when the cache could not rebuild `model`: a module
+    that is neither the plain `Transformer`'s own nor such a swap, or a tensor outside the plain model's
+    state and the swaps' buffers (say, one a loader attached)."""
     with torch.device("meta"):
         fresh = Transformer(model.args)
     plain = dict(fresh.named_modules())
@@ -121,6 +124,8 @@ def _swaps(model: nn.Module) -> dict[str, str] | None:
         ref = plain.get(name)
         if type(mod) in _KINDS and isinstance(ref, nn.Linear):
             swaps[name] = _KINDS[type(mod)]
+        elif isinstance(mod, PackedExperts) and isinstance(ref, StackedExperts):
+            swaps[name] = f"experts:{mod.layouts['gate_up']}:{mod.layouts['down']}"
         elif ref is None or type(ref) is not type(mod):
             return None
     expected = {k for k in fresh.state_dict() if k.rpartition(".")[0] not in swaps}
@@ -250,8 +255,12 @@ def _rebuild(entry: Path, plan: KernelPlan) -> Transformer:
     layers: dict[str, nn.Module] = {}
     with torch.device("meta"):
         plain = dict(Transformer(args).named_modules())
+    experts: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[str, str], dict[str, torch.Tensor | None]]] = {}
     for name, kind in swaps.items():
         ref = plain.get(name)
+        if kind.startswith("experts:") and isinstance(ref, StackedExperts):
+            experts[name] = _packed_experts(state, name, kind, ref, plan)
+            continue
         if not isinstance(ref, nn.Linear) or kind not in _KINDS.values():
             raise _Stale(f"it swaps {name!r} ({kind}), which the model has no linear for")
         N, K = ref.out_features, ref.in_features
@@ -289,7 +298,32 @@ def _rebuild(entry: Path, plan: KernelPlan) -> Transformer:
     for name, layer in layers.items():
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, layer)
+    for name, (gate_up, down, layouts, bias) in experts.items():
+        parent, _, leaf = name.rpartition(".")
+        old = model.get_submodule(name)  # the float experts, on meta: their GLU and sizes
+        setattr(model.get_submodule(parent), leaf, PackedExperts(
+            gate_up, down, layouts, old.hidden_size, old.intermediate_size, plan.q4_isa, old.glu, **bias))
     return model
+
+
+def _packed_experts(state: dict[str, torch.Tensor], name: str, kind: str, ref: StackedExperts, plan: KernelPlan
+                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, str], dict[str, torch.Tensor | None]]:
+    """`name`'s packed experts from the entry (removed from `state`; meta placeholders for the float
+    experts' parameters put in their place), checked against the plain model's shapes and `plan`."""
+    layouts = tuple(kind.split(":")[1:])
+    if len(layouts) != 2 or not set(layouts) <= set(LAYOUTS) or plan.q4_isa is None:
+        raise _Stale(f"it keeps {name} as {kind}, which plan {plan.q4} cannot run")
+    gate_up, down = _take(state, name, "gate_up_packed"), _take(state, name, "down_packed")
+    e, h, i = ref.num_experts, ref.hidden_size, ref.intermediate_size
+    for t, layout, (rows, cols) in ((gate_up, layouts[0], (2 * i, h)), (down, layouts[1], (h, i))):
+        if tuple(t.shape[:3]) != (e, -(-rows // 16), cols // 32) or t.dtype != torch.uint8:
+            raise _Stale(f"{name} holds {layout} experts of shape {tuple(t.shape)}, not for {e} x {rows} x {cols}")
+    bias = {b: state.pop(f"{name}.{b}", None) for b in ("gate_up_bias", "down_bias")}
+    if any((t is None) != (getattr(ref, b) is None) for b, t in bias.items()):
+        raise _Stale(f"{name}'s expert biases do not match the model's")
+    for leaf, p in ref.named_parameters():  # the float experts' parameters: placeholders, swapped out
+        state[f"{name}.{leaf}"] = torch.empty(p.shape, dtype=torch.bfloat16, device="meta")
+    return gate_up, down, layouts, bias
 
 
 def _take(state: dict[str, torch.Tensor], name: str, buf: str) -> torch.Tensor:
