@@ -165,3 +165,19 @@ def test_the_repack_cache_keeps_the_packed_experts(tiny, tmp_path):
             assert torch.equal(b.experts.down_packed, a.experts.down_packed)
     prompts = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
     assert torch.equal(_prefill(cached, prompts), _prefill(fresh, prompts))
+
+
+@pytest.mark.parametrize("case", ["q4_1", "mixed"])
+def test_packed_experts_unpack_to_the_files_values_for_offloading(tiny, tmp_path, case):
+    from lagoon.engine.packed_experts import unpack_experts
+
+    path = _file(tiny, tmp_path, CASES[case][0])
+    packed, f32 = load_gguf(path, "native"), load_gguf(path, "float32")
+    assert unpack_experts(packed) == 2
+    for b, ref in zip((m for m in packed.modules() if isinstance(m, SparseMoE)),
+                      (m for m in f32.modules() if isinstance(m, SparseMoE)), strict=True):
+        assert type(b.experts) is Experts and b.experts.gate_up_proj.dtype == torch.bfloat16
+        for name in ("gate_up_proj", "down_proj"):  # 4-bit: the file's values; Q5_0 re-quantized: half an int8 step
+            got, want = getattr(b.experts, name).float(), getattr(ref.experts, name)
+            tol = want.abs().amax() / 254 + want.abs().amax() / 128 if case == "mixed" else want.abs() / 128 + 1e-6
+            assert bool(((got - want).abs() <= tol).all()), name

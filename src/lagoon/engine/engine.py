@@ -273,7 +273,10 @@ def _prepare(model: torch.nn.Module, deployment: ModelDeploymentSection | None,
         MoeRuntime(model, deployment.expert_routing if deployment is not None and moe is not None else None, moe,
                    checkpoint=checkpoint if checkpoint is not None and checkpoint.is_dir() else None)
     if offload is not None and offload.capacity is not None:
+        from lagoon.engine.packed_experts import unpack_experts
         from lagoon.moe.offload import offload_model
+
+        unpack_experts(model)  # a quantized GGUF's packed experts: offloading moves float ones (bf16)
 
         inference = (deployment or ModelDeploymentSection()).inference
         device = next(model.parameters()).device

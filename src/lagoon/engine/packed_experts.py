@@ -33,9 +33,9 @@ from torch import nn
 from lagoon.engine import cpu_kernels
 from lagoon.engine.gguf_blocks import q8_0_fields
 from lagoon.moe.dispatch import DispatchPlan
-from lagoon.moe.experts import GLU
+from lagoon.moe.experts import GLU, Experts
 
-__all__ = ["LAYOUTS", "PackedExperts", "pack_gguf_experts", "swap_packed_experts"]
+__all__ = ["LAYOUTS", "PackedExperts", "pack_gguf_experts", "swap_packed_experts", "unpack_experts", "unpack_weight"]
 
 LAYOUTS = ("q4", "i8")
 _TILE_BYTES = {"q4": 320, "i8": 576}
@@ -93,6 +93,19 @@ class PackedExperts(nn.Module):
             w = w * plan.kept.view(indices.shape)
         return (self.gathered(x, indices) * w.unsqueeze(-1)).sum(dim=1).to(x.dtype)  # [T, H]
 
+    def to_float(self, dtype: torch.dtype = torch.bfloat16) -> Experts:
+        """The same experts as float `Experts` (the packed values, `unpack_weight`), e.g. to offload them."""
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        with torch.device("meta"):
+            out = Experts(e, h, i, self.glu.act, glu=self.glu, bias=self.gate_up_bias is not None)
+        out.gate_up_proj = nn.Parameter(unpack_weight(self.gate_up_packed, self.layouts["gate_up"], 2 * i).to(dtype),
+                                        requires_grad=False)
+        out.down_proj = nn.Parameter(unpack_weight(self.down_packed, self.layouts["down"], h).to(dtype), requires_grad=False)
+        if self.gate_up_bias is not None:
+            out.gate_up_bias = nn.Parameter(self.gate_up_bias.to(dtype), requires_grad=False)
+            out.down_bias = nn.Parameter(self.down_bias.to(dtype), requires_grad=False)
+        return out
+
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers() if b is not None)
 
@@ -148,6 +161,32 @@ def swap_packed_experts(model: nn.Module, packed: dict[int, dict[str, tuple[str,
                                     old.hidden_size, old.intermediate_size, isa, old.glu,
                                     gate_up_bias=_real(old.gate_up_bias), down_bias=_real(old.down_bias))
     return len(packed)
+
+
+def unpack_weight(packed: torch.Tensor, layout: str, rows: int) -> torch.Tensor:
+    """The float32 weights [E, rows, K] a stack of `pack_q4` / `pack_i8` tiles holds (their inverse)."""
+    e, nt, kb, _ = packed.shape
+    if layout == "q4":
+        nib = packed[..., :256].reshape(e, nt, kb, 4, 16, 4)  # [e, tile, block, chunk, row, byte]
+        q = torch.stack([nib & 15, nib >> 4], dim=-1).permute(0, 1, 4, 2, 6, 3, 5)  # [e, tile, row, block, nibble, chunk, byte]
+        d, m = (packed[..., a : a + 32].contiguous().view(torch.float16) for a in (256, 288))  # [e, tile, block, row]
+        w = q.reshape(e, nt, 16, kb, 32).float() * d.transpose(2, 3).float().unsqueeze(-1) + m.transpose(2, 3).float().unsqueeze(-1)
+    else:
+        q = packed[..., :512].contiguous().view(torch.int8).reshape(e, nt, kb, 8, 16, 4).permute(0, 1, 4, 2, 3, 5)
+        d = packed[..., 544:576].contiguous().view(torch.float16)  # [e, tile, block, row]
+        w = q.reshape(e, nt, 16, kb, 32).float() * d.transpose(2, 3).float().unsqueeze(-1)
+    return w.reshape(e, nt * 16, kb * 32)[:, :rows]
+
+
+def unpack_experts(model: nn.Module) -> int:
+    """Turn every `PackedExperts` of `model` back into bf16 `Experts` (expert offloading moves float
+    experts between tiers); returns how many."""
+    n = 0
+    for mod in list(model.modules()):
+        if isinstance(getattr(mod, "experts", None), PackedExperts):
+            mod.experts = mod.experts.to_float()
+            n += 1
+    return n
 
 
 def _real(t: torch.Tensor | None) -> torch.Tensor | None:
