@@ -182,7 +182,8 @@ def compile_package(model: nn.Module, cache, path: Path, *, batch: int, max_batc
             d[0] = dim_b
         return d or None
 
-    step = StepModule(model, cache).eval()
+    step = StepModule(model, cache)
+    step.training = False  # this wrapper only: the model's modules keep their modes (the cache key hashes them)
     shapes = (spec(tokens), spec(pos), [spec(t) for t in bound])
     with torch.no_grad():
         ep = export(step, (tokens, pos.clone(), bound), dynamic_shapes=shapes, strict=False)
