@@ -27,6 +27,8 @@ capacity drops zeroes the dropped slots in both.
   its own expert's rows (llama.cpp's mul_mat_id). Written as index + multiply + sum rather than a
   matmul so that inductor fuses the gather into the reduction and reads only the chosen experts'
   bytes once; run eagerly it materialises T*k weight copies (fine for the tests, not for prefill).
+  A quantized GGUF's experts are swapped from outside for `lagoon.engine.packed_experts.PackedExperts`,
+  whose ``forward`` and ``gathered`` are Lagoon's MoE kernels (the same slots, at the file's bit width).
 
 Not here: routing (`lagoon.moe.router`) or shared experts (`lagoon.moe.layer`).
 """

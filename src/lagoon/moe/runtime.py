@@ -26,8 +26,9 @@ Compiled decode: a compiled step runs each block's static path (`lagoon.moe.laye
 statistics are tensors updated in-graph; `step()` first drains them (`SparseMoE.drain_static`: router
 window, load monitor, drops, experts that emitted non-finite values) and then commits, so
 `lagoon moe stats`, /metrics, balancing and quarantine see compiled steps as they see eager ones.
-`compilable` says whether every block has a static expert path (quantized experts in a packed
-layout do not; their decode stays eager).
+`compilable` says whether every block has a static expert path: float experts, per-row quantized
+ones, and a quantized GGUF's packed experts (`lagoon.engine.packed_experts`, Lagoon's MoE kernels)
+do; `lagoon.quant`'s packed int4 / group-wise / activation-quantized experts do not (eager decode).
 
 Degraded experts are quarantined (`SparseMoE.quarantine`: masked out of routing, logged once,
 ``lagoon_moe_quarantined_total`` / ``lagoon_moe_quarantined_experts`` on /metrics, listed by
