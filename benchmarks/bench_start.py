@@ -4,7 +4,9 @@
 max_batch_size=8, threads=N))`, decode-step warm-up included, with the caches filled (the saved step,
 the repack cache, the tokenizer record) — split into: import torch, import lagoon.engine, checkpoint,
 tokenizer, KV cache, the step's load and its first call. Also the process's CPU seconds (steadier
-than wall time on a shared machine) and whether transformers / torch._dynamo got imported.
+than wall time on a shared machine), whether transformers / torch._dynamo / torch._inductor got
+imported, and the step's backend (`LAGOON_COMPILE_BACKEND=dynamo` in the environment times dynamo's
+saved artefact instead of the AOTInductor package).
 
     .venv/bin/python benchmarks/bench_start.py [--repeats 5] [--threads 2] [--src PATH ...]
 
@@ -48,8 +50,9 @@ total = time.perf_counter() - t0
 load = e.step.ready_s.get(1, 0.0)
 print("ROW", json.dumps({{"start": total, "cpu": time.process_time(), "import torch": t_torch - t0,
       "import lagoon.engine": t_lagoon - t_torch, **spent, "step load": load, "first call": e.step.warm_up_s - load,
-      "compiled": e.step.compiled, "loaded": 1 in e.step.loaded_buckets,
-      "transformers": "transformers" in sys.modules, "dynamo": "torch._dynamo" in sys.modules}}))
+      "compiled": e.step.compiled, "loaded": 1 in e.step.loaded_buckets, "backend": e.step.backend,
+      "transformers": "transformers" in sys.modules, "dynamo": "torch._dynamo" in sys.modules,
+      "inductor": "torch._inductor" in sys.modules}}))
 e.close()
 """
 
@@ -97,8 +100,9 @@ def main() -> None:
     print(f"{'src':40s} " + " ".join(f"{k:>12s}" for k in keys) + "  imports")
     for src, rs in zip(srcs, rows, strict=True):
         med = {k: statistics.median(r.get(k, 0.0) for r in rs) for k in keys}
-        imported = ",".join(m for m in ("transformers", "dynamo") if rs[-1][m]) or "-"
+        imported = ",".join(m for m in ("transformers", "dynamo", "inductor") if rs[-1].get(m)) or "-"
         loaded = "loaded" if all(r["loaded"] for r in rs) else "NOT loaded from the cache"
+        loaded += f", {rs[-1].get('backend', 'dynamo')}"
         print(f"{str(src)[-40:]:40s} " + " ".join(f"{med[k]:12.3f}" for k in keys) + f"  {imported} ({loaded})")
 
 
