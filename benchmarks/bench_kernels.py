@@ -3,12 +3,18 @@ against torch's int4pack and int8pack kernels, on the embedded SmolLM2-135M's de
 process, interleaved (A, B, A, B ...: a noisy machine disturbs both sides alike).
 
     PYTHONPATH=$PWD/src .venv/bin/python benchmarks/bench_kernels.py [--threads 2] [--rounds 15] [--m 1 4 8]
+        [--attention-s 130 500 1000 2000] [--only attention]
 
 Columns: best-of-rounds us per call of torch int4pack (`_weight_int4pack_mm_for_cpu`, bf16), torch
 int8pack (`_weight_int8pack_mm`, bf16), Lagoon's kernel with AVX-512 VNNI and with AVX2 (when the
 CPU has them), and the ratios int4pack / Lagoon. The head row's Lagoon columns run its int8 kernel
 (`lagoon::i8_matvec`), to be read against int8pack, the head's kernel otherwise. The last row per M
-sums one decoder layer (q, k, v, o, gate, up, down) times 30 layers: the 4-bit share of a decode step. Everything runs on
+sums one decoder layer (q, k, v, o, gate, up, down) times 30 layers: the 4-bit share of a decode step.
+
+The attention table times one layer's decode attention (batch 1, 9 query / 3 kv heads, head_dim 64,
+bf16 paged pool) at several lengths S: SDPA over the gathered blocks (the cache's `update` path:
+gather [B, S, K, D] twice, then SDPA with the mask) against `lagoon::decode_attention` reading the
+pool in place, per ISA; and the 30 layers' sum. Everything runs on
 `lagoon.engine.compute`'s thread, as the engine does (see /work/notes/common.md's libgomp fact).
 """
 
@@ -82,11 +88,46 @@ def run(rounds: int, ms: list[int]) -> None:
               + "".join(f"{r:11.2f}" for r in ratio))
 
 
+def _attention_calls(S: int, kp: torch.Tensor, vp: torch.Tensor, isas: list[str], g: torch.Generator) -> dict:
+    import torch.nn.functional as F
+
+    N, K, D = kp.shape
+    B, H = 1, 9
+    # the sequence's blocks of 16 scattered over the pool, as a paged cache's are
+    read = (torch.randperm(N // 16, generator=g)[: -(-S // 16)][:, None] * 16 + torch.arange(16)).flatten()[:S][None]
+    pos = torch.full((B, 1), S - 1)
+    mask = (torch.arange(S)[None, None, :] <= pos[:, :, None])[:, None]
+    q = torch.randn(B, H, 1, D, generator=g).bfloat16()
+    calls = {"sdpa": lambda: F.scaled_dot_product_attention(
+        q, kp[read].transpose(1, 2), vp[read].transpose(1, 2), attn_mask=mask, enable_gqa=True)}
+    for isa in isas:
+        calls[isa] = lambda isa=isa: cpu_kernels.decode_attention(q[:, :, 0], kp, vp, read, pos, D**-0.5, isa)
+    return calls
+
+
+def run_attention(rounds: int, lengths: list[int]) -> None:
+    g = torch.Generator().manual_seed(0)
+    kp, vp = (torch.randn(16384, 3, 64, generator=g).bfloat16() for _ in range(2))
+    print(f"\ndecode attention, one layer (B 1, H 9, K 3, D 64, bf16 pool; us per call, best of {rounds})")
+    isas = [i for i in ("avx512", "avx2") if cpu_kernels.cpu_has(i)]
+    print(f"{'S':>6}{'sdpa+gather':>14}" + "".join(f"{'lagoon-' + i:>16}" for i in isas) + f"{'ratio':>8}{'x30 saved ms':>14}")
+    for S in lengths:
+        calls = _attention_calls(S, kp, vp, isas, g)
+        best = {c: float("inf") for c in calls}
+        for _ in range(rounds):
+            for c, fn in calls.items():
+                best[c] = min(best[c], _time(fn, 20))
+        print(f"{S:6}{best['sdpa']:14.1f}" + "".join(f"{best[i]:16.1f}" for i in isas)
+              + f"{best['sdpa'] / best[isas[0]]:8.2f}{(best['sdpa'] - best[isas[0]]) * N_LAYERS / 1e3:14.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--attention-s", type=int, nargs="+", default=[130, 500, 1000, 2000])
+    ap.add_argument("--only", choices=["matvec", "attention"], help="one table only")
     a = ap.parse_args()
     if not cpu_kernels.available():
         raise SystemExit(f"Lagoon's kernels are unavailable: {cpu_kernels.unavailable_reason()}")
@@ -94,7 +135,14 @@ def main() -> None:
              if f in open("/proc/cpuinfo").read().split()]
     print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{a.threads} threads, CPU flags: {' '.join(flags)}")
-    compute.call(lambda: (torch.set_num_threads(a.threads), run(a.rounds, a.m)))
+    def tables() -> None:
+        torch.set_num_threads(a.threads)
+        if a.only != "attention":
+            run(a.rounds, a.m)
+        if a.only != "matvec":
+            run_attention(a.rounds, a.attention_s)
+
+    compute.call(tables)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Lagoon's native CPU kernels: `csrc/q4_matvec.cpp`, a 4-bit GGUF matrix-vector product with int8
 activations (`torch.ops.lagoon.q4_matvec`) and the same for int8 weights in blocks of 32 (GGUF Q8_0;
 the output head: `torch.ops.lagoon.i8_matvec`), `csrc/moe_matvec.cpp`, both for an MoE layer's routed
-experts (`moe_matvec`: each slot reads only its chosen expert's tiles), built from source at first use
-and loaded as torch ops.
+experts (`moe_matvec`: each slot reads only its chosen expert's tiles), `csrc/decode_attention.cpp`,
+decode attention read in place from a KV pool through slot indices (`decode_attention`, used by
+`lagoon.engine.kv_cache`'s `attend`); built from source at first use and loaded as torch ops.
 
 Why: torch's `_weight_int4pack_mm_for_cpu` widens every nibble to float and multiplies in float
 (~11 GB/s of weights on this machine, half of a decode step of the embedded model). Quantizing the
@@ -11,9 +12,9 @@ integer multiply-adds (`vpdpbusd` on AVX-512 VNNI, `vpmaddubsw` + `vpmaddwd` on 
 per call at decode shapes (benchmarks/bench_kernels.py). The cost is the activations' rounding:
 per block of 32 a relative error of about 1/254 of the block's largest value.
 
-Build: the source is compiled once with the C++ compiler `$CXX` (default ``g++``, the one inductor
+Build: the sources are compiled once with the C++ compiler `$CXX` (default ``g++``, the one inductor
 uses too) against torch's headers into ``cache_root()/kernels/<tag>/lagoon_kernels.so``, atomically;
-`tag` hashes the source, torch's version, the compiler and its flags. A later start loads that file
+`tag` hashes the sources, torch's version, the compiler and its flags. A later start loads that file
 directly (no build machinery imported). If building or loading fails (no compiler, say) the reason
 is logged once and `available()` is False: `lagoon.engine.kernels` then plans torch's int4 / int8
 kernels as before. ``LAGOON_NATIVE_KERNELS=0`` skips the library the same way. The ops are
@@ -41,7 +42,8 @@ from lagoon.atomic import atomic_path
 from lagoon.cache_dir import cache_root
 
 __all__ = ["ISA_CODES", "Q4_LAYOUT", "SOURCE", "available", "build_tag", "library", "pack_q4", "q4_matvec",
-           "unavailable_reason", "TILE", "cpu_has", "i8_matvec", "pack_i8", "quantize_i8", "moe_matvec"]
+           "unavailable_reason", "TILE", "cpu_has", "i8_matvec", "pack_i8", "quantize_i8", "moe_matvec",
+           "decode_attention", "SOURCES"]
 
 log = logging.getLogger("lagoon.engine")
 
@@ -122,7 +124,7 @@ def _load() -> Path:
     target = cache_root() / "kernels" / build_tag() / "lagoon_kernels.so"
     if not target.is_file():
         _build(target)
-    if not hasattr(torch.ops.lagoon, "q4_matvec"):  # a second load (another cache dir) would re-register
+    if not hasattr(torch.ops.lagoon, "decode_attention"):  # a second load (another cache dir) would re-register
         try:
             torch.ops.load_library(str(target))
         except OSError as exc:  # a truncated or foreign file: nothing got loaded, so build it again once
@@ -170,6 +172,12 @@ def _register_fake() -> None:
             torch._check(packed.dim() == 4 and x.shape[-1] == packed.shape[2] * 32 and ids.dim() == 2)
             return x.new_empty((ids.shape[0], ids.shape[1], n), dtype=torch.float32)
 
+    @torch.library.register_fake("lagoon::decode_attention")
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
+          scale: float, isa: int) -> torch.Tensor:
+        torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3 and slots.dim() == 2)
+        return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
 
 def _require() -> None:
     if library() is None:
@@ -201,6 +209,15 @@ def moe_matvec(x: torch.Tensor, packed: torch.Tensor, ids: torch.Tensor, n: int,
     _require()
     op = torch.ops.lagoon.q4_moe_matvec if layout == "q4" else torch.ops.lagoon.i8_moe_matvec
     return op(x, packed, ids, n, ISA_CODES[isa])
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
+                     scale: float, isa: str) -> torch.Tensor:
+    """One new token per sequence attending over its cached keys, read from the pools in place:
+    q [B, H, D], k [N, K, D] / v [N, K, Dv] pools (float32 or bf16), slots [B, S] int64 (the slot of
+    each position), pos [B] int64 (the query's position: it sees keys 0..pos) -> [B, H, Dv] in q's
+    dtype; H / K query heads share a kv head (SDPA's enable_gqa). See csrc/decode_attention.cpp."""
+    _require()
+    return torch.ops.lagoon.decode_attention(q, k, v, slots, pos, scale, ISA_CODES[isa])
 
 
 def quantize_i8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

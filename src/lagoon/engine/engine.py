@@ -25,7 +25,7 @@ from lagoon.engine.checkpoint import Precision, load_checkpoint
 from lagoon.engine.compile import DecodeStep, compile_enabled
 from lagoon.engine.generate import Request, Scheduler, TextStream, incremental_decoder
 from lagoon.engine.grammar import Constraint, GrammarCompiler
-from lagoon.engine.kv_cache import make_cache
+from lagoon.engine.kv_cache import make_cache, use_native_attention
 from lagoon.engine.sampling import SamplingParams
 from lagoon.engine.tokenizer import ChatFormat, load_tokenizer
 from lagoon.errors import CheckpointError
@@ -98,6 +98,7 @@ class Engine:
             dtype=dtype, block_size=self.config.kv_block_size, num_blocks=self.config.num_kv_blocks,
             prefix_cache=self.config.prefix_cache,
         )
+        use_native_attention(model, self.cache)  # decode attention on Lagoon's kernel where it runs
         from lagoon.moe.offload import offload_of
         from lagoon.moe.runtime import runtime_of
 

@@ -7,6 +7,7 @@ Both speak the same protocol to the engine:
     cache.ensure(seq_id, length)                     # make room for `length` tokens
     cache.prepare([seq_id, ...], input_pos)          # bind this forward step (input_pos [B, T])
     k_all, v_all, mask = cache.update(layer, k, v)   # called by every attention layer
+    out = cache.attend(layer, q, k, v, pos, isa)     # or, decoding (T = 1): write, then attend in place
     cache.free(seq_id, token_ids)                    # give back; paged: keep full blocks for reuse
 
 Prefix cache (paged only): a full block is keyed by a hash chained over every token up to its end,
@@ -15,12 +16,20 @@ and are reused least-recently-freed last. Blocks are never written after they fi
 no copy-on-write. This module is *not* a scheduler: admission and eviction policy live in
 `lagoon.engine.generate`.
 
+`attend` is the decode path of layers that `use_native_attention` switched at load (plain softmax
+attention: no window, sinks or other variants, which keep `update` + SDPA): it writes the step's keys and
+values like `update`, then runs `lagoon::decode_attention` (`lagoon.engine.cpu_kernels`), which reads
+each sequence's positions straight from the pools through `prepare`'s slot indices: no gather copy
+of [B, S, K, D] per layer, no mask, one extern call a layer in the compiled step.
+
 Shapes: L = layers, B = batch, T = new tokens, S = attended keys, K = kv heads, D = head dim.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -30,7 +39,9 @@ import torch
 from lagoon.errors import ContextWindowExceededError
 from lagoon.model.args import ModelArgs
 
-__all__ = ["KVCache", "PagedKVCache", "make_cache"]
+__all__ = ["KVCache", "PagedKVCache", "make_cache", "use_native_attention"]
+
+log = logging.getLogger("lagoon.engine")
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -68,7 +79,7 @@ class KVCache:
         self.scratch = max_batch
         self.free_rows = list(range(max_batch))
         self.rows: dict[int, int] = {}
-        self._bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None] | None = None
+        self._bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int | None] | None = None
 
     def can_admit(self, n_tokens: int, reserved: int = 0) -> bool:
         return bool(self.free_rows) and n_tokens <= self.max_seq_len
@@ -102,17 +113,34 @@ class KVCache:
         S = int(input_pos.max()) + 1
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         start = rows[0] if contiguous and not static else None
-        self._bound = (torch.tensor(rows), input_pos, _mask(input_pos, S), start)
+        rows_t = torch.tensor(rows)
+        read = rows_t[:, None] * self.max_seq_len + torch.arange(S)  # [B, S]: slots of the flattened pool
+        self._bound = (rows_t, input_pos, _mask(input_pos, S), read, start)
 
     def bound_tensors(self) -> list[torch.Tensor]:
         return [t for t in self._bound if isinstance(t, torch.Tensor)]
 
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        rows, pos = self._bound[0][:, None], self._bound[1]  # [B, 1], [B, T]
+        self.k[layer][rows, pos] = k.transpose(1, 2).to(self.k[layer].dtype)  # [B, T, K, D]
+        self.v[layer][rows, pos] = v.transpose(1, 2).to(self.v[layer].dtype)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+               isa: str) -> torch.Tensor:
+        """Decode (T = 1): write k, v [B, K, 1, D], then q [B, H, 1, D] attends over each sequence's
+        positions 0..pos [B, 1] in place -> [B, H, 1, Dv]."""
+        from lagoon.engine import cpu_kernels
+
+        self._write(layer, k, v)
+        kp, vp = self.k[layer], self.v[layer]
+        out = torch.ops.lagoon.decode_attention(q[:, :, 0], kp.view(-1, *kp.shape[2:]), vp.view(-1, *vp.shape[2:]),
+                                                self._bound[3], pos, q.shape[-1] ** -0.5, cpu_kernels.ISA_CODES[isa])
+        return out.unsqueeze(2)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        rows, pos, mask, start = self._bound
+        rows, _, mask, _, start = self._bound
         S = mask.shape[-1]
-        r = rows[:, None]  # [B, 1]
-        self.k[layer][r, pos] = k.transpose(1, 2).to(self.k[layer].dtype)  # [B, T, K, D]
-        self.v[layer][r, pos] = v.transpose(1, 2).to(self.v[layer].dtype)
+        self._write(layer, k, v)
         if start is not None:
             ks = self.k[layer][start : start + rows.shape[0], :S]  # view, no copy
             vs = self.v[layer][start : start + rows.shape[0], :S]
@@ -251,11 +279,27 @@ class PagedKVCache:
         write = read.gather(1, input_pos)  # [B, T]
         self._bound = (write, read, _mask(input_pos, S))
 
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        write, K = self._bound[0].flatten(), k.shape[1]
+        self.k[layer][write] = k.transpose(1, 2).reshape(-1, K, k.shape[3]).to(self.k[layer].dtype)
+        self.v[layer][write] = v.transpose(1, 2).reshape(-1, K, v.shape[3]).to(self.v[layer].dtype)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+               isa: str) -> torch.Tensor:
+        """Decode (T = 1): write k, v [B, K, 1, D], then q [B, H, 1, D] attends over each sequence's
+        positions 0..pos [B, 1], read from the pool through the block tables -> [B, H, 1, Dv]."""
+        from lagoon.engine import cpu_kernels
+
+        self._write(layer, k, v)
+        # the op itself, not cpu_kernels' wrapper (its lock is no graph's business): the library
+        # is loaded, `use_native_attention` checked
+        out = torch.ops.lagoon.decode_attention(q[:, :, 0], self.k[layer], self.v[layer], self._bound[1], pos,
+                                                q.shape[-1] ** -0.5, cpu_kernels.ISA_CODES[isa])
+        return out.unsqueeze(2)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        write, read, mask = self._bound
-        K = k.shape[1]
-        self.k[layer][write.flatten()] = k.transpose(1, 2).reshape(-1, K, k.shape[3]).to(self.k[layer].dtype)
-        self.v[layer][write.flatten()] = v.transpose(1, 2).reshape(-1, K, v.shape[3]).to(self.v[layer].dtype)
+        _, read, mask = self._bound
+        self._write(layer, k, v)
         ks, vs = self.k[layer][read], self.v[layer][read]  # [B, S, K, D]
         return ks.transpose(1, 2), vs.transpose(1, 2), mask
 
@@ -271,3 +315,31 @@ def make_cache(
         return KVCache(args, max_batch, max_seq_len, dtype)
     blocks = num_blocks or max_batch * -(-max_seq_len // block_size)
     return PagedKVCache(args, blocks, block_size, dtype, max_seq_len, prefix_cache)
+
+
+def use_native_attention(model: torch.nn.Module, cache: KVCache | PagedKVCache) -> int:
+    """Switch the decode attention (T = 1) of `model`'s plain softmax layers to `cache.attend` on
+    Lagoon's kernel, where it runs: a CPU model, a float32 / bf16 cache, the kernel library loaded,
+    ``LAGOON_NATIVE_ATTENTION`` not 0. Layers with a sliding window or sinks (and MLA) keep SDPA.
+    Returns how many layers switched (0: all on SDPA); applied once at load, from outside the model."""
+    from lagoon.engine import cpu_kernels
+    from lagoon.engine.kernels import cpu_isa
+    from lagoon.model.transformer import Attention
+
+    why = None
+    if os.environ.get("LAGOON_NATIVE_ATTENTION", "1").strip().lower() in ("0", "false", "no", "off"):
+        why = "LAGOON_NATIVE_ATTENTION=0"
+    elif cache.k and (cache.k[0].device.type != "cpu" or cache.k[0].dtype not in (torch.float32, torch.bfloat16)):
+        why = f"a {cache.k[0].dtype} cache on {cache.k[0].device}"
+    elif not cpu_kernels.available():
+        why = cpu_kernels.unavailable_reason()
+    if why is not None:
+        log.info("decode attention stays SDPA (%s)", why)
+        return 0
+    isa = next(i for i in (cpu_isa(), "avx2", "default") if i == "default" or cpu_kernels.cpu_has(i))
+    n = 0
+    for mod in model.modules():
+        if type(mod) is Attention and mod.window is None and mod.sinks is None:
+            mod.decode_isa = isa
+            n += 1
+    return n

@@ -99,6 +99,9 @@ class Attention(nn.Module):
         # one linear for q, k and v, set from outside (`gguf_linear.fuse_projections`): one kernel call
         self.qkv_proj: nn.Module | None = None
         self.qkv_split = (q_out, kv_out, kv_out)
+        # decode (T = 1) through `cache.attend` on Lagoon's kernel for this ISA, set from outside
+        # (`kv_cache.use_native_attention`); None: SDPA over what `cache.update` gathers
+        self.decode_isa: str | None = None
 
     def forward(self, x: torch.Tensor, step: Step, cache: CacheLike | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -120,7 +123,9 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, K, T, D]
         v = v.transpose(1, 2)
         gqa = self.n_kv != self.n_heads
-        if cache is not None:
+        if cache is not None and self.decode_isa is not None and T == 1:
+            out = cache.attend(self.layer, q, k, v, step.positions, self.decode_isa)  # [B, H, 1, D]
+        elif cache is not None:
             k, v, mask = cache.update(self.layer, k, v)  # [B, K, S, D] x2, [B, 1, T, S] bool
             if self.window is not None:
                 mask = mask & step.window_mask(self.window, k.shape[2])
