@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lagoon.engine import cpu_kernels
+from lagoon.engine.aoti_step import read_metadata
 from lagoon.engine.compile import DecodeStep
 from lagoon.engine.kv_cache import make_cache, use_native_attention
 from lagoon.model.args import LayerSpec, ModelArgs
@@ -145,10 +146,11 @@ def test_only_plain_layers_switch_and_the_switch_turns_it_off(monkeypatch):
 
 
 @pytest.mark.slow  # cold inductor compiles of a tiny model take 20-110 s on 2 shared cores
-@pytest.mark.parametrize("paged", [True, False])
-def test_compiled_step_calls_the_kernel_and_matches_eager(tmp_path, monkeypatch, paged):
+@pytest.mark.parametrize(("paged", "backend"), [(True, "aoti"), (False, "aoti"), (True, "dynamo")])
+def test_compiled_step_calls_the_kernel_and_matches_eager(tmp_path, monkeypatch, paged, backend):
     _need("default")
     monkeypatch.setenv("LAGOON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LAGOON_COMPILE_BACKEND", backend)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 17, 9)]
     kw = dict(paged=paged, max_batch=4, max_seq_len=64, dtype=torch.float32, block_size=8)
@@ -165,6 +167,9 @@ def test_compiled_step_calls_the_kernel_and_matches_eager(tmp_path, monkeypatch,
         one = _decode(m, cache1, prompts[1:2], 4, step1)  # the batch-1 graph
         one_ref = _decode(m, make_cache(ARGS, **kw), prompts[1:2], 4)
     assert step.compiled_buckets == {2} and step1.compiled_buckets == {1} and not (step.eager_reason or step1.eager_reason)
+    assert step.backend == backend
     assert float((got - ref).norm() / ref.norm()) <= 1e-4 and float((one - one_ref).norm() / one_ref.norm()) <= 1e-4
-    code = "\n".join(p.read_text() for p in (tmp_path / "compile").rglob("*.py"))
-    assert "lagoon.decode_attention" in code  # an extern kernel call in the saved step
+    if backend == "aoti":  # the package resolves Lagoon's op through the dispatcher
+        assert "lagoon::decode_attention" in read_metadata(step.entry(2))["ops"]
+    else:  # an extern kernel call in the saved step
+        assert "lagoon.decode_attention" in "\n".join(p.read_text() for p in (tmp_path / "compile").rglob("*.py"))
