@@ -5,7 +5,8 @@ within half an int8 step re-quantized), the experts' output equals the float exp
 activations' rounding (rel. <= 2e-2: x and the gated unit's output), the model's logits the float32 load's (rel. <= 5e-2, bf16 elsewhere),
 the static (compiled-decode) path equals eager bit for bit, `MoeRuntime.compilable` holds; without the
 kernels the experts load as float, as before; the repack cache keeps them packed. Slow: a compiled
-engine decodes the greedy tokens of the eager one and its monitor counts the same routed slots."""
+engine decodes the greedy tokens of the eager one and its monitor counts the same routed slots, at batch 1
+and in the dynamic-batch graph."""
 
 from __future__ import annotations
 
@@ -123,6 +124,41 @@ def test_k_quant_experts_pack_as_their_file_says(kinds, layout):
     ref = torch.einsum("tk,tjnk->tjn", x.double(), w[ids].double())
     # 4-bit: the file's weights exactly, int8 activations; i8: plus half an int8 step of re-quantization
     assert rel(y, ref) <= (1e-2 if layout == "q4" else 1.5e-2)
+
+
+@pytest.mark.slow
+def test_compiled_batch_graph_decodes_the_packed_experts_like_eager(tiny, tmp_path):
+    """Concurrent requests decode in one batch: the batch 2+ graph (dynamic batch) calls the ops too."""
+    import threading
+
+    from lagoon.config import load_config
+    from lagoon.engine import engine_from_config
+
+    path = _file(tiny, tmp_path, CASES["q4_1"][0], tokenizer=True)
+    prompts = ["def add(a, b):", "x = [1, 2,", "hello world"]
+    out: dict[bool, dict[int, list[int]]] = {}
+    for compile in (False, True):
+        eng = engine_from_config(load_config(f"engine.model={path}", "engine.precision=native",
+                                             f"engine.compile={str(compile).lower()}", "engine.max_batch_size=4",
+                                             "model_deployment.expert_routing.load_balance_weight=0",
+                                             "moe.recalibration_cv=null"))
+        try:
+            got: dict[int, list[int]] = {}
+            params = eng.params(max_new_tokens=8, ignore_eos=True)
+            def one(i: int, prompt: str, eng=eng, got=got, params=params) -> None:
+                got[i] = eng.complete(prompt, params).token_ids
+
+            threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(prompts)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if compile:
+                assert eng.step.compiled_buckets == {1, 2} and eng.step.eager_reason is None
+            out[compile] = got
+        finally:
+            eng.close()
+    assert out[True] == out[False]
 
 
 @pytest.mark.slow
