@@ -6,7 +6,15 @@ The names below are the public API; anything else is internal. Torch-backed part
 `lagoon` itself stays light.
 """
 
+# ruff: noqa: E402 - the imports below come after gc.freeze() on purpose
+import gc
 from importlib.metadata import PackageNotFoundError, version
+
+# Everything alive now (torch's ~1M objects when the caller imported torch first, as the engine's users
+# do) is moved out of the collector's reach: the imports below (pydantic's config classes, the engine)
+# otherwise pay full collections that rescan torch (~0.25 s of CPU of a warm start). Those objects are
+# module-level state that lives as long as the process anyway.
+gc.freeze()
 
 from lagoon import errors as _errors
 from lagoon.config import LagoonConfig, load_config

@@ -245,7 +245,7 @@ def load_package(path: Path, model: nn.Module, cache) -> PackagedStep:
     ops = [op for op in meta.get("ops", "").split(",") if op]
     _resolve_ops(ops)
     saved = torch.load(constants_path(path), weights_only=True) if constants_path(path).is_file() else None
-    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1)  # one caller at a time: no locks
     state = StepModule(model, cache).tensors()
     if saved is not None:
         state.update(saved["tensors"])
