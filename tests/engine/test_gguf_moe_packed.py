@@ -23,6 +23,7 @@ from lagoon.engine.kv_cache import make_cache
 from lagoon.engine.packed_experts import PackedExperts, pack_gguf_experts
 from lagoon.engine.tiny import save_tiny_model
 from lagoon.moe.experts import Experts
+from lagoon.moe.footprint import count_parameters
 from lagoon.moe.layer import SparseMoE
 from lagoon.moe.runtime import MoeRuntime
 
@@ -96,6 +97,7 @@ def test_quantized_experts_stay_packed_and_match_the_float_experts(tiny, tmp_pat
     eager = _prefill(packed, prompts)
     assert rel(eager, _prefill(f32, prompts)) <= 5e-2  # bf16 attention and norms (~1.3%), int8 expert activations
     assert MoeRuntime(packed).compilable
+    assert count_parameters(packed) == count_parameters(f32)  # `lagoon moe info`, declarations: by shape
     for b in blocks:
         b.static_path = True  # the compiled step's path, run eagerly: the same op calls
     assert torch.allclose(_prefill(packed, prompts), eager, rtol=1e-6, atol=1e-6)
