@@ -10,7 +10,8 @@ under the cache folder, `moe_gguf`), three engines: its experts packed on Lagoon
 load as bf16 experts (what every quantized MoE GGUF loaded as before), compiled. With
 `--experts-only` it times one layer's routed experts at a decode step instead (T = 1, `--top-k` of 8
 slots, alternating, on the compute thread): the bf16 experts' compiled ``gathered`` against the packed
-experts' kernels, eager and compiled.
+experts' kernels, eager and compiled; `--layer-shape E,H,I` takes random 4-bit experts of that shape
+instead (Qwen3-30B-A3B's layer: ``--layer-shape 128,2048,768 --top-k 8``).
 
 Builds two engines on the same checkpoint (``engine.compile`` false, then true), decodes the same
 greedy request through `Engine.complete` (so every forward runs on the process's compute thread, as
@@ -112,6 +113,36 @@ def moe_gguf(kind: str, float_experts: bool = False, experts: int = 8):
     return target
 
 
+def synthetic_layer(e: int, h: int, i: int):
+    """Random experts [E, 2I, H] / [E, H, I] rounded to 4 bits in blocks of 32 (Q4_1's form, w = d·q + m):
+    (PackedExperts, the same values as bf16 Experts)."""
+    import torch
+
+    from lagoon.engine import cpu_kernels
+    from lagoon.engine.kernels import kernel_plan
+    from lagoon.engine.packed_experts import PackedExperts
+    from lagoon.moe.experts import Experts
+
+    g = torch.Generator().manual_seed(1)
+    with torch.device("meta"):
+        floats = Experts(e, h, i)
+    packs: dict[str, list[torch.Tensor]] = {"gate_up": [], "down": []}
+    dense: dict[str, list[torch.Tensor]] = {"gate_up": [], "down": []}
+    for _ in range(e):
+        for proj, (n, k) in (("gate_up", (2 * i, h)), ("down", (h, i))):
+            w = torch.randn(n * k // 32, 32, generator=g) * k**-0.5
+            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+            d = ((hi - lo) / 15).half().float()
+            q = torch.round((w - lo) / d).clamp(0, 15).to(torch.uint8)
+            packs[proj].append(cpu_kernels.pack_q4(d, lo, q, n, k))
+            dense[proj].append((q.float() * d + lo.half().float()).reshape(n, k).bfloat16())
+    floats.gate_up_proj = torch.nn.Parameter(torch.stack(dense["gate_up"]), requires_grad=False)
+    floats.down_proj = torch.nn.Parameter(torch.stack(dense["down"]), requires_grad=False)
+    packed = PackedExperts(torch.stack(packs["gate_up"]), torch.stack(packs["down"]), ("q4", "q4"), h, i,
+                           kernel_plan().q4_isa, floats.glu)
+    return packed, floats
+
+
 def experts_only(args: argparse.Namespace) -> int:
     """One MoE layer's experts at a decode step: bf16 ``gathered`` (compiled) vs the packed kernels."""
     import torch
@@ -119,11 +150,15 @@ def experts_only(args: argparse.Namespace) -> int:
     from lagoon.engine import compute
     from lagoon.engine.checkpoint import load_gguf
 
-    packed = load_gguf(moe_gguf(args.gguf_experts), "native").layers[3].mlp.experts
-    floats = load_gguf(moe_gguf(args.gguf_experts, float_experts=True), "native").layers[3].mlp.experts
+    if args.layer_shape:
+        packed, floats = synthetic_layer(*(int(v) for v in args.layer_shape.split(",")))
+    else:
+        packed = load_gguf(moe_gguf(args.gguf_experts), "native").layers[3].mlp.experts
+        floats = load_gguf(moe_gguf(args.gguf_experts, float_experts=True), "native").layers[3].mlp.experts
     k = args.top_k or 8
     g = torch.Generator().manual_seed(0)
-    x, ids = torch.randn(1, floats.hidden_size, generator=g).bfloat16(), torch.randperm(8, generator=g)[:k][None]
+    x = torch.randn(1, floats.hidden_size, generator=g).bfloat16()
+    ids = torch.randperm(floats.num_experts, generator=g)[:k][None]
     bf16_c = torch.compile(floats.gathered, fullgraph=True, dynamic=False)
     packed_c = torch.compile(packed.gathered, fullgraph=True, dynamic=False)
     fns = {"bf16 compiled": lambda: bf16_c(x, ids), "packed eager": lambda: packed.gathered(x, ids),
@@ -145,7 +180,7 @@ def experts_only(args: argparse.Namespace) -> int:
     compute.call(torch.set_num_threads, args.threads)  # OpenMP's count is per thread
     times = compute.call(run)
     base = statistics.median(times["bf16 compiled"])
-    print(f"# {type(packed).__name__} {packed.extra_repr()}; k = {k} of 8, T = 1")
+    print(f"# {type(packed).__name__} {packed.extra_repr()}; k = {k} of {packed.num_experts}, T = 1")
     for n, v in times.items():
         print(f"{n:<16} median {statistics.median(v):8.1f} us  best {min(v):8.1f} us  bf16/this {base / statistics.median(v):.2f}x")
     err = (packed.gathered(x, ids) - floats.gathered(x, ids)).norm() / floats.gathered(x, ids).norm()
@@ -182,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf-experts", default=None, choices=["Q4_0", "Q4_1", "Q8_0"],
                     help="measure a quantized MoE GGUF (packed experts eager / compiled, bf16 experts compiled)")
     ap.add_argument("--experts-only", action="store_true", help="with --gguf-experts: one layer's experts, not the engine")
+    ap.add_argument("--layer-shape", default=None, metavar="E,H,I",
+                    help="with --experts-only: random 4-bit experts of this shape (Qwen3-30B-A3B: 128,2048,768)")
     args = ap.parse_args(argv)
     import torch
 
