@@ -232,3 +232,31 @@ def test_the_avx2_plan_runs_the_packed_experts_alike(tiny, tmp_path):
     logits = [_prefill(m, prompts) for m in models]
     for y in logits[1:]:  # the same integer sums in another order (bf16 attention rounds the rest alike)
         assert rel(y, logits[0]) <= 1e-2
+
+
+@pytest.mark.parametrize("kinds", [("Q4_0", "Q4_0"), ("Q4_1",), ("Q4_K", "Q4_K"), ("Q8_0", "Q8_0"), ("Q4_0", "Q6_K")])
+def test_packing_moves_the_blocks_as_the_per_expert_packers_do(kinds):
+    """The chunked, byte-moving packer equals `pack_q4` / `pack_i8` of each expert's fields (rows off the tile)."""
+    from lagoon.engine.gguf_blocks import q8_0_fields
+
+    rng = np.random.default_rng(len("".join(kinds)))
+    E, N, K = 5, 24, 256
+    raws = [_random_blocks(kind, E * N * K, rng).reshape(E, N, -1) for kind in kinds]
+    layout, packed = pack_gguf_experts([(kind, raw, (E, N, K)) for kind, raw in zip(kinds, raws, strict=True)], _Q4_FIELDS)
+    for e in range(E):
+        blocks = [(kind, torch.from_numpy(np.array(raw[e])).reshape(-1)) for kind, raw in zip(kinds, raws, strict=True)]
+        if layout == "q4":
+            d, m, q = (torch.cat(f) for f in zip(*(_Q4_FIELDS[kind](raw) for kind, raw in blocks), strict=True))
+            want = cpu_kernels.pack_q4(d, m, q, len(kinds) * N, K)
+        else:
+            ds, qs = [], []
+            for kind, raw in blocks:
+                if kind == "Q8_0":
+                    d, _, q = q8_0_fields(raw)
+                    d, q = d.reshape(N, K // 32), q.reshape(N, K)
+                else:
+                    d, q = cpu_kernels.quantize_i8(_oracle(kind, raw.numpy(), (N, K)))
+                ds.append(d)
+                qs.append(q)
+            want = cpu_kernels.pack_i8(torch.cat(ds), torch.cat(qs))
+        assert torch.equal(packed[e], want), e

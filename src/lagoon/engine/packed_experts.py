@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from lagoon.engine import cpu_kernels
-from lagoon.engine.gguf_blocks import q8_0_fields
 from lagoon.moe.dispatch import DispatchPlan
 from lagoon.moe.experts import GLU, Experts
 
@@ -121,34 +120,81 @@ def _layout(kinds: list[str]) -> str:
 
 def pack_gguf_experts(parts: list[tuple[str, Any, tuple[int, int, int]]], q4_fields: dict[str, Fields]) -> tuple[str, torch.Tensor]:
     """One stacked projection from its GGUF tensors (``ffn_gate_exps`` + ``ffn_up_exps``, or one
-    tensor): each part is (GGML type name, its raw blocks [E, rows, bytes] (a memory map: read one
-    expert at a time), shape [E, rows, K]); the parts' rows are stacked in order. Returns the layout
-    and the packed [E, rows/16, K/32, tile] tensor."""
-    import gguf
-
+    tensor): each part is (GGML type name, its raw blocks [E, rows, bytes] (a memory map, read a
+    few experts at a time), shape [E, rows, K]); the parts' rows are stacked in order. Returns the
+    layout and the packed [E, rows/16, K/32, tile] tensor, equal to `cpu_kernels.pack_q4` /
+    `pack_i8` of each expert. Q4_0 / Q4_1 / Q8_0 blocks are moved byte for byte (their nibble order is
+    the tiles'); the others go through their codes (Q4_K) or are re-quantized to int8 blocks."""
     layout = _layout([kind for kind, _, _ in parts])
     e, k = parts[0][2][0], parts[0][2][2]
     rows = sum(shape[1] for _, _, shape in parts)
     out = torch.empty((e, -(-rows // 16), k // 32, _TILE_BYTES[layout]), dtype=torch.uint8)
-    for i in range(e):
-        blocks = [(kind, torch.from_numpy(np.array(data[i])).reshape(-1), shape) for kind, data, shape in parts]
-        if layout == "q4":
-            d, m, q = (torch.cat(f) for f in zip(*(q4_fields[kind](raw) for kind, raw, _ in blocks), strict=True))
-            out[i] = cpu_kernels.pack_q4(d, m, q, rows, k)
-            continue
-        ds, qs = [], []
-        for kind, raw, (_, n, _) in blocks:
-            d = q = None
-            if kind == "Q8_0":  # its own codes, unless one is -128 (the AVX2 kernel cannot take it)
-                d, _, q = q8_0_fields(raw)
-                d, q = (d.reshape(n, k // 32), q.reshape(n, k)) if int(q.min()) >= -127 else (None, None)
-            if d is None:
-                w = np.asarray(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[kind]), dtype=np.float32)
-                d, q = cpu_kernels.quantize_i8(torch.from_numpy(w).reshape(n, k))
-            ds.append(d)
-            qs.append(q)
-        out[i] = cpu_kernels.pack_i8(torch.cat(ds), torch.cat(qs))
+    step = max(1, (64 << 20) // max(1, sum(int(np.prod(data.shape[1:])) for _, data, _ in parts)))  # ~64 MB of blocks
+    for e0 in range(0, e, step):
+        chunk = [(kind, torch.from_numpy(np.array(data[e0 : e0 + step])), n) for kind, data, (_, n, _) in parts]
+        out[e0 : e0 + step] = (_tiles_q4 if layout == "q4" else _tiles_i8)(chunk, k, q4_fields)
     return layout, out
+
+
+def _rows_to_tiles(t: torch.Tensor) -> torch.Tensor:
+    """[n, rows, kb, ...] -> [n, tiles, kb, 16, ...] (zero rows pad the last tile)."""
+    pad = -t.shape[1] % 16
+    if pad:
+        t = torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
+    n, r, kb = t.shape[:3]
+    return t.reshape(n, r // 16, 16, kb, *t.shape[3:]).transpose(2, 3)
+
+
+def _tiles_q4(chunk: list[tuple[str, torch.Tensor, int]], k: int, q4_fields: dict[str, Fields]) -> torch.Tensor:
+    nibs, ds, ms = [], [], []
+    kb = k // 32
+    for kind, raw, n in chunk:
+        e = raw.shape[0]
+        if kind in ("Q4_0", "Q4_1"):  # GGUF byte j: code j (low nibble) and code 16 + j (high), as the tiles want
+            b = raw.reshape(e, n, kb, 18 if kind == "Q4_0" else 20)
+            d = b[..., 0:2].contiguous().view(torch.float16)[..., 0]
+            m = (-8 * d.float()).half() if kind == "Q4_0" else b[..., 2:4].contiguous().view(torch.float16)[..., 0]
+            nib = b[..., -16:]
+        else:
+            d, m, q = q4_fields[kind](raw.reshape(-1))
+            q = q.reshape(e, n, kb, 32)
+            nib = q[..., :16] | (q[..., 16:] << 4)
+            d, m = (t.reshape(e, n, kb).half() for t in (d, m))
+        nibs.append(nib)
+        ds.append(d)
+        ms.append(m)
+    nib = _rows_to_tiles(torch.cat(nibs, 1))  # [e, nt, kb, 16 rows, 16 bytes]
+    e, nt = nib.shape[:2]
+    nib = nib.reshape(e, nt, kb, 16, 4, 4).transpose(3, 4).reshape(e, nt, kb, 256)  # [chunk c][row][byte i]
+    d, m = (_rows_to_tiles(torch.cat(t, 1)).contiguous().view(torch.uint8).reshape(e, nt, kb, 32) for t in (ds, ms))
+    return torch.cat([nib, d, m], dim=-1)
+
+
+def _tiles_i8(chunk: list[tuple[str, torch.Tensor, int]], k: int, q4_fields: dict[str, Fields]) -> torch.Tensor:
+    import gguf
+
+    ds, qs = [], []
+    kb = k // 32
+    for kind, raw, n in chunk:
+        e = raw.shape[0]
+        d = q = None
+        if kind == "Q8_0":  # its own codes, unless one is -128 (the AVX2 kernel cannot take it)
+            b = raw.reshape(e, n, kb, 34)
+            q = b[..., 2:].contiguous().view(torch.int8)
+            d = b[..., 0:2].contiguous().view(torch.float16)[..., 0] if int(q.min()) >= -127 else None
+        if d is None:
+            w = np.asarray(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[kind]), dtype=np.float32)
+            d, q = cpu_kernels.quantize_i8(torch.from_numpy(w).reshape(e * n, k))
+            d, q = d.reshape(e, n, kb), q.reshape(e, n, kb, 32)
+        ds.append(d)
+        qs.append(q)
+    q = _rows_to_tiles(torch.cat(qs, 1))  # [e, nt, kb, 16, 32]
+    e, nt = q.shape[:2]
+    q = q.reshape(e, nt, kb, 16, 8, 4).transpose(3, 4)  # [e, nt, kb, group g, row, byte i]
+    sums = q.to(torch.int32).sum((3, 5)).to(torch.int16)  # [e, nt, kb, row]
+    d = _rows_to_tiles(torch.cat(ds, 1))  # [e, nt, kb, 16] f16
+    return torch.cat([q.reshape(e, nt, kb, 512).view(torch.uint8), sums.contiguous().view(torch.uint8).reshape(e, nt, kb, 32),
+                      d.contiguous().view(torch.uint8).reshape(e, nt, kb, 32)], dim=-1)
 
 
 def swap_packed_experts(model: nn.Module, packed: dict[int, dict[str, tuple[str, torch.Tensor]]], isa: str) -> int:
