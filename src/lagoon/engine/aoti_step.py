@@ -89,8 +89,15 @@ class StepModule(nn.Module):
             c.k, c.v = pools
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor the package may ask for, by the name it knows it under (tied weights under each name)."""
-        out = {n: t for n, t in self.named_parameters(remove_duplicate=False)}
+        """Every tensor the package may ask for, by the name it knows it under (tied weights under each
+        name); also plain tensor attributes of modules, which export lifts under their path: bound live
+        like buffers, so an in-place update between steps reaches the package (a saved copy would not)."""
+        out = {}
+        for prefix, mod in self.named_modules(remove_duplicate=False):
+            for k, v in vars(mod).items():
+                if isinstance(v, torch.Tensor) and not k.startswith("__"):
+                    out[f"{prefix}.{k}" if prefix else k] = v
+        out.update(self.named_parameters(remove_duplicate=False))
         out.update(self.named_buffers(remove_duplicate=False))
         return out
 
