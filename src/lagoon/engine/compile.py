@@ -300,7 +300,8 @@ class DecodeStep:
         if backend == "aoti":
             from lagoon.engine.aoti_step import compile_package, load_package
 
-            with _inductor_cache(self.cache_dir.parent / "inductor"), _own_build_dirs(self.cache_dir.parent / "inductor"):
+            root = self.cache_dir.parent / "inductor"
+            with _inductor_cache(root), _own_build_dirs(root, self.entry(b, backend)):
                 compile_package(self.model, self.cache, self.entry(b, backend), batch=b, max_batch=self.max_batch)
             return load_package(self.entry(b, backend), self.model, self.cache)
         tokens, pos = tokens.clone(), pos.clone()  # marks stay off the caller's tensors
@@ -374,15 +375,23 @@ def _remove_entry(entry: Path) -> None:
 
 
 @contextlib.contextmanager
-def _own_build_dirs(root: Path):
-    """Remove the build folders an AOTInductor compile leaves under inductor's cache `root` (the package
-    holds what it needs); inductor's ISA probes and headers (short names) stay for the next compile."""
+def _own_build_dirs(root: Path, package: Path):
+    """Remove the build folder an AOTInductor compile of `package` leaves under inductor's cache `root`
+    (the package holds what it needs): the new folder holding the package's own generated sources, so
+    another process's build in progress is never touched; inductor's ISA probes stay for the next compile."""
+    import zipfile
+
     before = set(os.listdir(root)) if root.is_dir() else set()
     try:
         yield
     finally:
-        for name in set(os.listdir(root)) - before if root.is_dir() else ():
-            if len(name) > 2:
+        try:
+            with zipfile.ZipFile(package) as z:
+                ours = {Path(n).name for n in z.namelist() if n.endswith(".cpp")}
+        except (OSError, zipfile.BadZipFile):
+            ours = set()
+        for name in set(os.listdir(root)) - before if root.is_dir() and ours else ():
+            if any((root / name / f).is_file() for f in ours):
                 shutil.rmtree(root / name, ignore_errors=True)
 
 
