@@ -11,8 +11,8 @@
 //
 // fp32 accumulation, online softmax over tiles of 32 positions; the G query heads of a kv head share
 // each key / value row while it is in L1 (a row is widened to fp32 once). Work items are (sequence,
-// kv head, chunk of positions); long sequences split into chunks whose partial (max, sum, acc) are
-// merged at the end (flash-decoding), so 2+ threads share even a single sequence's 3 kv heads.
+// chunk of positions); long sequences split into chunks whose partial (max, sum, acc) are merged at
+// the end (flash-decoding), so 2+ threads share even a single sequence.
 // `isa` 2 / 1 / 0 compiles the same loops for AVX-512, AVX2 + FMA or the portable target (the
 // caller picks, this file checks the CPU). exp is a polynomial (Cephes' exp2f, ~1e-7 relative).
 #include <ATen/Parallel.h>
@@ -32,7 +32,7 @@ namespace {
 
 constexpr int64_t kTileJ = 32;     // positions per softmax tile
 constexpr int64_t kMaxD = 512;     // head dims up to this (stack buffers)
-constexpr int64_t kMaxG = 64;      // query heads per kv head up to this
+constexpr int64_t kMaxH = 256;     // query heads up to this
 
 bool attn_cpu_has(int64_t isa) {
   if (isa == 2)
@@ -69,11 +69,9 @@ struct Job {
   const int64_t* slots; // [B, S]
   const int64_t* len;   // [B]
   int64_t S, K, G, D, Dv, chunk, nchunk;
-  float* part;          // [B, K, nchunk, G, Dv + 2]: acc, max, sum
+  float* part;          // [B, nchunk, H, Dv + 2]: acc, max, sum
 };
 
-// L floats as one GCC vector: compiled inside the ISA-specific functions below to zmm (AVX-512,
-// L = 16), ymm (AVX2, L = 8) or xmm (portable, L = 4) instructions without intrinsics
 template <int L>
 struct Lanes {
   typedef float f __attribute__((vector_size(4 * L), aligned(4)));
@@ -107,83 +105,100 @@ __attribute__((always_inline)) inline float hsum(Lanes<16>::f v) {
               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
 }
 
-// one (sequence, kv head, chunk): partial softmax state of its G query heads. L > 1: D and Dv are
-// multiples of L (L-float vectors); L = 1: plain loops
+// one (sequence, chunk of positions): partial softmax state of all H query heads. A position's
+// row (every kv head) is read once, in order, and the rows a few positions ahead are prefetched:
+// the pools are far larger than the caches and a step's weights evict them between layers. L > 1:
+// D and Dv are multiples of L (L-float vectors); L = 1: plain loops
 template <typename KV, int L>
 __attribute__((always_inline)) inline void attend_chunk(const Job& job, int64_t item) {
-  const int64_t c = item % job.nchunk, bk = item / job.nchunk, kh = bk % job.K, b = bk / job.K;
-  const int64_t G = job.G, D = job.D, Dv = job.Dv, W = Dv + 2;
-  float* acc = job.part + item * G * W;  // [G, Dv + 2]: acc, then max and sum
+  const int64_t c = item % job.nchunk, b = item / job.nchunk;
+  const int64_t K = job.K, G = job.G, H = K * G, D = job.D, Dv = job.Dv, W = Dv + 2;
+  float* acc = job.part + item * H * W;  // [H, Dv + 2]: acc, then max and sum
   alignas(64) float kf[kMaxD];
-  alignas(64) float s[kMaxG * kTileJ];
-  float m[kMaxG], l[kMaxG];
-  for (int64_t g = 0; g < G; ++g) {
-    m[g] = -std::numeric_limits<float>::infinity();
-    l[g] = 0.f;
-    std::fill(acc + g * W, acc + g * W + Dv, 0.f);
+  alignas(64) float s[kMaxH * kTileJ];
+  float m[kMaxH], l[kMaxH];
+  for (int64_t h = 0; h < H; ++h) {
+    m[h] = -std::numeric_limits<float>::infinity();
+    l[h] = 0.f;
+    std::fill(acc + h * W, acc + h * W + Dv, 0.f);
   }
-  const float* q = job.q + (b * job.K + kh) * G * D;  // the kv head's G query heads are adjacent
-  const KV* kp = static_cast<const KV*>(job.k) + kh * job.k_head;
-  const KV* vp = static_cast<const KV*>(job.v) + kh * job.v_head;
+  const float* q = job.q + b * H * D;  // kv head kh's G query heads are kh·G ..
+  const KV* kp = static_cast<const KV*>(job.k);
+  const KV* vp = static_cast<const KV*>(job.v);
   const int64_t* slot = job.slots + b * job.S;
   const int64_t j0 = c * job.chunk, j1 = std::min(job.len[b], j0 + job.chunk);
+  const int64_t krow = ((K - 1) * job.k_head + D) * int64_t(sizeof(KV));  // bytes of a slot's keys
+  const int64_t vrow = ((K - 1) * job.v_head + Dv) * int64_t(sizeof(KV));
+  constexpr int64_t kAhead = 6;
   for (int64_t t0 = j0; t0 < j1; t0 += kTileJ) {
     const int64_t n = std::min(kTileJ, j1 - t0);
     for (int64_t j = 0; j < n; ++j) {
-      const KV* kr = kp + slot[t0 + j] * job.k_slot;
-      if constexpr (L > 1) {
-        for (int64_t d = 0; d < D; d += L) {
-          const auto x = load<L>(kr + d);
-          std::memcpy(kf + d, &x, sizeof x);
-        }
-        for (int64_t g = 0; g < G; ++g) {
-          auto a = load<L>(q + g * D) * load<L>(kf);
-          for (int64_t d = L; d < D; d += L) a += load<L>(q + g * D + d) * load<L>(kf + d);
-          s[g * kTileJ + j] = hsum(a);
-        }
-      } else {
-        for (int64_t d = 0; d < D; ++d) kf[d] = float(kr[d]);
-        for (int64_t g = 0; g < G; ++g) {
-          float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += q[g * D + d] * kf[d];
-          s[g * kTileJ + j] = dot;
+      if (t0 + j + kAhead < j1) {
+        const char* pk = reinterpret_cast<const char*>(kp + slot[t0 + j + kAhead] * job.k_slot);
+        const char* pv = reinterpret_cast<const char*>(vp + slot[t0 + j + kAhead] * job.v_slot);
+        for (int64_t o = 0; o < krow; o += 64) __builtin_prefetch(pk + o);
+        for (int64_t o = 0; o < vrow; o += 64) __builtin_prefetch(pv + o);
+      }
+      for (int64_t kh = 0; kh < K; ++kh) {
+        const KV* kr = kp + slot[t0 + j] * job.k_slot + kh * job.k_head;
+        const float* qk = q + kh * G * D;
+        float* sk = s + kh * G * kTileJ;
+        if constexpr (L > 1) {
+          for (int64_t d = 0; d < D; d += L) {
+            const auto x = load<L>(kr + d);
+            std::memcpy(kf + d, &x, sizeof x);
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            auto a = load<L>(qk + g * D) * load<L>(kf);
+            for (int64_t d = L; d < D; d += L) a += load<L>(qk + g * D + d) * load<L>(kf + d);
+            sk[g * kTileJ + j] = hsum(a);
+          }
+        } else {
+          for (int64_t d = 0; d < D; ++d) kf[d] = float(kr[d]);
+          for (int64_t g = 0; g < G; ++g) {
+            float dot = 0.f;
+            for (int64_t d = 0; d < D; ++d) dot += qk[g * D + d] * kf[d];
+            sk[g * kTileJ + j] = dot;
+          }
         }
       }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      float* sg = s + g * kTileJ;
-      float mt = m[g];
-      for (int64_t j = 0; j < n; ++j) mt = std::max(mt, sg[j]);
-      const float corr = m[g] == -std::numeric_limits<float>::infinity() ? 0.f : exp_nonpos(m[g] - mt);
-      for (int64_t j = 0; j < n; ++j) sg[j] = exp_nonpos(sg[j] - mt);
+    for (int64_t h = 0; h < H; ++h) {
+      float* sh = s + h * kTileJ;
+      float mt = m[h];
+      for (int64_t j = 0; j < n; ++j) mt = std::max(mt, sh[j]);
+      const float corr = m[h] == -std::numeric_limits<float>::infinity() ? 0.f : exp_nonpos(m[h] - mt);
+      for (int64_t j = 0; j < n; ++j) sh[j] = exp_nonpos(sh[j] - mt);
       float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) sum += sg[j];
-      l[g] = l[g] * corr + sum;
-      m[g] = mt;
+      for (int64_t j = 0; j < n; ++j) sum += sh[j];
+      l[h] = l[h] * corr + sum;
+      m[h] = mt;
       if (corr != 1.f)
-        for (int64_t d = 0; d < Dv; ++d) acc[g * W + d] *= corr;
+        for (int64_t d = 0; d < Dv; ++d) acc[h * W + d] *= corr;
     }
     for (int64_t j = 0; j < n; ++j) {
-      const KV* vr = vp + slot[t0 + j] * job.v_slot;
-      if constexpr (L > 1) {
-        for (int64_t d = 0; d < Dv; d += L) {
-          const auto x = load<L>(vr + d);
-          for (int64_t g = 0; g < G; ++g) {
-            const auto y = load<L>(acc + g * W + d) + s[g * kTileJ + j] * x;
-            std::memcpy(acc + g * W + d, &y, sizeof y);
+      for (int64_t kh = 0; kh < K; ++kh) {
+        const KV* vr = vp + slot[t0 + j] * job.v_slot + kh * job.v_head;
+        if constexpr (L > 1) {
+          for (int64_t d = 0; d < Dv; d += L) {
+            const auto x = load<L>(vr + d);
+            for (int64_t g = kh * G; g < (kh + 1) * G; ++g) {
+              const auto y = load<L>(acc + g * W + d) + s[g * kTileJ + j] * x;
+              std::memcpy(acc + g * W + d, &y, sizeof y);
+            }
           }
-        }
-      } else {
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = s[g * kTileJ + j];
-          for (int64_t d = 0; d < Dv; ++d) acc[g * W + d] += p * float(vr[d]);
+        } else {
+          for (int64_t g = kh * G; g < (kh + 1) * G; ++g) {
+            const float p = s[g * kTileJ + j];
+            for (int64_t d = 0; d < Dv; ++d) acc[g * W + d] += p * float(vr[d]);
+          }
         }
       }
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    acc[g * W + Dv] = m[g];
-    acc[g * W + Dv + 1] = l[g];
+  for (int64_t h = 0; h < H; ++h) {
+    acc[h * W + Dv] = m[h];
+    acc[h * W + Dv + 1] = l[h];
   }
 }
 
@@ -230,7 +245,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), N = k.size(0), K = k.size(1), Dv = v.size(2);
   TORCH_CHECK(k.size(2) == D && v.size(0) == N && v.size(1) == K, op, ": q ", q.sizes(), " does not fit k ", k.sizes(),
               " / v ", v.sizes());
-  TORCH_CHECK(K > 0 && H % K == 0 && H / K <= kMaxG && D <= kMaxD && Dv <= kMaxD, op,
+  TORCH_CHECK(K > 0 && H % K == 0 && H <= kMaxH && D <= kMaxD && Dv <= kMaxD, op,
               ": unsupported heads / dims (H ", H, ", K ", K, ", D ", D, ", Dv ", Dv, ")");
   TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B && slots.scalar_type() == at::kLong, op,
               ": slots must be int64 [B, S], got ", slots.sizes(), " ", slots.scalar_type());
@@ -265,15 +280,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   // one task for short work (a thread's wake-up costs about 64k multiply-adds: measured no faster
   // at 2 threads than at 1 below ~200k); else chunks of >= 64 positions, 4+ tasks a thread
   const int64_t threads = at::get_num_threads();
-  const int64_t total = B * K * G * longest * (D + Dv);
+  const int64_t total = B * H * longest * (D + Dv);
   int64_t nchunk = 1;
   if (threads > 1 && total >= (int64_t(1) << 18))
-    nchunk = std::max<int64_t>(1, std::min((longest + 63) / 64, (4 * threads + B * K - 1) / (B * K)));
+    nchunk = std::max<int64_t>(1, std::min((longest + 63) / 64, (4 * threads + B - 1) / B));
   const int64_t chunk = (longest + nchunk - 1) / nchunk;
-  std::vector<float> part(B * K * nchunk * G * (Dv + 2));
+  std::vector<float> part(B * nchunk * H * (Dv + 2));
   Job job{qf.data(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
           sp, len.data(), S, K, G, D, Dv, chunk, nchunk, part.data()};
-  const int64_t items = B * K * nchunk;
+  const int64_t items = B * nchunk;
   const int64_t grain = total >= (int64_t(1) << 18) ? 1 : items + 1;  // parallel_for runs a range < grain inline
   const bool bf16 = k.scalar_type() == at::kBFloat16;
   at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
@@ -289,8 +304,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   std::vector<float> o(Dv);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
-      const int64_t kh = h / G, g = h % G;
-      auto at_chunk = [&](int64_t c) { return pp + (((b * K + kh) * nchunk + c) * G + g) * (Dv + 2); };
+      auto at_chunk = [&](int64_t c) { return pp + ((b * nchunk + c) * H + h) * (Dv + 2); };
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t c = 0; c < nchunk; ++c)
         if (at_chunk(c)[Dv + 1] > 0.f) mx = std::max(mx, at_chunk(c)[Dv]);
