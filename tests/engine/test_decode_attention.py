@@ -173,3 +173,18 @@ def test_compiled_step_calls_the_kernel_and_matches_eager(tmp_path, monkeypatch,
         assert "lagoon::decode_attention" in read_metadata(step.entry(2))["ops"]
     else:  # an extern kernel call in the saved step
         assert "lagoon.decode_attention" in "\n".join(p.read_text() for p in (tmp_path / "compile").rglob("*.py"))
+
+
+@pytest.mark.parametrize("forced", ["avx2", "default"])
+def test_the_forced_isa_picks_the_attention_variant(monkeypatch, forced):
+    _need(forced)
+    monkeypatch.setenv("LAGOON_CPU_ISA", forced)  # as a CPU without AVX-512 (or AVX2) would choose
+    m = _model(ARGS, torch.bfloat16)
+    cache = make_cache(ARGS, paged=True, max_batch=2, max_seq_len=64, dtype=torch.bfloat16, block_size=8)
+    assert use_native_attention(m, cache) == ARGS.n_layers
+    assert {layer.self_attn.decode_isa for layer in m.layers} == {forced}
+    with torch.no_grad():
+        ref = _decode(_model(ARGS, torch.bfloat16), make_cache(ARGS, paged=True, max_batch=2, max_seq_len=64,
+                                                              dtype=torch.bfloat16, block_size=8), [[5, 6, 7, 8]], 6)
+        got = _decode(m, cache, [[5, 6, 7, 8]], 6)
+    assert float((got - ref).norm() / ref.norm()) <= 2e-2  # bf16, as test_model_decode_on_the_kernel_matches_sdpa
