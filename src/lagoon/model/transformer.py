@@ -9,8 +9,10 @@ Module names follow the HF checkpoints (`embed_tokens`, `layers.N.self_attn.q_pr
 The KV cache is injected: `forward(tokens, input_pos, cache)` where `cache` (see
 `lagoon.engine.kv_cache`) has been `prepare`d for this step and each attention layer calls
 `cache.update(layer, k, v) -> (k_all, v_all, mask)`; key j of what it returns is absolute position
-j, so a sliding-window layer narrows the mask itself and every cache serves it unchanged. Without a
-cache the layer attends causally within `tokens` only. The model never branches on quantization,
+j, so a sliding-window layer narrows the mask itself and every cache serves it unchanged. A layer
+switched from outside (`decode_isa`, `lagoon.engine.kv_cache.use_native_attention`) decodes (T = 1)
+through `cache.attend(layer, q, k, v, positions, isa)` instead: write, then Lagoon's attention kernel
+over the cache in place. Without a cache the layer attends causally within `tokens` only. The model never branches on quantization,
 offloading or compile; those swap modules from outside.
 
 Shapes: B = batch, T = new tokens, S = attended keys, H = heads, K = kv heads, D = head dim,
