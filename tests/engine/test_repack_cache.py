@@ -22,6 +22,9 @@ from lagoon.engine.repack_cache import entry_path
 sys.path.insert(0, str(Path(__file__).parent))
 from test_gguf_blocks import MIXED, _write_gguf  # noqa: E402
 
+FUSABLE = {"attn_q": "Q4_K", "attn_k": "Q4_0", "attn_v": "Q4_K", "attn_output": "Q5_0",  # q/k/v, gate/up: 4-bit
+           "ffn_gate": "Q4_0", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
+
 
 @pytest.fixture
 def gguf_file(tmp_path, monkeypatch):
@@ -69,8 +72,13 @@ def test_a_hit_equals_a_fresh_load_without_reading_the_gguf(gguf_file, monkeypat
     _assert_identical(fresh, load_gguf(gguf_file, "native"))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "format", "missing-tensor"])
-def test_a_corrupt_entry_is_logged_and_rebuilt(gguf_file, caplog, damage):
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "format", "missing-tensor", "missing-joined"])
+def test_a_corrupt_entry_is_logged_and_rebuilt(gguf_file, caplog, damage, tmp_path):
+    if damage == "missing-joined":  # an entry holding joined q/k/v (`fuse_projections`) loses them
+        if kernel_plan().q4_isa is None:
+            pytest.skip("Lagoon's 4-bit kernel is not built here: nothing is joined")
+        gguf_file = tmp_path / "fusable.gguf"
+        _write_gguf(gguf_file, FUSABLE, seed=9)
     fresh = load_gguf(gguf_file, "native")
     entry = entry_path(gguf_file, kernel_plan())
     data = entry.read_bytes()
@@ -88,7 +96,8 @@ def test_a_corrupt_entry_is_logged_and_rebuilt(gguf_file, caplog, damage):
         if damage == "format":
             meta["format"] = 0
         else:
-            header["renamed"] = header.pop("layers.0.self_attn.q_proj.packed")
+            lost = "qkv_proj" if damage == "missing-joined" else "q_proj"
+            header["renamed"] = header.pop(f"layers.0.self_attn.{lost}.packed")
         header["__metadata__"]["lagoon.repack"] = json.dumps(meta)
         blob = json.dumps(header).encode()
         blob += b" " * (-(8 + len(blob)) % 64)
@@ -211,3 +220,54 @@ def test_model_args_round_trip_through_the_entry_metadata(tmp_path, family):
     args = ModelArgs.from_folder(tmp_path / "m")
     back = _decode(json.loads(json.dumps(_encode(args))))
     assert back == args and back.extra == args.extra and back.layers == args.layers
+
+
+
+def test_a_fused_model_is_cached_fused_and_mapped_without_joining_again(gguf_file, monkeypatch, tmp_path):
+    """q/k/v and gate/up joined at load (`fuse_projections`) are stored joined: a hit maps the joined
+    tiles and dense copies from the entry (no `torch.cat`, no fusing again), equals the fresh load
+    bit for bit, and hashes to the same compiled-step key."""
+    if kernel_plan().q4_isa is None:
+        pytest.skip("Lagoon's 4-bit kernel is not built here: nothing is joined")
+    from lagoon.engine import gguf_linear
+    from lagoon.engine.compile import compile_key
+
+    path = tmp_path / "fusable.gguf"
+    _write_gguf(path, FUSABLE, seed=8)
+    fresh = load_gguf(path, "native")
+    attn, mlp = fresh.layers[0].self_attn, fresh.layers[0].mlp
+    assert isinstance(attn.qkv_proj, Q4ActLinear) and isinstance(mlp.gate_up_proj, Q4ActLinear)
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "gate_proj")
+    entry = entry_path(path, kernel_plan())
+    assert "layers.0.self_attn.qkv_proj.packed" in checkpoint.read_safetensors(entry)
+
+    def refused(*a, **k):
+        raise AssertionError("a cache hit joined the projections again")
+
+    monkeypatch.setattr(gguf_linear, "fuse_projections", refused)
+    monkeypatch.setattr(gguf_linear, "_fused", refused)
+    real_cat = torch.cat
+    cats = []
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or real_cat(*a, **k))
+    hit = load_gguf(path, "native")
+    monkeypatch.setattr(torch, "cat", real_cat)
+    assert not cats
+    for got in (hit.layers[0].self_attn.qkv_proj, hit.layers[0].mlp.gate_up_proj):
+        assert isinstance(got, Q4ActLinear) and got.dense is not None
+        assert _mapped(got.packed, entry) and _mapped(got.dense, entry)  # the memory map, not a copy
+    assert not hasattr(hit.layers[0].self_attn, "q_proj") and not hasattr(hit.layers[0].mlp, "up_proj")
+    _assert_identical(fresh, hit)
+    device = torch.device("cpu")
+    assert compile_key(hit, device) == compile_key(fresh, device)  # the compiled step is not compiled again
+
+
+def _mapped(t, entry):
+    """`t`'s data lies inside a memory map of `entry` (/proc/self/maps), not in a copy."""
+    ptr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(entry.resolve()):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False

@@ -397,7 +397,7 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
 
         cached = load_cached(path, plan)
         if cached is not None:
-            return _fuse(cached)
+            return cached  # stored joined (below): mapped as it is, no torch.cat of every q/k/v again
     reader = open_gguf(path)
     args = gguf_args(reader)
     state: dict[str, torch.Tensor] = {}
@@ -491,8 +491,8 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
     if native:
         from lagoon.engine.repack_cache import store
 
+        model = _fuse(model)  # before the repack cache: a warm start maps the joined linears
         store(path, plan, model)
-        model = _fuse(model)  # after the repack cache took the separate linears
     return model
 
 

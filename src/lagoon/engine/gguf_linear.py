@@ -31,7 +31,8 @@ from torch import nn
 
 from lagoon.quant.int8 import int8pack_fits, quantize_per_channel_int8
 
-__all__ = ["Q4ActLinear", "Q4_1Linear", "Q8Linear", "Int8Linear", "Q8ActLinear", "swap_q4_1", "swap_q8", "swap_int8", "GROUP"]
+__all__ = ["Q4ActLinear", "Q4_1Linear", "Q8Linear", "Int8Linear", "Q8ActLinear", "swap_q4_1", "swap_q8", "swap_int8", "GROUP",
+           "FUSED", "fuse_projections", "install_fused"]
 
 GROUP = 32
 PREFILL_MIN_M = 16
@@ -349,6 +350,11 @@ def swap_int8(model: nn.Module, weights: dict[str, torch.Tensor], dense: torch.d
     return n
 
 
+FUSED: dict[str, tuple[str, ...]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+"""The model's joined linears (attributes of its attention / MLP, None until set) -> the linears each
+joins, in row order."""
+
+
 def _fused(parts: list[nn.Module]) -> Q4ActLinear | None:
     """One `Q4ActLinear` whose rows are `parts`' rows in order, or None when they cannot share one:
     not all Lagoon-kernel 4-bit linears, a bias, different inputs or kernels, a part whose rows end
@@ -374,16 +380,23 @@ def fuse_projections(model: nn.Module) -> int:
     and two. Exact: the kernel gives each output row what it gives alone (tests). Returns how many
     were joined; the separate linears are removed so nothing holds their bytes twice."""
     n = 0
-    for module in model.modules():
-        for names, target in ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj")):
+    for module in list(model.modules()):
+        for target, names in FUSED.items():
             if not hasattr(module, target) or getattr(module, target) is not None:
                 continue
             parts = [getattr(module, a, None) for a in names]
             fused = None if None in parts else _fused(parts)
             if fused is None:
                 continue
-            setattr(module, target, fused)
-            for a in names:
-                delattr(module, a)
+            install_fused(module, target, fused)
             n += 1
     return n
+
+
+def install_fused(module: nn.Module, target: str, fused: nn.Module) -> None:
+    """Put `fused` in `module` as `target` (a key of `FUSED`) and remove the linears it joins. One
+    place for both a fresh fusion and the repack cache's rebuild of one, so both give the same module
+    order (the compiled step's cache key hashes the module names in order)."""
+    setattr(module, target, fused)
+    for a in FUSED[target]:
+        delattr(module, a)

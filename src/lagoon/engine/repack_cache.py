@@ -11,7 +11,8 @@ the older ones of its slot and those whose GGUF is gone. An entry holds the mode
 (`cpu_kernels.Q4_LAYOUT`, in the key), Q8_0's two nibble planes, int8 weights with
 their scales, biases, the bf16 embedding and norms) plus the dense prefill copies, every tensor
 64-byte aligned, and in its metadata the `ModelArgs` (JSON), the GGUF's path and which linears are
-low-bit. Writes are atomic (`lagoon.atomic`); a failed write is logged and the load goes on.
+low-bit. Joined q/k/v and gate/up (`gguf_linear.fuse_projections`, run before `store`) are stored
+joined, so a warm start maps them as they are instead of concatenating every projection again. Writes are atomic (`lagoon.atomic`); a failed write is logged and the load goes on.
 
 On load the entry is checked before anything is built: the safetensors header (truncation, offsets,
 shapes, via `checkpoint._check_safetensors`), the format and key it records, and that every tensor
@@ -40,7 +41,15 @@ from torch import nn
 from lagoon.atomic import atomic_path
 from lagoon.cache_dir import cache_root
 from lagoon.engine.cpu_kernels import Q4_LAYOUT
-from lagoon.engine.gguf_linear import Int8Linear, Q4_1Linear, Q4ActLinear, Q8ActLinear, Q8Linear
+from lagoon.engine.gguf_linear import (
+    FUSED,
+    Int8Linear,
+    Q4_1Linear,
+    Q4ActLinear,
+    Q8ActLinear,
+    Q8Linear,
+    install_fused,
+)
 from lagoon.engine.kernels import DENSE_PREFILL_MAX_BYTES, KernelPlan
 from lagoon.engine.packed_experts import LAYOUTS, PackedExperts
 from lagoon.model.args import LayerSpec, ModelArgs
@@ -52,7 +61,8 @@ __all__ = ["REPACK_FORMAT", "entry_path", "load_cached", "store", "repack_cache_
 
 log = logging.getLogger("lagoon.engine.checkpoint")
 
-REPACK_FORMAT = 4  # 4: an MoE GGUF's packed experts (engine.packed_experts); 3's entries hold them as bf16
+REPACK_FORMAT = 5  # 5: joined q/k/v and gate/up (`gguf_linear.FUSED`), 4's entries hold them apart;
+# 4: an MoE GGUF's packed experts (engine.packed_experts), 3's entries hold them as bf16
 _ALIGN = 64
 _PAD = "__pad"
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
@@ -111,24 +121,41 @@ def _decode(v: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ store
+def _joined(plain: dict[str, nn.Module], name: str) -> list[str] | None:
+    """The names of the plain model's linears that `name` joins when it is one of the model's
+    `FUSED` linears (an attribute the plain model leaves None); else None."""
+    parent, _, leaf = name.rpartition(".")
+    owner = plain.get(parent)
+    if leaf not in FUSED or owner is None or not hasattr(owner, leaf) or getattr(owner, leaf) is not None:
+        return None
+    parts = [f"{parent}.{a}" if parent else a for a in FUSED[leaf]]
+    return parts if all(isinstance(plain.get(p), nn.Linear) for p in parts) else None
+
+
 def _swaps(model: nn.Module) -> dict[str, str] | None:
-    """{module name: 'q4' | 'q8' | 'int8' | 'experts:<gate_up layout>:<down layout>'} for each
-    `gguf_linear` swap and `PackedExperts`, or None when the cache could not rebuild `model`: a module
-    that is neither the plain `Transformer`'s own nor such a swap, or a tensor outside the plain model's
-    state and the swaps' buffers (say, one a loader attached)."""
+    """{module name: 'q4' | 'q4x' | 'q8' | 'q8x' | 'int8' | 'experts:<gate_up layout>:<down layout>'}
+    for each `gguf_linear` swap, joined q/k/v or gate/up (`gguf_linear.FUSED`, always 'q4x') and
+    `PackedExperts`, or None when the cache could not rebuild `model`: a module that is neither the
+    plain `Transformer`'s own nor such a swap, or a tensor outside the plain model's state and the
+    swaps' buffers (say, one a loader attached)."""
     with torch.device("meta"):
         fresh = Transformer(model.args)
     plain = dict(fresh.named_modules())
     swaps: dict[str, str] = {}
+    replaced: set[str] = set()  # the plain linears a joined one stands for
     for name, mod in model.named_modules():
         ref = plain.get(name)
         if type(mod) in _KINDS and isinstance(ref, nn.Linear):
             swaps[name] = _KINDS[type(mod)]
         elif isinstance(mod, PackedExperts) and isinstance(ref, StackedExperts):
             swaps[name] = f"experts:{mod.layouts['gate_up']}:{mod.layouts['down']}"
+        elif ref is None and type(mod) is Q4ActLinear and (parts := _joined(plain, name)) is not None:
+            swaps[name] = "q4x"
+            replaced.update(parts)
         elif ref is None or type(ref) is not type(mod):
             return None
-    expected = {k for k in fresh.state_dict() if k.rpartition(".")[0] not in swaps}
+    gone = swaps.keys() | replaced
+    expected = {k for k in fresh.state_dict() if k.rpartition(".")[0] not in gone}
     for name in swaps:
         expected |= {f"{name}.{b}" for b in model.get_submodule(name).state_dict()}
     return swaps if set(model.state_dict()) == expected else None
@@ -256,14 +283,25 @@ def _rebuild(entry: Path, plan: KernelPlan) -> Transformer:
     with torch.device("meta"):
         plain = dict(Transformer(args).named_modules())
     experts: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[str, str], dict[str, torch.Tensor | None]]] = {}
+    joined: set[str] = set()
     for name, kind in swaps.items():
         ref = plain.get(name)
         if kind.startswith("experts:") and isinstance(ref, StackedExperts):
             experts[name] = _packed_experts(state, name, kind, ref, plan)
             continue
-        if not isinstance(ref, nn.Linear) or kind not in _KINDS.values():
+        parts = _joined(plain, name) if ref is None else None
+        if parts is not None and kind == "q4x":  # joined q/k/v or gate/up: rows of each part in order
+            N, K = sum(plain[p].out_features for p in parts), plain[parts[0]].in_features
+            if any(plain[p].in_features != K for p in parts):
+                raise _Stale(f"it joins {name!r} from linears of different inputs")
+            for p in parts:  # the plain linears' parameters: placeholders, removed by install_fused
+                for leaf, t in plain[p].named_parameters():
+                    state[f"{p}.{leaf}"] = torch.empty(t.shape, dtype=torch.bfloat16, device="meta")
+            joined.add(name)
+        elif not isinstance(ref, nn.Linear) or kind not in _KINDS.values():
             raise _Stale(f"it swaps {name!r} ({kind}), which the model has no linear for")
-        N, K = ref.out_features, ref.in_features
+        else:
+            N, K = ref.out_features, ref.in_features
         dense = state.pop(f"{name}.dense", None)
         if dense is not None and tuple(dense.shape) != (N, K):
             raise _Stale(f"{name}.dense has shape {tuple(dense.shape)}, not {(N, K)}")
@@ -292,12 +330,17 @@ def _rebuild(entry: Path, plan: KernelPlan) -> Transformer:
             if tuple(qweight.shape) != (N, K) or tuple(scale.shape) != (N,):
                 raise _Stale(f"{name} holds int8 weights of shape {tuple(qweight.shape)}, not {(N, K)}")
             layers[name] = Int8Linear.from_buffers(qweight, scale, dense)
+        if name in joined:  # never biased (`gguf_linear._fused`); the plain model has no such linear
+            continue
         layers[name].bias = state.get(f"{name}.bias")  # also loaded into the plain linear, then dropped
         state[f"{name}.weight"] = torch.empty((N, K), dtype=torch.bfloat16, device="meta")  # swapped out below
     model = _assemble(args, state, "native", source=str(entry), native=torch.bfloat16)
     for name, layer in layers.items():
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, layer)
+        if name in joined:  # as `fuse_projections` does it: the same modules in the same order
+            install_fused(model.get_submodule(parent), leaf, layer)
+        else:
+            setattr(model.get_submodule(parent), leaf, layer)
     for name, (gate_up, down, layouts, bias) in experts.items():
         parent, _, leaf = name.rpartition(".")
         old = model.get_submodule(name)  # the float experts, on meta: their GLU and sizes
