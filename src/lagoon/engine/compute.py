@@ -17,10 +17,16 @@ A tick is one scheduler step; ticks of several engines (a router's two local mod
 Calls made from the compute thread itself run inline. A caller on the compute thread must never
 wait for a tick's result (it would wait for itself); `on_thread()` lets the engine refuse that
 with an error. This module is *not* a scheduler (see `lagoon.engine.generate`).
+
+At interpreter exit (`atexit`) the loop is stopped and joined after the tick it is in: a daemon thread
+still inside a torch op when Python finalizes is killed by `pthread_exit` while a C++ frame is on its
+stack (torch's bindings release the GIL), which aborts the process with "terminate called without an
+active exception" and exit status 134 (tests/engine/test_compute.py).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from collections import deque
@@ -36,6 +42,7 @@ log = logging.getLogger("lagoon.engine")
 T = TypeVar("T")
 
 _IDLE_S = 0.05  # how long an idle loop sleeps before polling its ticks again
+_EXIT_JOIN_S = 60.0  # at exit, how long to wait for the step (or a compile) in progress
 
 
 class _ComputeThread:
@@ -45,6 +52,7 @@ class _ComputeThread:
         self._ticks: list[Callable[[], bool]] = []
         self._thread: threading.Thread | None = None
         self._woken = False  # a wake() since the loop last looked: do not idle
+        self._stopping = False  # set at interpreter exit: the loop returns after its current tick
 
     def _ensure(self) -> threading.Thread:
         with self._cv:
@@ -57,7 +65,7 @@ class _ComputeThread:
         return self._thread is not None and threading.current_thread() is self._thread
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if self.on_thread():
+        if self.on_thread() or self._stopping:  # stopping: an exit handler's call runs on its own thread
             return fn(*args, **kwargs)
         fut: Future = Future()
         with self._cv:
@@ -85,9 +93,20 @@ class _ComputeThread:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def stop(self) -> None:
+        """End the loop after the tick or task in progress and wait for it (at exit)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_EXIT_JOIN_S)
+
     def _run(self) -> None:
         while True:
             with self._cv:
+                if self._stopping:
+                    return
                 tasks, self._tasks = list(self._tasks), deque()
                 ticks = list(self._ticks)
                 self._woken = False
@@ -112,6 +131,7 @@ class _ComputeThread:
 
 
 _compute = _ComputeThread()
+atexit.register(_compute.stop)
 call = _compute.call
 attach = _compute.attach
 detach = _compute.detach
