@@ -30,7 +30,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lagoon.engine.gguf_blocks import INT8_KINDS, dequant_q4_k, q4_k_fields, q8_0_fields
+from lagoon.engine.gguf_blocks import (  # noqa: F401 (the decoders are imported from here too)
+    INT8_KINDS,
+    dequant_q4_0,
+    dequant_q4_1,
+    dequant_q4_k,
+    dequant_q8_0,
+    q4_0_fields,
+    q4_1_fields,
+    q4_k_fields,
+    q8_0_fields,
+)
 from lagoon.engine.kernels import DENSE_PREFILL_MAX_BYTES, KernelPlan, kernel_plan
 from lagoon.engine.mxfp4 import dequant_mxfp4_ggml
 from lagoon.errors import CheckpointError, UnsupportedModelError
@@ -298,45 +308,6 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     # llama.cpp's converter interleaves each head's two RoPE halves: [h, 2, D/2, M] -> [h, D/2, 2, M]
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
-    """GGUF Q8_0: blocks of 34 bytes = f16 scale d + 32 int8 q; w = d·q. raw [bytes] uint8 → [N] f32."""
-    b = raw.view(-1, 34)
-    d = b[:, :2].contiguous().view(torch.float16).float()  # [nb, 1]
-    q = b[:, 2:].contiguous().view(torch.int8).float()  # [nb, 32]
-    return (d * q).reshape(-1)
-
-
-def q4_1_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GGUF Q4_1 blocks of 20 bytes = f16 d, f16 m, 16 bytes of nibbles (low nibbles are values
-    0..15, high nibbles 16..31) → d [nb, 1], m [nb, 1], q [nb, 32] uint8 in 0..15."""
-    b = raw.view(-1, 20)
-    d = b[:, 0:2].contiguous().view(torch.float16).float()
-    m = b[:, 2:4].contiguous().view(torch.float16).float()
-    packed = b[:, 4:]
-    q = torch.cat([packed & 0x0F, packed >> 4], dim=1)  # [nb, 32]
-    return d, m, q
-
-
-def dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
-    d, m, q = q4_1_fields(raw)
-    return (d * q.float() + m).reshape(-1)
-
-
-def q4_0_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GGUF Q4_0 blocks of 18 bytes = f16 d, 16 bytes of nibbles; w = d·(q − 8), returned in Q4_1's
-    form d [nb, 1], m = −8·d [nb, 1], q [nb, 32] uint8 in 0..15."""
-    b = raw.view(-1, 18)
-    d = b[:, 0:2].contiguous().view(torch.float16).float()
-    packed = b[:, 2:]
-    q = torch.cat([packed & 0x0F, packed >> 4], dim=1)  # [nb, 32]
-    return d, -8.0 * d, q
-
-
-def dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
-    d, m, q = q4_0_fields(raw)
-    return (d * q.float() + m).reshape(-1)
 
 
 _DEQUANT = {"Q8_0": dequant_q8_0, "Q4_1": dequant_q4_1, "Q4_0": dequant_q4_0, "Q4_K": dequant_q4_k,

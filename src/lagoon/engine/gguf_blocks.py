@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["q4_k_fields", "dequant_q4_k", "q8_0_fields", "INT8_KINDS", "QK_K"]
+__all__ = ["q4_k_fields", "dequant_q4_k", "q8_0_fields", "INT8_KINDS", "QK_K", "q4_0_fields", "q4_1_fields",
+           "dequant_q4_0", "dequant_q4_1", "dequant_q8_0"]
 
 QK_K = 256
 _Q4_K_BYTES = 2 + 2 + 12 + QK_K // 2  # f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
@@ -73,3 +74,42 @@ def q8_0_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     b = raw.view(-1, 34)
     d = _f16(b[:, 0:2])
     return d, torch.zeros_like(d), b[:, 2:].contiguous().view(torch.int8)
+
+
+def dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0: blocks of 34 bytes = f16 scale d + 32 int8 q; w = d·q. raw [bytes] uint8 → [N] f32."""
+    b = raw.view(-1, 34)
+    d = b[:, :2].contiguous().view(torch.float16).float()  # [nb, 1]
+    q = b[:, 2:].contiguous().view(torch.int8).float()  # [nb, 32]
+    return (d * q).reshape(-1)
+
+
+def q4_1_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1 blocks of 20 bytes = f16 d, f16 m, 16 bytes of nibbles (low nibbles are values
+    0..15, high nibbles 16..31) → d [nb, 1], m [nb, 1], q [nb, 32] uint8 in 0..15."""
+    b = raw.view(-1, 20)
+    d = b[:, 0:2].contiguous().view(torch.float16).float()
+    m = b[:, 2:4].contiguous().view(torch.float16).float()
+    packed = b[:, 4:]
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=1)  # [nb, 32]
+    return d, m, q
+
+
+def dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    d, m, q = q4_1_fields(raw)
+    return (d * q.float() + m).reshape(-1)
+
+
+def q4_0_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_0 blocks of 18 bytes = f16 d, 16 bytes of nibbles; w = d·(q − 8), returned in Q4_1's
+    form d [nb, 1], m = −8·d [nb, 1], q [nb, 32] uint8 in 0..15."""
+    b = raw.view(-1, 18)
+    d = b[:, 0:2].contiguous().view(torch.float16).float()
+    packed = b[:, 2:]
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=1)  # [nb, 32]
+    return d, -8.0 * d, q
+
+
+def dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
+    d, m, q = q4_0_fields(raw)
+    return (d * q.float() + m).reshape(-1)
