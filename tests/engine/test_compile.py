@@ -29,15 +29,19 @@ def _model() -> Transformer:
     return m
 
 
-def _run(step: DecodeStep, cache, prompts: list[list[int]], n_steps: int) -> torch.Tensor:
-    """Prefill each prompt eagerly, then decode all together with `step`; logits [steps, B, V]."""
-    m = step.model
+def prefill_each(m, cache, prompts: list[list[int]], n_steps: int) -> None:
+    """Allocate each prompt (room for `n_steps` more) and prefill it eagerly, one sequence at a time."""
     for sid, ids in enumerate(prompts):
         cache.allocate(sid, ids)
         cache.ensure(sid, len(ids) + n_steps)
         pos = torch.arange(len(ids))[None]
         cache.prepare([sid], pos)
         m(torch.tensor([ids]), pos, cache)
+
+
+def _run(step: DecodeStep, cache, prompts: list[list[int]], n_steps: int) -> torch.Tensor:
+    """Prefill each prompt eagerly, then decode all together with `step`; logits [steps, B, V]."""
+    prefill_each(step.model, cache, prompts, n_steps)
     out, last = [], [ids[-1] for ids in prompts]
     lens = [len(ids) for ids in prompts]
     for i in range(n_steps):

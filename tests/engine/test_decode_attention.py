@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_compile import prefill_each  # the same eager prefill as the compiled-step tests
 
 from lagoon.engine import cpu_kernels
 from lagoon.engine.aoti_step import read_metadata
@@ -87,12 +88,7 @@ def _model(args: ModelArgs, dtype: torch.dtype) -> Transformer:
 def _decode(m, cache, prompts: list[list[int]], n_steps: int, step: DecodeStep | None = None) -> torch.Tensor:
     """Prefill each prompt, then decode all together, feeding back token (step · 7 + row) % 13 (the
     same path for both sides, whatever their near-ties); logits [steps, B, V]."""
-    for sid, ids in enumerate(prompts):
-        cache.allocate(sid, ids)
-        cache.ensure(sid, len(ids) + n_steps)
-        pos = torch.arange(len(ids))[None]
-        cache.prepare([sid], pos)
-        m(torch.tensor([ids]), pos, cache)
+    prefill_each(m, cache, prompts, n_steps)
     out, last, lens = [], [ids[-1] for ids in prompts], [len(ids) for ids in prompts]
     for i in range(n_steps):
         tokens, pos = torch.tensor([[t] for t in last]), torch.tensor([[n + i] for n in lens])
