@@ -47,6 +47,11 @@ __all__ = ["PackagedStep", "StepModule", "compile_package", "constants_path", "l
 # inductor / AOTInductor settings of every package (also hashed into the cache key by `compile`)
 AOTI_OPTIONS: dict = {
     "aot_inductor.package_constants_in_so": False,  # the model's tensors are given at load (user-managed)
+    # ... and live: their values at compile time must not be baked into the code. By default inductor
+    # inlines a 0-d or a 1-D tensor of <= 8 values as literals (`GraphLowering.get_attr`): an MoE router's
+    # window share, quarantine mask and bias over <= 8 experts (zeros at compile time, updated in place
+    # between steps) were baked as zeros, so a package ignored the load penalty and quarantine
+    "always_keep_tensor_constants": True,
     "emulate_precision_casts": True,  # round bf16 intermediates where eager does (greedy tokens match)
     "fx_graph_cache": False,  # the package is the cache; the constants capture needs a real codegen
 }

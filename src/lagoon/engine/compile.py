@@ -12,7 +12,7 @@ The model stays the plain `Transformer`; this module compiles its forward for T 
 - on CPU each graph is an AOTInductor package (`lagoon.engine.aoti_step`: exported non-strict,
   loaded by torch's C++ loader with the model's tensors as user-managed constants, ~0.01 s, no
   torch._dynamo / torch._inductor import on a warm start; Lagoon's kernels run through its proxy
-  executor); on CUDA (CUDA graphs), for MoE models (their static path), and where a package cannot
+  executor; MoE models too, through their static path); on CUDA (CUDA graphs) and where a package cannot
   be built, dynamo's ahead-of-time artefact (`torch.compile(...).aot_compile`: guards, bytecode and
   inductor's code, with the model and cache as arguments; loading it imports dynamo and inductor,
   ~1.8 s). `LAGOON_COMPILE_BACKEND=aoti|dynamo` forces one;
@@ -245,7 +245,7 @@ class DecodeStep:
 
     def _ready(self, b: int, seq_ids, tokens, pos) -> Callable | None:
         """Load bucket `b`'s graph from the cache, else compile and save it (an AOTInductor package
-        on CPU; dynamo's artefact on CUDA, for MoE models, or when the package cannot be built);
+        on CPU; dynamo's artefact on CUDA or when the package cannot be built);
         None (and eager from then on, with the reason logged) when nothing works."""
         fn, t0 = None, time.perf_counter()
         for backend in (self.backend, "dynamo") if self.backend == "aoti" else (self.backend,):
@@ -355,17 +355,14 @@ BACKENDS = ("aoti", "dynamo")
 
 
 def _default_backend(model: torch.nn.Module, device: torch.device) -> str:
-    """AOTInductor on CPU (no dynamo / inductor import on a warm start); dynamo on CUDA (CUDA graphs)
-    and for MoE models (their static path is compiled and tested through dynamo). `LAGOON_COMPILE_BACKEND`
-    forces one (benchmarks compare them)."""
+    """AOTInductor on CPU, MoE models included (no dynamo / inductor import on a warm start); dynamo on
+    CUDA (CUDA graphs). `LAGOON_COMPILE_BACKEND` forces one (benchmarks compare them)."""
     forced = os.environ.get("LAGOON_COMPILE_BACKEND", "").strip().lower()
     if forced:
         if forced not in BACKENDS:
             raise ConfigError(f"LAGOON_COMPILE_BACKEND={forced!r} is unknown; use one of {', '.join(BACKENDS)} or unset it")
         return forced
-    if device.type != "cpu" or any(hasattr(m, "static_path") for m in model.modules()):
-        return "dynamo"
-    return "aoti"
+    return "aoti" if device.type == "cpu" else "dynamo"
 
 
 def _remove_entry(entry: Path) -> None:
