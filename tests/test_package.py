@@ -18,9 +18,10 @@ runner = CliRunner()
 def test_all_is_complete_and_importable():
     exported = set(lagoon.__all__)
     public = {n for n, v in vars(lagoon).items() if not n.startswith("_") and not inspect.ismodule(v)}
-    assert public <= exported | {"version", "PackageNotFoundError"}
+    assert public <= exported
     for name in exported:
         assert hasattr(lagoon, name), name
+    assert set(exported) <= set(dir(lagoon))
     assert all(getattr(lagoon, e) is getattr(errors, e) for e in errors.__all__), "every error is exported"
 
 
@@ -28,6 +29,19 @@ def test_import_lagoon_does_not_import_torch():
     code = "import sys, lagoon, lagoon.cli.app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_import_lagoon_defers_config_telemetry_and_metadata():
+    """`import lagoon` imports neither pydantic's config, prometheus_client nor importlib.metadata;
+    their public names import them on first use."""
+    heavy = ("lagoon.config", "lagoon.telemetry", "prometheus_client", "importlib.metadata", "pydantic")
+    code = f"import sys, lagoon; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    code = "import lagoon, lagoon.config, lagoon.telemetry; print(lagoon.LagoonConfig is lagoon.config.LagoonConfig, " \
+           "lagoon.Telemetry is lagoon.telemetry.Telemetry, lagoon.load_config is lagoon.config.load_config)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True"] * 3
 
 
 def test_error_tree_docstring_lists_every_error_and_split_is_right():

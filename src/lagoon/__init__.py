@@ -3,45 +3,66 @@ and task-suite evaluation.
 
 The names below are the public API; anything else is internal. Torch-backed parts
 (`lagoon.moe`, `lagoon.engine`, `lagoon.quant`) are imported from their packages, so importing
-`lagoon` itself stays light.
+`lagoon` itself stays light: the config, telemetry (prometheus_client) and `__version__`
+(importlib.metadata) are imported on first use of their names (PEP 562), the errors and protocols now.
 """
 
-# ruff: noqa: E402 - the imports below come after gc.freeze() on purpose
-import gc
-from importlib.metadata import PackageNotFoundError, version
+import importlib
+import typing
 
-# Everything alive now (torch's ~1M objects when the caller imported torch first, as the engine's users
-# do) is moved out of the collector's reach: the imports below (pydantic's config classes, the engine)
-# otherwise pay full collections that rescan torch (~0.25 s of CPU of a warm start). Those objects are
-# module-level state that lives as long as the process anyway.
-gc.freeze()
+from lagoon.gc_pause import paused as _paused
 
-from lagoon import errors as _errors
-from lagoon.config import LagoonConfig, load_config
-from lagoon.errors import *  # noqa: F403  (the error tree: listed once, in errors.__all__)
-from lagoon.protocols import (
-    ChatMessage,
-    ChatModel,
-    ChatResponse,
-    Classification,
-    Classifier,
-    CommandResult,
-    Environment,
-    Retriever,
-    SessionLog,
-    TaskType,
-    ToolCall,
-    ToolSpec,
-    Usage,
-)
-from lagoon.telemetry import Telemetry
+# Imported with the collector paused, then frozen (`lagoon.gc_pause`): what is alive by then (torch's
+# ~1M objects when the caller imported torch first) is module-level state that lives as long as the
+# process; full collections would otherwise rescan it (~0.25 s of CPU of a warm start).
+with _paused():
+    from lagoon import errors as _errors
+    from lagoon.errors import *  # noqa: F403  (the error tree: listed once, in errors.__all__)
+    from lagoon.protocols import (
+        ChatMessage,
+        ChatModel,
+        ChatResponse,
+        Classification,
+        Classifier,
+        CommandResult,
+        Environment,
+        Retriever,
+        SessionLog,
+        TaskType,
+        ToolCall,
+        ToolSpec,
+        Usage,
+    )
 
-try:
-    __version__ = version("lagoon-agent")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0"
+if typing.TYPE_CHECKING:
+    from lagoon.config import LagoonConfig, load_config
+    from lagoon.telemetry import Telemetry
 
-__all__ = [
+_LAZY = {"LagoonConfig": "lagoon.config", "load_config": "lagoon.config", "Telemetry": "lagoon.telemetry"}
+
+
+def __getattr__(name: str) -> typing.Any:
+    """The public names whose modules are heavier than `lagoon` itself, imported on first use."""
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("lagoon-agent")
+        except PackageNotFoundError:  # running from a source tree without install
+            value = "0.0.0"
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    else:
+        raise AttributeError(f"module 'lagoon' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, "__version__"})
+
+
+__all__ = [  # noqa: F405 - __version__ and the lazy names come from __getattr__
     "__version__",
     # config
     "LagoonConfig",
