@@ -15,7 +15,7 @@ import jinja2
 import pytest
 
 from lagoon.engine.chat_template import ChatTemplate
-from lagoon.engine.fast_tokenizer import RECORD, FastTokenizer, read_record
+from lagoon.engine.fast_tokenizer import RECORD, FastTokenizer, read_record, write_record
 from lagoon.engine.tiny import byte_tokenizer
 from lagoon.engine.tokenizer import ChatFormat, _cached_tokenizer, gguf_tokenizer_folder, load_tokenizer
 
@@ -98,7 +98,7 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "Héllo wörld — 你好 🙂 \u
 
 
 def test_embedded_record_encodes_and_decodes_as_transformers(embedded):
-    fast, hf, _ = embedded
+    fast, hf, path = embedded
     assert isinstance(fast, FastTokenizer)
     rng = random.Random(0)
     texts = TEXTS + ["".join(rng.choice("ab  \n\té中🙂<|>_{}") for _ in range(rng.randint(1, 60))) for _ in range(40)]
@@ -117,6 +117,23 @@ def test_embedded_record_encodes_and_decodes_as_transformers(embedded):
     assert (fast.eos_token_id, fast.bos_token_id, fast.pad_token_id, fast.eos_token) == (
         hf.eos_token_id, hf.bos_token_id, hf.pad_token_id, hf.eos_token)
     assert fast.chat_template == hf.chat_template
+    spec = json.loads(json.loads((gguf_tokenizer_folder(path) / RECORD).read_text())["backend"])
+    assert isinstance(spec["model"]["merges"][0], str), "the record keeps the slower [left, right] merges"
+
+
+def test_record_writes_bpe_merges_compactly_unless_a_token_holds_a_space(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {"a": 0, "b": 1, " ": 2, "ab": 3, "abab": 4, "a ": 5, "a b": 6}
+    cases = {"plain": ([("a", "b"), ("ab", "ab")], str), "spaced": ([("a", "b"), ("ab", "ab"), ("a", " "), ("a ", "b")], list)}
+    for name, (merges, kind) in cases.items():
+        backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        write_record(FastTokenizer(backend, chat_template=None, special_tokens={}, special_ids={}), tmp_path / name)
+        spec = json.loads(json.loads((tmp_path / name / RECORD).read_text())["backend"])
+        assert all(isinstance(m, kind) for m in spec["model"]["merges"]), (name, spec["model"]["merges"])
+        back = read_record(tmp_path / name)
+        for text in ("abab", "a b", "ba ab a", "a bab"):
+            assert back.encode(text) == backend.encode(text).ids, (name, text)
 
 
 def test_embedded_chat_format_matches_transformers(embedded):

@@ -1,6 +1,7 @@
 """What a warm start of the embedded engine imports (a fresh process, the caches filled): never
-transformers (the tokenizer loads from its `FastTokenizer` record), and, with the decode step eager,
-never torch._dynamo (the model is built on the meta device without Python meta kernels). Each is
+transformers (the tokenizer loads from its `FastTokenizer` record), jinja2 only at the first chat
+prompt (the template compiles then), and, with the decode step eager, never torch._dynamo (the
+model is built on the meta device without Python meta kernels). Each is
 ~0.35-0.8 s of CPU that `benchmarks/bench_engine.py`'s warm start would pay."""
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import sys
 from lagoon.config import EngineSection
 from lagoon.engine import load_model
 e = load_model('embedded', config=EngineSection(compile=False, max_seq_len=256, max_batch_size=1))
-e.chat_prompt([{'role': 'user', 'content': 'hi'}])
 e.complete('def', e.params(max_new_tokens=2))
+print('BEFORE CHAT', sorted(m for m in ('jinja2', 'transformers', 'torch._dynamo') if m in sys.modules))
+e.chat_prompt([{'role': 'user', 'content': 'hi'}])
 print('IMPORTED', sorted(m for m in ('transformers', 'torch._dynamo') if m in sys.modules))
 """
 
@@ -34,7 +36,7 @@ def test_warm_eager_start_imports_neither_transformers_nor_dynamo():
     load_model("embedded", config=EngineSection(compile=False, max_seq_len=256, max_batch_size=1)).close()  # fill caches
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env, timeout=300)
-    assert "IMPORTED []" in r.stdout, r.stdout[-500:] + r.stderr[-2000:]
+    assert "BEFORE CHAT []" in r.stdout and "IMPORTED []" in r.stdout, r.stdout[-500:] + r.stderr[-2000:]
 
 
 COMPILED = """

@@ -32,8 +32,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateError
-
 from lagoon.cache_dir import cache_root
 from lagoon.engine.fast_tokenizer import RECORD, read_record, write_record
 from lagoon.errors import BadRequestError, CheckpointError
@@ -259,6 +257,8 @@ class ChatFormat:
         A message's span is what rendering it adds to the rendering of the messages before it
         (role header included). Where the template is not prefix-stable (it rewrites earlier turns),
         the span falls back to where the message's content occurs in the text, searched in order."""
+        from jinja2 import TemplateError  # rendering has imported it by now; loading a tokenizer does not
+
         msgs, kw = self._prepare(messages, tools, template_kwargs)
         text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
         spans: list[tuple[int, int, str]] = []
