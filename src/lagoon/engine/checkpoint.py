@@ -45,6 +45,7 @@ from lagoon.engine.kernels import DENSE_PREFILL_MAX_BYTES, KernelPlan, kernel_pl
 from lagoon.engine.mxfp4 import dequant_mxfp4_ggml
 from lagoon.errors import CheckpointError, UnsupportedModelError
 from lagoon.model.args import ModelArgs
+from lagoon.model.meta_init import skip_meta_init
 from lagoon.model.transformer import Transformer
 
 __all__ = ["load_checkpoint", "load_hf_folder", "load_gguf", "Precision", "read_safetensors"]
@@ -212,7 +213,7 @@ def _assemble(
     """`show` names a tensor in errors (a GGUF's own tensor names, not Lagoon's)."""
     if precision not in PRECISIONS:
         raise CheckpointError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-    with torch.device("meta"):
+    with torch.device("meta"), skip_meta_init():
         model = Transformer(args)
     expected = model.state_dict()
     if args.tie_word_embeddings:

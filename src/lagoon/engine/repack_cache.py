@@ -53,6 +53,7 @@ from lagoon.engine.gguf_linear import (
 from lagoon.engine.kernels import DENSE_PREFILL_MAX_BYTES, KernelPlan
 from lagoon.engine.packed_experts import LAYOUTS, PackedExperts
 from lagoon.model.args import LayerSpec, ModelArgs
+from lagoon.model.meta_init import skip_meta_init
 from lagoon.model.rope import RopeSpec
 from lagoon.model.transformer import Transformer
 from lagoon.moe.experts import StackedExperts
@@ -280,7 +281,7 @@ def _rebuild(entry: Path, plan: KernelPlan) -> Transformer:
     if misaligned is not None:
         raise _Stale(f"tensor {misaligned} is not {_ALIGN}-byte aligned (written by another writer)")
     layers: dict[str, nn.Module] = {}
-    with torch.device("meta"):
+    with torch.device("meta"), skip_meta_init():
         plain = dict(Transformer(args).named_modules())
     experts: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[str, str], dict[str, torch.Tensor | None]]] = {}
     joined: set[str] = set()
