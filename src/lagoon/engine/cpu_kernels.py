@@ -19,7 +19,15 @@ directly (no build machinery imported). If building or loading fails (no compile
 is logged once and `available()` is False: `lagoon.engine.kernels` then plans torch's int4 / int8
 kernels as before. ``LAGOON_NATIVE_KERNELS=0`` skips the library the same way. The ops are
 registered with a fake (meta) implementation, so inductor's compiled decode step calls them as
-extern kernels; threads are torch's own (`at::parallel_for`).
+extern kernels.
+
+Threads: the kernels split their work on Lagoon's own pool (`csrc/pool.h`, `torch.get_num_threads()`
+threads: the caller and persistent workers claiming chunks from an atomic counter), not on torch's
+OpenMP pool, whose barrier at the end of every parallel region waits for a thread the OS has
+descheduled (a decode step runs ~150 of them: docs/architecture.md "Under load"). The caller takes
+every chunk a late worker has not claimed and waits only for chunks in flight. `kernel_pool(False)`
+or ``LAGOON_KERNEL_POOL=0`` (read when the library loads) runs them on `at::parallel_for` as before;
+`lagoon.engine.compile` then also leaves inductor's own loops parallel (see `pool_in_use`).
 
 `pack_q4` and `pack_i8` own the weight layouts the kernel reads (described in the C++ source); `Q4_LAYOUT` names it
 for caches of packed weights. This module does not choose kernels (`lagoon.engine.kernels` does).
@@ -43,7 +51,7 @@ from lagoon.cache_dir import cache_root
 
 __all__ = ["ISA_CODES", "Q4_LAYOUT", "SOURCE", "available", "build_tag", "library", "pack_q4", "q4_matvec",
            "unavailable_reason", "TILE", "cpu_has", "i8_matvec", "pack_i8", "quantize_i8", "moe_matvec",
-           "decode_attention", "SOURCES"]
+           "decode_attention", "SOURCES", "kernel_pool", "pool_in_use", "pool_stats", "PoolStats"]
 
 log = logging.getLogger("lagoon.engine")
 
@@ -218,6 +226,35 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: t
     dtype; H / K query heads share a kv head (SDPA's enable_gqa). See csrc/decode_attention.cpp."""
     _require()
     return torch.ops.lagoon.decode_attention(q, k, v, slots, pos, scale, ISA_CODES[isa])
+
+
+def kernel_pool(on: bool | None = None) -> bool:
+    """Whether the kernels run on Lagoon's pool (True) or torch's `at::parallel_for`; `on` switches
+    it for the process (from the next call) and the previous setting is returned. The library must
+    be available."""
+    _require()
+    return bool(torch.ops.lagoon.pool_set(-1 if on is None else int(bool(on))))
+
+
+def pool_in_use() -> bool:
+    """The kernels are loaded and run on Lagoon's pool (what a compiled step's loops are built for)."""
+    return library() is not None and kernel_pool()
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    workers: int  # alive (threads - 1 once a job has run)
+    jobs: int  # parallel calls run on the pool so far
+    last_chunks: int  # chunks of the last job
+    last_caller_chunks: int  # of which the calling thread ran
+    held: bool  # a worker is stalled by the test hook (`torch.ops.lagoon.pool_hold`) now
+    stalls: int  # times the hook has stalled a worker
+
+
+def pool_stats() -> PoolStats:
+    _require()
+    w, j, c, m, h, s = torch.ops.lagoon.pool_stats()
+    return PoolStats(w, j, c, m, bool(h), s)
 
 
 def quantize_i8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "pool.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -291,7 +293,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t items = B * nchunk;
   const int64_t grain = total >= (int64_t(1) << 18) ? 1 : items + 1;  // parallel_for runs a range < grain inline
   const bool bf16 = k.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+  lagoon::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
     if (bf16)
       run<c10::BFloat16>(job, isa, i0, i1);
     else

@@ -9,7 +9,7 @@
 // `packed` stacks one weight per expert in `pack_q4`'s (320 bytes a tile and block) or `pack_i8`'s
 // (576) layout; an expert's gate and up rows stacked as one [2I, H] weight run as one call. The
 // activations are quantized to int8 per block of 32 once per row of x, as the dense op does. Slots are
-// grouped by expert (a counting sort), and the work is (expert, tile) pairs over torch's thread pool:
+// grouped by expert (a counting sort), and the work is (expert, tile) pairs over Lagoon's pool (pool.h):
 // up to 4 slots of one expert share each unpacked tile on AVX-512 (a prefill's tokens, or a decode
 // batch's), and an expert nobody chose costs nothing.
 #include "q4_tiles.h"
@@ -65,7 +65,7 @@ at::Tensor moe_matvec(const char* op, const at::Tensor& x, const at::Tensor& pac
   int8_t* qp = qx.data_ptr<int8_t>();
   float* dp = ds.data_ptr<float>();
   float* sp = dp + R * nb;
-  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
+  lagoon::parallel_for(0, R, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (x.scalar_type() == at::kFloat)
         quantize_row(xc.data_ptr<float>() + r * K, K, qp + r * K, dp + r * nb, sp + r * nb);
@@ -84,7 +84,7 @@ at::Tensor moe_matvec(const char* op, const at::Tensor& x, const at::Tensor& pac
   const int64_t items = static_cast<int64_t>(used.size()) * nt;
   // ~64k multiply-adds a task at least (the dense op's rule), counting an item's slots
   const int64_t per_item = kTile * K * std::max<int64_t>(1, S / static_cast<int64_t>(used.size()));
-  at::parallel_for(0, items, std::max<int64_t>(1, 65536 / per_item), [&](int64_t i0, int64_t i1) {
+  lagoon::parallel_for(0, items, std::max<int64_t>(1, 65536 / per_item), [&](int64_t i0, int64_t i1) {
     alignas(64) float out[4 * kTile];
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t e = used[item / nt], t = item % nt;

@@ -12,7 +12,8 @@
 //
 // `isa`: 2 AVX-512 VNNI, 1 AVX2 (vpmaddubsw + vpmaddwd), 0 portable C++; chosen by the caller
 // (`lagoon.engine.kernels`), checked here against the CPU. Rows of x (a small decode batch) share
-// each weight tile while it is in L1. Threads: at::parallel_for over tiles (torch's own pool).
+// each weight tile while it is in L1. Threads: lagoon::parallel_for over tiles (pool.h: Lagoon's own
+// pool, or torch's at::parallel_for with LAGOON_KERNEL_POOL=0).
 #include "q4_tiles.h"
 
 #include <torch/library.h>
@@ -54,7 +55,7 @@ at::Tensor matvec(const char* op, const at::Tensor& x, const at::Tensor& packed,
   const int64_t grain = std::max<int64_t>(1, 65536 / (kTile * K * M));
   std::vector<Acts> acts(M);
   for (int64_t r = 0; r < M; ++r) acts[r] = Acts{qp + r * K, dp + r * nb, sp + r * nb};
-  at::parallel_for(0, nt, grain, [&](int64_t t0, int64_t t1) {
+  lagoon::parallel_for(0, nt, grain, [&](int64_t t0, int64_t t1) {
     alignas(64) float out[4 * kTile];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t rows = std::min(kTile, n - t * kTile);

@@ -10,6 +10,8 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include "pool.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
