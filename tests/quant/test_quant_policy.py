@@ -113,3 +113,15 @@ def test_config_section_selects_scheme_and_threshold() -> None:
     assert (qc.scheme, qc.group_size, qc.dynamic_threshold, qc.expert_calibration) == ("int4", 64, 0.5, False)
     for profile, scheme in {"BF16": "bf16", "INT8": "int8", "W8A8": "w8a8", "FP8": "fp8"}.items():
         assert QuantConfig.from_section(sec.model_copy(update={"profile": profile})).scheme == scheme
+
+
+def test_the_package_imports_its_names_on_first_use():
+    """The engine imports `lagoon.quant.policy` on every start; the package's other modules (the MoE
+    experts among them) stay unimported until one of their names is used, and every name resolves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lagoon.quant.policy; print(sorted(m for m in sys.modules if m.startswith(('lagoon.quant.', 'lagoon.moe')))); "
+            "import lagoon.quant as q; print(all(getattr(q, n) is not None for n in q.__all__), set(q.__all__) <= set(dir(q)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300).stdout.split("\n")
+    assert out[0] == "['lagoon.quant.policy']" and out[1] == "True True", out

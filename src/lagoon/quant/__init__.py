@@ -18,22 +18,50 @@ Pieces:
 
 Routers and gates are never quantized by default. Not here: the MoE dispatch (`lagoon.moe`) or the
 model (`lagoon.model`); quantization never edits them, it replaces their modules.
+
+The names below are imported on first use (PEP 562): the engine imports `lagoon.quant.policy` on
+every start, and the package's other modules (the MoE experts among them) are ~45 ms it never needs.
 """
 
-from lagoon.quant.calibrate import Calibration, calibrate
-from lagoon.quant.checkpoint import load_quantized, read_metadata, save_quantized
-from lagoon.quant.experts import QuantizedExperts
-from lagoon.quant.linear import QuantizedLinear
-from lagoon.quant.policy import TokenType, token_types
-from lagoon.quant.quantize import (
-    PROFILES,
-    SCHEMES,
-    QuantConfig,
-    QuantReport,
-    get_scheme,
-    quantize_,
-    scheme_for_profile,
-)
+import importlib
+import typing
+
+if typing.TYPE_CHECKING:
+    from lagoon.quant.calibrate import Calibration, calibrate
+    from lagoon.quant.checkpoint import load_quantized, read_metadata, save_quantized
+    from lagoon.quant.experts import QuantizedExperts
+    from lagoon.quant.linear import QuantizedLinear
+    from lagoon.quant.policy import TokenType, token_types
+    from lagoon.quant.quantize import (
+        PROFILES,
+        SCHEMES,
+        QuantConfig,
+        QuantReport,
+        get_scheme,
+        quantize_,
+        scheme_for_profile,
+    )
+
+_HOME = {
+    "Calibration": "calibrate", "calibrate": "calibrate",
+    "load_quantized": "checkpoint", "read_metadata": "checkpoint", "save_quantized": "checkpoint",
+    "QuantizedExperts": "experts", "QuantizedLinear": "linear", "TokenType": "policy", "token_types": "policy",
+    "PROFILES": "quantize", "SCHEMES": "quantize", "QuantConfig": "quantize", "QuantReport": "quantize",
+    "get_scheme": "quantize", "quantize_": "quantize", "scheme_for_profile": "quantize",
+}
+
+
+def __getattr__(name: str) -> typing.Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'lagoon.quant' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lagoon.quant.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})
+
 
 __all__ = [
     "PROFILES",
