@@ -149,3 +149,13 @@ def test_no_source_file_passes_500_lines():
     long = {str(p.relative_to(ROOT)): n for p in (ROOT / "src").rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
     assert not long, f"split these along a seam: {long}"
+
+
+def test_config_package_imports_its_names_on_first_use():
+    """The engine takes a few sections; the loader (yaml) and the whole LagoonConfig stay unimported,
+    and every name of `lagoon.config.__all__` resolves."""
+    code = ("import sys; from lagoon.config import EngineSection, ModelDeploymentSection; "
+            "print(sorted(m for m in ('yaml', 'lagoon.config.loader', 'lagoon.config.lagoon_config') if m in sys.modules)); "
+            "import lagoon.config as c; print(all(getattr(c, n) is not None for n in c.__all__), set(c.__all__) <= set(dir(c)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "True True", out

@@ -24,48 +24,75 @@ The package, along its seams:
     runtime.py        Lagoon's own sections (moe, engine, server, agent, eval)
     lagoon_config.py  LagoonConfig, one field per section
     loader.py         load_config: layers, merging, error messages; config_keys, describe_key
+
+The names are imported from those modules on first use (PEP 562): the engine needs a few sections
+(`runtime`, `deployment`), not the loader (yaml) nor the whole `LagoonConfig`.
 """
 
-from __future__ import annotations
+import importlib
+import typing
 
-from lagoon.config.deployment import (
-    EvaluationSection,
-    InferenceSection,
-    MemorySection,
-    ModelDeploymentSection,
-    MoeRoutingSection,
-    QuantizationSection,
-    QuantProfile,
-    TruncationStrategy,
-)
-from lagoon.config.lagoon_config import LagoonConfig
-from lagoon.config.loader import (
-    _submodel,
-    config_keys,
-    describe_key,
-    format_validation_error,
-    load_config,
-    parse_override,
-    read_yaml,
-)
-from lagoon.config.pipeline import (
-    ClassificationSection,
-    ContextSection,
-    RouteSection,
-    RoutingSection,
-    TelemetrySection,
-    ValidationSection,
-)
-from lagoon.config.runtime import (
-    DEFAULT_STATE_DIR,
-    AgentSection,
-    EngineSection,
-    EvalSection,
-    MoeSection,
-    OffloadSection,
-    ServerSection,
-)
-from lagoon.config.section import Section
+if typing.TYPE_CHECKING:
+    from lagoon.config.deployment import (
+        EvaluationSection,
+        InferenceSection,
+        MemorySection,
+        ModelDeploymentSection,
+        MoeRoutingSection,
+        QuantizationSection,
+        QuantProfile,
+        TruncationStrategy,
+    )
+    from lagoon.config.lagoon_config import LagoonConfig
+    from lagoon.config.loader import (
+        _submodel,
+        config_keys,
+        describe_key,
+        format_validation_error,
+        load_config,
+        parse_override,
+        read_yaml,
+    )
+    from lagoon.config.pipeline import (
+        ClassificationSection,
+        ContextSection,
+        RouteSection,
+        RoutingSection,
+        TelemetrySection,
+        ValidationSection,
+    )
+    from lagoon.config.runtime import (
+        DEFAULT_STATE_DIR,
+        AgentSection,
+        EngineSection,
+        EvalSection,
+        MoeSection,
+        OffloadSection,
+        ServerSection,
+    )
+    from lagoon.config.section import Section
+
+_HOME = {
+    **dict.fromkeys(('EvaluationSection', 'InferenceSection', 'MemorySection', 'ModelDeploymentSection', 'MoeRoutingSection', 'QuantizationSection', 'QuantProfile', 'TruncationStrategy'), 'deployment'),
+    **dict.fromkeys(('LagoonConfig',), 'lagoon_config'),
+    **dict.fromkeys(('_submodel', 'config_keys', 'describe_key', 'format_validation_error', 'load_config', 'parse_override', 'read_yaml'), 'loader'),
+    **dict.fromkeys(('ClassificationSection', 'ContextSection', 'RouteSection', 'RoutingSection', 'TelemetrySection', 'ValidationSection'), 'pipeline'),
+    **dict.fromkeys(('DEFAULT_STATE_DIR', 'AgentSection', 'EngineSection', 'EvalSection', 'MoeSection', 'OffloadSection', 'ServerSection'), 'runtime'),
+    **dict.fromkeys(('Section',), 'section'),
+}
+
+
+def __getattr__(name: str) -> typing.Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'lagoon.config' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lagoon.config.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})
+
 
 __all__ = [
     "LagoonConfig",
