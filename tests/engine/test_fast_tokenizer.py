@@ -162,6 +162,22 @@ def test_corrupt_or_old_record_is_rebuilt(embedded, tmp_path, caplog):
     assert isinstance(_cached_tokenizer(folder), FastTokenizer) and read_record(folder) is not None
 
 
+def test_a_record_of_another_format_is_left_to_its_checkout(embedded, tmp_path):
+    """Two checkouts of different record formats sharing a cache each keep their own record (one
+    name for both had them rewrite each other's on every start, through transformers)."""
+    _, hf, path = embedded
+    folder = tmp_path / "tok"
+    shutil.copytree(gguf_tokenizer_folder(path), folder)
+    other = folder / "lagoon-tokenizer.json"  # format 1's name
+    other.write_text('{"format": 1, "backend": "theirs"}')
+    ours = (folder / RECORD).read_text()
+    tok = _cached_tokenizer(folder)
+    assert isinstance(tok, FastTokenizer) and tok.encode(TEXTS[0]) == hf.encode(TEXTS[0])
+    assert (folder / RECORD).read_text() == ours and other.read_text() == '{"format": 1, "backend": "theirs"}'
+    tok.save_pretrained(tmp_path / "out")
+    assert not list((tmp_path / "out").glob("lagoon-tokenizer*")), "a cache record was shipped with the model"
+
+
 def test_save_pretrained_round_trips_through_transformers(embedded, tmp_path):
     # lagoon.moe.moefy ships the tokenizer with a moefied model; transformers must read it back the same
     fast, _, _ = embedded

@@ -3,7 +3,7 @@ special tokens and their ids, the chat template), read from one JSON record, so 
 never imports transformers (its import and `AutoTokenizer.from_pretrained` cost ~0.5 s of CPU on
 2 cores).
 
-The record (``lagoon-tokenizer.json`` in a tokenizer cache folder, `FORMAT` in it) is a snapshot of
+The record (``lagoon-tokenizer-v<FORMAT>.json`` in a tokenizer cache folder, `FORMAT` in it too) is a snapshot of
 a transformers tokenizer *as transformers loaded it* (`write_record`): its backend's JSON after
 transformers' own edits (post-processor, special tokens added; a BPE model's merges in the older
 ``"left right"`` form, which `tokenizers` parses ~2.5x faster), its `special_tokens_map`, the ids of
@@ -35,8 +35,10 @@ if TYPE_CHECKING:
 
 __all__ = ["FastTokenizer", "read_record", "write_record", "RECORD", "FORMAT"]
 
-RECORD = "lagoon-tokenizer.json"
-FORMAT = 2  # raise when what a record holds changes: older records are then rewritten (2: compact merges)
+FORMAT = 2  # raise when what a record holds changes (2: compact merges)
+# the format is in the name: a checkout of another format sharing the cache keeps its own record
+# (one name for all had them rewrite each other's, ~3 s through transformers on every start)
+RECORD = f"lagoon-tokenizer-v{FORMAT}.json"
 _NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -131,7 +133,7 @@ class FastTokenizer:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         for f in self.source.iterdir():
-            if f.is_file() and f.name not in (RECORD, "tokenizer.json", "chat_template.jinja"):
+            if f.is_file() and not f.name.startswith("lagoon-tokenizer") and f.name not in ("tokenizer.json", "chat_template.jinja"):
                 shutil.copyfile(f, out / f.name)
         (out / "tokenizer.json").write_text(self._tokenizer.to_str(), encoding="utf-8")
         if self._chat_template is not None:
