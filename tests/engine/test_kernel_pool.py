@@ -192,3 +192,52 @@ def test_the_process_exits_cleanly_and_forks_with_the_pool(pool):
     out = subprocess.run([sys.executable, "-c", _EXIT], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "exiting" in out.stdout and "terminate called" not in out.stderr
+
+
+def test_the_compiled_steps_loops_and_cache_key_follow_the_pool(threads):
+    from lagoon.engine.compile import _inductor_options, compile_key
+
+    cpu, m = torch.device("cpu"), torch.nn.Linear(32, 32)
+    cpu_kernels.kernel_pool(True)
+    on = _inductor_options(cpu), compile_key(m, cpu)
+    cpu_kernels.kernel_pool(False)
+    off = _inductor_options(cpu), compile_key(m, cpu)
+    assert on[0]["cpp.threads"] == 1 and "cpp.threads" not in off[0]
+    assert on[1] != off[1]  # a step compiled for one is never loaded for the other
+
+
+@pytest.mark.slow  # two cold AOTInductor compiles of a tiny model (20-110 s each on 2 shared cores)
+def test_a_package_built_for_the_pool_has_no_openmp_region(tmp_path, monkeypatch, threads):
+    import zipfile
+
+    from test_decode_attention import _decode, _model
+
+    from lagoon.engine.compile import DecodeStep
+    from lagoon.engine.kv_cache import make_cache, use_native_attention
+    from lagoon.model.args import ModelArgs
+
+    monkeypatch.setenv("LAGOON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LAGOON_COMPILE_BACKEND", "aoti")
+    torch.set_num_threads(2)
+    # an MLP of 2048: inductor splits its SiLU-and-multiply loop over 2 threads unless told not to
+    args = ModelArgs(family="llama", vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                     intermediate_size=2048, max_position_embeddings=256)
+    kw = dict(paged=True, max_batch=2, max_seq_len=64, dtype=torch.float32, block_size=8)
+    prompts = [[5, 9, 33, 2, 71]]
+    sources = {}
+    for on in (True, False):
+        cpu_kernels.kernel_pool(on)
+        m = _model(args, torch.float32)
+        with torch.no_grad():
+            ref_cache = make_cache(args, **kw)
+            use_native_attention(m, ref_cache)
+            ref = _decode(m, ref_cache, prompts, 3)
+            cache = make_cache(args, **kw)
+            step = DecodeStep(m, cache, max_batch=2, compile=True, progress=lambda line: None)
+            got = _decode(m, cache, prompts, 3, step)
+        assert step.compiled_buckets == {1} and not step.eager_reason
+        assert float((got - ref).norm() / ref.norm()) <= 1e-4
+        with zipfile.ZipFile(step.entry(1)) as z:
+            sources[on] = "\n".join(z.read(n).decode() for n in z.namelist() if n.endswith("kernel.cpp"))
+    assert "#pragma omp" in sources[False]  # (the check below can fail)
+    assert "#pragma omp" not in sources[True]

@@ -69,10 +69,19 @@ def _inductor_options(device: torch.device) -> dict:
     # no size / alignment asserts in the wrapper: ~400 Python calls a step, 0.7 ms of a 14 ms step
     # (thread CPU time, 1 thread, SmolLM2-135M Q4_1); the graph's outputs are checked against eager
     # in tests/engine/test_compile.py
-    opts: dict = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False}
+    opts: dict = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False,
+                  **_loop_threads(device)}
     if device.type == "cuda":  # untested: replay the step as one CUDA graph
         opts["triton.cudagraphs"] = True
     return opts
+
+
+def _loop_threads(device: torch.device) -> dict:
+    # Lagoon's kernels thread on their own pool (cpu_kernels); the step's own loops (norms, RoPE,
+    # SiLU, residual adds: a few thousand elements at decode) then run on the calling thread, so a
+    # decode step has no OpenMP region left, no barrier to wait at for a descheduled thread
+    # (docs/architecture.md "Under load"). The options are hashed into the key
+    return {"cpp.threads": 1} if device.type == "cpu" and cpu_kernels.pool_in_use() else {}
 
 
 def compile_enabled(config) -> bool:
@@ -298,10 +307,13 @@ class DecodeStep:
     def _compile(self, b: int, seq_ids, tokens: torch.Tensor, pos: torch.Tensor, backend: str) -> Callable:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         if backend == "aoti":
+            from torch._inductor import config as inductor_config
+
             from lagoon.engine.aoti_step import compile_package, load_package
 
             root = self.cache_dir.parent / "inductor"
-            with _inductor_cache(root), _own_build_dirs(root, self.entry(b, backend)):
+            with _inductor_cache(root), _own_build_dirs(root, self.entry(b, backend)), \
+                    inductor_config.patch(_loop_threads(self.device)):
                 compile_package(self.model, self.cache, self.entry(b, backend), batch=b, max_batch=self.max_batch)
             return load_package(self.entry(b, backend), self.model, self.cache)
         tokens, pos = tokens.clone(), pos.clone()  # marks stay off the caller's tensors

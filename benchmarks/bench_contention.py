@@ -1,0 +1,85 @@
+"""Decode of the compiled embedded SmolLM2-135M with the machine to itself and beside one busy
+single-threaded process, on Lagoon's kernel pool (its kernels on `csrc/pool.cpp`, the compiled
+step's own loops single-threaded) against torch's OpenMP pool (``LAGOON_KERNEL_POOL=0``: kernels on
+`at::parallel_for`, inductor's loops OpenMP-parallel): two engines in one process, each compiled for
+its setting (`cpu_kernels.kernel_pool` switched before each run), runs alternating pool / OpenMP so
+a noisy machine disturbs both alike. Prints the median decode tok/s of each, the busy / quiet ratio
+of each, and pool / OpenMP in both settings, with the CPU flags it ran with.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src .venv/bin/python benchmarks/bench_contention.py \\
+        [--threads 2] [--rounds 3] [--tokens 64] [--busy-tokens 24]
+
+The busy process is ``python -c "while True: pass"``, started for the busy runs and stopped after.
+A first run compiles each engine's step (minutes; cached under ~/.cache/lagoon/compile). OpenMP
+beside a busy process can take a minute a run (1-3 tok/s on 2 cores): --busy-tokens keeps it short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+
+from lagoon.config import EngineSection
+from lagoon.engine import cpu_kernels, load_model
+
+TEXT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n" * 20
+MODES = ("pool", "openmp")
+
+
+def _load(mode: str, threads: int):
+    cpu_kernels.kernel_pool(mode == "pool")  # the compile key and the step's loops follow it
+    return load_model("embedded", precision="native", config=EngineSection(
+        max_batch_size=8, max_seq_len=4096, prefix_cache=False, compile=True, threads=threads))
+
+
+def _decode(engine, mode: str, ids: list[int], tokens: int) -> float:
+    cpu_kernels.kernel_pool(mode == "pool")
+    c = engine.complete(ids, engine.params(max_new_tokens=tokens, ignore_eos=True))
+    return (c.completion_tokens - 1) / (c.duration_s - c.ttft_s)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens a quiet run")
+    ap.add_argument("--busy-tokens", type=int, default=24, help="new tokens a run beside the busy process")
+    a = ap.parse_args()
+    cpu = open("/proc/cpuinfo").read().split()
+    flags = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx2", "fma") if f in cpu]
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, flags: {' '.join(flags)}, engine.threads {a.threads}")
+    if not cpu_kernels.available():
+        sys.exit(f"Lagoon's kernels are unavailable ({cpu_kernels.unavailable_reason()}): nothing to compare")
+    engines = {m: _load(m, a.threads) for m in MODES}
+    ids = engines["pool"].encode(TEXT)[:128]
+    for m in MODES:  # warm: the first step of each graph
+        _decode(engines[m], m, ids[:16], 4)
+    got: dict[tuple[str, str], list[float]] = {(m, s): [] for m in MODES for s in ("quiet", "busy")}
+    for r in range(a.rounds):
+        for m in MODES:
+            got[m, "quiet"].append(_decode(engines[m], m, ids, a.tokens))
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            for m in (MODES if r % 2 == 0 else MODES[::-1]):
+                got[m, "busy"].append(_decode(engines[m], m, ids, a.busy_tokens))
+        finally:
+            busy.kill()
+            busy.wait()
+        print(f"round {r + 1}: " + ", ".join(f"{m} {s} {got[m, s][-1]:.1f}" for m in MODES for s in ("quiet", "busy")),
+              flush=True)
+    med = {k: statistics.median(v) for k, v in got.items()}
+    print("\nmedian decode tok/s (128-token prompt, greedy, batch 1):")
+    print(f"{'':8} {'quiet':>8} {'busy':>8} {'busy/quiet':>11}")
+    for m in MODES:
+        print(f"{m:8} {med[m, 'quiet']:8.1f} {med[m, 'busy']:8.1f} {med[m, 'busy'] / med[m, 'quiet']:11.2f}")
+    print(f"pool / openmp: quiet {med['pool', 'quiet'] / med['openmp', 'quiet']:.2f}x, "
+          f"busy {med['pool', 'busy'] / med['openmp', 'busy']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
