@@ -137,3 +137,59 @@ def test_an_moe_package_reads_the_live_routing_state_and_matches_eager(kernels, 
     for layer, b in enumerate(blocks):
         (bad,) = b.quarantined
         assert all(c[layer][bad] == 0 for c in got_counts[QUARANTINE_AT:])  # it was the busiest before
+
+
+def test_moe_models_take_the_package_on_cpu_unless_dynamo_is_forced(monkeypatch):
+    from lagoon.engine.compile import _default_backend
+
+    model = Transformer(ARGS)
+    assert any(isinstance(m, SparseMoE) for m in model.modules())
+    monkeypatch.delenv("LAGOON_COMPILE_BACKEND", raising=False)
+    assert _default_backend(model, torch.device("cpu")) == "aoti"
+    monkeypatch.setenv("LAGOON_COMPILE_BACKEND", "dynamo")
+    assert _default_backend(model, torch.device("cpu")) == "dynamo"
+
+
+WARM = """
+import sys
+from lagoon.config import EngineSection
+from lagoon.engine import load_model
+e = load_model(sys.argv[1], precision='native', config=EngineSection(compile=True, max_seq_len=128, max_batch_size=2))
+print('EXPERTS', type(e.model.layers[0].mlp.experts).__name__)
+print('TOKENS', e.complete('def add(a, b):', e.params(max_new_tokens=6, ignore_eos=True)).token_ids)
+print('STEP', e.step.backend, e.step.compiled, sorted(e.step.loaded_buckets))
+print('IMPORTED', sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))
+"""
+
+
+@pytest.mark.slow  # the first start compiles the step (~40 s on 2 cores)
+@pytest.mark.timeout(1200)
+def test_a_warm_start_of_an_moe_gguf_loads_its_package_without_dynamo(kernels, tmp_path):
+    """`load_model` (what `lagoon generate` / `serve` / the agent's local route call) on a Q4_0-expert MoE
+    GGUF: the first start compiles the AOTInductor package, the second loads it through torch's C++
+    loader, imports neither torch._dynamo nor torch._inductor, and decodes the same greedy tokens."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("gguf")
+    from test_gguf_moe import _gguf_tensors, _write
+    from transformers import AutoModelForCausalLM
+
+    from lagoon.engine.tiny import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "m", "qwen3_moe")
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    path = tmp_path / "m.gguf"
+    _write(path, hf, "qwen3moe", _gguf_tensors(hf, "qwen3moe"), tokenizer=True,
+           expert_kinds=dict.fromkeys(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"), "Q4_0"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LAGOON_COMPILE": "1", "LAGOON_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("LAGOON_COMPILE_BACKEND", None)
+    runs = [subprocess.run([sys.executable, "-c", WARM, str(path)], capture_output=True, text=True, env=env, timeout=1000)
+            for _ in range(2)]
+    first, second = (r.stdout for r in runs)
+    why = second[-500:] + runs[1].stderr[-2000:]
+    assert "EXPERTS PackedExperts" in first and "STEP aoti True []" in first, first[-500:] + runs[0].stderr[-2000:]
+    assert "STEP aoti True [1]" in second and "IMPORTED []" in second, why
+    tokens = [next(ln for ln in out.splitlines() if ln.startswith("TOKENS")) for out in (first, second)]
+    assert tokens[0] == tokens[1], why

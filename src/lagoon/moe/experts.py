@@ -114,8 +114,9 @@ class StackedExperts(nn.Module):
         e, h, i = num_experts, hidden_size, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # [E, 2I, H]
         self.down_proj = nn.Parameter(torch.empty(e, h, i))  # [E, H, I]
-        nn.init.normal_(self.gate_up_proj, std=h**-0.5)
-        nn.init.normal_(self.down_proj, std=i**-0.5)
+        if not self.down_proj.is_meta:  # on meta (every checkpoint load) normal_'s meta kernel imports torch._dynamo
+            nn.init.normal_(self.gate_up_proj, std=h**-0.5)
+            nn.init.normal_(self.down_proj, std=i**-0.5)
         self.gate_up_bias = nn.Parameter(torch.zeros(e, 2 * i)) if bias else None  # [E, 2I]
         self.down_bias = nn.Parameter(torch.zeros(e, h)) if bias else None  # [E, H]
 

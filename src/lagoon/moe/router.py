@@ -137,7 +137,8 @@ class Router(nn.Module):
         self.telemetry = None  # a lagoon.telemetry.Telemetry, set by ExpertLoadMonitor.attach
         self.name = "router"
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))  # [E, H]
-        nn.init.normal_(self.weight, std=hidden_size**-0.5)
+        if not self.weight.is_meta:  # on meta (every checkpoint load) normal_'s meta kernel imports torch._dynamo
+            nn.init.normal_(self.weight, std=hidden_size**-0.5)
         self.bias: nn.Parameter | None = None  # [E] logit bias (gpt-oss); set by the model when it has one
         # DeepSeek-V3 checkpoints carry the bias; for softmax models it is runtime state only.
         self.register_buffer(
