@@ -2,6 +2,11 @@
 
     .venv/bin/python benchmarks/bench_moe_decode.py [--model embedded-moe] [--top-k 2] [--tokens 64] [--threads 2]
     .venv/bin/python benchmarks/bench_moe_decode.py --gguf-experts Q4_0 [--top-k 2] [--tokens 64]
+    .venv/bin/python benchmarks/bench_moe_decode.py --gguf-experts Q4_0 --threads 1 --backends aoti,dynamo
+
+The compiled engine is built once per `--backends` entry (default ``aoti``, the CPU default: the
+AOTInductor package; ``dynamo``: dynamo's artefact, `LAGOON_COMPILE_BACKEND`), each against the same
+eager engine, and with two backends the AOTInductor/dynamo decode ratio is printed too.
 
 `--gguf-experts KIND` (Q4_0, Q4_1, Q8_0) measures a quantized MoE GGUF at ``native`` precision
 instead: the embedded SmolLM2 GGUF with each FFN split into 8 experts stored as KIND (built once
@@ -188,7 +193,7 @@ def experts_only(args: argparse.Namespace) -> int:
     return 0
 
 
-def build(compile: bool, args: argparse.Namespace, model: str | None = None):
+def build(compile: bool, args: argparse.Namespace, model: str | None = None, backend: str | None = None):
     from lagoon.config import load_config
     from lagoon.engine import engine_from_config
 
@@ -197,7 +202,15 @@ def build(compile: bool, args: argparse.Namespace, model: str | None = None):
     if args.top_k:
         over.append(f"model_deployment.expert_routing.active_per_token={args.top_k}")
     t0 = time.perf_counter()
-    eng = engine_from_config(load_config(*over))
+    old = os.environ.pop("LAGOON_COMPILE_BACKEND", None)
+    if backend:  # read when the engine's decode step is built
+        os.environ["LAGOON_COMPILE_BACKEND"] = backend
+    try:
+        eng = engine_from_config(load_config(*over))
+    finally:
+        os.environ.pop("LAGOON_COMPILE_BACKEND", None)
+        if old is not None:
+            os.environ["LAGOON_COMPILE_BACKEND"] = old
     return eng, time.perf_counter() - t0
 
 
@@ -219,23 +232,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts-only", action="store_true", help="with --gguf-experts: one layer's experts, not the engine")
     ap.add_argument("--layer-shape", default=None, metavar="E,H,I",
                     help="with --experts-only: random 4-bit experts of this shape (Qwen3-30B-A3B: 128,2048,768)")
+    ap.add_argument("--backends", default="aoti", help="compiled backends to build, comma-separated: aoti, dynamo")
     args = ap.parse_args(argv)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends or any(b not in ("aoti", "dynamo") for b in backends):
+        ap.error(f"--backends takes aoti and/or dynamo, got {args.backends!r}")
     import torch
 
     torch.set_num_threads(args.threads)
     if args.experts_only and args.gguf_experts:
         print(f"# {cpu_features()}", flush=True)
         return experts_only(args)
-    specs = [("eager", args.model, False), ("compiled", args.model, True)]
+    model = args.model
+    specs = [("eager", model, False, None)]
     if args.gguf_experts:
         args.precision = "native"
-        packed, floats = str(moe_gguf(args.gguf_experts)), str(moe_gguf(args.gguf_experts, float_experts=True))
-        args.model = f"{packed} (and its F32-expert twin)"
-        specs = [("bf16-exp compiled", floats, True), ("eager", packed, False), ("compiled", packed, True)]
+        model, floats = str(moe_gguf(args.gguf_experts)), str(moe_gguf(args.gguf_experts, float_experts=True))
+        args.model = f"{model} (and its F32-expert twin)"
+        specs = [(f"bf16-exp {backends[0]}", floats, True, backends[0]), ("eager", model, False, None)]
+    specs += [(f"compiled {b}", model, True, b) for b in backends]
     print(f"# {cpu_features()}", flush=True)
     print(f"# model {args.model}, precision {args.precision}, top-k {args.top_k or 'checkpoint'}, "
           f"{args.tokens} new tokens, median of {args.repeats}", flush=True)
-    engines = {name: build(c, args, model) for name, model, c in specs}
+    engines = {name: build(c, args, m, b) for name, m, c, b in specs}
     if args.gguf_experts:
         kinds = {name: type(eng.model.layers[0].mlp.experts).__name__ for name, (eng, _) in engines.items()}
         print(f"# experts: {kinds}", flush=True)
@@ -249,20 +268,26 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = {"start_s": start_s, "prefill": statistics.median(r[0] for r in timed),
                       "decode": statistics.median(r[1] for r in timed), "best": max(r[1] for r in timed),
                       "ids": timed[-1][2],
-                      "compiled": eng.step.compiled, "eager_reason": eng.step.eager_reason}
+                      "compiled": eng.step.compiled, "eager_reason": eng.step.eager_reason,
+                      "backend": eng.step.backend if eng.step.compiled else "-"}
         eng.close()
-    print(f"{'engine':<18} {'start s':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'best decode':>12}  compiled")
+    print(f"{'engine':<18} {'start s':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'best decode':>12}  backend")
     for name, r in rows.items():
-        print(f"{name:<18} {r['start_s']:>8.1f} {r['prefill']:>14.1f} {r['decode']:>13.1f} {r['best']:>12.1f}  {r['compiled']}"
-              + (f" ({r['eager_reason']})" if r["eager_reason"] and name == "compiled" else ""))
-    e, c = rows["eager"], rows["compiled"]
-    same = sum(a == b for a, b in zip(e["ids"], c["ids"], strict=False))
-    print(f"decode compiled/eager: median {c['decode'] / e['decode']:.2f}x, best {c['best'] / e['best']:.2f}x; greedy tokens equal: {same}/{len(e['ids'])}")
-    if "bf16-exp compiled" in rows:
-        b = rows["bf16-exp compiled"]
-        same = sum(x == y for x, y in zip(b["ids"], c["ids"], strict=False))
-        print(f"decode packed compiled/bf16-experts compiled: median {c['decode'] / b['decode']:.2f}x, best "
-              f"{c['best'] / b['best']:.2f}x; greedy tokens equal: {same}/{len(b['ids'])}")
+        print(f"{name:<18} {r['start_s']:>8.1f} {r['prefill']:>14.1f} {r['decode']:>13.1f} {r['best']:>12.1f}  {r['backend']}"
+              + (f" (eager: {r['eager_reason']})" if r["eager_reason"] and name != "eager" else ""))
+
+    def ratio(a: str, b: str) -> str:
+        x, y = rows[a], rows[b]
+        same = sum(i == j for i, j in zip(x["ids"], y["ids"], strict=False))
+        return (f"decode {a}/{b}: median {x['decode'] / y['decode']:.2f}x, best {x['best'] / y['best']:.2f}x; "
+                f"greedy tokens equal: {same}/{len(y['ids'])}")
+
+    for b in backends:
+        print(ratio(f"compiled {b}", "eager"))
+    if len(backends) > 1:
+        print(ratio(f"compiled {backends[0]}", f"compiled {backends[1]}"))
+    if args.gguf_experts:  # packed experts against the same values as bf16 experts, same backend
+        print(ratio(f"compiled {backends[0]}", f"bf16-exp {backends[0]}"))
     return 0
 
 
