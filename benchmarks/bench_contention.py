@@ -4,10 +4,13 @@ step's own loops single-threaded) against torch's OpenMP pool (``LAGOON_KERNEL_P
 `at::parallel_for`, inductor's loops OpenMP-parallel): two engines in one process, each compiled for
 its setting (`cpu_kernels.kernel_pool` switched before each run), runs alternating pool / OpenMP so
 a noisy machine disturbs both alike. Prints the median decode tok/s of each, the busy / quiet ratio
-of each, and pool / OpenMP in both settings, with the CPU flags it ran with.
+of each, and pool / OpenMP in both settings, with the CPU flags it ran with. Then single decode
+steps (position 128, alternating batches of 25 between the engines, no busy process): the fastest
+and the 10th-percentile step of each, the least disturbed ones, which compare the two even when
+other jobs share the machine (a median there mostly measures the others' load).
 
     HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src .venv/bin/python benchmarks/bench_contention.py \\
-        [--threads 2] [--rounds 3] [--tokens 64] [--busy-tokens 24]
+        [--threads 2] [--rounds 3] [--tokens 64] [--busy-tokens 24] [--step-rounds 12]
 
 The busy process is ``python -c "while True: pass"``, started for the busy runs and stopped after.
 A first run compiles each engine's step (minutes; cached under ~/.cache/lagoon/compile). OpenMP
@@ -21,11 +24,12 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
 from lagoon.config import EngineSection
-from lagoon.engine import cpu_kernels, load_model
+from lagoon.engine import compute, cpu_kernels, load_model
 
 TEXT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n" * 20
 MODES = ("pool", "openmp")
@@ -43,12 +47,32 @@ def _decode(engine, mode: str, ids: list[int], tokens: int) -> float:
     return (c.completion_tokens - 1) / (c.duration_s - c.ttft_s)
 
 
+def _prefill(engine, sid: int, ids: list[int]) -> None:
+    cache = engine.cache
+    cache.allocate(sid, ids)
+    cache.ensure(sid, len(ids) + 1)
+    pos = torch.arange(len(ids))[None]
+    cache.prepare([sid], pos)
+    with torch.no_grad():
+        engine.model(torch.tensor([ids]), pos, cache)
+
+
+def _steps(engine, sid: int, at: int, n: int) -> list[float]:
+    tok, pos, out = torch.tensor([[17]]), torch.tensor([[at]]), []
+    for _ in range(n):  # rewrites position `at`: every step attends over the same keys
+        t = time.perf_counter()
+        engine.step([sid], tok, pos)
+        out.append(time.perf_counter() - t)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64, help="new tokens a quiet run")
     ap.add_argument("--busy-tokens", type=int, default=24, help="new tokens a run beside the busy process")
+    ap.add_argument("--step-rounds", type=int, default=12, help="batches of 25 single steps per engine")
     a = ap.parse_args()
     cpu = open("/proc/cpuinfo").read().split()
     flags = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx2", "fma") if f in cpu]
@@ -79,6 +103,19 @@ def main() -> None:
         print(f"{m:8} {med[m, 'quiet']:8.1f} {med[m, 'busy']:8.1f} {med[m, 'busy'] / med[m, 'quiet']:11.2f}")
     print(f"pool / openmp: quiet {med['pool', 'quiet'] / med['openmp', 'quiet']:.2f}x, "
           f"busy {med['pool', 'busy'] / med['openmp', 'busy']:.2f}x")
+
+    steps: dict[str, list[float]] = {m: [] for m in MODES}
+    for m in MODES:
+        compute.call(_prefill, engines[m], 0, ids)
+    for _ in range(a.step_rounds):
+        for m in MODES:
+            cpu_kernels.kernel_pool(m == "pool")
+            steps[m] += compute.call(_steps, engines[m], 0, len(ids), 25)
+    low = {m: (min(v) * 1e3, sorted(v)[len(v) // 10] * 1e3) for m, v in steps.items()}
+    print("\nsingle decode steps, ms (fastest, 10th percentile): " + ", ".join(
+        f"{m} {lo:.2f} / {p10:.2f}" for m, (lo, p10) in low.items()))
+    print(f"openmp / pool step time: fastest {low['openmp'][0] / low['pool'][0]:.2f}x, "
+          f"10th percentile {low['openmp'][1] / low['pool'][1]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ descheduled (a decode step runs ~150 of them: docs/architecture.md "Under load")
 every chunk a late worker has not claimed and waits only for chunks in flight. `kernel_pool(False)`
 or ``LAGOON_KERNEL_POOL=0`` (read when the library loads) runs them on `at::parallel_for` as before;
 `lagoon.engine.compile` then also leaves inductor's own loops parallel (see `pool_in_use`).
+``torch.ops.lagoon.pool_tune(chunks_per_thread, caller_spin_us, worker_spin_us)`` changes the pool's
+chunking and spin times for experiments (defaults 8, 50, 100: longer spins lost 40-50% decode speed
+on a 2-core machine shared with other jobs).
 
 `pack_q4` and `pack_i8` own the weight layouts the kernel reads (described in the C++ source); `Q4_LAYOUT` names it
 for caches of packed weights. This module does not choose kernels (`lagoon.engine.kernels` does).

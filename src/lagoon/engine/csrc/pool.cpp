@@ -5,13 +5,13 @@
 // can never land on another job, and the job's other fields (fn, range, chunk size) are read only
 // after a successful claim, when the caller cannot have moved on (it waits for every claimed chunk).
 // The caller claims chunks like any worker; when none are left it waits for the chunks in flight
-// (`done` counts finished ones): it spins ~kCallerSpinUs, then sleeps on a futex that the finishing
+// (`done` counts finished ones): it spins ~tune_caller_spin_us, then sleeps on a futex that the finishing
 // worker wakes. It sleeps rather than sched_yield()s: next to a busy process a yield hands the core
 // to that process for a whole time slice (ms), while a sleep frees the core for the late worker.
-// Workers spin ~kWorkerSpinUs after their last chunk (a decode step's next kernel is usually that
+// Workers spin ~tune_worker_spin_us after their last chunk (a decode step's next kernel is usually that
 // close), then sleep on the `wake` futex until the next job.
 //
-// Chunks: up to kChunksPerThread a thread, so a worker caught mid-chunk by the scheduler holds back a
+// Chunks: up to tune_chunks a thread, so a worker caught mid-chunk by the scheduler holds back a
 // small part of the job (the caller takes every chunk it had not claimed yet).
 //
 // Lifetime: the pool is never destroyed and its workers are detached: at process exit they are
@@ -46,10 +46,11 @@
 
 namespace {
 
-constexpr int64_t kChunksPerThread = 8;
 constexpr int64_t kMaxChunks = 0xffff;
-constexpr int64_t kCallerSpinUs = 50;
-constexpr int64_t kWorkerSpinUs = 100;
+// tunables (lagoon::pool_tune, for benchmarks); the defaults are what ships
+std::atomic<int64_t> tune_chunks{8};
+std::atomic<int64_t> tune_caller_spin_us{50};
+std::atomic<int64_t> tune_worker_spin_us{100};
 
 using Clock = std::chrono::steady_clock;
 using Fn = c10::function_ref<void(int64_t, int64_t)>;
@@ -194,7 +195,7 @@ void worker_loop(Pool* pp, uint32_t crew) {
       }
     }
     // idle: spin a little for the next job, then sleep until one is published
-    const auto until = Clock::now() + std::chrono::microseconds(kWorkerSpinUs);
+    const auto until = Clock::now() + std::chrono::microseconds(tune_worker_spin_us.load(std::memory_order_relaxed));
     int spins = 0;
     while (P.wake.load(std::memory_order_acquire) == seen && P.crew.load(std::memory_order_relaxed) == crew) {
       cpu_relax();
@@ -251,7 +252,7 @@ const int kAtFork = pthread_atfork(nullptr, nullptr, after_fork_in_child);
 #endif
 
 void wait_for(Pool& P, uint32_t n) {
-  const auto until = Clock::now() + std::chrono::microseconds(kCallerSpinUs);
+  const auto until = Clock::now() + std::chrono::microseconds(tune_caller_spin_us.load(std::memory_order_relaxed));
   int spins = 0;
   while (P.done.load(std::memory_order_acquire) != n) {
     cpu_relax();
@@ -277,7 +278,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, Fn fn) {
   if (threads <= 1 || range < grain || tls_in_job || range == 1) return fn(begin, end);
   if (P.busy.exchange(true, std::memory_order_acquire)) return fn(begin, end);  // another thread's job is running
   ensure_workers(P, static_cast<int>(threads - 1));
-  int64_t n = std::min({(range + grain - 1) / grain, threads * kChunksPerThread, kMaxChunks});
+  int64_t n = std::min({(range + grain - 1) / grain, threads * tune_chunks.load(std::memory_order_relaxed), kMaxChunks});
   const int64_t chunk = (range + n - 1) / n;
   n = (range + chunk - 1) / chunk;
   P.fn.store(&fn, std::memory_order_relaxed);
@@ -337,6 +338,15 @@ void pool_hold(int64_t mode, int64_t timeout_us) {
   P.hold_mode.store(static_cast<int>(mode));
 }
 
+// Benchmarks: chunks a thread, the caller's and the workers' spin before sleeping (us); a value < 0
+// keeps the setting. Returns the settings now.
+std::vector<int64_t> pool_tune(int64_t chunks_per_thread, int64_t caller_spin_us, int64_t worker_spin_us) {
+  if (chunks_per_thread > 0) tune_chunks.store(chunks_per_thread);
+  if (caller_spin_us >= 0) tune_caller_spin_us.store(caller_spin_us);
+  if (worker_spin_us >= 0) tune_worker_spin_us.store(worker_spin_us);
+  return {tune_chunks.load(), tune_caller_spin_us.load(), tune_worker_spin_us.load()};
+}
+
 void pool_release() {
   Pool& P = pool();
   P.hold_mode.store(0);
@@ -351,4 +361,5 @@ TORCH_LIBRARY_FRAGMENT(lagoon, m) {
   m.def("pool_stats() -> int[]", pool_stats);
   m.def("pool_hold(int mode, int timeout_us) -> ()", pool_hold);
   m.def("pool_release() -> ()", pool_release);
+  m.def("pool_tune(int chunks_per_thread, int caller_spin_us, int worker_spin_us) -> int[]", pool_tune);
 }
