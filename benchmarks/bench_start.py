@@ -15,7 +15,10 @@ times what a user waits for: `lagoon generate -m embedded -n 1` in a fresh proce
 
 The starts use the engine's own cache (`LAGOON_CACHE_DIR`, else ~/.cache/lagoon: what a user's
 warm start finds); one untimed start per source fills it first (it compiles, minutes, only when the
-cache holds no step for this model, torch and CPU). `--fresh-cache` gives each source its own
+cache holds no step for this model, torch and CPU) and the children's bytecode cache (a temporary
+`PYTHONPYCACHEPREFIX`, as a user's Python keeps `__pycache__`; `--as-environment` keeps this
+environment's setting, e.g. PYTHONDONTWRITEBYTECODE=1, which compiles every module from source on
+every start: ~0.2 s more). `--fresh-cache` gives each source its own
 temporary cache instead (or `--cache DIR`: DIR/srcN, kept for the next run). Each `--src` is a
 `src` folder put first on PYTHONPATH (default: this checkout's), e.g. a worktree of an older
 commit for a before/after; several are run interleaved (A, B, A, B ...). Prints medians per source
@@ -81,10 +84,16 @@ CLI = "import sys; from lagoon.cli.app import main; sys.argv = ['lagoon', *sys.a
 IMPORTS = ("transformers", "jinja2", "torch._dynamo", "torch._inductor")
 
 
+PYCACHE: str | None = None  # set by main: where the children keep their bytecode
+
+
 def child_env(src: Path, cache: str | None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
     if cache is not None:
         env["LAGOON_CACHE_DIR"] = cache
+    if PYCACHE is not None:  # bytecode cached, as a user's Python does: not compiled from source every start
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = PYCACHE
     return env
 
 
@@ -114,6 +123,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--src", type=Path, action="append", help="a src folder to time (repeatable)")
     ap.add_argument("--cli", action="store_true", help="also time `lagoon generate -m embedded -n 1` to its exit")
+    ap.add_argument("--as-environment", action="store_true",
+                    help="keep this environment's bytecode setting (PYTHONDONTWRITEBYTECODE=1 compiles every module "
+                         "from source on every start); default: bytecode cached in a temporary folder")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--fresh-cache", action="store_true", help="a temporary cache per source (the first start compiles)")
     where.add_argument("--cache", type=Path, help="keep the caches under this folder (one per --src) for the next run")
@@ -127,6 +139,9 @@ def main() -> None:
     else:
         caches = [None] * len(srcs)  # the engine's own: LAGOON_CACHE_DIR or ~/.cache/lagoon
     rows: list[list[dict]] = [[] for _ in srcs]
+    global PYCACHE
+    if not a.as_environment:
+        PYCACHE = tempfile.mkdtemp(prefix="lagoon-start-pycache-")
     try:
         for src, cache in zip(srcs, caches, strict=True):
             first = run_child(src, cache, a.threads)  # fills the caches (the step compiles if none is saved)
@@ -139,10 +154,13 @@ def main() -> None:
     finally:
         for cache in caches if a.fresh_cache else ():
             shutil.rmtree(cache, ignore_errors=True)
+        if PYCACHE is not None:
+            shutil.rmtree(PYCACHE, ignore_errors=True)
     flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags")
                     for f in line.split(":")[1].split() if f.startswith(("avx", "amx", "fma", "f16c"))})
     print(f"CPU flags: {' '.join(flags)}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
-          f"{a.threads} threads; medians of {a.repeats} warm starts")
+          f"{a.threads} threads; medians of {a.repeats} warm starts; bytecode "
+          + ("as this environment sets it" if PYCACHE is None else "cached (filled by the first start)"))
     keys = ["start", "cpu", "gc", "import torch", "import lagoon.engine", "checkpoint", "tokenizer", "kv_cache",
             "step load", "first call"] + (["cli"] if a.cli else [])
     print(f"{'src':40s} " + " ".join(f"{k:>12s}" for k in keys) + "  imports")
