@@ -1,6 +1,7 @@
 """What a warm start of the embedded engine imports (a fresh process, the caches filled): never
 transformers (the tokenizer loads from its `FastTokenizer` record), jinja2 only at the first chat
-prompt (the template compiles then), and, with the decode step eager, never torch._dynamo (the
+prompt (the template compiles then), neither gguf nor yaml (the repack cache serves the weights;
+`lagoon.config`'s loader is not needed), and, with the decode step eager, never torch._dynamo (the
 model is built on the meta device without Python meta kernels). Each is
 ~0.35-0.8 s of CPU that `benchmarks/bench_engine.py`'s warm start would pay."""
 
@@ -18,7 +19,7 @@ from lagoon.config import EngineSection
 from lagoon.engine import load_model
 e = load_model('embedded', config=EngineSection(compile=False, max_seq_len=256, max_batch_size=1))
 e.complete('def', e.params(max_new_tokens=2))
-print('BEFORE CHAT', sorted(m for m in ('jinja2', 'transformers', 'torch._dynamo') if m in sys.modules))
+print('BEFORE CHAT', sorted(m for m in ('jinja2', 'transformers', 'torch._dynamo', 'gguf', 'yaml') if m in sys.modules))
 e.chat_prompt([{'role': 'user', 'content': 'hi'}])
 print('IMPORTED', sorted(m for m in ('transformers', 'torch._dynamo') if m in sys.modules))
 """

@@ -360,8 +360,6 @@ def open_gguf(path: str | Path) -> Any:
 def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPlan | None = None) -> Transformer:
     """`native`: Q4_0 / Q4_1 linears stay 4-bit or become int8, and a quantized output head (or the
     quantized embedding it is tied to) runs int8, as `plan` (default: `kernel_plan()`, by CPU) says."""
-    import gguf
-
     native = precision == "native"
     plan = plan or kernel_plan()
     if native:
@@ -370,6 +368,8 @@ def load_gguf(path: str | Path, precision: Precision = "native", plan: KernelPla
         cached = load_cached(path, plan)
         if cached is not None:
             return cached  # stored joined (below): mapped as it is, no torch.cat of every q/k/v again
+    import gguf  # after the cache: its import (yaml and all, ~0.1 s) is for a cold load only
+
     reader = open_gguf(path)
     args = gguf_args(reader)
     state: dict[str, torch.Tensor] = {}
