@@ -6,9 +6,10 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from lagoon.config import LagoonConfig, _submodel, describe_key, load_config, parse_override
+from lagoon.config.section import Section, field_doc
 from lagoon.errors import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -109,15 +110,15 @@ def test_override_syntax_errors():
 
 def _walk(model: type[BaseModel], prefix=""):
     for name, info in model.model_fields.items():
-        yield f"{prefix}{name}", info
+        yield f"{prefix}{name}", info, model, name
         sub = _submodel(info.annotation)
         if sub is not None:
             yield from _walk(sub, f"{prefix}{name}.")
 
 
 def test_every_field_has_a_default_and_a_docstring():
-    missing_doc = [k for k, info in _walk(LagoonConfig) if not (info.description or "").strip()]
-    required = [k for k, info in _walk(LagoonConfig) if info.is_required()]
+    missing_doc = [k for k, _, model, name in _walk(LagoonConfig) if not field_doc(model, name).strip()]
+    required = [k for k, info, _, _ in _walk(LagoonConfig) if info.is_required()]
     assert not missing_doc, f"fields without a docstring: {missing_doc}"
     assert not required, f"fields without a default: {required}"
 
@@ -202,3 +203,28 @@ def test_unknown_key_named_like_a_validator_step_is_a_clean_error():
     # hypothesis found {'function-': None}: the validator-step filter must not eat a user's key
     with pytest.raises(ConfigError, match="function-"):
         load_config({"function-": None})
+
+
+class _Base(Section):
+    inherited: int = 1
+    """From the base:
+        indented, cleaned."""
+
+
+class _Documented(_Base):
+    plain: str = "x"
+    """A plain docstring."""
+
+    explicit: int = Field(2, description="Given to Field.")
+    bare: int = 3
+    after_bare: int = 4
+    """Belongs to after_bare only."""
+
+
+def test_field_doc_reads_attribute_docstrings_from_the_source():
+    assert field_doc(_Documented, "plain") == "A plain docstring."
+    assert field_doc(_Documented, "explicit") == "Given to Field."
+    assert field_doc(_Documented, "bare") == ""
+    assert field_doc(_Documented, "after_bare") == "Belongs to after_bare only."
+    assert field_doc(_Documented, "inherited") == "From the base:\nindented, cleaned."
+    assert describe_key("engine.threads") == "torch intra-op threads; None keeps torch's default."

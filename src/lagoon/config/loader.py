@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from lagoon.config.lagoon_config import LagoonConfig
-from lagoon.config.section import _to_snake
+from lagoon.config.section import _to_snake, field_doc
 from lagoon.errors import ConfigError
 from lagoon.yaml_loader import DuplicateKeyError, load_yaml
 
@@ -246,11 +246,11 @@ def config_keys(model: type[BaseModel] = LagoonConfig, prefix: str = "") -> list
 def describe_key(dotted: str) -> str:
     """The docstring of a dotted key (snake or camel spelling), as one line."""
     model: type[BaseModel] | None = LagoonConfig
-    info = None
+    doc = ""
     for part in dotted.split("."):
         name = _field_for(model, part) if model is not None else None
         if model is None or name is None:
             raise ConfigError(f"{dotted}: unknown key; `lagoon config keys` lists them all")
-        info = model.model_fields[name]
-        model = _submodel(info.annotation)
-    return " ".join((info.description or "").split()) if info is not None else ""
+        doc = field_doc(model, name)
+        model = _submodel(model.model_fields[name].annotation)
+    return " ".join(doc.split())
