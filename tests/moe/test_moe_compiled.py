@@ -1,7 +1,9 @@
 """MoE models compile their decode step (the static path, `lagoon.moe.layer`) and the compiled engine
 equals the eager one: greedy tokens of each family's tiny model (fp32) and the routing statistics the
 load monitor recorded (the compiled steps' in-graph counts drained by `MoeRuntime.step`, the compile
-warm-up left out); batch 1 and the dynamic-batch graph. Slow: each engine compiles cold (30-110 s)."""
+warm-up left out); batch 1 and the dynamic-batch graph. On CPU the step is an AOTInductor package (the
+default backend), and dynamo's artefact where `LAGOON_COMPILE_BACKEND=dynamo` forces it. Slow: each
+engine compiles cold (30-110 s)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,20 @@ def _run(eng, prompts: list[str], together: bool) -> tuple[list[list[int]], dict
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("LAGOON_CACHE_DIR", str(tmp_path / "lagoon-cache"))
+    monkeypatch.delenv("LAGOON_COMPILE_BACKEND", raising=False)
+
+
+def _compiled_equals_eager(folder, backend: str) -> None:
+    results = {}  # the default config: load penalty and recalibration on (routing state changes between steps)
+    for compile in (False, True):
+        eng = _engine(folder, compile)
+        try:
+            assert eng.step.compiled == compile and (eng.step.eager_reason is None) == compile
+            assert not compile or eng.step.backend == backend
+            results[compile] = _run(eng, PROMPTS[:1], together=False)
+        finally:
+            eng.close()
+    assert results[True] == results[False]
 
 
 @pytest.mark.slow
@@ -50,16 +66,13 @@ def cache_dir(tmp_path, monkeypatch):
 def test_compiled_moe_engine_equals_eager(tmp_path, cache_dir, family):
     # "unit": what `lagoon moefy` writes (the embedded-moe preset): unit expert weights, k = E
     over = {"num_experts_per_tok": 4, "lagoon_expert_weighting": "unit"} if family == "unit" else {}
-    folder = save_tiny_model(tmp_path / family, "mixtral" if family == "unit" else family, **over)
-    results = {}  # the default config: load penalty and recalibration on (routing state changes between steps)
-    for compile in (False, True):
-        eng = _engine(folder, compile)
-        try:
-            assert eng.step.compiled == compile and (eng.step.eager_reason is None) == compile
-            results[compile] = _run(eng, PROMPTS[:1], together=False)
-        finally:
-            eng.close()
-    assert results[True] == results[False]
+    _compiled_equals_eager(save_tiny_model(tmp_path / family, "mixtral" if family == "unit" else family, **over), "aoti")
+
+
+@pytest.mark.slow
+def test_dynamo_forced_still_compiles_an_moe_engine_like_eager(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("LAGOON_COMPILE_BACKEND", "dynamo")
+    _compiled_equals_eager(save_tiny_model(tmp_path / "m", "mixtral"), "dynamo")
 
 
 @pytest.mark.slow
