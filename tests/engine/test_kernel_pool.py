@@ -156,6 +156,33 @@ def test_a_worker_stalled_holding_a_chunk_is_waited_for(threads):
     assert caught == 1, "no worker ever claimed a chunk"
 
 
+def test_calls_from_two_threads_at_once_are_both_right(threads):
+    import threading
+
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(5)
+    call, K = _head(g, _isa())
+    xs = [torch.randn(2, K, generator=g) for _ in range(4)]
+    refs = [_reference(call, x) for x in xs]
+    crowded, wrong = cpu_kernels.pool_stats().crowded, []
+
+    def hammer(k: int) -> None:
+        torch.set_num_threads(2)
+        for i in range(60):
+            if not torch.equal(call(xs[(i + k) % 4]), refs[(i + k) % 4]):
+                wrong.append((k, i))
+
+    ts = [threading.Thread(target=hammer, args=(k,)) for k in range(2)]
+    for t in ts:
+        t.start()
+    hammer(2)
+    for t in ts:
+        t.join()
+    assert not wrong
+    # the op releases the GIL, so the threads did meet: the later one ran its call inline
+    assert cpu_kernels.pool_stats().crowded > crowded
+
+
 _EXIT = r"""
 import os, sys, torch
 from lagoon.engine import compute, cpu_kernels

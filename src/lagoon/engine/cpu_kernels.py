@@ -252,12 +252,13 @@ class PoolStats:
     last_caller_chunks: int  # of which the calling thread ran
     held: bool  # a worker is stalled by the test hook (`torch.ops.lagoon.pool_hold`) now
     stalls: int  # times the hook has stalled a worker
+    crowded: int  # calls that found another thread's job on the pool and ran inline on their own thread
 
 
 def pool_stats() -> PoolStats:
     _require()
-    w, j, c, m, h, s = torch.ops.lagoon.pool_stats()
-    return PoolStats(w, j, c, m, bool(h), s)
+    w, j, c, m, h, s, x = torch.ops.lagoon.pool_stats()
+    return PoolStats(w, j, c, m, bool(h), s, x)
 
 
 def quantize_i8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

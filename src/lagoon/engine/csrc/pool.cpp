@@ -124,6 +124,7 @@ struct Pool {
   std::exception_ptr error;
   // statistics and the test hook (lagoon::pool_stats / lagoon::pool_hold)
   std::atomic<int64_t> jobs{0}, last_chunks{0}, last_caller_chunks{0};
+  std::atomic<int64_t> crowded{0};  // calls that found another thread's job running and ran inline
   std::atomic<int> hold_mode{0};  // 1: the next worker to see a job stalls before claiming; 2: after its first claim
   std::atomic<int64_t> hold_us{0};
   std::atomic<uint32_t> held{0}, gate{0};
@@ -276,7 +277,10 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, Fn fn) {
   const int64_t range = end - begin, threads = at::get_num_threads();
   grain = std::max<int64_t>(grain, 1);
   if (threads <= 1 || range < grain || tls_in_job || range == 1) return fn(begin, end);
-  if (P.busy.exchange(true, std::memory_order_acquire)) return fn(begin, end);  // another thread's job is running
+  if (P.busy.exchange(true, std::memory_order_acquire)) {  // another thread's job is running
+    P.crowded.fetch_add(1, std::memory_order_relaxed);
+    return fn(begin, end);
+  }
   ensure_workers(P, static_cast<int>(threads - 1));
   int64_t n = std::min({(range + grain - 1) / grain, threads * tune_chunks.load(std::memory_order_relaxed), kMaxChunks});
   const int64_t chunk = (range + n - 1) / n;
@@ -322,11 +326,11 @@ bool pool_set(int64_t on) {
 }
 
 // [workers alive, jobs run, chunks of the last job, of which the caller ran, a worker held by
-// pool_hold now, stalls by pool_hold so far]
+// pool_hold now, stalls by pool_hold so far, calls run inline beside another thread's job]
 std::vector<int64_t> pool_stats() {
   Pool& P = pool();
   return {int64_t(P.alive.load()), P.jobs.load(), P.last_chunks.load(), P.last_caller_chunks.load(),
-          int64_t(P.held.load()), P.stalls.load()};
+          int64_t(P.held.load()), P.stalls.load(), P.crowded.load()};
 }
 
 // Test hook: the next worker to see a job stalls (mode 1: before claiming a chunk; 2: holding its
