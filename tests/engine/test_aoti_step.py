@@ -90,8 +90,9 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def test_a_package_calls_lagoon_kernels_and_matches_eager(kernels, cache_dir):
     """One cold compile (~30 s on 2 cores): batch 1 on Lagoon's 4-bit kernel against the eager step,
-    the kernel dispatched from inside the package (AOTInductor's proxy executor), then a second step
-    loading the package from disk. Tolerance: the package fuses the float glue (norms, RoPE, SiLU) and
+    the kernel called from inside the package as a C shim (not through AOTInductor's proxy executor),
+    a process without Lagoon's library refused by the package, then a second step loading the package
+    from disk. Tolerance: the package fuses the float glue (norms, RoPE, SiLU) and
     may round an activation differently before the kernel's int8 quantization (a step of 1/254 of a
     block's maximum): 2e-3 relative."""
     model = _q4_model(native=True)
@@ -103,8 +104,46 @@ def test_a_package_calls_lagoon_kernels_and_matches_eager(kernels, cache_dir):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step([None], torch.tensor([[1]]), torch.tensor([[3]]))  # a padding slot: writes the scratch block
     assert sum(e.key == "lagoon::q4_matvec" for e in prof.key_averages()) == 1  # called by the package
+    so, externs = _package_code(step.entry(1))
+    assert b"aoti_torch_cpu_q4_matvec" in so and b"aoti_torch_cpu_i8_matvec" not in so  # the head is float here
+    assert "lagoon::q4_matvec" not in externs  # no proxy-executor call left for it
+    _refused_without_library(step.entry(1))
     _, again, got2 = _pair(model)
     assert again.loaded_buckets == {1} and again.ready_s[1] < 5 and torch.equal(got2, got)
+
+
+def _package_code(path) -> tuple[bytes, str]:
+    """(the package's compiled library, its proxy executor's extern-kernel descriptions)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        so = b"".join(z.read(n) for n in names if n.endswith(".so"))
+        externs = "".join(z.read(n).decode() for n in names if n.endswith(".json") and "metadata" not in n)
+    return so, externs
+
+
+def _refused_without_library(path) -> None:
+    """A fresh process that opens the package without Lagoon's kernel library fails on the shims."""
+    import subprocess
+    import sys
+
+    code = f"import torch; torch._C._aoti.AOTIModelPackageLoader({str(path)!r}, 'model', True, 1, -1)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "aoti_torch_cpu_q4_matvec" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_package_of_an_older_format_is_refused(tmp_path):
+    """A package compiled before the shims (format aoti-1: Lagoon's ops through the proxy executor)
+    is refused at load, before its library is opened, so `DecodeStep` compiles afresh."""
+    import json
+    import zipfile
+
+    pkg = tmp_path / "step-b1.pt2"
+    with zipfile.ZipFile(pkg, "w") as z:
+        z.writestr("step/data/aotinductor/model/x_metadata.json", json.dumps({"format": "aoti-1", "ops": ""}))
+    with pytest.raises(RuntimeError, match="format is 'aoti-1'"):
+        aoti_step.load_package(pkg, None, None)
 
 
 def test_a_corrupt_package_is_deleted_and_the_step_still_answers(cache_dir, monkeypatch, caplog):

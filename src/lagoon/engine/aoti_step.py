@@ -19,10 +19,14 @@ What a package does not carry, and where it is kept instead:
   shapes the traced graph (`traced_sources`: Lagoon's model/ and moe/ packages, the engine's KV cache
   and kernel modules, and the file of every module class in the model), compared with the files at
   load; an edited file makes the package stale (recompiled by the caller);
-- custom ops the graph calls (Lagoon's ``lagoon::q4_matvec`` / ``i8_matvec``, and any other op
-  outside aten / prims) run through AOTInductor's proxy executor, which finds them in the
-  dispatcher: their names are recorded in the metadata and each is resolved (Lagoon's kernel library
-  loaded first) before the package is opened.
+- custom ops the graph calls: Lagoon's (``lagoon::q4_matvec``, ``i8_matvec``, the MoE matvecs,
+  ``decode_attention``: `SHIMS`) are called as C functions (``csrc/aoti_shims.cpp``, in Lagoon's
+  kernel library) that the package's library leaves undefined: `load_package` loads the kernel
+  library and makes its symbols global first, and a package opened without it fails to load. Any
+  other op outside aten / prims runs through AOTInductor's proxy executor, which finds it in the
+  dispatcher by name and boxes its arguments on every call (~2-5 us each: a decode step makes 100+
+  such calls). The names of all of them are recorded in the metadata and each is resolved before
+  the package is opened; a package of an older `FORMAT` (proxy calls) is refused as stale.
 
 This module is not a scheduler and does not decide when to compile (see `lagoon.engine.compile`).
 """
@@ -42,7 +46,7 @@ from lagoon.atomic import atomic_path
 from lagoon.engine import cpu_kernels
 
 __all__ = ["PackagedStep", "StepModule", "compile_package", "constants_path", "load_package", "traced_sources",
-           "AOTI_OPTIONS"]
+           "AOTI_OPTIONS", "FORMAT", "SHIMS"]
 
 # inductor / AOTInductor settings of every package (also hashed into the cache key by `compile`)
 AOTI_OPTIONS: dict = {
@@ -54,6 +58,18 @@ AOTI_OPTIONS: dict = {
     "always_keep_tensor_constants": True,
     "emulate_precision_casts": True,  # round bf16 intermediates where eager does (greedy tokens match)
     "fx_graph_cache": False,  # the package is the cache; the constants capture needs a real codegen
+}
+FORMAT = "aoti-2"  # aoti-2: Lagoon's ops as C shims (aoti-1 called them through the proxy executor)
+# op -> the C declaration of its shim in csrc/aoti_shims.cpp (inductor's ABI: handles, int64_t,
+# double, the result through the last argument); inductor names the function aoti_torch_cpu_<op>
+_H = "AtenTensorHandle"
+SHIMS: dict[str, str] = {
+    "lagoon::q4_matvec": f"AOTITorchError aoti_torch_cpu_q4_matvec({_H}, {_H}, int64_t, int64_t, {_H}*)",
+    "lagoon::i8_matvec": f"AOTITorchError aoti_torch_cpu_i8_matvec({_H}, {_H}, int64_t, int64_t, {_H}*)",
+    "lagoon::q4_moe_matvec": f"AOTITorchError aoti_torch_cpu_q4_moe_matvec({_H}, {_H}, {_H}, int64_t, int64_t, {_H}*)",
+    "lagoon::i8_moe_matvec": f"AOTITorchError aoti_torch_cpu_i8_moe_matvec({_H}, {_H}, {_H}, int64_t, int64_t, {_H}*)",
+    "lagoon::decode_attention": (f"AOTITorchError aoti_torch_cpu_decode_attention({_H}, {_H}, {_H}, {_H}, {_H}, "
+                                 f"double, int64_t, {_H}*)"),
 }
 _BUILTIN_NAMESPACES = frozenset({"aten", "prims"})
 _ROOT = Path(__file__).resolve().parent.parent  # src/lagoon
@@ -200,14 +216,15 @@ def compile_package(model: nn.Module, cache, path: Path, *, batch: int, max_batc
     with torch.no_grad():
         ep = export(step, (tokens, pos.clone(), bound), dynamic_shapes=shapes, strict=False)
     known = set(step.tensors())
-    meta = {"format": "aoti-1", "ops": ",".join(_custom_ops(ep.graph_module)),
-            "sources": json.dumps(traced_sources(model, cache))}
+    ops = _custom_ops(ep.graph_module)
+    meta = {"format": FORMAT, "ops": ",".join(ops), "sources": json.dumps(traced_sources(model, cache))}
     extras: dict[str, torch.Tensor] = {}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".pt2") as tmp, torch.no_grad():
         with _capturing_constants(known, extras) as seen:
             torch._inductor.aoti_compile_and_package(
-                ep, package_path=str(tmp), inductor_configs={**AOTI_OPTIONS, "aot_inductor.metadata": meta})
+                ep, package_path=str(tmp), inductor_configs={**AOTI_OPTIONS, "aot_inductor.metadata": meta,
+                                                             "aot_inductor.custom_ops_to_c_shims": _shims(ops)})
         if not seen[0]:
             raise RuntimeError("AOTInductor's codegen did not run, so its constants could not be recorded")
         meta_extras = sorted(extras)
@@ -227,15 +244,35 @@ class PackagedStep:
         return self.loader.run([tokens, pos, *self.cache.bound_tensors()])[0]
 
 
+def _shims(ops: list[str]) -> dict:
+    """inductor's `custom_ops_to_c_shims` for the graph's `ops` that have a shim."""
+    return {getattr(torch.ops.lagoon, op.split("::")[1]).default: [SHIMS[op]] for op in ops if op in SHIMS}
+
+
 def _resolve_ops(ops: list[str]) -> None:
     if any(op.startswith("lagoon::") for op in ops):
-        cpu_kernels.library()  # the proxy executor finds Lagoon's ops in the dispatcher
+        lib = cpu_kernels.library()
+        if lib is None:
+            raise RuntimeError(f"the package calls Lagoon's ops but its kernel library is unavailable "
+                               f"({cpu_kernels.unavailable_reason()})")
+        if any(op in SHIMS for op in ops):
+            _export_symbols(lib)
     for op in ops:
         ns, name = op.split("::")
         try:
             getattr(getattr(torch.ops, ns), name)
         except (AttributeError, RuntimeError):
             raise RuntimeError(f"the package calls {op}, which is not registered in this process") from None
+
+
+def _export_symbols(lib: Path) -> None:
+    # torch.ops.load_library opens the kernel library RTLD_LOCAL; the package's library finds the
+    # shims (undefined in it) only among global symbols: reopening the loaded file with
+    # RTLD_NOLOAD | RTLD_GLOBAL promotes it, loading nothing new
+    import ctypes
+    import os
+
+    ctypes.CDLL(str(lib), mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -251,6 +288,8 @@ def load_package(path: Path, model: nn.Module, cache) -> PackagedStep:
     """Open `path` over `model`'s and `cache`'s own tensors; raises (with the reason) when the package
     is unreadable, stale (a traced source changed) or lacks a constant."""
     meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise RuntimeError(f"the package's format is {meta.get('format')!r}, not {FORMAT!r} (compiled by an older Lagoon)")
     changed = _changed(json.loads(meta.get("sources", "{}")))
     if changed:
         raise RuntimeError(f"the traced source changed since it was compiled: {changed}")
