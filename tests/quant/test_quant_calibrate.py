@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
+from quant_models import INTER, E, K, batches, tiny_lm
 
-from conftest import INTER, E, K, batches, tiny_lm
 from lagoon.quant import QuantConfig, TokenType, calibrate, quantize_, token_types
 
 

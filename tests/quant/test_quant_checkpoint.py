@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from quant_models import batches, tiny_lm
 
-from conftest import batches, tiny_lm
 from lagoon.errors import CheckpointError, QuantizationError
 from lagoon.quant import (
     QuantConfig,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quant_models import tiny_lm
 
-from conftest import tiny_lm
 from lagoon.moe import ReferenceExperts, SparseMoE, plan_dispatch
 from lagoon.quant import QuantConfig, QuantizedExperts, get_scheme, quantize_
 from lagoon.quant.fidelity import sqnr_db

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
+from quant_models import E, batches, tiny_lm
 
-from conftest import E, batches, tiny_lm
 from lagoon.quant import QuantConfig, calibrate, quantize_, token_types
 from lagoon.quant.fidelity import FidelityReport, layer_fidelity, sqnr_db, text_fidelity
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quant_models import batches, tiny_lm
 from torch import nn
 
-from conftest import batches, tiny_lm
 from lagoon.errors import QuantizationError
 from lagoon.quant import QuantConfig, TokenType, calibrate, get_scheme, quantize_
 from lagoon.quant.linear import QuantizedLinear

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
+from quant_models import V, batches, tiny_lm
 
-from conftest import V, batches, tiny_lm
 from lagoon.quant import QuantConfig, TokenType, calibrate, quantize_
 from lagoon.quant.fidelity import TRANSCRIPT, token_type_report, typed_fidelity
 
