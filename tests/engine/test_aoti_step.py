@@ -187,6 +187,22 @@ def test_the_traced_sources_include_the_model_class_file_and_notice_an_edit(tmp_
     assert aoti_step._changed(sources).endswith("lagoon_aoti_edited.py")
 
 
+def test_lagoon_sources_are_recorded_by_package_path_so_checkouts_share_a_package(tmp_path, monkeypatch):
+    """A second checkout with the same sources accepts the package; one whose copy differs refuses it."""
+    import shutil
+
+    model = Transformer(ARGS)
+    cache = make_cache(ARGS, paged=False, max_batch=1, max_seq_len=16, dtype=torch.float32)
+    sources = aoti_step.traced_sources(model, cache)
+    assert "lagoon/model/transformer.py" in sources and not any(p.startswith("/") for p in sources)
+    other = tmp_path / "lagoon"
+    shutil.copytree(aoti_step._ROOT, other, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    monkeypatch.setattr(aoti_step, "_ROOT", other)
+    assert aoti_step._changed(sources) is None
+    (other / "model" / "transformer.py").write_text("# another checkout's edit\n", encoding="utf-8")
+    assert aoti_step._changed(sources) == "lagoon/model/transformer.py"
+
+
 @pytest.mark.slow  # two cold compiles
 def test_inductor_constants_are_saved_beside_the_package_and_required(cache_dir, caplog):
     """torch's int4 kernel path: inductor lowers each int4 matmul with a group-size tensor it makes

@@ -137,12 +137,18 @@ def traced_sources(model: nn.Module, cache) -> dict[str, str]:
                 continue
             with contextlib.suppress(TypeError, OSError):
                 files.add(Path(inspect.getsourcefile(klass)).resolve())
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in sorted(files) if f.is_file()}
+    return {_portable(f): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in sorted(files) if f.is_file()}
+
+
+def _portable(f: Path) -> str:
+    """Lagoon's own files by their path inside the package: checkouts sharing ~/.cache/lagoon with the
+    same sources then share a package instead of recompiling it for each other's absolute paths."""
+    return f"lagoon/{f.relative_to(_ROOT).as_posix()}" if f.is_relative_to(_ROOT) else str(f)
 
 
 def _changed(recorded: dict[str, str]) -> str | None:
     for path, digest in recorded.items():
-        f = Path(path)
+        f = _ROOT / path.removeprefix("lagoon/") if path.startswith("lagoon/") else Path(path)
         now = hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.is_file() else "missing"
         if now != digest:
             return path
