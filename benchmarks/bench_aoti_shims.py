@@ -36,13 +36,14 @@ def _load(mode: str, threads: int):
     try:
         engine = load_model("embedded", precision="native", config=EngineSection(
             max_batch_size=8, max_seq_len=4096, prefix_cache=False, compile=True, threads=threads))
-        step = engine.step  # the engine loaded (or compiled) its graph already: this engine compiles its own
-        for b in (1, 2):
-            step.entry(b, "aoti").unlink(missing_ok=True)
-        step._fns.clear()
-        step.compiled_buckets.clear()
-        step.loaded_buckets.clear()
-        compute.call(step.warm_up)
+        step = engine.step
+        if step.loaded_buckets:  # a cached graph of either kind: this engine compiles its own
+            for b in (1, 2):
+                step.entry(b, "aoti").unlink(missing_ok=True)
+            step._fns.clear()
+            step.compiled_buckets.clear()
+            step.loaded_buckets.clear()
+            compute.call(step.warm_up)
         assert step.backend == "aoti" and step.compiled_buckets == {1}, step.eager_reason
         if mode == "proxy":
             for b in (1, 2):
