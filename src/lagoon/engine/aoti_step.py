@@ -278,7 +278,11 @@ def _export_symbols(lib: Path) -> None:
     import ctypes
     import os
 
-    ctypes.CDLL(str(lib), mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+    try:
+        ctypes.CDLL(str(lib), mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+    except OSError as exc:  # Lagoon's ops were registered from another file than `lib`
+        raise RuntimeError(f"the package calls Lagoon's ops as C shims, but {lib} is not the loaded kernel "
+                           f"library ({exc})") from None
 
 
 def read_metadata(path: Path) -> dict[str, str]:
