@@ -261,8 +261,7 @@ def _resolve_ops(ops: list[str]) -> None:
         if lib is None:
             raise RuntimeError(f"the package calls Lagoon's ops but its kernel library is unavailable "
                                f"({cpu_kernels.unavailable_reason()})")
-        if any(op in SHIMS for op in ops):
-            _export_symbols(lib)
+        _export_symbols(lib)  # whatever this process's SHIMS: the package's own library decides what it calls
     for op in ops:
         ns, name = op.split("::")
         try:
