@@ -15,12 +15,10 @@ loading (both share a cache key), then the shim one, which stays in the cache.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import time
 
-import torch
+from decode_timing import cpu_line, decode_rate, prefill, step_times  # benchmarks/: this script's folder
 
 from lagoon.config import EngineSection
 from lagoon.engine import aoti_step, compute, cpu_kernels, load_model
@@ -53,30 +51,6 @@ def _load(mode: str, threads: int):
         aoti_step.SHIMS.update(saved)
 
 
-def _decode(engine, ids: list[int], tokens: int) -> float:
-    c = engine.complete(ids, engine.params(max_new_tokens=tokens, ignore_eos=True))
-    return (c.completion_tokens - 1) / (c.duration_s - c.ttft_s)
-
-
-def _prefill(engine, sid: int, ids: list[int]) -> None:
-    cache = engine.cache
-    cache.allocate(sid, ids)
-    cache.ensure(sid, len(ids) + 1)
-    pos = torch.arange(len(ids))[None]
-    cache.prepare([sid], pos)
-    with torch.no_grad():
-        engine.model(torch.tensor([ids]), pos, cache)
-
-
-def _steps(engine, sid: int, at: int, n: int) -> list[float]:
-    tok, pos, out = torch.tensor([[17]]), torch.tensor([[at]]), []
-    for _ in range(n):  # rewrites position `at`: every step attends over the same keys
-        t = time.perf_counter()
-        engine.step([sid], tok, pos)
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -84,19 +58,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--step-rounds", type=int, default=12, help="batches of 25 single steps per engine")
     a = ap.parse_args()
-    cpu = open("/proc/cpuinfo").read().split()
-    flags = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx2", "fma") if f in cpu]
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, flags: {' '.join(flags)}, engine.threads {a.threads}")
+    print(cpu_line(a.threads))
     if not cpu_kernels.available():
         sys.exit(f"Lagoon's kernels are unavailable ({cpu_kernels.unavailable_reason()}): nothing to compare")
     engines = {m: _load(m, a.threads) for m in MODES}
     ids = engines["shim"].encode(TEXT)[:128]
     for m in MODES:
-        _decode(engines[m], ids[:16], 4)
+        decode_rate(engines[m], ids[:16], 4)
     got: dict[str, list[float]] = {m: [] for m in MODES}
     for r in range(a.rounds):
         for m in (MODES if r % 2 == 0 else MODES[::-1]):
-            got[m].append(_decode(engines[m], ids, a.tokens))
+            got[m].append(decode_rate(engines[m], ids, a.tokens))
         print(f"round {r + 1}: " + ", ".join(f"{m} {got[m][-1]:.1f}" for m in MODES), flush=True)
     med = {m: statistics.median(v) for m, v in got.items()}
     print("median decode tok/s (128-token prompt, greedy, batch 1): "
@@ -104,10 +76,10 @@ def main() -> None:
 
     steps: dict[str, list[float]] = {m: [] for m in MODES}
     for m in MODES:
-        compute.call(_prefill, engines[m], 0, ids)
+        compute.call(prefill, engines[m], 0, ids)
     for r in range(a.step_rounds):
         for m in (MODES if r % 2 == 0 else MODES[::-1]):
-            steps[m] += compute.call(_steps, engines[m], 0, len(ids), 25)
+            steps[m] += compute.call(step_times, engines[m], 0, len(ids), 25)
     low = {m: (min(v) * 1e3, sorted(v)[len(v) // 10] * 1e3, statistics.median(v) * 1e3) for m, v in steps.items()}
     print("single decode steps, ms (fastest / 10th percentile / median): " + ", ".join(
         f"{m} {lo:.3f} / {p10:.3f} / {p50:.3f}" for m, (lo, p10, p50) in low.items()))

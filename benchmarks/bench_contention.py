@@ -20,13 +20,11 @@ beside a busy process can take a minute a run (1-3 tok/s on 2 cores): --busy-tok
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
-import time
 
-import torch
+from decode_timing import cpu_line, decode_rate, prefill, step_times  # benchmarks/: this script's folder
 
 from lagoon.config import EngineSection
 from lagoon.engine import compute, cpu_kernels, load_model
@@ -43,27 +41,7 @@ def _load(mode: str, threads: int):
 
 def _decode(engine, mode: str, ids: list[int], tokens: int) -> float:
     cpu_kernels.kernel_pool(mode == "pool")
-    c = engine.complete(ids, engine.params(max_new_tokens=tokens, ignore_eos=True))
-    return (c.completion_tokens - 1) / (c.duration_s - c.ttft_s)
-
-
-def _prefill(engine, sid: int, ids: list[int]) -> None:
-    cache = engine.cache
-    cache.allocate(sid, ids)
-    cache.ensure(sid, len(ids) + 1)
-    pos = torch.arange(len(ids))[None]
-    cache.prepare([sid], pos)
-    with torch.no_grad():
-        engine.model(torch.tensor([ids]), pos, cache)
-
-
-def _steps(engine, sid: int, at: int, n: int) -> list[float]:
-    tok, pos, out = torch.tensor([[17]]), torch.tensor([[at]]), []
-    for _ in range(n):  # rewrites position `at`: every step attends over the same keys
-        t = time.perf_counter()
-        engine.step([sid], tok, pos)
-        out.append(time.perf_counter() - t)
-    return out
+    return decode_rate(engine, ids, tokens)
 
 
 def main() -> None:
@@ -74,9 +52,7 @@ def main() -> None:
     ap.add_argument("--busy-tokens", type=int, default=24, help="new tokens a run beside the busy process")
     ap.add_argument("--step-rounds", type=int, default=12, help="batches of 25 single steps per engine")
     a = ap.parse_args()
-    cpu = open("/proc/cpuinfo").read().split()
-    flags = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx2", "fma") if f in cpu]
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, flags: {' '.join(flags)}, engine.threads {a.threads}")
+    print(cpu_line(a.threads))
     if not cpu_kernels.available():
         sys.exit(f"Lagoon's kernels are unavailable ({cpu_kernels.unavailable_reason()}): nothing to compare")
     engines = {m: _load(m, a.threads) for m in MODES}
@@ -106,11 +82,11 @@ def main() -> None:
 
     steps: dict[str, list[float]] = {m: [] for m in MODES}
     for m in MODES:
-        compute.call(_prefill, engines[m], 0, ids)
+        compute.call(prefill, engines[m], 0, ids)
     for _ in range(a.step_rounds):
         for m in MODES:
             cpu_kernels.kernel_pool(m == "pool")
-            steps[m] += compute.call(_steps, engines[m], 0, len(ids), 25)
+            steps[m] += compute.call(step_times, engines[m], 0, len(ids), 25)
     low = {m: (min(v) * 1e3, sorted(v)[len(v) // 10] * 1e3) for m, v in steps.items()}
     print("\nsingle decode steps, ms (fastest, 10th percentile): " + ", ".join(
         f"{m} {lo:.2f} / {p10:.2f}" for m, (lo, p10) in low.items()))

@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from decode_timing import cpu_line, prefill  # benchmarks/: this script's folder
 
 from lagoon.config import EngineSection
 from lagoon.engine import compute, load_model
@@ -31,16 +32,6 @@ def _load(native: bool, threads: int):
     os.environ["LAGOON_NATIVE_ATTENTION"] = "1" if native else "0"
     return load_model("embedded", precision="native", config=EngineSection(
         max_batch_size=8, max_seq_len=4096, prefix_cache=False, compile=True, threads=threads))
-
-
-def _prefill(engine, sid: int, ids: list[int]) -> None:
-    cache = engine.cache
-    cache.allocate(sid, ids)
-    cache.ensure(sid, len(ids) + 1)
-    pos = torch.arange(len(ids))[None]
-    cache.prepare([sid], pos)
-    with torch.no_grad():
-        engine.model(torch.tensor([ids]), pos, cache)
 
 
 def _steps(engine, sid: int, token: int, at: int, n: int) -> tuple[float, float]:
@@ -57,14 +48,13 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[200, 1500])
     ap.add_argument("--rounds", type=int, default=10)
     a = ap.parse_args()
-    flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2", "fma") if f in open("/proc/cpuinfo").read().split()]
-    print(f"torch {torch.__version__}, {a.threads} threads, CPU flags: {' '.join(flags)}")
+    print(cpu_line(a.threads))
     engines = {"sdpa": _load(False, a.threads), "kernel": _load(True, a.threads)}
     ids = engines["sdpa"].encode(TEXT)
     for S in a.lengths:
         sid, prompt = 1000 + S, ids[: S - 1]
         for e in engines.values():
-            compute.call(_prefill, e, sid, prompt)
+            compute.call(prefill, e, sid, prompt)
             compute.call(_steps, e, sid, ids[S - 1], S - 1, 5)  # warm
         cpu: dict[str, list[float]] = {k: [] for k in engines}
         wall: dict[str, list[float]] = {k: [] for k in engines}
