@@ -126,6 +126,10 @@ def test_an_moe_package_reads_the_live_routing_state_and_matches_eager(kernels, 
     got, got_counts, step = decode_with_routing_state(compile=True)
     assert step.backend == "aoti" and step.compiled_buckets == {1} and step.eager_reason is None
     assert "lagoon::q4_moe_matvec" in aoti_step.read_metadata(step.entry(1))["ops"].split(",")
+    from test_aoti_step import _package_code
+
+    so, externs = _package_code(step.entry(1))
+    assert b"aoti_torch_cpu_q4_moe_matvec" in so and "lagoon::q4_moe_matvec" not in externs  # a C shim, no proxy call
     assert isinstance(step.model.layers[0].mlp.experts, PackedExperts)
     assert float((got - ref).norm() / ref.norm()) <= 2e-3
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
