@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lagoon.engine.sampling import SamplingParams, filter_logits, make_generator, sample
+from lagoon.engine.sampling import SamplingParams, filter_logits, greedy_picks, make_generator, sample
 from lagoon.errors import BadRequestError
 
 
@@ -26,6 +26,28 @@ def test_greedy_picks_argmax_first_maximum_on_ties(dtype):
         allowed = torch.rand(49152, generator=g) < 0.3
         masked = logits.masked_fill(~allowed, float("-inf"))
         assert sample(logits, SamplingParams(temperature=0), allowed=allowed) == int(torch.argmax(masked))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_picks_is_each_rows_first_maximum(dtype):
+    # the scheduler's batched greedy pick (numpy's argmax on float32): fresh random rows with many
+    # exact ties, a strided view (a column slice, as logits[i] rows of a wider tensor), a NaN row
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        wide = (torch.randn(5, 2 * 49152, generator=g) * 2).round().to(dtype)
+        logits = wide[:, ::2]  # not contiguous
+        want = [int(torch.argmax(row)) for row in logits]
+        assert greedy_picks(logits) == want
+        assert greedy_picks(logits.contiguous()) == want
+    nan_row = torch.randn(1, 300, generator=g).to(dtype)
+    nan_row[0, 7] = nan_row[0, 100] = float("nan")
+    assert greedy_picks(nan_row) == [int(nan_row.max(-1).indices)] == [7]
+    zeros = torch.full((1, 300), -1.0).to(dtype)
+    zeros[0, 9], zeros[0, 40] = -0.0, 0.0  # a tie between -0.0 and +0.0: the first wins, as in torch
+    assert greedy_picks(zeros) == [int(torch.argmax(zeros))] == [9]
+    with torch.enable_grad():  # an eager forward's logits may carry grad
+        x = torch.randn(2, 300, requires_grad=True)
+        assert greedy_picks(x * 2) == (x * 2).argmax(-1).tolist()
 
 
 def test_top_k_and_top_p_support():

@@ -33,7 +33,14 @@ import torch
 from lagoon.engine import compute
 from lagoon.engine.compile import DecodeStep
 from lagoon.engine.grammar import GrammarMatcher
-from lagoon.engine.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
+from lagoon.engine.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    greedy_picks,
+    make_generator,
+    sample,
+    token_logprobs,
+)
 from lagoon.errors import BadRequestError, ContextWindowExceededError, LagoonError
 from lagoon.quant.policy import TokenType, reasoning_types, token_types
 
@@ -195,7 +202,7 @@ class Scheduler:
         with token_types(reasoning_types(len(batch))):
             logits = self.step([r.id for r in batch], tokens, pos)  # [B, V]
         # every unconstrained greedy row's pick in one reduction (what `sample` picks, row by row)
-        picks = (logits.max(-1).indices.tolist() if any(r.params.greedy and r.grammar is None for r in batch)
+        picks = (greedy_picks(logits) if any(r.params.greedy and r.grammar is None for r in batch)
                  else [None] * len(batch))
         for i, req in enumerate(batch):
             self._emit(req, logits[i], picks[i])

@@ -15,7 +15,7 @@ import torch
 
 from lagoon.errors import BadRequestError
 
-__all__ = ["SamplingParams", "sample", "make_generator", "unpack_bitmask", "token_logprobs", "TokenLogprob"]
+__all__ = ["SamplingParams", "sample", "greedy_picks", "make_generator", "unpack_bitmask", "token_logprobs", "TokenLogprob"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,18 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.cat([bits, bits.new_zeros(vocab - bits.numel())])
 
 
+def greedy_picks(logits: torch.Tensor) -> list[int]:
+    """logits [B, V] → each row's first maximum (argmax's pick; a NaN row picks its first NaN).
+
+    float32 on the CPU goes through numpy's argmax (one single-threaded SIMD pass): for V = 49152
+    ~4 us against ~29 us for torch's max (an OpenMP reduction) warm, ~70 against ~95 us with the
+    logits cold after a step. bf16 keeps max's index (~4x faster than torch's argmax; widening it
+    for numpy costs more than it saves on cold logits)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.detach().numpy().argmax(-1).tolist()
+    return logits.max(-1).indices.tolist()
+
+
 def sample(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
     allowed: torch.Tensor | None = None,
@@ -89,8 +101,8 @@ def sample(
         if not bool(allowed.any()):
             raise BadRequestError("the output constraint allows no token here; check the grammar or schema")
         logits = logits.masked_fill(~allowed, float("-inf"))
-    if params.greedy:  # max's index: argmax's first-maximum pick, ~4x faster on bf16 (160 -> 40 us, V = 49152)
-        return int(logits.max(-1).indices)
+    if params.greedy:
+        return greedy_picks(logits[None])[0]
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
