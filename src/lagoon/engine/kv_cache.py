@@ -174,6 +174,7 @@ class PagedKVCache:
         self._bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._slot_rows: dict[int, tuple[int, torch.Tensor]] = {}  # seq -> (blocks, slots [blocks * bs])
         self._zeros = torch.zeros(max_seq_len, dtype=torch.int64)
+        self._visible = torch.ones(max_seq_len, dtype=torch.bool)  # one query at p sees keys 0..p: all of them
         self._scratch_slots = num_blocks * block_size + torch.arange(max_seq_len) % block_size
 
     @property
@@ -273,6 +274,13 @@ class PagedKVCache:
         """Bind a step; a `None` id is a padding slot (writes the scratch block). `static` changes
         nothing here: block reads are always a gather. Positions past a shorter sequence's
         blocks read slot 0 (masked)."""
+        if len(seq_ids) == 1 and input_pos.shape[1] == 1:  # one sequence decoding (an agent's every step)
+            p = int(input_pos)
+            slots = self._slots(seq_ids[0])
+            if p < len(slots):  # views of its slots and of an all-visible mask: no index built per step
+                self._bound = (slots[p : p + 1].view(1, 1), slots[: p + 1].view(1, p + 1),
+                               self._visible[: p + 1].view(1, 1, 1, p + 1))
+                return
         S = int(input_pos.max()) + 1
         rows = [self._slots(s) for s in seq_ids]
         read = torch.stack([r[:S] if len(r) >= S else torch.cat([r, self._zeros[: S - len(r)]]) for r in rows])  # [B, S]
