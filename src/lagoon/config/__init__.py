@@ -29,8 +29,9 @@ The names are imported from those modules on first use (PEP 562): the engine nee
 (`runtime`, `deployment`), not the loader (yaml) nor the whole `LagoonConfig`.
 """
 
-import importlib
 import typing
+
+from lagoon.lazy import lazy_names
 
 if typing.TYPE_CHECKING:
     from lagoon.config.deployment import (
@@ -82,16 +83,7 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> typing.Any:
-    if name not in _HOME:
-        raise AttributeError(f"module 'lagoon.config' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"lagoon.config.{_HOME[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOME})
+__getattr__, __dir__ = lazy_names(__name__, _HOME)
 
 
 __all__ = [

@@ -23,8 +23,9 @@ The names below are imported on first use (PEP 562): the engine imports `lagoon.
 every start, and the package's other modules (the MoE experts among them) are ~45 ms it never needs.
 """
 
-import importlib
 import typing
+
+from lagoon.lazy import lazy_names
 
 if typing.TYPE_CHECKING:
     from lagoon.quant.calibrate import Calibration, calibrate
@@ -51,16 +52,7 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> typing.Any:
-    if name not in _HOME:
-        raise AttributeError(f"module 'lagoon.quant' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"lagoon.quant.{_HOME[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOME})
+__getattr__, __dir__ = lazy_names(__name__, _HOME)
 
 
 __all__ = [
